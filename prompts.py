@@ -1,0 +1,62 @@
+"""
+Class names and prompt templates of the paper's datasets (published CLIP prompt data, prompts.json), and the
+zero-shot head: CLIP's text embeddings of the prompts turned into the weight of a linear classifier (Figure 1).
+"""
+
+import hashlib
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import clip_model
+
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts.json"), encoding="utf-8") as _f:
+    _DATA = json.load(_f)
+
+# name -> {"classes": [...] in label order, "templates": ["a photo of a {}.", ...]}
+DATASETS = {("ucf101" if name == "ucf101_frames" else name): d for name, d in _DATA["datasets"].items()}
+IMAGENET_WNIDS = _DATA["imagenet_wnids"]  # ImageNet-1k label order
+IMAGENET_R_WNIDS = _DATA["imagenet_r_wnids"]  # the 200-class subsets, in their label order
+IMAGENET_A_WNIDS = _DATA["imagenet_a_wnids"]
+
+
+def _cache_key(model, classnames, templates):
+    """Fingerprint of the text tower's weights and the prompts, so a cached head is never reused wrongly."""
+    h = hashlib.sha256(json.dumps([list(classnames), list(templates)]).encode())
+    for name, tensor in model.state_dict().items():
+        if not name.startswith("visual."):
+            h.update(name.encode())
+            h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+@torch.inference_mode()
+def zero_shot_head(model, classnames, templates, device="cpu", batch_size=1000, cache_dir=None):
+    """Zero-shot classifier weight (embed_dim, K): for each class, every template's text embedding is
+    L2-normalized, the embeddings are averaged and the mean is renormalized (CLIP's prompt ensemble).
+
+    With cache_dir, the head is stored there under a key of the text weights and prompts; a rerun is instant.
+    """
+    if cache_dir is not None:
+        path = os.path.join(cache_dir, f"head-{_cache_key(model, classnames, templates)}.pt")
+        if os.path.isfile(path):
+            return torch.load(path, map_location=device, weights_only=True)
+    texts = [t.format(c) for c in classnames for t in templates]  # class-major: (K*T,)
+    features = []
+    for i in tqdm(range(0, len(texts), batch_size), desc="zero-shot head", disable=len(texts) <= batch_size):
+        tokens = clip_model.tokenize(texts[i:i + batch_size], context_length=model.context_length)
+        tokens = tokens[:, :int((tokens > 0).sum(1).max())].to(device)  # drop the all-padding tail (B, L<=77)
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                            enabled=torch.device(device).type == "cuda"):
+            features.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
+    features = torch.cat(features).view(len(classnames), len(templates), -1)  # (K, T, D)
+    head = F.normalize(features.mean(dim=1), dim=-1).t().contiguous()  # (D, K)
+    if cache_dir is not None:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = path + ".part"
+        torch.save(head.cpu(), tmp)
+        os.replace(tmp, path)
+    return head

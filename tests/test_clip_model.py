@@ -1,0 +1,274 @@
+"""clip_model against OpenAI's reference CLIP: a tiny random ViT CLIP saved in both release formats and
+OpenAI's fp32 outputs on fixed inputs (tests/data/, made by tests/make_reference.py); the MUST patch of
+the image tower; and the loader's errors."""
+import hashlib
+import re
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import clip_model
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+FP16 = os.path.join(DATA, "ref_clip_fp16.pt")
+JIT = os.path.join(DATA, "ref_clip_jit.pt")
+REF = torch.load(os.path.join(DATA, "ref_clip_outputs.pt"), weights_only=True)
+ATOL = 1e-5
+
+
+def _reference_keys():
+    return set(torch.load(FP16, weights_only=True))
+
+
+def _check_against_reference(model):
+    assert not model.training
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert set(model.state_dict()) == _reference_keys()
+    ref_sd = torch.load(FP16, weights_only=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ref_sd[k].float()), k
+    with torch.no_grad():
+        image = model.encode_image(REF["images"])
+        text = model.encode_text(REF["tokens"])
+        logits_per_image, logits_per_text = model(REF["images"], REF["tokens"])
+    assert (image - REF["image_features"]).abs().max() < ATOL
+    assert (text - REF["text_features"]).abs().max() < ATOL
+    assert (logits_per_image - REF["logits_per_image"]).abs().max() < 1e-4
+    assert torch.equal(logits_per_text, logits_per_image.t())
+
+
+@pytest.fixture(scope="module")
+def ref_model():
+    model, _ = clip_model.load(FP16)
+    return model
+
+
+def test_load_fp16_state_dict(ref_model):
+    _check_against_reference(ref_model)
+    arch = REF["arch"]
+    assert ref_model.context_length == arch["context_length"]
+    assert ref_model.visual.input_resolution == arch["image_resolution"]
+    assert ref_model.visual.patch_size == arch["vision_patch_size"]
+    assert ref_model.visual.grid_size == arch["image_resolution"] // arch["vision_patch_size"]
+    assert ref_model.visual.width == arch["vision_width"]
+    assert ref_model.visual.output_dim == arch["embed_dim"]
+
+
+def test_load_torchscript_archive():
+    model, preprocess = clip_model.load(JIT)
+    _check_against_reference(model)
+    archive_keys = set(torch.jit.load(JIT, map_location="cpu").state_dict())
+    assert archive_keys == _reference_keys() | {"input_resolution", "context_length", "vocab_size"}
+
+
+def test_load_resaved_fp32_state_dict(ref_model, tmp_path):
+    path = tmp_path / "resaved.pt"
+    torch.save(ref_model.state_dict(), path)
+    model, _ = clip_model.load(str(path))
+    _check_against_reference(model)
+    _check_against_reference(clip_model.build_model(torch.load(path, weights_only=True)).eval())
+
+
+def test_build_model_is_strict():
+    sd = torch.load(FP16, weights_only=True)
+    with pytest.raises(RuntimeError, match="visual.unexpected"):
+        clip_model.build_model({**sd, "visual.unexpected": torch.zeros(3)})
+    del sd["visual.ln_post.bias"]
+    with pytest.raises(RuntimeError, match="visual.ln_post.bias"):
+        clip_model.build_model(sd)
+
+
+def test_preprocess_gives_model_sized_normalized_tensor():
+    from PIL import Image
+    _, preprocess = clip_model.load(FP16)
+    image = Image.new("RGB", (50, 40), color=(124, 116, 104))  # ~ CLIP mean colour
+    x = preprocess(image)
+    assert x.shape == (3, 32, 32) and x.abs().max() < 0.05
+    assert preprocess(Image.new("L", (40, 40))).shape == (3, 32, 32)
+
+
+def test_logit_scale_and_public_constants(ref_model):
+    assert abs(ref_model.logit_scale.exp().item() - torch.tensor(3.9).half().float().exp().item()) < 1e-4
+    assert len(clip_model.CLIP_MEAN) == len(clip_model.CLIP_STD) == 3
+    assert clip_model.available_models() == ["ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336px"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MUST patch of the image tower
+
+
+@pytest.fixture()
+def must_model():
+    model, _ = clip_model.load(FP16)
+    assert not model.visual.has_must_heads
+    model.visual.add_must_heads()
+    assert model.visual.has_must_heads
+    return model
+
+
+def test_forward_must_without_mask_is_clip(must_model):
+    visual, x = must_model.visual, REF["images"]
+    with torch.no_grad():
+        v_cls, v_patch, recon = visual.forward_must(x, None)
+        no_mask = visual.forward_must(x, torch.zeros(3, visual.grid_size ** 2, dtype=torch.bool))
+    assert (v_cls - F.normalize(REF["image_features"], dim=-1)).abs().max() < ATOL
+    assert v_patch.shape == (3, visual.grid_size ** 2, visual.output_dim)
+    assert torch.allclose(v_patch.norm(dim=-1), torch.ones(3, visual.grid_size ** 2), atol=1e-5)
+    assert recon.shape == x.shape
+    for a, b in zip((v_cls, v_patch, recon), no_mask):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_mask_replaces_only_masked_patch_embeddings(must_model):
+    visual, x = must_model.visual, REF["images"].clone()
+    g, p = visual.grid_size, visual.patch_size
+    mask = torch.zeros(3, g * g, dtype=torch.bool)
+    mask[0, 5] = True  # patch (row 1, col 1) of image 0
+    mask[2, [0, 3, 7]] = True
+    with torch.no_grad():
+        clean = visual.forward_must(x, None)
+        masked = visual.forward_must(x, mask)
+        # masking changes image 0 and 2 but not image 1 (no masked patch)
+        assert not torch.allclose(masked[0][0], clean[0][0], atol=1e-4)
+        assert not torch.allclose(masked[0][2], clean[0][2], atol=1e-4)
+        for a, b in zip(masked, clean):
+            assert torch.allclose(a[1], b[1], atol=1e-6)
+            assert a.shape == b.shape
+        assert masked[2].shape == x.shape
+        # a masked patch's pixels are never seen ...
+        y = x.clone()
+        y[0, :, p:2 * p, p:2 * p] = torch.randn(3, p, p)
+        for a, b in zip(visual.forward_must(y, mask), masked):
+            assert torch.allclose(a, b, atol=1e-6)
+        # ... while an unmasked patch's are
+        y[0, :, 0:p, 0:p] += 1.0
+        assert not torch.allclose(visual.forward_must(y, mask)[0], masked[0], atol=1e-4)
+        # [MSK] replaces the patch embedding (conv1 output), before [CLS] and positions are added:
+        # making it equal to that patch's embedding undoes the masking exactly
+        one = torch.zeros(1, g * g, dtype=torch.bool)
+        one[0, 5] = True
+        patch_embedding = visual.conv1(x[:1]).flatten(2)[0, :, 5]  # (width,)
+        visual.mask_token.copy_(patch_embedding)
+        for a, b in zip(visual.forward_must(x[:1], one), visual.forward_must(x[:1], None)):
+            assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_must_heads_shapes_and_init(must_model):
+    visual = must_model.visual
+    assert visual.mask_token.shape == (visual.width,)
+    assert 0.005 < visual.mask_token.std().item() < 0.05
+    assert isinstance(visual.ln_patch, torch.nn.LayerNorm)
+    conv, shuffle = visual.decoder
+    assert conv.in_channels == visual.width and conv.out_channels == visual.patch_size ** 2 * 3
+    assert conv.kernel_size == (1, 1) and isinstance(shuffle, torch.nn.PixelShuffle)
+
+
+def test_build_model_round_trips_must_heads(must_model, tmp_path):
+    with torch.no_grad():
+        for p in must_model.visual.ln_patch.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    sd = must_model.state_dict()
+    assert {"visual.mask_token", "visual.ln_patch.weight", "visual.decoder.0.weight"} <= set(sd)
+    mask = torch.rand(3, must_model.visual.grid_size ** 2) < 0.4
+    rebuilt = clip_model.build_model(sd).eval()
+    assert rebuilt.visual.has_must_heads
+    assert set(rebuilt.state_dict()) == set(sd)
+    torch.save(sd, tmp_path / "must.pt")
+    reloaded, _ = clip_model.load(str(tmp_path / "must.pt"))
+    visual = clip_model.build_visual({k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")})
+    with torch.no_grad():
+        expected = must_model.visual.forward_must(REF["images"], mask)
+        for model in (rebuilt.visual, reloaded.visual, visual.eval()):
+            for a, b in zip(model.forward_must(REF["images"], mask), expected):
+                assert torch.equal(a, b)
+
+
+def test_tiny_clip_works_with_real_tokenizer():
+    torch.manual_seed(0)
+    model = clip_model.tiny_clip().eval()
+    assert model.visual.input_resolution == 32 and model.visual.grid_size == 4
+    with torch.no_grad():
+        logits, _ = model(torch.randn(2, 3, 32, 32), clip_model.tokenize(["a photo of a dog.", "a cat"]))
+    assert logits.shape == (2, 2) and torch.isfinite(logits).all()
+    rebuilt = clip_model.build_model(model.state_dict())
+    assert set(rebuilt.state_dict()) == set(model.state_dict())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="ViT-B/16") as e:
+        clip_model.load("ViT-H/99")
+    assert "ViT-L/14" in str(e.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        clip_model.load(str(tmp_path / "nope.pt"))
+
+
+@pytest.mark.parametrize("source", [FP16, JIT])
+def test_truncated_file(source, tmp_path):
+    path = tmp_path / "cut.pt"
+    data = open(source, "rb").read()
+    path.write_bytes(data[:len(data) // 2])
+    with pytest.raises(RuntimeError, match=re.escape(str(path))):
+        clip_model.load(str(path))
+
+
+def _published(tmp_path, sha):
+    """A file:// 'release' whose address carries `sha`, as OpenAI's URLs carry the file's SHA-256."""
+    folder = tmp_path / "server" / sha
+    folder.mkdir(parents=True)
+    shutil.copy(FP16, folder / "Fake-1.pt")
+    return (folder / "Fake-1.pt").as_uri()
+
+
+def test_download_checksum_mismatch_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setitem(clip_model._MODELS, "Fake-1", _published(tmp_path, "0" * 64))
+    cache = tmp_path / "cache"
+    with pytest.raises(RuntimeError, match="SHA-256|sha256|checksum"):
+        clip_model.load("Fake-1", download_root=str(cache))
+    left = os.listdir(cache) if cache.exists() else []
+    assert not any(name.endswith(".pt") for name in left), left
+
+
+def test_download_verifies_and_caches(tmp_path, monkeypatch):
+    sha = hashlib.sha256(open(FP16, "rb").read()).hexdigest()
+    url = _published(tmp_path, sha)
+    monkeypatch.setitem(clip_model._MODELS, "Fake-1", url)
+    cache = tmp_path / "cache"
+    path = clip_model._download(url, str(cache))
+    assert os.path.samefile(path, cache / "Fake-1.pt")
+    assert os.listdir(cache) == ["Fake-1.pt"]
+    shutil.rmtree(tmp_path / "server")  # the second load must come from the cache
+    model, _ = clip_model.load("Fake-1", download_root=str(cache))
+    _check_against_reference(model.eval())
+
+
+def _resnet_state_dict():
+    sd = {k: v for k, v in torch.load(FP16, weights_only=True).items() if not k.startswith("visual.")}
+    sd.update({
+        "visual.conv1.weight": torch.zeros(32, 3, 3, 3),
+        "visual.bn1.weight": torch.ones(32),
+        "visual.layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1),
+        "visual.layer1.0.bn1.weight": torch.ones(64),
+        "visual.attnpool.positional_embedding": torch.zeros(50, 2048),
+        "visual.attnpool.q_proj.weight": torch.zeros(2048, 2048)[:8],
+        "visual.attnpool.c_proj.weight": torch.zeros(64, 2048)[:, :8],
+    })
+    return sd
+
+
+def test_resnet_clip_is_rejected(tmp_path):
+    sd = _resnet_state_dict()
+    with pytest.raises(ValueError, match="ResNet"):
+        clip_model.build_model(sd)
+    torch.save(sd, tmp_path / "rn50.pt")
+    with pytest.raises(ValueError, match="ResNet"):
+        clip_model.load(str(tmp_path / "rn50.pt"))
