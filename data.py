@@ -62,6 +62,8 @@ _TABLE10 = [
 HPARAMS = {(d, m): dict(zip(_TABLE10_COLUMNS, v)) for d, m, *v in _TABLE10}
 GLOBAL_BATCH = {"ViT-B/16": 1024, "ViT-L/14": 512}
 
+# Paper §4.1: these report mean per-class accuracy, the others top-1.
+MEAN_PER_CLASS = ("pets", "caltech101")
 _SHIFTED_IMAGENETS = ("imagenet-r", "imagenet-a", "imagenet-v2", "imagenet-sketch")
 DATASET_NAMES = ["imagenet", "sun397", "food101", "gtsrb", "dtd", "ucf101", "pets", "caltech101",
                  *_SHIFTED_IMAGENETS, "folder", "toy"]
@@ -240,7 +242,7 @@ def _require_dir(path, what):
         raise FileNotFoundError(f"{what} {path!r} does not exist or is not a directory")
 
 
-def _scan_class_folders(split_dir, dataset, classnames):
+def scan_class_folders(split_dir, dataset, classnames):
     """Samples of an ImageFolder layout split_dir/<class>/**/<image>, labels mapped by name."""
     folders = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
     if not folders:
@@ -355,7 +357,7 @@ def _folder_dataset(root, split, transform, classes_file, templates_file, eval_r
             raise ValueError("split 'test' of dataset 'folder' needs --eval-root DIR: labeled images in "
                              "DIR/<class name>/..., one folder per name in the classes file")
         _require_dir(eval_root, "eval root")
-        samples = _scan_class_folders(eval_root, "folder", classnames)
+        samples = scan_class_folders(eval_root, "folder", classnames)
     return ImageList(samples, classnames, templates, transform)
 
 
@@ -386,12 +388,12 @@ def build_dataset(name, root, split, transform, classes_file=None, templates_fil
     split_dir = _split_dir(root, split) if os.path.isdir(root) else None
     folder_layout = os.path.isdir(root) and any(_split_dir(root, s) for s in ("train", "test"))
     if name in _SHIFTED_IMAGENETS:  # transductive: both splits are the (unlabeled) test images
-        samples = _scan_class_folders(split_dir or _split_dir(root, "test") or root, name, classnames)
+        samples = scan_class_folders(split_dir or _split_dir(root, "test") or root, name, classnames)
     elif folder_layout:
         if split_dir is None:
             want = "train" if split == "train" else "test (or val)"
             raise FileNotFoundError(f"{root!r} has no {want} folder of class folders for split {split!r}")
-        samples = _scan_class_folders(split_dir, name, classnames)
+        samples = scan_class_folders(split_dir, name, classnames)
     elif name in _TORCHVISION_LAYOUT:
         try:
             paths, tv_names, tv_labels = _torchvision_samples(name, root, split, download)

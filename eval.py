@@ -1,0 +1,732 @@
+"""Evaluate CLIP zero-shot or a MUST checkpoint (student and EMA teacher): accuracy (paper §4.2), robustness to
+ImageNet-C corruptions (§4.7, Table 8), natural distribution shift (§4.8, Table 9) and the paper's figures
+(Figure 3: GradCAM of the last block's [CLS] attention; Figure 4: masked image modeling triplets).
+
+    python eval.py --checkpoint out/imagenet/checkpoint.pt                      # the run's own test set
+    python eval.py --data imagenet --data-root /data/imagenet --checkpoint out/imagenet/checkpoint.pt
+    python eval.py --data imagenet --data-root /data/imagenet --model ViT-B/16  # CLIP zero-shot
+    python eval.py --data imagenet-c --data-root /data/imagenet-c --checkpoint out/imagenet/checkpoint.pt
+    python eval.py --shift --shift-root /data/shift --checkpoint out/imagenet/checkpoint.pt
+    python eval.py --data imagenet-r --data-root /data/shift/imagenet-r --checkpoint out/imagenet-r/checkpoint.pt
+    python eval.py --checkpoint out/pets/checkpoint.pt --model ViT-B/16 --figures 8   # + CLIP row and figures
+
+Layouts (besides data.py's for every --data name):
+    imagenet-c   ROOT/<corruption>/<severity 1-5>/<wnid>/*.JPEG  (Hendrycks & Dietterich's release); the 15
+                 benchmark corruptions are scored, missing ones are listed, extra folders are ignored (listed)
+    --shift-root ROOT/<set>/..., <set> any of (case, '-', '_' ignored):
+                 imagenetv2*  (e.g. imagenetv2-matched-frequency-format-val) class-index folders 0..999
+                 imagenet-r | imagenet-rendition        200 wnid folders
+                 imagenet-a | imagenet-adversarial      200 wnid folders
+                 imagenet-sketch | sketch               1000 wnid folders
+                 imagenet (optional)                    val/<wnid>/ (the in-distribution column of Table 9)
+                 a folder holding a single subfolder (e.g. ImageNet-Sketch/sketch/) is entered.
+
+A classifier scores a set whose classes it covers: a 1000-way ImageNet head scores ImageNet-R/-A with its
+logits restricted to the 200 present classes (indexed by wnid); a head trained transductively on ImageNet-R
+is already 200-way. Each image is decoded once; every model scores it in the same pass.
+Outputs: a table on stdout, a JSON file with every number, PNG figures with --figures.
+"""
+import argparse
+import bisect
+import json
+import os
+import re
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import clip_model
+import data
+import must
+import prompts
+
+
+# ImageNet-C's 15 benchmark corruptions and AlexNet's error on each, averaged over the 5 severities
+# (Hendrycks & Dietterich 2019): the normalizer of the corruption error CE (NOTES.md).
+ALEXNET_ERR = {
+    "gaussian_noise": 0.886428, "shot_noise": 0.894468, "impulse_noise": 0.922640,
+    "defocus_blur": 0.819880, "glass_blur": 0.826268, "motion_blur": 0.785948, "zoom_blur": 0.798360,
+    "snow": 0.866816, "frost": 0.826572, "fog": 0.819324, "brightness": 0.564592,
+    "contrast": 0.853204, "elastic_transform": 0.646056, "pixelate": 0.717840, "jpeg_compression": 0.606500,
+}
+SEVERITIES = (1, 2, 3, 4, 5)
+PAPER_MCE = "CLIP 70.7, self-training 55.2, MUST 53.4, MAE+supervised 51.7"  # Table 8, ViT-B/16 (NOTES.md)
+SHIFT_ORDER = ("imagenet", "imagenet-v2", "imagenet-r", "imagenet-a", "imagenet-sketch")
+IMAGENET_FAMILY = ("imagenet", "imagenet-v2", "imagenet-sketch", "imagenet-r", "imagenet-a", "imagenet-c")
+
+
+def fail(message):
+    """One-line error for the command line, no traceback."""
+    raise SystemExit(f"error: {message}")
+
+
+def _key(name):
+    return re.sub(r"[^0-9a-z]", "", name.lower())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# class spaces: which logits score which set
+
+
+def class_ids(dataset, classnames):
+    """Identities of a label space: wnids for the ImageNet family (names repeat there: two 'missile's),
+    spelling-insensitive names otherwise."""
+    wnids = {"imagenet-r": prompts.IMAGENET_R_WNIDS, "imagenet-a": prompts.IMAGENET_A_WNIDS}.get(
+        dataset, prompts.IMAGENET_WNIDS if dataset in IMAGENET_FAMILY else None)
+    if wnids is not None and len(wnids) == len(classnames):
+        return list(wnids)
+    return [_key(c) for c in classnames]
+
+
+def columns_for(model_ids, set_ids):
+    """Logit columns that score a set, in the set's label order: None = all logits as they are; raises
+    ValueError when the classifier lacks some of the set's classes."""
+    if list(model_ids) == list(set_ids):
+        return None
+    index = {c: i for i, c in enumerate(model_ids)}
+    missing = [c for c in set_ids if c not in index]
+    if missing:
+        raise ValueError(f"its {len(model_ids)}-class head lacks {len(missing)} of the set's {len(set_ids)} "
+                         f"classes (e.g. {missing[0]!r})")
+    return torch.tensor([index[c] for c in set_ids])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# models: everything is a MUSTModel (CLIP zero-shot = its tower + the zero-shot head as classifier, Fig. 1)
+
+
+def zero_shot_model(clip, classnames, templates, device, cache_dir):
+    head = prompts.zero_shot_head(clip.to(device), classnames, templates, device=device, cache_dir=cache_dir)
+    return must.MUSTModel(clip.visual, head.cpu(), clip.logit_scale.exp().item()).eval()
+
+
+def load_must(path):
+    """(student, teacher, run args) of a train.py checkpoint."""
+    if not os.path.isfile(path):
+        fail(f"no checkpoint file at {path}")
+    try:
+        student, run = must.load_checkpoint(path, "student")
+        teacher, _ = must.load_checkpoint(path, "teacher")
+    except Exception as e:  # torch.load / missing keys / shape mismatch: the file is not what train.py writes
+        detail = str(e).splitlines()[0][:200] if str(e) else ""
+        fail(f"cannot read MUST checkpoint {path} ({type(e).__name__}: {detail})")
+    if not run["classnames"] and run.get("data") in data.DATASET_NAMES and run["data"] not in ("folder", "toy"):
+        run["classnames"] = data.dataset_prompts(run["data"])[0]  # a checkpoint without its class list
+    if len(run["classnames"]) != student.num_classes:
+        fail(f"checkpoint {path} lists {len(run['classnames'])} class names for a {student.num_classes}-way head")
+    return student, teacher, run
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluation sets
+
+
+class EvalSet:
+    """A labeled dataset to score: name, kind (a --data name), dataset (ImageList-like), class identities, root."""
+
+    def __init__(self, name, kind, dataset, ids, root):
+        self.name, self.kind, self.dataset, self.ids, self.root = name, kind, dataset, ids, root
+
+
+def _enter_single_subfolder(path):
+    """ImageNet-Sketch/sketch/<wnid>, imagenetv2/<variant>/<index>: a folder whose only entry is a folder
+    that is not itself a class folder is entered."""
+    while True:
+        entries = [e for e in os.scandir(path) if not e.name.startswith(".")]
+        if len(entries) != 1 or not entries[0].is_dir():
+            return path
+        name = entries[0].name
+        if name.isdigit() or re.fullmatch(r"n\d{8}", name) or name in ("test", "val", "train"):
+            return path
+        path = entries[0].path
+
+
+def shift_kind(folder):
+    """The shifted ImageNet a folder name stands for, or None."""
+    k = _key(folder)
+    if k.startswith("imagenetv2"):
+        return "imagenet-v2"
+    return {"imagenetr": "imagenet-r", "imagenetrendition": "imagenet-r", "imageneta": "imagenet-a",
+            "imagenetadversarial": "imagenet-a", "imagenetsketch": "imagenet-sketch", "sketch": "imagenet-sketch",
+            "imagenet": "imagenet"}.get(k)
+
+
+def find_shift_sets(root):
+    """[(set name, kind, path)] of the shifted ImageNets under root, in Table 9's order."""
+    if not os.path.isdir(root):
+        fail(f"shift root {root!r} does not exist or is not a directory")
+    found = []
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        kind = shift_kind(entry.name) if entry.is_dir() else None
+        if kind is not None:
+            found.append((kind, entry.name, _enter_single_subfolder(entry.path)))
+    if not found:
+        folders = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        fail(f"no shifted ImageNet under {root!r} (folders: {folders[:10]}); expected subfolders named "
+             "imagenetv2-*, imagenet-r, imagenet-a, imagenet-sketch (or imagenet with val/)")
+    n_v2 = sum(kind == "imagenet-v2" for kind, _, _ in found)
+    found.sort(key=lambda f: SHIFT_ORDER.index(f[0]))
+    return [(kind if kind != "imagenet-v2" or n_v2 == 1 else f"imagenet-v2 ({folder})", kind, path)
+            for kind, folder, path in found]
+
+
+def build_set(name, kind, root, transform, templates_file=None, classes_file=None):
+    """One named dataset's test split as an EvalSet; data.py's clear errors become one-line CLI errors."""
+    try:
+        if kind == "folder":  # labeled images root/<class name>/..., names from the classes file
+            ds = data.build_dataset("folder", root, "test", transform, classes_file, templates_file, eval_root=root)
+        elif kind == "toy":
+            ds = data.build_dataset("toy", root, "test", transform)
+        else:
+            ds = data.build_dataset(kind, root, "test", transform, templates_file=templates_file)
+    except (FileNotFoundError, ValueError) as e:
+        fail(f"{name}: {e}")
+    return EvalSet(name, kind, ds, class_ids(kind, ds.classnames), root)
+
+
+def find_corruption_sets(root, transform):
+    """ImageNet-C: EvalSets named '<corruption>/<severity>' for the 15 benchmark corruptions present, the
+    missing '<corruption>' or '<corruption>/<severity>' entries, and the ignored extra folders."""
+    if not os.path.isdir(root):
+        fail(f"ImageNet-C root {root!r} does not exist or is not a directory")
+    folders = {_key(e.name): e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")}
+    classnames = prompts.DATASETS["imagenet"]["classes"]
+    sets, missing = [], []
+    for corruption in ALEXNET_ERR:
+        folder = folders.pop(_key(corruption), None)
+        if folder is None:
+            missing.append(corruption)
+            continue
+        for s in SEVERITIES:
+            path = os.path.join(root, folder, str(s))
+            if not os.path.isdir(path):
+                missing.append(f"{corruption}/{s}")
+                continue
+            try:
+                samples = data.scan_class_folders(path, "imagenet", classnames)
+            except (FileNotFoundError, ValueError) as e:
+                fail(f"ImageNet-C {corruption}/{s}: {e}")
+            ds = data.ImageList(samples, classnames, prompts.DATASETS["imagenet"]["templates"], transform)
+            sets.append(EvalSet(f"{corruption}/{s}", "imagenet-c", ds, list(prompts.IMAGENET_WNIDS), path))
+    if not sets:
+        fail(f"no ImageNet-C corruption under {root!r}: expected {root}/<corruption>/<1..5>/<wnid>/*.JPEG with "
+             f"<corruption> among {', '.join(ALEXNET_ERR)}")
+    return sets, missing, sorted(folders.values())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# scoring
+
+
+class _Tagged(Dataset):
+    """Several datasets behind one loader (no worker restart between ImageNet-C's 75 sets); item = (image,
+    label, set index). `limit` keeps that many evenly spaced images of each set."""
+
+    def __init__(self, datasets, limit=None):
+        self.datasets = datasets
+        self.indices = [np.arange(len(d)) if limit is None or limit >= len(d)
+                        else np.unique(np.linspace(0, len(d) - 1, limit).round().astype(int)) for d in datasets]
+        self.offsets = np.cumsum([0] + [len(i) for i in self.indices]).tolist()
+
+    def __len__(self):
+        return self.offsets[-1]
+
+    def __getitem__(self, index):
+        s = bisect.bisect_right(self.offsets, index) - 1
+        image, label = self.datasets[s][int(self.indices[s][index - self.offsets[s]])]
+        return image, label, s
+
+
+class Counts:
+    """Per-class hit counts of one (set, model): top-1, top-5 and images; labels < 0 (unknown) are skipped."""
+
+    def __init__(self, num_classes):
+        self.top1, self.top5, self.n = (np.zeros(num_classes, np.int64) for _ in range(3))
+
+    def add(self, top5, labels):
+        """top5: (B, k) predicted labels, best first; labels: (B,)."""
+        keep = labels >= 0
+        top5, labels = top5[keep], labels[keep]
+        k = len(self.n)
+        self.n += np.bincount(labels, minlength=k)
+        self.top1 += np.bincount(labels[top5[:, 0] == labels], minlength=k)
+        self.top5 += np.bincount(labels[(top5 == labels[:, None]).any(1)], minlength=k)
+
+    def metrics(self):
+        """Accuracies in %: top-1, top-5 and the mean over classes with images of per-class top-1."""
+        total = self.n.sum()
+        if total == 0:
+            return {"images": 0, "top1": None, "top5": None, "mean_per_class": None}
+        present = self.n > 0
+        return {"images": int(total), "top1": 100.0 * float(self.top1.sum()) / total,
+                "top5": 100.0 * float(self.top5.sum()) / total,
+                "mean_per_class": 100.0 * float(np.mean(self.top1[present] / self.n[present]))}
+
+
+def autocast_dtype(amp, device):
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if amp == "fp16" and device.type != "cuda":
+        fail("--amp fp16 needs a GPU (use bf16 or fp32 on CPU)")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+@torch.inference_mode()
+def evaluate(models, sets, columns, device, batch_size=256, num_workers=8, amp_dtype=None, limit=None):
+    """Score every set with every model in one pass over the images.
+
+    models: {name: module on `device` mapping images (B,3,H,W) -> logits (B,K)}; columns[(set index, name)]: the logit
+    columns of that set (None = all), pairs absent from it are not scored. Returns ({(set index, name): Counts},
+    images per second).
+    """
+    loader = DataLoader(_Tagged([s.dataset for s in sets], limit), batch_size=batch_size, num_workers=num_workers,
+                        pin_memory=device.type == "cuda", persistent_workers=False)
+    counts = {key: Counts(len(sets[key[0]].ids)) for key in columns}
+    cols = {key: (None if c is None else c.to(device)) for key, c in columns.items()}
+    tic, seen = time.time(), 0
+    for images, labels, set_index in tqdm(loader, desc="eval", dynamic_ncols=True, mininterval=2):
+        images = images.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = {name: m(images).float() for name, m in models.items()}  # (B, K) per model
+        labels_np, set_np = labels.numpy(), set_index.numpy()
+        for s in np.unique(set_np).tolist():
+            rows = torch.from_numpy(np.flatnonzero(set_np == s)).to(device)
+            for name in models:
+                if (s, name) not in cols:
+                    continue
+                z = logits[name][rows]
+                if cols[(s, name)] is not None:
+                    z = z[:, cols[(s, name)]]  # (b, K_set): only the set's classes compete
+                if z.shape[1] != len(sets[s].ids):
+                    raise ValueError(f"{name} gives {z.shape[1]} logits for the {len(sets[s].ids)} classes of "
+                                     f"{sets[s].name}")
+                top5 = z.topk(min(5, z.shape[1]), dim=1).indices.cpu().numpy()
+                counts[(s, name)].add(top5, labels_np[set_np == s])
+        seen += len(images)
+    return counts, seen / max(time.time() - tic, 1e-9)
+
+
+def corruption_errors(errors):
+    """ImageNet-C (Hendrycks & Dietterich 2019; paper Table 8). errors: {corruption: {severity: top-1 error %}}.
+
+    CE_c = Σ_s E_{s,c} / Σ_s E^AlexNet_{s,c} = mean_s E_{s,c} / mean_s E^AlexNet_{s,c}, in %; mCE = mean of CE_c.
+    Only corruptions with all 5 severities get a CE; mCE covers those (complete = all 15 present).
+    """
+    mean_err, ce = {}, {}
+    for c, by_sev in errors.items():
+        if all(s in by_sev and by_sev[s] is not None for s in SEVERITIES):
+            mean_err[c] = sum(by_sev[s] for s in SEVERITIES) / len(SEVERITIES)
+            ce[c] = mean_err[c] / ALEXNET_ERR[c]  # % / fraction -> %
+    mce = sum(ce.values()) / len(ce) if ce else None
+    return {"mean_error": mean_err, "ce": ce, "mce": mce, "corruptions_scored": len(ce),
+            "complete": len(ce) == len(ALEXNET_ERR)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# figures (PIL only)
+
+
+def to_pil(image):
+    """CLIP-normalized (3,H,W) -> RGB PIL image."""
+    mean = torch.tensor(clip_model.CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(clip_model.CLIP_STD).view(3, 1, 1)
+    x = (image.detach().float().cpu() * std + mean).clamp(0, 1)
+    return Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+
+def _jet(x):
+    """Values in [0,1] (H,W) -> jet colors (H,W,3) uint8."""
+    rgb = np.stack([np.clip(1.5 - np.abs(4 * x - c), 0, 1) for c in (3, 2, 1)], axis=-1)
+    return (rgb * 255).round().astype(np.uint8)
+
+
+def heat_overlay(image, cam, alpha=0.5):
+    """PIL image + (g,g) map in [0,1] -> the map upsampled bilinearly, in jet colors, blended over the image."""
+    W, H = image.size
+    up = F.interpolate(cam[None, None].float(), size=(H, W), mode="bilinear", align_corners=False)[0, 0]
+    return Image.blend(image, Image.fromarray(_jet(up.clamp(0, 1).numpy())), alpha)
+
+
+def attention_cam(model, images, columns=None):
+    """GradCAM on the last block's self-attention (paper Figure 3): gradient of the top-class logit w.r.t. the
+    attention probabilities A (B,H,L,L), cam = mean over heads of relu(∂y/∂A ⊙ A), [CLS] row over the patches.
+
+    clip_model's Attention runs SDPA, which hides A, so the last block is recomputed here from its weights.
+    Returns (cam (B, g, g) min-max scaled to [0,1], predicted labels (B,), logits (B, K)).
+    """
+    visual = model.visual
+    blocks = visual.transformer.resblocks
+    with torch.no_grad():  # nothing upstream of A needs a gradient
+        x = visual.tokens(images)  # (B, 1+N, C)
+        for block in blocks[:-1]:
+            x = block(x)
+        last = blocks[-1]
+        q, k, v = last.attn.qkv(last.ln_1(x))  # (B, H, L, C/H) each
+        attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (B, H, L, L)
+    attn.requires_grad_(True)
+    with torch.enable_grad():
+        B, L, C = x.shape
+        out = (attn @ v).transpose(1, 2).reshape(B, L, C)
+        z = x + last.attn.out_proj(out)
+        z = z + last.mlp(last.ln_2(z))
+        logits = model.classify(F.normalize(visual.ln_post(z[:, 0]) @ visual.proj, dim=-1))
+        if columns is not None:
+            logits = logits[:, columns.to(logits.device)]
+        pred = logits.argmax(dim=1)
+        # images are independent, so the gradient of the summed top logits is each image's own gradient
+        (grad,) = torch.autograd.grad(logits.gather(1, pred[:, None]).sum(), attn)
+    cam = (grad * attn).clamp(min=0).mean(dim=1)[:, 0, 1:].detach()  # (B, N): [CLS] row, patches only
+    g = visual.grid_size
+    cam = cam.view(B, g, g)
+    lo, hi = cam.flatten(1).min(1).values.view(B, 1, 1), cam.flatten(1).max(1).values.view(B, 1, 1)
+    return (cam - lo) / (hi - lo).clamp_min(1e-12), pred, logits.detach()
+
+
+@torch.no_grad()
+def mim_triplets(model, images, masks):
+    """Figure 4: (original, masked, recovered) CLIP-normalized images; recovered = visible pixels + the decoder's
+    prediction on the masked patches (what L_mim trains, eq. 4). masks (B, N) bool, True = masked."""
+    _, _, recon = model.visual.forward_must(images, masks)
+    m = must.pixel_mask(masks, model.visual.patch_size).to(images.dtype)  # (B,1,H,W)
+    gray = torch.zeros_like(images)  # normalized 0 = CLIP's mean color
+    return images, images * (1 - m) + gray * m, images * (1 - m) + recon.float() * m
+
+
+def _font():
+    try:
+        return ImageFont.load_default(size=12)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def compose_grid(rows, header, cell):
+    """rows: [[(PIL image, caption), ...], ...] -> one PNG-ready image; column titles on top, captions under."""
+    font, pad, text_h = _font(), 4, 16
+    n_cols = len(header)
+    width = n_cols * (cell + pad) + pad
+    height = text_h + len(rows) * (cell + text_h + pad) + pad
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, title in enumerate(header):
+        draw.text((pad + j * (cell + pad), 2), title, fill="black", font=font)
+    for i, row in enumerate(rows):
+        y = text_h + i * (cell + text_h + pad)
+        for j, (img, caption) in enumerate(row):
+            x = pad + j * (cell + pad)
+            canvas.paste(img.resize((cell, cell), Image.NEAREST if img.width < cell else Image.BICUBIC), (x, y))
+            if caption:
+                draw.text((x, y + cell + 1), caption[:cell // 6], fill="black", font=font)
+    return canvas
+
+
+def write_figures(out_prefix, eval_set, models, columns, num_images, mask_setup, seed, device):
+    """PNG files: <prefix>-attention.png (image | each model's GradCAM, captioned with its prediction) and, for a
+    MUST checkpoint, <prefix>-reconstruction.png (original | masked | recovered of the student). -> paths."""
+    ds = eval_set.dataset
+    picks = np.unique(np.linspace(0, len(ds) - 1, min(num_images, len(ds))).round().astype(int))
+    images = torch.stack([ds[int(i)][0] for i in picks]).to(device)
+    labels = [ds[int(i)][1] for i in picks]
+    names = ds.classnames
+    cell = max(images.shape[-1], 128)
+    paths = []
+    cams = {}
+    for name, m in models.items():
+        cams[name] = attention_cam(m, images, columns.get(name))
+    rows = []
+    for b in range(len(picks)):
+        original = to_pil(images[b])
+        truth = names[labels[b]] if labels[b] >= 0 else ""
+        rows.append([(original, truth)] + [(heat_overlay(original, cams[n][0][b].cpu()), names[int(cams[n][1][b])])
+                                           for n in models])
+    path = f"{out_prefix}-attention.png"
+    compose_grid(rows, ["image (label)"] + [f"{n} GradCAM" for n in models], cell).save(path)
+    paths.append(path)
+    if "student" in models and mask_setup is not None:
+        mask_unit, mask_ratio = mask_setup
+        student = models["student"]
+        generator = data.MaskGenerator(student.visual.input_resolution, mask_unit, student.visual.patch_size,
+                                       mask_ratio)
+        torch.manual_seed(seed)
+        masks = torch.stack([generator() for _ in picks]).to(device)
+        triplets = mim_triplets(student, images, masks)
+        rows = [[(to_pil(t[b]), "") for t in triplets] for b in range(len(picks))]
+        path = f"{out_prefix}-reconstruction.png"
+        compose_grid(rows, ["original", f"masked ({mask_ratio:.0%})", "recovered"], cell).save(path)
+        paths.append(path)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------
+# output
+
+
+def _fmt(x, width=6):
+    return f"{x:{width}.2f}" if x is not None else " " * (width - 1) + "-"
+
+
+def accuracy_table(results, model_names, mean_per_class_sets):
+    """Rows = sets; per model top-1 and top-5 accuracy (%), and mean per-class accuracy where asked. -> str"""
+    mpc = bool(mean_per_class_sets)
+    head = f"{'dataset':28s} {'images':>7s}"
+    for n in model_names:
+        head += f"  {n[:10] + ' top1':>15s} {'top5':>6s}" + (f" {'mpc':>6s}" if mpc else "")
+    lines = [head, "-" * len(head)]
+    for name, r in results.items():
+        line = f"{name[:28]:28s} {r['images']:7d}"
+        for n in model_names:
+            m = r["models"].get(n, {})
+            line += f"  {_fmt(m.get('top1'), 15)} {_fmt(m.get('top5'))}"
+            if mpc:
+                line += f" {_fmt(m.get('mean_per_class') if name in mean_per_class_sets else None)}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def corruption_table(model_name, errors, summary):
+    """One row per corruption: top-1 error (%) at each severity, mean, CE; then mCE. -> str"""
+    head = f"{'ImageNet-C ' + model_name:24s}" + "".join(f"{'s' + str(s):>7s}" for s in SEVERITIES) + \
+        f"{'mean':>8s}{'CE':>8s}"
+    lines = [head + "   (top-1 error %, CE normalized by AlexNet)", "-" * len(head)]
+    for c in ALEXNET_ERR:
+        by_sev = errors.get(c, {})
+        line = f"{c:24s}" + "".join(f" {_fmt(by_sev.get(s))}" for s in SEVERITIES)
+        line += f"  {_fmt(summary['mean_error'].get(c))}  {_fmt(summary['ce'].get(c))}"
+        lines.append(line + ("" if c in errors else "   missing"))
+    partial = "" if summary["complete"] else f"   (partial: {summary['corruptions_scored']}/15 corruptions)"
+    lines.append(f"{'mCE':24s}{'':{7 * len(SEVERITIES) + 8}s}  {_fmt(summary['mce'])}{partial}")
+    lines.append(f"paper's mCE (ViT-B/16, Table 8): {PAPER_MCE}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Evaluate CLIP zero-shot or a MUST checkpoint (student and EMA teacher): top-1/top-5 accuracy, "
+                    "ImageNet-C mCE, natural distribution shift, and GradCAM / masked-image-modeling figures. "
+                    "Writes a table to stdout and every number to a JSON file.")
+    g = p.add_argument_group("what to evaluate")
+    g.add_argument("--data", help=f"dataset: {', '.join(data.DATASET_NAMES)}, or imagenet-c (ROOT/<corruption>/"
+                                  "<severity>/<wnid>/*) [the checkpoint's training dataset]")
+    g.add_argument("--data-root", help="dataset directory (layouts: data.py; for --data folder: DIR/<class name>/...) "
+                                       "[the checkpoint's, when --data is the checkpoint's]")
+    g.add_argument("--shift", action="store_true",
+                   help="evaluate every shifted ImageNet found under --shift-root (Table 9) instead of --data")
+    g.add_argument("--shift-root", help="folder with imagenetv2*/, imagenet-r/, imagenet-a/, imagenet-sketch/ (and "
+                                        "optionally imagenet/val/) subfolders; names are matched ignoring case, "
+                                        "'-' and '_'; [--data-root]")
+    g.add_argument("--classes", help="class names file, one per line (--data folder) [the checkpoint's]")
+    g.add_argument("--templates", help="prompt templates file, one per line with {} (for CLIP's zero-shot head)")
+    g.add_argument("--limit", type=int, help="score only this many evenly spaced images per set (quick check)")
+    g = p.add_argument_group("models")
+    g.add_argument("--checkpoint", help="MUST checkpoint from train.py: its student and EMA teacher are scored")
+    g.add_argument("--model", help="CLIP name (ViT-B/16, ...) or checkpoint path scored zero-shot [ViT-B/16 without "
+                                   "--checkpoint; with one, given = also CLIP's row and GradCAM column]")
+    g.add_argument("--download-root", help="where CLIP checkpoints are cached [~/.cache/clip]")
+    g.add_argument("--mean-per-class", action="store_true",
+                   help="report mean per-class accuracy for every set (always shown for pets and caltech101)")
+    g = p.add_argument_group("run")
+    g.add_argument("--batch-size", type=int, default=256, help="images per forward pass [%(default)s]")
+    g.add_argument("--num-workers", type=int, default=8, help="data loader processes [%(default)s]")
+    g.add_argument("--device", help="cuda or cpu [cuda if available]")
+    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="autocast precision: auto = bf16 on GPUs that support it, fp32 on CPU [%(default)s]")
+    g.add_argument("--figures", type=int, default=0, metavar="N",
+                   help="write PNG figures for N evenly spaced images of a set (the first that the most models "
+                        "score): OUT_DIR/<data>-attention.png, GradCAM of the last block's [CLS] attention of each "
+                        "model side by side (Figure 3), and with a checkpoint OUT_DIR/<data>-reconstruction.png, "
+                        "the student's original / masked / recovered triplets (Figure 4) [%(default)s]")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the masks drawn for the reconstruction figure [%(default)s]")
+    g.add_argument("--out-dir", help="where the JSON, figures and zero-shot head cache go [the checkpoint's folder, "
+                                     "else out/eval]")
+    g.add_argument("--json", help="JSON file with every number [OUT_DIR/eval-<data>.json]")
+    return p.parse_args(argv)
+
+
+def resolve_sets(args, run, transform):
+    """-> (mode, [EvalSet], (missing, ignored) for imagenet-c else None). --data and --data-root default to the
+    checkpoint's own (for --data folder: its --eval-root, --classes and --templates)."""
+    if args.shift and args.data:
+        fail("give --data or --shift, not both")
+    if args.shift:
+        root = args.shift_root or args.data_root
+        if root is None:
+            fail("--shift needs --shift-root DIR (a folder with imagenetv2*/imagenet-r/imagenet-a/imagenet-sketch)")
+        return "shift", [build_set(n, k, p, transform, args.templates) for n, k, p in find_shift_sets(root)], None
+    mode = args.data or run.get("data")
+    if mode is None:
+        fail("give --data NAME (and --data-root DIR), --shift, or a --checkpoint whose dataset is evaluated")
+    if mode not in data.DATASET_NAMES + ["imagenet-c"]:
+        fail(f"unknown dataset {mode!r}; choose one of: {', '.join(data.DATASET_NAMES + ['imagenet-c'])}")
+    own = args.data is None or args.data == run.get("data")
+    root = args.data_root or (run.get("eval_root" if mode == "folder" else "data_root") if own else None)
+    if root is None and mode != "toy":
+        fail(f"give --data-root DIR for {mode}")
+    if mode == "imagenet-c":
+        sets, missing, ignored = find_corruption_sets(root, transform)
+        return mode, sets, (root, missing, ignored)
+    classes = args.classes or (run.get("classes") if own else None)
+    templates = args.templates or (run.get("templates") if own else None)
+    return mode, [build_set(mode, mode, root, transform, templates, classes)], None
+
+
+def imagenet_c_report(models, sets, counts, root, missing, ignored):
+    """Per model: error per corruption and severity, CE, mCE (printed as tables); plus what is missing."""
+    report = {"missing": missing, "ignored_folders": ignored}
+    for name in models:
+        errors = {}
+        for i, s in enumerate(sets):
+            if (i, name) in counts:
+                corruption, severity = s.name.split("/")
+                errors.setdefault(corruption, {})[int(severity)] = 100.0 - counts[(i, name)].metrics()["top1"]
+        summary = corruption_errors(errors)
+        report[name] = {"error": {c: {str(k): v for k, v in e.items()} for c, e in errors.items()}, **summary}
+        print(corruption_table(name, errors, summary) + "\n")
+    if missing:
+        print(f"missing from {root}: {', '.join(missing)}")
+    if ignored:
+        print(f"ignored folders (not among the 15 benchmark corruptions): {', '.join(ignored)}")
+    return report
+
+
+def make_figures(args, run, sets, models, columns, visual, prefix, device):
+    """Figures on the first set that the most models score; masks as the checkpoint was trained (Table 10)."""
+    first = max(range(len(sets)), key=lambda i: (sum((i, n) in columns for n in models), -i))
+    fig_models = {n: m for n, m in models.items() if (first, n) in columns}
+    mask_setup = None
+    if "student" in fig_models:
+        mask_unit, mask_ratio = run.get("mask_unit"), run.get("mask_ratio")
+        if mask_unit is None or mask_ratio is None:  # a checkpoint without its config: the run's Table 10 row
+            hp = data.hparams(run.get("data") or "imagenet", run.get("model"), visual.patch_size,
+                              visual.input_resolution)
+            mask_unit, mask_ratio = hp["mask_unit"], hp["mask_ratio"]
+        mask_setup = (mask_unit, mask_ratio)
+    if len(sets) > 1:
+        prefix += "-" + re.sub(r"[^0-9A-Za-z.-]+", "_", sets[first].name)
+    try:
+        return write_figures(prefix, sets[first], fig_models, {n: columns[(first, n)] for n in fig_models},
+                             args.figures, mask_setup, args.seed, device)
+    except ValueError as e:  # e.g. a mask unit that does not tile the model's input
+        fail(f"figures: {e}")
+
+
+def save_json(path, report):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        fail("--limit must be at least 1")
+    if args.figures < 0:
+        fail("--figures must be at least 0")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    amp_dtype = autocast_dtype(args.amp, device)
+
+    # -- models --
+    models, run, model_ids = {}, {}, {}
+    if args.checkpoint:
+        student, teacher, run = load_must(args.checkpoint)
+        ids = class_ids(run.get("data"), run["classnames"])
+        models.update(student=student, teacher=teacher)
+        model_ids.update(student=ids, teacher=ids)
+    clip_name = args.model or (None if args.checkpoint else "ViT-B/16")
+    clip = None
+    if clip_name:
+        try:
+            clip, _ = clip_model.load(clip_name, device="cpu", download_root=args.download_root)
+        except (FileNotFoundError, ValueError, RuntimeError) as e:
+            fail(str(e))
+    visual = (models["student"] if models else clip).visual
+    if clip is not None and models and clip.visual.input_resolution != visual.input_resolution:
+        fail(f"CLIP {clip_name} takes {clip.visual.input_resolution} px images, the checkpoint "
+             f"{visual.input_resolution} px")
+    transform = data.test_transform(visual.input_resolution)
+
+    mode, sets, corruption_info = resolve_sets(args, run, transform)
+    tag = mode
+
+    # -- CLIP zero-shot: one head over the classes every set needs (ImageNet-1k for several ImageNet sets) --
+    out_dir = args.out_dir or (os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint
+                               else os.path.join("out", "eval"))
+    os.makedirs(out_dir, exist_ok=True)
+    if clip is not None:
+        if len(sets) == 1:
+            names, templates, kind = sets[0].dataset.classnames, sets[0].dataset.templates, sets[0].kind
+        else:
+            names, templates, kind = prompts.DATASETS["imagenet"]["classes"], prompts.DATASETS["imagenet"][
+                "templates"], "imagenet"
+            if args.templates:
+                try:
+                    templates = data.read_templates(args.templates)
+                except (FileNotFoundError, ValueError) as e:
+                    fail(str(e))
+        models = {"clip": zero_shot_model(clip, names, templates, device, out_dir), **models}
+        model_ids["clip"] = class_ids(kind, names)
+        del clip
+
+    # -- which logits score which set; a set no model can score is reported, not loaded --
+    columns, skipped, scored = {}, {}, []
+    for s in sets:
+        cols = {}
+        for name in models:
+            try:
+                cols[name] = columns_for(model_ids[name], s.ids)
+            except ValueError as e:
+                skipped.setdefault(s.name, {})[name] = str(e)
+        if cols:
+            columns.update({(len(scored), name): c for name, c in cols.items()})
+            scored.append(s)
+    for name, why in skipped.items():
+        print(f"not scored on {name}: " + "; ".join(f"{m}: {w}" for m, w in why.items()))
+    if not scored:
+        fail(f"no model can score {', '.join(s.name for s in sets)} (see above)")
+    sets = scored
+
+    for m in models.values():  # here, not under inference mode: the figures need autograd on these weights
+        m.eval().to(device)
+    counts, speed = evaluate(models, sets, columns, device, args.batch_size, args.num_workers, amp_dtype,
+                             args.limit)
+
+    # -- report --
+    mpc_sets = {s.name for s in sets if args.mean_per_class or mode in data.MEAN_PER_CLASS}
+    results = {}
+    for i, s in enumerate(sets):
+        per_model = {name: counts[(i, name)].metrics() for name in models if (i, name) in counts}
+        n = next(iter(per_model.values()))["images"] if per_model else 0
+        results[s.name] = {"images": n, "classes": len(s.ids), "root": s.root,
+                           "metric": "mean_per_class" if s.name in mpc_sets else "top1",
+                           "models": {k: {m: v for m, v in r.items() if m != "images"} for k, r in per_model.items()}}
+    report = {"mode": mode, "checkpoint": args.checkpoint, "clip": clip_name, "trained_on": run.get("data"),
+              "models": list(models), "device": str(device), "images_per_s": speed, "limit": args.limit,
+              "results": results, "not_scored": skipped}
+    if mode == "imagenet-c":
+        report["imagenet_c"] = imagenet_c_report(models, sets, counts, *corruption_info)
+    else:
+        print(accuracy_table(results, list(models), mpc_sets))
+    print(f"{sum(r['images'] for r in results.values())} images, {speed:.1f} images/s on {device}")
+
+    json_path = args.json or os.path.join(out_dir, f"eval-{tag}.json")
+    save_json(json_path, report)
+    if args.figures:
+        report["figures"] = make_figures(args, run, sets, models, columns, visual, os.path.join(out_dir, tag), device)
+        print("figures: " + ", ".join(report["figures"]))
+        save_json(json_path, report)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,293 @@
+"""MUST: Masked Unsupervised Self-Training (Li, Savarese, Hoi; ICLR 2023) -- the method.
+
+The model (paper §3, Fig. 1-2): CLIP's image tower, patched with a [MSK] token, a patch LayerNorm and a
+linear pixel decoder (clip_model.VisionTransformer.add_must_heads), plus a linear classifier whose
+weights start as CLIP's zero-shot text embeddings and are trained with the tower.
+
+One function per equation of the paper:
+    eq. 1  ema_momentum / ema_update   EMA teacher  Δ ← µΔ + (1 − µ)θ
+    eq. 2  loss_cls                    self-training on confident hard pseudo-labels
+    eq. 3  loss_reg (+ global_mean_probs, FairnessMean)   fairness regularization
+    eq. 4  loss_mim                    masked image modeling, L1 on masked pixels
+    eq. 5  loss_align                  global-local (CLS-MSK) feature alignment
+    eq. 6  must_loss                   L = L_cls + λ_reg L_reg + L_mim + λ_align L_align
+"""
+import copy
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import clip_model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# model
+
+class MUSTModel(nn.Module):
+    """CLIP image tower + linear classifier initialized from the zero-shot head (paper Fig. 1).
+
+    logits = s · normalize(v_cls) @ W, with W (embed_dim, K) = the zero-shot head at init and s the CLIP
+    checkpoint's own logit scale exp(logit_scale) (exactly 100 for OpenAI's CLIPs, which the release hard-codes).
+    Stored as self.classifier = nn.Linear(embed_dim, K, bias=False) (weight = W.T) and the buffer
+    self.logit_scale (the multiplier s itself, not its log).
+    """
+
+    def __init__(self, visual, head, logit_scale, freeze_classifier=False):
+        super().__init__()
+        if not visual.has_must_heads:
+            visual.add_must_heads()
+        self.visual = visual
+        embed_dim, num_classes = head.shape
+        self.classifier = nn.Linear(embed_dim, num_classes, bias=False)
+        with torch.no_grad():
+            self.classifier.weight.copy_(head.t())
+        # §4.4 warm-up: a frozen classifier anchors the image embeddings to CLIP's text embeddings
+        self.classifier.weight.requires_grad_(not freeze_classifier)
+        self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
+
+    @property
+    def num_classes(self):
+        return self.classifier.out_features
+
+    def classify(self, v_cls):
+        """v_cls: (B, D) L2-normalized image embedding -> logits (B, K)."""
+        return self.logit_scale * self.classifier(v_cls)
+
+    def forward(self, images, mask=None):
+        """images (B,3,H,W) -> logits (B, K).
+
+        With a mask, the same as forward_masked: routing the masked pass through forward() lets
+        DistributedDataParallel see it (DDP only synchronizes gradients of calls to forward).
+        """
+        if mask is not None:
+            return self.forward_masked(images, mask)
+        return self.classify(F.normalize(self.visual(images), dim=-1))
+
+    def forward_masked(self, images, mask):
+        """images (B,3,H,W), mask (B, N) bool, True = masked patch
+        -> (logits (B,K), v_cls (B,D), v_patch (B,N,D), recon (B,3,H,W)); v_cls and v_patch L2-normalized."""
+        v_cls, v_patch, recon = self.visual.forward_must(images, mask)
+        return self.classify(v_cls), v_cls, v_patch, recon
+
+
+def load_checkpoint(path, which="student"):
+    """A train.py checkpoint -> (MUSTModel on CPU in eval mode, args dict of the run incl. "classnames").
+
+    which: "student" or "teacher" (the EMA weights). Needs no CLIP weights on disk: the tower is rebuilt
+    from the checkpoint's own tensor shapes.
+    """
+    if which not in ("student", "teacher"):
+        raise ValueError(f"which must be 'student' or 'teacher', not {which!r}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    state = ckpt[which]
+    visual = clip_model.build_visual({k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")})
+    model = MUSTModel(visual, state["classifier.weight"].t(), state["logit_scale"].item())
+    model.load_state_dict(state)
+    args = dict(ckpt.get("args", {}))
+    args["classnames"] = list(ckpt.get("classnames", []))
+    return model.eval(), args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# eq. 1: EMA teacher
+
+def make_teacher(student):
+    """Δ initialized as θ (§3.1); the teacher never receives gradients and always runs in eval mode."""
+    teacher = copy.deepcopy(student)
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+def ema_momentum(step, mu0, mu_n, mu_max=0.9998):
+    """µ at optimizer step `step` (0 = first update): linear ramp from µ0 to 0.9998 over µn iterations (§3.4)."""
+    if mu_n <= 0:
+        return mu_max
+    return mu0 + (mu_max - mu0) * min(step / mu_n, 1.0)
+
+
+@torch.no_grad()
+def ema_update(teacher, student, mu):
+    """eq. 1: Δ ← µΔ + (1 − µ)θ for every parameter and floating buffer (integer buffers are copied).
+
+    Written as Δ ← Δ + (1 − µ)(θ − Δ) (lerp, the same quantity), so that a parameter the student never changes
+    (a frozen classifier, unused MIM heads) stays bit-identical in the teacher instead of drifting by rounding.
+    """
+    t_state = teacher.state_dict()
+    s_state = student.state_dict()
+    if t_state.keys() != s_state.keys():
+        raise ValueError("teacher and student have different parameters")
+    for name, t in t_state.items():
+        s = s_state[name].detach()
+        if t.is_floating_point():
+            t.lerp_(s.to(t.dtype), 1.0 - mu)
+        else:
+            t.copy_(s)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# eq. 2: self-training
+
+def loss_cls(teacher_logits, student_logits, conf_threshold):
+    """eq. 2: cross-entropy H(q̂_b, p_b) over the samples whose teacher confidence max q_b exceeds τ.
+
+    q_b = teacher softmax on the weak view, q̂_b = its hard (one-hot) label, p_b = student softmax on the strong
+    view. Averaged over the confident samples, as the release does (the paper's equation writes 1/B; the two
+    differ by the share of confident samples), counted over all processes so that DDP's gradient averaging
+    gives exactly the loss of one process holding the whole batch. A batch with no confident sample gives
+    exactly 0 (the release produces NaN there). Returns (loss, confident (B,) bool, pseudo_labels (B,) long).
+    """
+    q = teacher_logits.detach().float().softmax(dim=-1)
+    max_prob, pseudo_labels = q.max(dim=-1)
+    confident = max_prob > conf_threshold
+    ce = F.cross_entropy(student_logits.float(), pseudo_labels, reduction="none")  # (B,)
+    count, world = confident.sum().float(), 1
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        world = dist.get_world_size()
+        dist.all_reduce(count)
+    loss = torch.where(confident, ce, torch.zeros_like(ce)).sum() * world / count.clamp_min(1.0)
+    return loss, confident, pseudo_labels
+
+
+# ----------------------------------------------------------------------------------------------------------
+# eq. 3: fairness regularization
+
+class _AllGather(torch.autograd.Function):
+    """all_gather that keeps the gradient: every rank's loss depends on every rank's input, so the backward
+    sums the incoming gradients over ranks and returns this rank's slice (with DDP's gradient averaging this
+    equals the gradient of one process holding the whole global batch)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.stack(parts)  # (world, *x.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[dist.get_rank()]
+
+
+def global_mean_probs(student_logits):
+    """p̄_batch: mean student softmax over the GLOBAL batch (all processes), with gradient. (B, K) -> (K,).
+
+    Every process holds the same number of samples (drop_last), so the mean of the per-process means is the
+    global mean. Works without torch.distributed initialized (one process).
+    """
+    mean = student_logits.float().softmax(dim=-1).mean(dim=0)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        mean = _AllGather.apply(mean).mean(dim=0)
+    return mean
+
+
+def loss_reg(mean_probs):
+    """eq. 3: L_reg = −(1/K) Σ_k log p̄_k, minimal (log K) when the average prediction p̄ (K,) is uniform."""
+    return -mean_probs.log().mean()
+
+
+class FairnessMean:
+    """The p̄ fed to eq. 3: the global-batch mean, or, with many classes (K ≥ 512, "K > B" in §3.1), a running
+    mean carried across steps as in the release: p̄ ← ½(p̄_prev.detach() + p̄_batch), with the loss divided by ½
+    so that the gradient reaching the current batch keeps the batch-mean scale. On the first step p̄_prev is the
+    current batch's own (detached) mean. The state is saved in checkpoints (state_dict / load_state_dict).
+    """
+
+    def __init__(self, num_classes, running=None):
+        self.running = num_classes >= 512 if running is None else running
+        self.prev = None  # (K,) detached running mean
+
+    def __call__(self, batch_mean):
+        """p̄_batch (K,) -> (p̄ for eq. 3, multiplier of L_reg)."""
+        if not self.running:
+            return batch_mean, 1.0
+        prev = batch_mean.detach() if self.prev is None else self.prev.to(batch_mean.device)
+        mean = 0.5 * (prev + batch_mean)
+        self.prev = mean.detach()
+        return mean, 1.0 / 0.5
+
+    def state_dict(self):
+        return {"running": self.running, "prev": None if self.prev is None else self.prev.cpu()}
+
+    def load_state_dict(self, state):
+        self.running = state["running"]
+        self.prev = state["prev"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# eq. 4: masked image modeling
+
+def pixel_mask(mask, patch_size, grid_hw=None):
+    """Patch mask (B, N) bool -> pixel mask (B, 1, H, W) float, each patch upsampled to patch_size²."""
+    B, N = mask.shape
+    gh, gw = grid_hw if grid_hw is not None else (int(round(N ** 0.5)),) * 2
+    m = mask.reshape(B, 1, gh, gw).float()
+    return m.repeat_interleave(patch_size, dim=2).repeat_interleave(patch_size, dim=3)
+
+
+def loss_mim(recon, target, mask, patch_size):
+    """eq. 4: L1 between the decoder output and the strong view's CLIP-normalized pixels, on masked pixels only,
+    averaged over masked pixels and the 3 channels. recon, target (B,3,H,W); mask (B,N) bool. 0 if nothing masked."""
+    H, W = target.shape[-2:]
+    m = pixel_mask(mask, patch_size, (H // patch_size, W // patch_size))  # (B,1,H,W)
+    l1 = (recon.float() - target.float()).abs()  # (B,3,H,W)
+    return (l1 * m).sum() / (m.sum() * target.shape[1]).clamp_min(1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# eq. 5: global-local feature alignment
+
+def loss_align(v_cls, v_patch, mask, k=None):
+    """eq. 5: L_align = 1/(BM) Σ_b Σ_m ||v_b^c − v_b^m||²₂ between the normalized [CLS] embedding v_cls (B,D) and
+    each normalized masked-patch ([MSK]) embedding v_patch (B,N,D); mask (B,N) bool.
+
+    k: align only with the k masked tokens nearest to [CLS] in each image (Table 6 uses k = 10); None = all.
+    Averaged over the aligned tokens; 0 if nothing is masked. Both sides receive gradients (as in the release).
+    """
+    dist2 = (v_cls.float().unsqueeze(1) - v_patch.float()).pow(2).sum(dim=-1)  # (B, N)
+    if k is None:
+        m = mask.float()
+        return (dist2 * m).sum() / m.sum().clamp_min(1.0)
+    k = min(k, dist2.shape[1])
+    nearest, idx = dist2.masked_fill(~mask, float("inf")).topk(k, dim=1, largest=False)  # (B, k)
+    valid = mask.gather(1, idx)  # False where an image has fewer than k masked tokens
+    return torch.where(valid, nearest, torch.zeros_like(nearest)).sum() / valid.sum().clamp_min(1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# eq. 6: total loss
+
+def must_loss(student, teacher_logits, images_strong, mask, fairness, *, conf_threshold, lambda_reg=1.0,
+              lambda_align=0.2, patch_size=None, use_reg=True, use_mim=True, use_align=True, align_k=None):
+    """eq. 6: L = L_cls + λ_reg L_reg + L_mim + λ_align L_align on one (micro-)batch.
+
+    student: MUSTModel (or DDP around one); teacher_logits (B,K) from the EMA teacher on the weak view;
+    images_strong (B,3,H,W) CLIP-normalized; mask (B,N) bool; fairness: a FairnessMean.
+    use_reg / use_mim / use_align switch terms off for the ablations (Tables 5, 7): without MIM and alignment
+    the student sees the strong view unmasked (plain self-training).
+    Returns (loss, dict of detached terms, confident (B,) bool, pseudo_labels (B,)).
+    """
+    if use_mim or use_align:
+        logits, v_cls, v_patch, recon = student(images_strong, mask)
+    else:
+        logits = student(images_strong)
+    l_cls, confident, pseudo_labels = loss_cls(teacher_logits, logits, conf_threshold)
+    loss = l_cls
+    terms = {"loss_cls": l_cls}
+    if use_reg:
+        mean_probs, scale = fairness(global_mean_probs(logits))
+        l_reg = scale * loss_reg(mean_probs)
+        loss = loss + lambda_reg * l_reg
+        terms["loss_reg"] = l_reg
+    if use_mim:
+        l_mim = loss_mim(recon, images_strong, mask, patch_size)
+        loss = loss + l_mim
+        terms["loss_mim"] = l_mim
+    if use_align:
+        l_align = loss_align(v_cls, v_patch, mask, align_k)
+        loss = loss + lambda_align * l_align
+        terms["loss_align"] = l_align
+    terms = {name: value.detach() for name, value in terms.items()}
+    return loss, terms, confident, pseudo_labels

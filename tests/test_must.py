@@ -1,0 +1,261 @@
+"""must.py: each equation against an independent hand computation (plain Python loops / math), the EMA
+teacher, the classifier model and its checkpoint loader. CPU, tiny CLIP, a few seconds."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import clip_model
+import must
+
+
+def tiny_must(num_classes=5, seed=0, **kw):
+    torch.manual_seed(seed)
+    clip = clip_model.tiny_clip()
+    head = F.normalize(torch.randn(clip.visual.output_dim, num_classes), dim=0)
+    return must.MUSTModel(clip.visual, head, clip.logit_scale.exp().item(), **kw), head, clip
+
+
+def softmax_row(row):
+    m = max(row)
+    e = [math.exp(v - m) for v in row]
+    return [v / sum(e) for v in e]
+
+
+# ---------------------------------------------------------------------------------------------- eq. 2
+
+def test_loss_cls_matches_hand_computation():
+    torch.manual_seed(0)
+    teacher = torch.randn(6, 4) * 3
+    student = torch.randn(6, 4, requires_grad=True)
+    tau = 0.6
+    loss, confident, pseudo = must.loss_cls(teacher, student, tau)
+    total, expect_conf = 0.0, []
+    for b in range(6):
+        q = softmax_row(teacher[b].tolist())
+        label = max(range(4), key=lambda k: q[k])
+        expect_conf.append(max(q) > tau)
+        assert pseudo[b].item() == label
+        if max(q) > tau:
+            p = softmax_row(student[b].tolist())
+            total += -math.log(p[label])
+    assert confident.tolist() == expect_conf
+    assert 0 < sum(expect_conf) < 6  # the example mixes confident and unconfident samples
+    assert loss.item() == pytest.approx(total / sum(expect_conf), rel=1e-5)  # mean over confident samples
+    loss.backward()
+    assert torch.all(student.grad[~confident] == 0)
+
+
+def test_loss_cls_no_confident_sample_is_zero_with_finite_grads():
+    teacher = torch.zeros(4, 10)  # uniform: max prob 0.1
+    student = torch.randn(4, 10, requires_grad=True)
+    loss, confident, _ = must.loss_cls(teacher, student, 0.5)
+    assert not confident.any()
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.isfinite(student.grad).all() and torch.all(student.grad == 0)
+
+
+def test_loss_cls_threshold_is_strict_and_teacher_gets_no_grad():
+    teacher = torch.tensor([[math.log(3.0), 0.0], [0.0, math.log(3.0)]], requires_grad=True)  # max q = 0.75
+    student = torch.zeros(2, 2, requires_grad=True)
+    loss, confident, _ = must.loss_cls(teacher, student, 0.7499)
+    assert confident.all()
+    assert loss.item() == pytest.approx(math.log(2.0), rel=1e-6)
+    assert not must.loss_cls(teacher, student, 0.76)[1].any()
+    loss.backward()
+    assert teacher.grad is None
+
+
+# ---------------------------------------------------------------------------------------------- eq. 3
+
+def test_loss_reg_matches_hand_computation_and_is_minimal_at_uniform():
+    torch.manual_seed(1)
+    logits = torch.randn(8, 5)
+    mean_probs = must.global_mean_probs(logits)  # one process: the batch mean
+    rows = [softmax_row(r) for r in logits.tolist()]
+    pbar = [sum(r[k] for r in rows) / 8 for k in range(5)]
+    assert mean_probs.tolist() == pytest.approx(pbar, rel=1e-5)
+    expect = -sum(math.log(v) for v in pbar) / 5
+    assert must.loss_reg(mean_probs).item() == pytest.approx(expect, rel=1e-5)
+    assert must.loss_reg(torch.full((5,), 0.2)).item() == pytest.approx(math.log(5), rel=1e-6)
+    assert must.loss_reg(mean_probs).item() > math.log(5)
+
+
+def test_fairness_batch_mean_below_512_classes():
+    fair = must.FairnessMean(10)
+    assert not fair.running
+    p = torch.softmax(torch.randn(10), 0)
+    mean, scale = fair(p)
+    assert mean is p and scale == 1.0
+
+
+def test_fairness_running_mean_from_512_classes():
+    """NOTES.md: p̄ ← ½(p̄_prev.detach() + p̄_batch), loss divided by ½."""
+    K = 512
+    fair = must.FairnessMean(K)
+    assert fair.running
+    b1 = torch.softmax(torch.randn(K), 0).requires_grad_()
+    mean1, scale = fair(b1)
+    assert scale == 2.0
+    assert torch.allclose(mean1, b1)  # first step: p̄_prev is the batch's own mean
+    (scale * must.loss_reg(mean1)).backward()
+    assert torch.allclose(b1.grad, -1.0 / (K * b1.detach()), rtol=1e-5)  # = gradient of the plain batch-mean loss
+    b2 = torch.softmax(torch.randn(K), 0).requires_grad_()
+    mean2, _ = fair(b2)
+    assert torch.allclose(mean2, 0.5 * (mean1.detach() + b2.detach()))
+    (2.0 * must.loss_reg(mean2)).backward()
+    assert torch.allclose(b2.grad, -1.0 / (K * mean2.detach()), rtol=1e-5)  # previous mean carries no gradient
+    state = fair.state_dict()
+    other = must.FairnessMean(K)
+    other.load_state_dict(state)
+    b3 = torch.softmax(torch.randn(K), 0)
+    assert torch.equal(fair(b3)[0], other(b3)[0])
+
+
+# ---------------------------------------------------------------------------------------------- eq. 4
+
+def test_loss_mim_matches_hand_computation():
+    torch.manual_seed(2)
+    B, p, g = 2, 4, 3  # 12x12 images, 3x3 patches of 4 px
+    recon, target = torch.randn(B, 3, g * p, g * p), torch.randn(B, 3, g * p, g * p)
+    mask = torch.rand(B, g * g) < 0.4
+    mask[0, 0], mask[1, 8] = True, True
+    total, count = 0.0, 0
+    for b in range(B):
+        for n in range(g * g):
+            if not mask[b, n]:
+                continue
+            row, col = divmod(n, g)  # row-major patch order
+            for c in range(3):
+                for y in range(row * p, row * p + p):
+                    for x in range(col * p, col * p + p):
+                        total += abs(recon[b, c, y, x].item() - target[b, c, y, x].item())
+                        count += 1
+    assert must.loss_mim(recon, target, mask, p).item() == pytest.approx(total / count, rel=1e-5)
+    assert must.loss_mim(recon, target, torch.zeros_like(mask), p).item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- eq. 5
+
+def test_loss_align_matches_hand_computation_and_nearest_k():
+    torch.manual_seed(3)
+    B, N, D = 3, 6, 4
+    v_cls = F.normalize(torch.randn(B, D), dim=-1)
+    v_patch = F.normalize(torch.randn(B, N, D), dim=-1)
+    mask = torch.tensor([[1, 0, 1, 1, 0, 0], [0, 1, 0, 0, 0, 1], [1, 1, 1, 1, 0, 1]], dtype=torch.bool)
+    d = [[sum((v_cls[b, i].item() - v_patch[b, n, i].item()) ** 2 for i in range(D)) for n in range(N)]
+         for b in range(B)]
+    all_masked = [d[b][n] for b in range(B) for n in range(N) if mask[b, n]]
+    assert must.loss_align(v_cls, v_patch, mask).item() == pytest.approx(sum(all_masked) / len(all_masked), rel=1e-5)
+    k = 2
+    nearest = [v for b in range(B) for v in sorted(d[b][n] for n in range(N) if mask[b, n])[:k]]
+    assert must.loss_align(v_cls, v_patch, mask, k=k).item() == pytest.approx(sum(nearest) / len(nearest), rel=1e-5)
+    # k above the number of masked tokens = all of them
+    assert must.loss_align(v_cls, v_patch, mask, k=N).item() == pytest.approx(sum(all_masked) / len(all_masked),
+                                                                               rel=1e-5)
+    assert must.loss_align(v_cls, v_patch, torch.zeros_like(mask)).item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- eq. 1
+
+def test_ema_momentum_linear_ramp():
+    assert must.ema_momentum(0, 0.99, 100) == pytest.approx(0.99)
+    assert must.ema_momentum(50, 0.99, 100) == pytest.approx(0.99 + 0.5 * (0.9998 - 0.99))
+    assert must.ema_momentum(100, 0.99, 100) == pytest.approx(0.9998)
+    assert must.ema_momentum(10 ** 6, 0.99, 100) == pytest.approx(0.9998)
+    assert must.ema_momentum(5, 0.99, 0) == 0.9998
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_buffer("running", torch.zeros(2))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+
+def test_ema_update_math_params_and_buffers():
+    torch.manual_seed(4)
+    student = _Net()
+    teacher = must.make_teacher(student)
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+        student.running.fill_(2.0)
+        student.count.fill_(7)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    mu = 0.9
+    must.ema_update(teacher, student, mu)
+    for name, value in teacher.state_dict().items():
+        if value.is_floating_point():
+            expect = mu * before[name] + (1 - mu) * student.state_dict()[name]
+            assert torch.allclose(value, expect, atol=1e-7), name
+    assert teacher.count.item() == 7  # integer buffers are copied
+    assert teacher.lin.weight.grad is None
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+def test_must_model_is_the_zero_shot_classifier_at_init():
+    model, head, clip = tiny_must()
+    assert model.visual.has_must_heads
+    assert model.logit_scale.item() == pytest.approx(clip.logit_scale.exp().item())  # not hard-coded 100
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expect = model.logit_scale * F.normalize(clip.encode_image(x), dim=-1) @ head
+        logits = model(x)
+        masked_logits, v_cls, v_patch, recon = model.forward_masked(x, torch.zeros(3, 16, dtype=torch.bool))
+    assert torch.allclose(logits, expect, atol=1e-5)
+    assert torch.allclose(masked_logits, logits, atol=1e-5)  # an empty mask changes nothing
+    assert v_cls.shape == (3, 32) and v_patch.shape == (3, 16, 32) and recon.shape == x.shape
+    assert model.classifier.weight.requires_grad
+    frozen, _, _ = tiny_must(freeze_classifier=True)
+    assert not frozen.classifier.weight.requires_grad
+
+
+def test_must_loss_is_the_weighted_sum_of_terms_and_switches():
+    model, _, _ = tiny_must()
+    torch.manual_seed(5)
+    x, mask = torch.randn(4, 3, 32, 32), torch.rand(4, 16) < 0.3
+    mask[:, 0] = True
+    teacher_logits = torch.randn(4, 5) * 5
+    kw = dict(conf_threshold=0.5, lambda_reg=0.3, lambda_align=0.7, patch_size=8)
+    loss, terms, _, _ = must.must_loss(model, teacher_logits, x, mask, must.FairnessMean(5), **kw)
+    expect = terms["loss_cls"] + 0.3 * terms["loss_reg"] + terms["loss_mim"] + 0.7 * terms["loss_align"]
+    assert loss.item() == pytest.approx(expect.item(), rel=1e-5)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert model.visual.mask_token.grad is not None and model.visual.decoder[0].weight.grad is not None
+    # self-training + fairness only: no masked forward
+    loss2, terms2, _, _ = must.must_loss(model, teacher_logits, x, mask, must.FairnessMean(5), use_mim=False,
+                                         use_align=False, **kw)
+    assert set(terms2) == {"loss_cls", "loss_reg"}
+    logits = model(x)
+    manual = must.loss_cls(teacher_logits, logits, 0.5)[0] + 0.3 * must.loss_reg(must.global_mean_probs(logits))
+    assert loss2.item() == pytest.approx(manual.item(), rel=1e-5)
+    loss3, terms3, _, _ = must.must_loss(model, teacher_logits, x, mask, must.FairnessMean(5), use_reg=False,
+                                         use_mim=False, use_align=False, **kw)
+    assert set(terms3) == {"loss_cls"}
+
+
+def test_load_checkpoint_roundtrip(tmp_path):
+    model, _, _ = tiny_must(num_classes=4)
+    teacher = must.make_teacher(model)
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)
+    path = str(tmp_path / "ckpt.pt")
+    torch.save({"student": model.state_dict(), "teacher": teacher.state_dict(), "args": {"data": "x", "model": "m"},
+                "classnames": ["a", "b", "c", "d"]}, path)
+    loaded, args = must.load_checkpoint(path, "student")
+    assert args["data"] == "x" and args["classnames"] == ["a", "b", "c", "d"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), atol=1e-6)
+        t_loaded, _ = must.load_checkpoint(path, "teacher")
+        assert torch.allclose(t_loaded(x), teacher(x), atol=1e-6)
+    with pytest.raises(ValueError):
+        must.load_checkpoint(path, "ema")

@@ -1,0 +1,272 @@
+"""train.py end to end on CPU: a tiny CLIP (saved state dict) and generated images in a 'folder' dataset.
+Layer-wise lr decay x cosine, a few-step run, 2-process torchrun == 1 process on the same global batch,
+kill-and-resume == uninterrupted, the NaN guard, one-line errors."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import clip_model
+import must
+import train
+
+# tiny models: one thread is several times faster than two on a shared 2-core machine, and as deterministic
+torch.set_num_threads(1)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSES = ["red square", "blue circle", "green cross"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """24 unlabeled 40x40 training images, 9 labeled test images, a random tiny CLIP (32 px, patch 8)."""
+    root = tmp_path_factory.mktemp("world")
+    rng = np.random.default_rng(0)
+    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    for split, n in (("train", 24), ("test", 9)):
+        for i in range(n):
+            folder = root / split if split == "train" else root / split / CLASSES[i % 3]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    torch.manual_seed(0)
+    torch.save(clip_model.tiny_clip().state_dict(), root / "tiny.pt")
+    torch.manual_seed(1)
+    torch.save(clip_model.tiny_clip().state_dict(), root / "other.pt")
+    return root
+
+
+def argv(world, out, *extra):
+    return ["--data", "folder", "--data-root", str(world / "train"), "--eval-root", str(world / "test"),
+            "--classes", str(world / "classes.txt"), "--model", str(world / "tiny.pt"), "--global-batch", "8",
+            "--epochs", "2", "--mask-unit", "16", "--base-lr", "1e-3", "--conf-threshold", "0.34",
+            "--num-workers", "0", "--log-freq", "1", "--out-dir", str(out), *extra]
+
+
+def ckpt(out):
+    return torch.load(os.path.join(out, train.CHECKPOINT), map_location="cpu", weights_only=True)
+
+
+def records(out, kind):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["type"] == kind]
+
+
+def error_of(argv_list):
+    with pytest.raises(SystemExit) as e:
+        train.main(argv_list)
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+# ---------------------------------------------------------------------------------------------- optimizer
+
+def test_layer_decay_and_cosine_lr_of_every_group():
+    torch.manual_seed(0)
+    clip = clip_model.tiny_clip(vision_layers=3)
+    model = must.MUSTModel(clip.visual, torch.randn(32, 4), 100.0)
+    groups = train.param_groups(model, weight_decay=0.05, layer_decay=0.65)
+    L = 3
+    expected_layer = {"visual.conv1.weight": 0, "visual.class_embedding": 0, "visual.positional_embedding": 0,
+                      "visual.ln_pre.weight": 0, "visual.mask_token": 0,
+                      "visual.transformer.resblocks.0.attn.in_proj_weight": 1,
+                      "visual.transformer.resblocks.2.mlp.c_fc.bias": 3, "visual.ln_post.bias": 4, "visual.proj": 4,
+                      "classifier.weight": 4, "visual.ln_patch.weight": 4, "visual.decoder.0.weight": 4}
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = set()
+    for g in groups:
+        for p in g["params"]:
+            name = names[id(p)]
+            seen.add(name)
+            i = train.layer_id(name, L)
+            assert g["lr_scale"] == pytest.approx(0.65 ** (L + 1 - i))
+            assert g["weight_decay"] == (0.05 if p.ndim > 1 else 0.0), name
+            if name in expected_layer:
+                assert i == expected_layer[name], name
+    assert seen == {n for n, _ in model.named_parameters()}
+    optimizer = torch.optim.AdamW(groups, lr=1.0)
+    lr, min_lr, total = 4e-4, 1e-6, 100
+    for step, expect in ((0, lr), (50, (lr + min_lr) / 2), (100, min_lr), (25, min_lr + (lr - min_lr) * 0.853553)):
+        train.set_lr(optimizer, train.cosine_lr(step, total, lr, min_lr))
+        for g in optimizer.param_groups:
+            assert g["lr"] == pytest.approx(expect * g["lr_scale"], rel=1e-5)
+    frozen = must.MUSTModel(clip_model.tiny_clip().visual, torch.randn(32, 4), 100.0, freeze_classifier=True)
+    assert all(p is not frozen.classifier.weight for g in train.param_groups(frozen, 0.05, 0.65) for p in g["params"])
+
+
+def test_help_names_the_paper_symbols(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for symbol in ("τ", "λ_reg", "λ_align", "µ0", "µn", "base_lr"):
+        assert symbol in text
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+@pytest.fixture(scope="module")
+def full_run(world, tmp_path_factory):
+    """An uninterrupted 2-epoch run (3 steps per epoch) with 2 accumulation steps per optimizer step."""
+    out = tmp_path_factory.mktemp("full")
+    evals = train.main(argv(world, out, "--batch-size-per-gpu", "4"))
+    return out, evals
+
+
+def test_few_steps_end_to_end(full_run):
+    out, evals = full_run
+    steps = records(out, "train")
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    for r in steps:
+        for key in ("loss", "loss_cls", "loss_reg", "loss_mim", "loss_align", "lr", "ema_mu", "conf_ratio",
+                    "images_per_s"):
+            assert np.isfinite(r[key]), key
+        assert r["pseudo_label_acc"] is None  # folder training images are unlabeled
+    assert any(r["conf_ratio"] > 0 for r in steps)  # L_cls was active
+    assert [e["epoch"] for e in records(out, "eval")] == [0, 1, 2] == [e["epoch"] for e in evals]
+    c = ckpt(out)
+    assert c["step"] == 6 and c["epoch"] == 2 and c["classnames"] == CLASSES
+    assert c["args"]["data"] == "folder" and c["args"]["conf_threshold"] == 0.34
+    assert any(not torch.equal(c["student"][k], c["teacher"][k]) for k in c["student"])
+    model, args = must.load_checkpoint(os.path.join(out, train.CHECKPOINT), "teacher")
+    assert args["classnames"] == CLASSES and model.num_classes == 3
+
+
+def test_kill_and_resume_equals_uninterrupted(world, full_run, tmp_path):
+    out = tmp_path / "resumed"
+    train.main(argv(world, out, "--batch-size-per-gpu", "4", "--max-steps", "2"))  # "killed" inside epoch 1
+    assert ckpt(out)["step"] == 2
+    train.main(argv(world, out, "--batch-size-per-gpu", "4", "--max-steps", "4"))  # resumes, stops in epoch 2
+    assert ckpt(out)["step"] == 4
+    train.main(argv(world, out, "--batch-size-per-gpu", "4"))  # resumes to the end
+    a, b = ckpt(full_run[0]), ckpt(out)
+    assert b["step"] == 6
+    for key in ("student", "teacher"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    assert torch.equal(a["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
+    assert [r["loss"] for r in records(full_run[0], "train")] == [r["loss"] for r in records(out, "train")]
+
+
+def test_two_process_torchrun_equals_one_process(world, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    train.main(argv(world, one, "--max-steps", "1"))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             os.path.join(ROOT, "train.py"), *argv(world, two, "--max-steps", "1")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = ckpt(one), ckpt(two)
+    assert b["args"]["global_batch"] == 8 and len(b["rng"]) == 2
+    for key in ("student", "teacher"):
+        for name in a[key]:
+            assert torch.allclose(a[key][name], b[key][name], atol=1e-5, rtol=0), (key, name)
+    # Non-vacuous: every layer moved by ~1e-5 or more in this step, while the two runs agree to ~1e-7. The key
+    # part of attn.in_proj_bias is left out of that check: its gradient is exactly 0 in theory (softmax ignores
+    # a shift shared by all keys), so Adam's first step turns float noise into updates of ~1e-6.
+    clip = torch.load(world / "tiny.pt", weights_only=True)
+    moved = min((a["student"]["visual." + n] - clip["visual." + n]).abs().max().item()
+                for n in ("conv1.weight", "transformer.resblocks.0.attn.in_proj_weight", "proj"))
+    worst = max((a["student"][n] - b["student"][n]).abs().max().item() for n in a["student"]
+                if not n.endswith("attn.in_proj_bias"))
+    assert moved > 5e-6 and worst < 1e-6, (moved, worst)
+    la, lb = records(one, "train")[0], records(two, "train")[0]
+    assert lb["loss"] == pytest.approx(la["loss"], rel=1e-5)
+    assert lb["conf_ratio"] == la["conf_ratio"]
+    assert records(one, "eval")[0]["student_acc"] == pytest.approx(records(two, "eval")[0]["student_acc"])
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(world, tmp_path, monkeypatch):
+    out = tmp_path / "nan"
+    train.main(argv(world, out, "--max-steps", "1"))
+    path = os.path.join(out, train.CHECKPOINT)
+    before = open(path, "rb").read()
+    monkeypatch.setattr(must, "loss_mim", lambda *a, **k: torch.tensor(float("nan")))
+    message = error_of(argv(world, out))
+    assert "non-finite loss" in message and "step 1" in message
+    assert open(path, "rb").read() == before
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+def test_one_line_errors(world, tmp_path, monkeypatch):
+    out = tmp_path / "err"
+    assert "unknown dataset 'imagenot'" in error_of(argv(world, out) + ["--data", "imagenot"])
+    assert "missing or empty" in error_of(argv(world, out) + ["--data-root", str(tmp_path / "nowhere")])
+    (tmp_path / "empty").mkdir()
+    assert "missing or empty" in error_of(argv(world, out) + ["--data-root", str(tmp_path / "empty")])
+    assert "not a multiple of the patch size" in error_of(argv(world, out) + ["--mask-unit", "12"])
+    with monkeypatch.context() as m:
+        m.setenv("WORLD_SIZE", "3")
+        assert "not divisible by the 3 processes" in error_of(argv(world, out))
+    # a checkpoint of another model, of another dataset
+    train.main(argv(world, out, "--max-steps", "1"))
+    assert "trained from model" in error_of(argv(world, out) + ["--model", str(world / "other.pt")])
+    c = ckpt(out)
+    c["args"]["data"] = "imagenet"
+    torch.save(c, tmp_path / "imagenet.pt")
+    assert "trained on dataset 'imagenet'" in error_of(argv(world, out) + ["--resume", str(tmp_path / "imagenet.pt")])
+    assert "not both" in error_of(argv(world, out) + ["--accum-steps", "2", "--batch-size-per-gpu", "4"])
+    assert "not divisible by --batch-size-per-gpu 3" in error_of(argv(world, out) + ["--batch-size-per-gpu", "3"])
+    assert "no checkpoint at" in error_of(argv(world, out) + ["--resume", str(tmp_path / "absent.pt")])
+
+
+def test_warmup_with_frozen_classifier_then_init(world, tmp_path):
+    """§4.4: warm up with a frozen classifier, then start another run's tower from that checkpoint."""
+    warm = tmp_path / "warm"
+    train.main(argv(world, warm, "--freeze-classifier", "--max-steps", "2"))
+    c = ckpt(warm)
+    assert torch.equal(c["student"]["classifier.weight"], c["teacher"]["classifier.weight"])  # never trained
+    assert not torch.equal(c["student"]["visual.proj"], c["teacher"]["visual.proj"])  # the tower was
+    clip_proj = torch.load(world / "tiny.pt", weights_only=True)["visual.proj"]
+    after = tmp_path / "after"
+    train.main(argv(world, after, "--init", str(warm / train.CHECKPOINT), "--max-steps", "1"))
+    # one step later the teacher (µ0 = 0.999) is still the warm-up tower, not CLIP's
+    teacher_proj = ckpt(after)["teacher"]["visual.proj"]
+    assert (teacher_proj - c["student"]["visual.proj"]).abs().max() < 1e-6 < (teacher_proj - clip_proj).abs().max()
+    assert "--init checkpoint" in error_of(argv(world, tmp_path / "x", "--init", str(warm / train.CHECKPOINT),
+                                                 "--model", str(world / "other.pt")))
+
+
+def test_self_training_only_ablation(world, tmp_path):
+    out = tmp_path / "st"
+    train.main(argv(world, out, "--no-mim", "--no-align", "--max-steps", "1"))
+    r = records(out, "train")[0]
+    assert "loss_mim" not in r and "loss_align" not in r and np.isfinite(r["loss_reg"])
+    c = ckpt(out)
+    assert torch.equal(c["student"]["visual.mask_token"], c["teacher"]["visual.mask_token"])  # frozen, unused
+
+
+def test_bf16_on_cpu_and_pseudo_label_accuracy_with_labeled_training_images(world, tmp_path):
+    """A named dataset's training folders carry labels: logged (only) as the confident pseudo-labels' accuracy."""
+    rng = np.random.default_rng(1)
+    for split in ("train", "test"):
+        for i in range(12):
+            folder = tmp_path / "dtd" / split / ["banded", "blotchy", "braided"][i % 3]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (36, 44, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    out = tmp_path / "out"
+    train.main(["--data", "dtd", "--data-root", str(tmp_path / "dtd"), "--model", str(world / "tiny.pt"),
+                "--global-batch", "4", "--epochs", "1", "--max-steps", "2", "--mask-unit", "8",
+                "--conf-threshold", "0", "--amp", "bf16", "--num-workers", "0", "--log-freq", "1",
+                "--out-dir", str(out)])
+    for r in records(out, "train"):
+        assert np.isfinite(r["loss"]) and r["conf_ratio"] == 1.0 and 0.0 <= r["pseudo_label_acc"] <= 1.0
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pt")
+    train.save_checkpoint(path, {"step": 1})
+
+    def killed(obj, f):
+        open(f, "wb").write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(path, {"step": 2})
+    assert torch.load(path, weights_only=True) == {"step": 1}
