@@ -19,6 +19,7 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
 from collections import OrderedDict
 from functools import lru_cache
@@ -358,7 +359,9 @@ def _read_state_dict(path):
     """A TorchScript archive (OpenAI's release format) or a plain state dict saved with torch.save."""
     try:
         if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
-            return torch.jit.load(path, map_location="cpu").state_dict()
+            with warnings.catch_warnings():  # torch >= 2.9 deprecates TorchScript, OpenAI's release format
+                warnings.simplefilter("ignore", FutureWarning)
+                return torch.jit.load(path, map_location="cpu").state_dict()
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise RuntimeError(f"could not read {path}: it is truncated or not a checkpoint ({type(e).__name__}). "
