@@ -534,7 +534,8 @@ def parse_args(argv=None):
                    help="report mean per-class accuracy for every set (always shown for pets and caltech101)")
     g = p.add_argument_group("run")
     g.add_argument("--batch-size", type=int, default=256, help="images per forward pass [%(default)s]")
-    g.add_argument("--num-workers", type=int, default=8, help="data loader processes [%(default)s]")
+    g.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="data loader processes [min(8, CPU cores)]")
     g.add_argument("--device", help="cuda or cpu [cuda if available]")
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="autocast precision: auto = bf16 on GPUs that support it, fp32 on CPU [%(default)s]")

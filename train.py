@@ -73,7 +73,8 @@ def parse_args(argv=None):
     g.add_argument("--templates", help="prompt templates file, one per line with {} (replaces the published ones)")
     g.add_argument("--download", action="store_true", help="let torchvision fetch food101 / dtd / gtsrb / pets / "
                                                            "caltech101 / sun397 into --data-root")
-    g.add_argument("--num-workers", type=int, default=8, help="data loader processes per GPU")
+    g.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="data loader processes per GPU [min(8, CPU cores)]")
     g = p.add_argument_group("model")
     g.add_argument("--model", help="CLIP name (ViT-B/16, ViT-L/14, ...) or checkpoint path [ViT-B/16; toy: its "
                                    "pretrained tiny CLIP]")
