@@ -41,6 +41,7 @@ def zero_shot_head(model, classnames, templates, device="cpu", batch_size=1000, 
     With cache_dir, the head is stored there under a key of the text weights and prompts; a rerun is instant.
     """
     if cache_dir is not None:
+        cache_dir = os.path.expanduser(cache_dir)
         path = os.path.join(cache_dir, f"head-{_cache_key(model, classnames, templates)}.pt")
         if os.path.isfile(path):
             return torch.load(path, map_location=device, weights_only=True)

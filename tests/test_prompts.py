@@ -59,3 +59,9 @@ def test_head_cache_is_reused_and_keyed_by_weights(model, tmp_path, monkeypatch)
     other = clip_model.tiny_clip().eval()  # other weights must not hit the same cache entry
     second = prompts.zero_shot_head(other, classes, templates, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("head-*.pt"))) == 2 and not torch.equal(first, second)
+
+
+def test_head_cache_dir_expands_home(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    prompts.zero_shot_head(model, ["cat"], ["a {}."], cache_dir="~/heads")
+    assert len(list((tmp_path / "heads").glob("head-*.pt"))) == 1
