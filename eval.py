@@ -634,6 +634,9 @@ def main(argv=None):
         fail("--limit must be at least 1")
     if args.figures < 0:
         fail("--figures must be at least 0")
+    for flag, root in (("--data-root", args.data_root), ("--shift-root", args.shift_root)):
+        if root and not os.path.isdir(root):  # checked before any model is loaded or downloaded
+            fail(f"{flag} {root!r} does not exist or is not a directory")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     amp_dtype = autocast_dtype(args.amp, device)
 
