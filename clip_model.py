@@ -376,12 +376,17 @@ def _looks_like_path(s):
     return os.path.splitext(s)[1] != "" or s.startswith((".", "/", "~")) or (parent != "" and os.path.isdir(parent))
 
 
+def _to_rgb(image):
+    return image.convert("RGB")
+
+
 def image_transform(n_px):
-    """CLIP's test-time preprocessing: bicubic resize of the short side, center crop, CLIP normalization."""
+    """CLIP's test-time preprocessing: bicubic resize of the short side, center crop, CLIP normalization.
+    Picklable, so data loader workers started with spawn can use it."""
     return transforms.Compose([
         transforms.Resize(n_px, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(n_px),
-        lambda image: image.convert("RGB"),
+        _to_rgb,
         transforms.ToTensor(),
         transforms.Normalize(CLIP_MEAN, CLIP_STD),
     ])

@@ -34,6 +34,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+import clip_model
 import prompts
 from clip_model import CLIP_MEAN, CLIP_STD
 
@@ -422,8 +423,7 @@ def _normalize():
 
 def test_transform(input_size):
     """CLIP's evaluation preprocessing: bicubic resize of the shorter side, center crop, normalize."""
-    return T.Compose([T.Resize(input_size, interpolation=InterpolationMode.BICUBIC), T.CenterCrop(input_size),
-                      T.ToTensor(), _normalize()])
+    return clip_model.image_transform(input_size)
 
 
 def _rand_sign(v):
