@@ -44,6 +44,8 @@ import clip_model
 import data
 import must
 import prompts
+import train
+from train import fail
 
 
 # ImageNet-C's 15 benchmark corruptions and AlexNet's error on each, averaged over the 5 severities
@@ -59,10 +61,6 @@ PAPER_MCE = "CLIP 70.7, self-training 55.2, MUST 53.4, MAE+supervised 51.7"  # T
 SHIFT_ORDER = ("imagenet", "imagenet-v2", "imagenet-r", "imagenet-a", "imagenet-sketch")
 IMAGENET_FAMILY = ("imagenet", "imagenet-v2", "imagenet-sketch", "imagenet-r", "imagenet-a", "imagenet-c")
 
-
-def fail(message):
-    """One-line error for the command line, no traceback."""
-    raise SystemExit(f"error: {message}")
 
 
 def _key(name):
@@ -266,14 +264,6 @@ class Counts:
         return {"images": int(total), "top1": 100.0 * float(self.top1.sum()) / total,
                 "top5": 100.0 * float(self.top5.sum()) / total,
                 "mean_per_class": 100.0 * float(np.mean(self.top1[present] / self.n[present]))}
-
-
-def autocast_dtype(amp, device):
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if amp == "fp16" and device.type != "cuda":
-        fail("--amp fp16 needs a GPU (use bf16 or fp32 on CPU)")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
 @torch.inference_mode()
@@ -638,7 +628,7 @@ def main(argv=None):
         if root and not os.path.isdir(root):  # checked before any model is loaded or downloaded
             fail(f"{flag} {root!r} does not exist or is not a directory")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    amp_dtype = autocast_dtype(args.amp, device)
+    amp_dtype, _ = train.autocast_for(args.amp, device)  # eval runs no backward: no GradScaler
 
     # -- models --
     models, run, model_ids = {}, {}, {}
