@@ -80,7 +80,7 @@ def load_checkpoint(path, which="student"):
     """
     if which not in ("student", "teacher"):
         raise ValueError(f"which must be 'student' or 'teacher', not {which!r}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # reads only what is used
     state = ckpt[which]
     visual = clip_model.build_visual({k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")})
     model = MUSTModel(visual, state["classifier.weight"].t(), state["logit_scale"].item())
