@@ -109,6 +109,7 @@ def hparams(dataset, model_name, patch_size=None, input_size=None):
     if patch_size is not None and input_size is not None:
         hp["mask_unit"] = _snap_mask_unit(hp["mask_unit"], patch_size, input_size)
     hp["batch_size"] = batch_size
+    hp["strong_view"] = "paper"
     return hp
 
 
@@ -511,18 +512,36 @@ class MaskGenerator:
         return patches.flatten()  # (grid*grid,), row-major like the ViT's patch tokens
 
 
+STRONG_VIEWS = ("paper", "light")
+
+
+def strong_view(input_size, kind="paper"):
+    """The student's strong augmentation (PIL image -> PIL image), before ToTensor and normalization.
+
+    paper: RandomResizedCrop 0.3-1 + flip + RandAugment (2 ops, m9 with noise), the release's view for 224 px
+    photos of a web-trained CLIP. light: translation by up to 10% of the side (edge padding) + flip +
+    brightness/contrast jitter 0.3. At 32 px the paper's ops (crops of a third of the image, posterize,
+    equalize, 9/30 translations) destroy the object, and a CLIP pretrained on a small world was never taught
+    to read them; light is the toy world's view, and the toy CLIP is pretrained with it (toy.PRETRAIN)."""
+    if kind == "paper":
+        return T.Compose([T.RandomResizedCrop(input_size, scale=(0.3, 1.0), interpolation=InterpolationMode.BICUBIC),
+                          T.RandomHorizontalFlip(), RandAugment(num_ops=2, magnitude=9.0, magnitude_std=0.5)])
+    if kind == "light":
+        return T.Compose([T.Resize(input_size, interpolation=InterpolationMode.BICUBIC), T.CenterCrop(input_size),
+                          T.RandomCrop(input_size, padding=max(1, input_size // 10), padding_mode="edge"),
+                          T.RandomHorizontalFlip(), T.ColorJitter(brightness=0.3, contrast=0.3)])
+    raise ValueError(f"unknown strong view {kind!r}; expected one of {', '.join(STRONG_VIEWS)}")
+
+
 class TrainTransform:
     """One decoded PIL image -> (weak, strong, mask): the teacher's weak view (bicubic resize + random crop),
-    the student's strong view (RandomResizedCrop 0.3-1 + flip + RandAugment m9 with noise) and its patch mask."""
+    the student's strong view (strong_view(input_size, strong): 'paper' or 'light') and its patch mask."""
 
-    def __init__(self, input_size, mask_generator):
+    def __init__(self, input_size, mask_generator, strong="paper"):
         self.weak = T.Compose([
             T.Resize(input_size, interpolation=InterpolationMode.BICUBIC), T.RandomCrop(input_size),
             T.ToTensor(), _normalize()])
-        self.strong = T.Compose([
-            T.RandomResizedCrop(input_size, scale=(0.3, 1.0), interpolation=InterpolationMode.BICUBIC),
-            T.RandomHorizontalFlip(), RandAugment(num_ops=2, magnitude=9.0, magnitude_std=0.5),
-            T.ToTensor(), _normalize()])
+        self.strong = T.Compose([strong_view(input_size, strong), T.ToTensor(), _normalize()])
         self.mask_generator = mask_generator
 
     def __call__(self, img):

@@ -93,6 +93,9 @@ def parse_args(argv=None):
     g.add_argument("--ema-mu0", type=float, help="µ0: initial EMA decay of the teacher (eq. 1) [Table 10]")
     g.add_argument("--ema-mu-n", type=int, help="µn: iterations over which µ ramps linearly from µ0 "
                                                        "to 0.9998 [Table 10]")
+    g.add_argument("--strong-view", choices=data.STRONG_VIEWS, help="the student's augmentation: paper = "
+                   "RandomResizedCrop 0.3-1 + flip + RandAugment (224 px photos); light = 10%% translation + flip + "
+                   "brightness/contrast (small images) [paper; toy: light]")
     g.add_argument("--align-k", type=int, help="align [CLS] only with the k nearest [MSK] tokens (Table 6) [all]")
     g.add_argument("--no-reg", action="store_true", help="ablation: drop L_reg (Table 7)")
     g.add_argument("--no-mim", action="store_true", help="ablation: drop L_mim (Table 5)")
@@ -161,7 +164,7 @@ def resolve_config(args, visual):
     """Fill unset flags from Table 10 (data.hparams) and check them."""
     hp = data.hparams(args.data, model_key(args.model, visual), visual.patch_size, visual.input_resolution)
     for key in ("mask_unit", "mask_ratio", "conf_threshold", "lambda_reg", "lambda_align", "ema_mu0", "ema_mu_n",
-                "base_lr", "epochs", "eval_freq"):
+                "base_lr", "epochs", "eval_freq", "strong_view"):
         if getattr(args, key) is None:
             setattr(args, key, hp[key])
     if args.global_batch is None:
@@ -446,8 +449,8 @@ def main(argv=None):
         mask_generator = data.MaskGenerator(input_size, args.mask_unit, patch_size, args.mask_ratio)
         with rank_zero_first(rank) if args.download else contextlib.nullcontext():  # one download at a time
             train_set = data.build_dataset(args.data, args.data_root, "train",
-                                           data.TrainTransform(input_size, mask_generator), args.classes,
-                                           args.templates, args.eval_root, download=args.download)
+                                           data.TrainTransform(input_size, mask_generator, args.strong_view),
+                                           args.classes, args.templates, args.eval_root, download=args.download)
             test_set = data.build_dataset(args.data, args.data_root, "test", data.test_transform(input_size),
                                           args.classes, args.templates, args.eval_root, download=args.download)
     except (FileNotFoundError, ValueError) as e:

@@ -9,6 +9,7 @@ import pickle
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -120,10 +121,11 @@ def test_hparams_table10_spot_checks():
 
 def test_hparams_defaults_and_fallbacks(monkeypatch):
     hp = data.hparams("imagenet", "ViT-B/16")
-    assert hp == {**data.HPARAMS[("imagenet", "ViT-B/16")], "batch_size": 1024}
+    assert hp == {**data.HPARAMS[("imagenet", "ViT-B/16")], "batch_size": 1024, "strong_view": "paper"}
     hp["epochs"] = 1  # a fresh dict: overriding it leaves the table alone
     assert data.HPARAMS[("imagenet", "ViT-B/16")]["epochs"] == 30
-    assert data.hparams("dtd", "ViT-L/14") == {**data.HPARAMS[("dtd", "ViT-L/14")], "batch_size": 512}
+    assert data.hparams("dtd", "ViT-L/14") == {**data.HPARAMS[("dtd", "ViT-L/14")], "batch_size": 512,
+                                                "strong_view": "paper"}
     # folder and the shifted ImageNets use ImageNet's row
     for name in ["folder", "imagenet-r", "imagenet-a", "imagenet-v2", "imagenet-sketch"]:
         assert data.hparams(name, "ViT-L/14") == data.hparams("imagenet", "ViT-L/14")
@@ -216,6 +218,28 @@ def test_train_transform_views():
     # an image smaller than the crop (weak view resizes the shorter side first)
     weak, strong, _ = tf(_photo((20, 50)))
     assert weak.shape == strong.shape == (3, 32, 32)
+
+
+def test_light_strong_view():
+    """The small-image view: a translation of at most 10% of the side, a flip, brightness/contrast; never a crop
+    that loses the object, and any input size comes out at input_size."""
+    tf = data.TrainTransform(32, data.MaskGenerator(32, 16, 8, 0.5), strong="light")
+    arr = np.zeros((32, 32, 3), np.uint8)
+    arr[12:20, 12:20] = 255  # a white square in the middle
+    torch.manual_seed(0)
+    for _ in range(20):
+        weak, strong, _ = tf(Image.fromarray(arr))
+        assert weak.shape == strong.shape == (3, 32, 32)
+        bright = strong.mean(0) > strong.mean()
+        ys, xs = bright.nonzero(as_tuple=True)
+        assert 12 - 3 <= ys.min() and ys.max() <= 19 + 3 and 12 - 3 <= xs.min() and xs.max() <= 19 + 3
+        assert bright.sum() >= 40  # the square survives whole
+    views = torch.stack([tf(Image.fromarray(arr))[1] for _ in range(8)])
+    assert views.std(0).max() > 0.1  # random, not a fixed transform
+    assert tf(_photo((20, 50)))[1].shape == (3, 32, 32)
+    assert isinstance(pickle.loads(pickle.dumps(tf)), data.TrainTransform)
+    with pytest.raises(ValueError, match="unknown strong view 'mild'.*paper, light"):
+        data.strong_view(32, "mild")
 
 
 def test_randaugment_every_op_every_level():

@@ -106,15 +106,41 @@ def test_dataset_api(tiny_world, tmp_path):
 
 def test_pretrain_deterministic_and_cached(tiny_world, tmp_path, monkeypatch):
     torch.set_num_threads(1)
-    a = toy.pretrain(log_every=1)
-    b = toy.pretrain(log_every=1)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    model = clip_model.build_model(a)  # OpenAI key format, loads strictly
+    toy.pretrain(str(tmp_path / "a.pt"), log_every=1)
+    toy.pretrain(str(tmp_path / "b.pt"), log_every=1)
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()  # bit for bit, whatever the name
+    slim = torch.load(tmp_path / "a.pt", weights_only=True)
+    assert slim["recipe"] == toy.recipe_hash()
+    model = clip_model.build_model(toy.unslim(slim))  # OpenAI key format, loads strictly
     assert model.visual.input_resolution == toy.IMAGE_SIZE
-    path = toy.ensure_pretrained(str(tmp_path))
-    assert os.path.isfile(path)
+    # the kept token rows are exactly those toy texts use: every caption and prompt encodes as with all rows
+    ids = clip_model.tokenize([toy.caption(toy.sample_attributes(50, 9), i) for i in range(50)] +
+                              [t.format(k) for t in toy.TEMPLATES for k in toy.SHAPES], context_length=20)
+    assert torch.isin(ids, slim["token_embedding.ids"]).all()
+    # the committed weights are another recipe's (TINY_PRETRAIN): ensure_pretrained pretrains, once
+    path = toy.ensure_pretrained(str(tmp_path / "cache"))
+    assert torch.equal(torch.load(path, weights_only=True)["visual.proj"], slim["visual.proj"])
     monkeypatch.setattr(toy, "pretrain", lambda *a, **k: pytest.fail("pretrained twice"))
-    assert toy.ensure_pretrained(str(tmp_path)) == path
+    assert toy.ensure_pretrained(str(tmp_path / "cache")) == path
+
+
+def test_committed_weights():
+    """toy_clip.pt is the current world's and recipe's tiny CLIP (edit either and this fails until
+    `python toy.py pretrain --out toy_clip.pt` is rerun), a few MB, and unpacks to a loadable CLIP."""
+    assert os.path.getsize(toy.WEIGHTS) < 5e6
+    slim = torch.load(toy.WEIGHTS, map_location="cpu", weights_only=True)
+    assert slim["recipe"] == toy.recipe_hash()
+    model = clip_model.build_model(toy.unslim(slim))
+    assert model.visual.input_resolution == toy.IMAGE_SIZE and model.context_length == 20
+    assert torch.equal(torch.unique(slim["token_embedding.ids"]), toy.toy_token_ids(20))
+
+
+def test_ensure_pretrained_unpacks_committed_weights(tmp_path, monkeypatch):
+    monkeypatch.setattr(toy, "pretrain", lambda *a, **k: pytest.fail("pretrained although toy_clip.pt matches"))
+    path = toy.ensure_pretrained(str(tmp_path))
+    state = torch.load(path, weights_only=True)
+    assert state["token_embedding.weight"].shape == (49408, toy.PRETRAIN["model"]["transformer_width"])
+    assert path.endswith(f"toy_clip_{toy.recipe_hash()}.pt")
 
 
 def test_train_toy_end_to_end(tiny_world, tmp_path):

@@ -131,6 +131,7 @@ def test_few_steps_end_to_end(full_run):
     c = ckpt(out)
     assert c["step"] == 6 and c["epoch"] == 2 and c["classnames"] == CLASSES
     assert c["args"]["data"] == "folder" and c["args"]["conf_threshold"] == 0.34
+    assert c["args"]["strong_view"] == "paper"  # Table 10's datasets use the paper's view
     assert any(not torch.equal(c["student"][k], c["teacher"][k]) for k in c["student"])
     model, args = must.load_checkpoint(os.path.join(out, train.CHECKPOINT), "teacher")
     assert args["classnames"] == CLASSES and model.num_classes == 3
@@ -230,6 +231,17 @@ def test_warmup_with_frozen_classifier_then_init(world, tmp_path):
     assert (teacher_proj - c["student"]["visual.proj"]).abs().max() < 1e-6 < (teacher_proj - clip_proj).abs().max()
     assert "--init checkpoint" in error_of(argv(world, tmp_path / "x", "--init", str(warm / train.CHECKPOINT),
                                                  "--model", str(world / "other.pt")))
+
+
+def test_strong_view_flag(world, tmp_path, monkeypatch):
+    import data
+    seen = []
+    real = data.TrainTransform
+    monkeypatch.setattr(data, "TrainTransform", lambda *a, **k: seen.append(a[2:] + tuple(k.values())) or real(*a, **k))
+    train.main(argv(world, tmp_path / "light", "--strong-view", "light", "--max-steps", "1"))
+    assert seen == [("light",)]
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data", "toy", "--strong-view", "heavy"])
 
 
 def test_self_training_only_ablation(world, tmp_path):
