@@ -14,6 +14,7 @@ Everything is deterministic from a seed and generated on the fly (a few thousand
 """
 import argparse
 import hashlib
+import inspect
 import io
 import math
 import os
@@ -383,22 +384,26 @@ class ToyDataset(torch.utils.data.Dataset):
         return (self.transform(img) if self.transform else img), int(self.labels[i])
 
 
+# Source text of the functions that decide pixels and captions, read once at import: the cache keys describe the
+# code this process runs, even if toy.py is edited on disk meanwhile (a long ablation would otherwise re-pretrain).
+_SOURCE = {f: inspect.getsource(f) for f in (_shape_mask, sample_attributes, _backgrounds, _erode, render,
+                                             _target_style, caption, render_split)}
+
+
 def source_hash():
     """Short hash of everything that decides the source images and captions (keys the pretrained tiny CLIP)."""
-    import inspect
     h = hashlib.sha256()
     for f in (_shape_mask, sample_attributes, _backgrounds, render, caption):
-        h.update(inspect.getsource(f).encode())
+        h.update(_SOURCE[f].encode())
     h.update(repr((SHAPES, CAPTION_TEMPLATES, COLORS, SIZES, BACKGROUNDS, IMAGE_SIZE, RENDER_SCALE)).encode())
     return h.hexdigest()[:10]
 
 
 def world_hash():
     """Short hash of everything that decides the pixels of the splits, to key their caches."""
-    import inspect
     h = hashlib.sha256(source_hash().encode())
     for f in (_erode, _target_style, render_split):
-        h.update(inspect.getsource(f).encode())
+        h.update(_SOURCE[f].encode())
     h.update(repr((SPLIT_SIZES, SPLIT_SEEDS, CHUNK)).encode())
     return h.hexdigest()[:10]
 

@@ -124,6 +124,17 @@ def test_pretrain_deterministic_and_cached(tiny_world, tmp_path, monkeypatch):
     assert toy.ensure_pretrained(str(tmp_path / "cache")) == path
 
 
+def test_cache_keys_follow_the_imported_code(monkeypatch):
+    """Keys hash the renderer's source as imported: an edit of toy.py on disk during a long run changes nothing."""
+    import inspect
+    keys = toy.world_hash(), toy.recipe_hash()
+    monkeypatch.setattr(inspect, "getsource", lambda f: "edited")
+    assert (toy.world_hash(), toy.recipe_hash()) == keys
+    monkeypatch.setitem(toy.PRETRAIN, "steps", 1)  # the recipe and the split sizes are read at call time
+    monkeypatch.setitem(toy.SPLIT_SIZES, "test", 1)
+    assert toy.recipe_hash() != keys[1] and toy.world_hash() != keys[0]
+
+
 def test_committed_weights():
     """toy_clip.pt is the current world's and recipe's tiny CLIP (edit either and this fails until
     `python toy.py pretrain --out toy_clip.pt` is rerun), a few MB, and unpacks to a loadable CLIP."""
