@@ -519,7 +519,7 @@ def probe_clip(path, cache_dir=None):
     """probe() for a pretrained tiny CLIP state dict: its zero-shot head and learned temperature."""
     import clip_model
     import prompts
-    model = clip_model.build_model(torch.load(path, map_location="cpu", weights_only=True)).eval()
+    model, _ = clip_model.load(path)
     head = prompts.zero_shot_head(model, SHAPES, TEMPLATES)
     return probe(model.visual, head, model.logit_scale.exp().item(), cache_dir)
 
@@ -609,7 +609,7 @@ def main(argv=None):
         path = args.path or ensure_pretrained(args.cache_dir)
         if not os.path.isfile(path):
             raise SystemExit(f"error: no file {path}")
-        keys = torch.load(path, map_location="cpu", weights_only=True).keys()
+        keys = torch.load(path, map_location="cpu", weights_only=True, mmap=True).keys()  # no optimizer read
         r = probe_must(path, args.which, args.cache_dir) if "student" in keys else probe_clip(path, args.cache_dir)
         for k, v in r.items():
             print(f"{k:24s} {' '.join(f'{x:.2f}' for x in v) if isinstance(v, list) else f'{v:.1f}'}")

@@ -43,7 +43,6 @@ import data
 import must
 import prompts
 
-MEAN_PER_CLASS = ("pets", "caltech101")  # paper §4.1: these report mean per-class accuracy, the others top-1
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -529,7 +528,7 @@ def main(argv=None):
                                drop_last=True)
     test_loader = DataLoader(Subset(test_set, range(rank, len(test_set), world_size)), batch_size=micro_batch,
                              num_workers=args.num_workers, pin_memory=device.type == "cuda")
-    mean_per_class = args.data in MEAN_PER_CLASS
+    mean_per_class = args.data in data.MEAN_PER_CLASS
 
     def log(record):
         if rank == 0:
