@@ -222,7 +222,7 @@ def render_split(split, n=None, start=0):
 HPARAMS = dict(
     mask_unit=8,  # px = one 8 px patch: 16 units per 32 px image
     mask_ratio=0.3,
-    conf_threshold=0.9,  # at 0.7, 30% of the passing pseudo-labels were wrong and self-training peaked early
+    conf_threshold=0.9,  # at 0.7, 30-40% of the passing pseudo-labels were wrong; self-training peaked early
     lambda_reg=1.0,
     lambda_align=0.2,
     ema_mu0=0.99,
@@ -237,7 +237,7 @@ HPARAMS = dict(
 # ----------------------------------------------------------------------------------------------
 # Tiny CLIP pretraining on source image-caption pairs
 
-PRETRAIN = dict(  # ~3-6 min on 2 CPU cores (0.8M-param image tower, 17 tokens per image)
+PRETRAIN = dict(  # ~7.5 min on 2 CPU cores (0.8M-param image tower, 17 tokens per image)
     model=dict(embed_dim=64, image_resolution=IMAGE_SIZE, vision_layers=4, vision_width=128, vision_patch_size=8,
                context_length=20, vocab_size=49408, transformer_width=64, transformer_layers=2),
     steps=2000, batch_size=128, lr=1e-3, weight_decay=0.1, warmup=200, seed=0,
