@@ -530,7 +530,24 @@ def probe_must(checkpoint, which="teacher", cache_dir=None):
     model, _ = must.load_checkpoint(checkpoint, which)
     model.eval()
     head = model.classifier.weight.detach().t()  # as MUSTModel uses it: s · normalize(v) @ W
-    return probe(model.visual, head, float(model.logit_scale), cache_dir)
+    r = probe(model.visual, head, float(model.logit_scale), cache_dir)
+    r.update(masked_view_accuracy(model, cache_dir))
+    return r
+
+
+@torch.no_grad()
+def masked_view_accuracy(model, cache_dir=None, batch_size=500, seed=0):
+    """Target test accuracy and class shares of a MUSTModel on masked views: the student's input in training
+    (HPARAMS' mask unit and ratio, its own [MSK]; one fixed draw of masks from `seed`), without augmentation."""
+    import data
+    xte, yte = load_split("test", cache_dir)
+    gen = data.MaskGenerator(IMAGE_SIZE, HPARAMS["mask_unit"], model.visual.patch_size, HPARAMS["mask_ratio"])
+    torch.manual_seed(seed)
+    masks = torch.stack([gen() for _ in range(len(xte))])  # (n, N) bool
+    pred = torch.cat([model(to_tensor(xte[i:i + batch_size]), masks[i:i + batch_size])[0].argmax(1)
+                      for i in range(0, len(xte), batch_size)])
+    return {"head_target_masked": _acc(pred, yte),
+            "masked_class_share": (torch.bincount(pred, minlength=len(SHAPES)).float() / len(pred)).tolist()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -584,7 +601,8 @@ def main(argv=None):
                                         "compare with the committed toy_clip.pt")
     c.add_argument("--out", default=os.path.join("out", "toy_clip.pt"), help="where to write the weights "
                    "(--out toy_clip.pt replaces the committed file) [out/toy_clip.pt]")
-    c = sub.add_parser("probe", help="zero-shot, kNN and linear-probe accuracy of a tiny CLIP or MUST checkpoint")
+    c = sub.add_parser("probe", help="zero-shot, kNN and linear-probe accuracy of a tiny CLIP or MUST "
+                                      "checkpoint (and a MUST checkpoint's accuracy on masked views)")
     c.add_argument("path", nargs="?", help="CLIP state dict or train.py checkpoint [the cached tiny CLIP]")
     c.add_argument("--which", choices=["student", "teacher"], default="teacher")
     c.add_argument("--cache-dir", default=os.path.join("out", "toy_cache"))

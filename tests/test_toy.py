@@ -163,7 +163,8 @@ def test_train_toy_end_to_end(tiny_world, tmp_path):
     assert all(0 <= e[k] <= 100 for e in evals for k in ("student_acc", "teacher_acc"))
     assert (out / "checkpoint.pt").is_file() and (out / "log.jsonl").is_file()
     r = toy.probe_must(str(out / "checkpoint.pt"), "teacher", str(tmp_path / "cache"))
-    assert {"head_target", "knn10_target", "linear_probe_target"} <= r.keys()
+    assert {"head_target", "knn10_target", "linear_probe_target", "head_target_masked"} <= r.keys()
+    assert 0 <= r["head_target_masked"] <= 100 and abs(sum(r["masked_class_share"]) - 1) < 1e-5
 
 
 def test_ablation_table(tiny_world, tmp_path):
