@@ -491,7 +491,7 @@ def probe(visual, head, logit_scale, cache_dir=None, n_train=5000, taus=(0.5, 0.
     prob = (logit_scale * fte @ head).softmax(1)
     conf, pred = prob.max(1)
     r["head_target"] = _acc(pred, yte)
-    r["predicted_class_share"] = (torch.bincount(pred, minlength=head.shape[1]).float() / len(pred)).tolist()
+    r["predicted_class_share"] = _shares(pred, head.shape[1])
     for tau in taus:
         m = conf > tau
         r[f"pass_{tau}"] = m.float().mean().item() * 100
@@ -513,6 +513,11 @@ def probe(visual, head, logit_scale, cache_dir=None, n_train=5000, taus=(0.5, 0.
 
 def _acc(pred, labels):
     return (torch.as_tensor(pred) == torch.as_tensor(labels)).float().mean().item() * 100
+
+
+def _shares(pred, num_classes):
+    """Share of predictions per class (a list summing to 1)."""
+    return (torch.bincount(pred, minlength=num_classes).float() / len(pred)).tolist()
 
 
 def probe_clip(path, cache_dir=None):
@@ -549,7 +554,7 @@ def masked_view_accuracy(model, cache_dir=None, mask_ratio=None, batch_size=500,
     pred = torch.cat([model(to_tensor(xte[i:i + batch_size]), masks[i:i + batch_size])[0].argmax(1)
                       for i in range(0, len(xte), batch_size)])
     return {"head_target_masked": _acc(pred, yte),
-            "masked_class_share": (torch.bincount(pred, minlength=len(SHAPES)).float() / len(pred)).tolist()}
+            "masked_class_share": _shares(pred, len(SHAPES))}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -636,7 +641,10 @@ def main(argv=None):
         if not os.path.isfile(path):
             raise SystemExit(f"error: no file {path}")
         keys = torch.load(path, map_location="cpu", weights_only=True, mmap=True).keys()  # no optimizer read
-        r = probe_must(path, args.which, args.cache_dir, args.mask_ratio) if "student" in keys else probe_clip(path, args.cache_dir)
+        if "student" in keys:
+            r = probe_must(path, args.which, args.cache_dir, args.mask_ratio)
+        else:
+            r = probe_clip(path, args.cache_dir)
         for k, v in r.items():
             print(f"{k:24s} {' '.join(f'{x:.2f}' for x in v) if isinstance(v, list) else f'{v:.1f}'}")
     elif args.command == "ablation":
