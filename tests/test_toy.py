@@ -83,6 +83,19 @@ def test_domains_differ():
         toy.render(a, "sketch")
 
 
+def test_target_scenes_are_close_ups():
+    a = toy.sample_attributes(toy.CHUNK, [toy.SPLIT_SEEDS["test"], 0])
+    assert set(a["size"]) == set(range(len(toy.SIZES)))  # source scenes mix every size
+    same = {k: v.copy() for k, v in a.items()}
+    assert all(np.array_equal(v, same[k]) for k, v in toy.target_scene(same, "source").items())
+    close = toy.target_scene({k: v.copy() for k, v in a.items()}, "target")
+    assert (close["size"] == list(toy.SIZES).index(toy.TARGET_SIZE)).all()
+    assert all(np.array_equal(v, a[k]) for k, v in close.items() if k != "size")  # only the size changes
+    images, labels = toy.render_split("test", n=6)
+    assert np.array_equal(images, toy.render({k: v[:6] for k, v in close.items()}, "target"))
+    assert np.array_equal(labels, a["label"][:6])
+
+
 def test_dataset_api(tiny_world, tmp_path):
     import data
     ds = data.build_dataset("toy", str(tmp_path), "test", data.test_transform(toy.IMAGE_SIZE))
