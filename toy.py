@@ -45,7 +45,7 @@ IMAGE_SIZE = 32
 RENDER_SCALE = 2  # draw at 2x and average-pool: cheap anti-aliasing
 
 # Splits: seeds are offsets so that no two splits share an image.
-SPLIT_SIZES = {"source": 50000, "train": 30000, "test": 2000}  # train: MUST overfit 10,000 images (README)
+SPLIT_SIZES = {"source": 50000, "train": 30000, "test": 2000}  # 10,000 x 10 epochs did as well (README)
 SPLIT_SEEDS = {"source": 0, "train": 1, "test": 2}
 # The pretrained tiny CLIP, committed (3.8 MB): `python toy.py pretrain --out toy_clip.pt` remakes it bit for bit.
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_clip.pt")
@@ -227,7 +227,7 @@ def render_split(split, n=None, start=0):
 
 
 # MUST's hyperparameters for the toy world (train.py reads them through data.hparams('toy', ...)), in the
-# roles of the paper's Table 10. Chosen for a ~7 min CPU run (measurements in the README's toy-world section).
+# roles of the paper's Table 10. Chosen for a ~6 min CPU run (measurements in the README's toy-world section).
 HPARAMS = dict(
     mask_unit=8,  # px = one 8 px patch: 16 units per 32 px image
     mask_ratio=0.1,  # Table 10 for 6 of its 8 datasets (ImageNet: 0.3) -> 2 of 16 units; at 0.3 MUST fell 6 points
