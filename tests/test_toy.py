@@ -86,8 +86,8 @@ def test_domains_differ():
 def test_target_scenes_are_close_ups():
     a = toy.sample_attributes(toy.CHUNK, [toy.SPLIT_SEEDS["test"], 0])
     assert set(a["size"]) == set(range(len(toy.SIZES)))  # source scenes mix every size
-    same = {k: v.copy() for k, v in a.items()}
-    assert all(np.array_equal(v, same[k]) for k, v in toy.target_scene(same, "source").items())
+    source = toy.target_scene({k: v.copy() for k, v in a.items()}, "source")
+    assert all(np.array_equal(v, a[k]) for k, v in source.items())  # source scenes are left as drawn
     close = toy.target_scene({k: v.copy() for k, v in a.items()}, "target")
     assert (close["size"] == list(toy.SIZES).index(toy.TARGET_SIZE)).all()
     assert all(np.array_equal(v, a[k]) for k, v in close.items() if k != "size")  # only the size changes
