@@ -8,8 +8,8 @@ them ("a photo of a small red triangle on a striped background"). Two domains:
   weights are committed (toy_clip.pt) and `python toy.py pretrain` remakes them bit for bit.
 - target: the same kind of scenes in another rendering style: a dark 1-px ink outline around the shape
   and film grain, and close-ups (every object drawn large; the source mixes three sizes). Its unlabeled
-  train split is what MUST adapts on; its labeled test split is what we report. The target is never seen
-  during pretraining.
+  train split is what MUST adapts on; its labeled test split is what we report, and its labeled val split
+  (other images) is what choices are made on. The target is never seen during pretraining.
 
 Everything is deterministic from a seed and generated on the fly (a few thousand images a second).
 """
@@ -45,8 +45,8 @@ IMAGE_SIZE = 32
 RENDER_SCALE = 2  # draw at 2x and average-pool: cheap anti-aliasing
 
 # Splits: seeds are offsets so that no two splits share an image.
-SPLIT_SIZES = {"source": 50000, "train": 30000, "test": 2000}  # 10,000 x 10 epochs did as well (README)
-SPLIT_SEEDS = {"source": 0, "train": 1, "test": 2}
+SPLIT_SIZES = {"source": 50000, "train": 30000, "val": 2000, "test": 2000}  # 10,000 x 10 epochs did as well
+SPLIT_SEEDS = {"source": 0, "train": 1, "test": 2, "val": 3}  # val: labeled target, for choosing; test: reported
 # The pretrained tiny CLIP, committed (3.8 MB): `python toy.py pretrain --out toy_clip.pt` remakes it bit for bit.
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_clip.pt")
 CHUNK = 1000  # images drawn per seed; rendering is vectorized over a chunk
@@ -208,7 +208,7 @@ def target_scene(a, domain):
 
 
 def render_split(split, n=None, start=0):
-    """Images (n, 32, 32, 3) uint8 and labels of a split: 'source', 'train' (target) or 'test' (target).
+    """Images (n, 32, 32, 3) uint8 and labels of a split: 'source', or 'train', 'val', 'test' (target).
 
     Image i of a split is the same whatever n/start are: attributes come from per-chunk seeds."""
     if split not in SPLIT_SIZES:
@@ -230,7 +230,7 @@ def render_split(split, n=None, start=0):
 # roles of the paper's Table 10. Chosen for a ~6 min CPU run (measurements in the README's toy-world section).
 HPARAMS = dict(
     mask_unit=8,  # px = one 8 px patch: 16 units per 32 px image
-    mask_ratio=0.1,  # Table 10 for 6 of its 8 datasets (ImageNet: 0.3) -> 2 of 16 units; at 0.3 MUST fell 6 points
+    mask_ratio=0.0625,  # 1 of the 16 units; chosen on the val split over Table 10's 0.1 (2 units; ImageNet's 0.3: 5)
     conf_threshold=0.9,  # at 0.7, 30-40% of the passing pseudo-labels were wrong; self-training peaked early
     lambda_reg=1.0,
     lambda_align=0.2,
@@ -377,7 +377,7 @@ class ToyDataset(torch.utils.data.Dataset):
     """Rendered images of one split as PIL images through `transform`; item = (transform(img), label).
 
     split 'train' is the unlabeled target train split (labels only for logging pseudo-label accuracy),
-    'test' the labeled target test split, 'source' the pretraining domain (for diagnostics)."""
+    'val' / 'test' the labeled target splits, 'source' the pretraining domain (for diagnostics)."""
 
     classnames = SHAPES
     templates = TEMPLATES
@@ -434,9 +434,9 @@ def load_split(split, cache_dir=None):
 
 def build_dataset(root, split, transform=None):
     """data.build_dataset's contract for the toy world; root = cache directory (None: render in memory)."""
-    if split not in ("train", "test", "source"):
-        raise ValueError(f"toy split must be 'train' (unlabeled target), 'test' (labeled target) or 'source', "
-                         f"not {split!r}")
+    if split not in SPLIT_SIZES:
+        raise ValueError(f"toy split must be 'train' (unlabeled target), 'val' or 'test' (labeled target) or "
+                         f"'source', not {split!r}")
     return ToyDataset(*load_split(split, root), transform)
 
 
@@ -566,6 +566,30 @@ def masked_view_accuracy(model, cache_dir=None, mask_ratio=None, batch_size=500,
             "masked_class_share": _shares(pred, len(SHAPES))}
 
 
+@torch.no_grad()
+def zero_shot_accuracy(split, cache_dir):
+    """Top-1 (%) of the tiny CLIP's zero-shot head on a labeled split ('val' or 'test')."""
+    import clip_model
+    import prompts
+    model, _ = clip_model.load(ensure_pretrained(cache_dir))
+    head = prompts.zero_shot_head(model, SHAPES, TEMPLATES)
+    x, y = load_split(split, cache_dir)
+    return _acc((image_features(model.visual, x) @ head).argmax(1), y)
+
+
+@torch.no_grad()
+def checkpoint_accuracy(checkpoint, split, cache_dir=None, batch_size=500):
+    """Top-1 (%) of a train.py checkpoint's (student, teacher) on a labeled split ('val' or 'test')."""
+    import must
+    x, y = load_split(split, cache_dir)
+    accs = []
+    for which in ("student", "teacher"):
+        model, _ = must.load_checkpoint(checkpoint, which)
+        pred = torch.cat([model(to_tensor(x[i:i + batch_size])).argmax(1) for i in range(0, len(x), batch_size)])
+        accs.append(_acc(pred, y))
+    return tuple(accs)
+
+
 # ----------------------------------------------------------------------------------------------
 # Ablation (paper Tables 5 and 7) through train.py's main
 
@@ -578,25 +602,30 @@ ABLATION = [  # (row, run directory, train.py flags)
 
 
 def ablation(seeds, cache_dir, out_dir, extra=()):
-    """Run each ablation row for each seed with train.py; print zero-shot / student / teacher, mean ± spread."""
+    """Run each ablation row for each seed with train.py; print zero-shot / student / teacher, mean ± spread, on
+    the target test split (what is reported) and the target val split (what choices are made on)."""
     import train
-    rows = {}
+    test, val = {}, {}
     for name, short, flags in ABLATION:
         for seed in seeds:
             run_dir = os.path.join(out_dir, f"{short}_seed{seed}")  # a finished run is resumed, not redone
             print(f"\n=== {name}, seed {seed} -> {run_dir}")
             evals = train.main(["--data", "toy", "--data-root", cache_dir, "--out-dir", run_dir, "--seed", str(seed),
                                 *flags, *extra])
-            rows.setdefault("zero-shot", []).append(evals[0]["student_acc"])
-            rows.setdefault(name, []).append((evals[-1]["student_acc"], evals[-1]["teacher_acc"]))
-    lines = [f"toy world, target test top-1 (%), final epoch, mean ± std over seeds {list(seeds)}",
-             f"{'':24s} {'student':>15s} {'teacher':>15s}"]
-    zs = np.array(rows.pop("zero-shot")[:len(seeds)])
-    lines.append(f"{'zero-shot':24s} {_ms(zs):>15s} {_ms(zs):>15s}")
-    for name, vals in rows.items():
-        v = np.array(vals)
-        lines.append(f"{name:24s} {_ms(v[:, 0]):>15s} {_ms(v[:, 1]):>15s}")
-    table = "\n".join(lines)
+            test.setdefault(name, []).append((evals[-1]["student_acc"], evals[-1]["teacher_acc"]))
+            val.setdefault(name, []).append(checkpoint_accuracy(os.path.join(run_dir, train.CHECKPOINT), "val",
+                                                                cache_dir))
+    zero_shot = {"test": evals[0]["student_acc"], "val": zero_shot_accuracy("val", cache_dir)}
+    lines = []
+    for split, rows in (("test", test), ("val", val)):
+        lines += [f"toy world, target {split} top-1 (%), final epoch, mean ± std over seeds {list(seeds)}",
+                  f"{'':24s} {'student':>15s} {'teacher':>15s}",
+                  f"{'zero-shot':24s} {zero_shot[split]:>15.1f} {zero_shot[split]:>15.1f}"]
+        for name, vals in rows.items():
+            v = np.array(vals)
+            lines.append(f"{name:24s} {_ms(v[:, 0]):>15s} {_ms(v[:, 1]):>15s}")
+        lines.append("")
+    table = "\n".join(lines).rstrip()
     print("\n" + table)
     with open(os.path.join(out_dir, "ablation.txt"), "w") as f:
         f.write(table + "\n")
@@ -625,7 +654,8 @@ def main(argv=None):
     c.add_argument("--mask-ratio", type=float, help="mask ratio of the masked-view accuracy [toy.HPARAMS]")
     c.add_argument("--cache-dir", default=os.path.join("out", "toy_cache"),
                    help="where rendered splits and the unpacked tiny CLIP are cached [out/toy_cache]")
-    c = sub.add_parser("ablation", help="Tables 5/7 on the toy world: each loss added in turn, several seeds")
+    c = sub.add_parser("ablation", help="Tables 5/7 on the toy world: each loss added in turn, several seeds; "
+                                         "prints target test (reported) and val (for choices) tables")
     c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds, one run per row and "
                    "seed [0 1 2]")
     c.add_argument("--cache-dir", default=os.path.join("out", "toy_cache"),

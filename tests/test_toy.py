@@ -20,6 +20,7 @@ def tiny_world(monkeypatch):
     monkeypatch.setattr(toy, "CHUNK", 32)
     monkeypatch.setitem(toy.SPLIT_SIZES, "train", 48)
     monkeypatch.setitem(toy.SPLIT_SIZES, "test", 40)
+    monkeypatch.setitem(toy.SPLIT_SIZES, "val", 40)
     monkeypatch.setitem(toy.SPLIT_SIZES, "source", 40)
     monkeypatch.setattr(toy, "PRETRAIN", TINY_PRETRAIN)
     monkeypatch.setattr(toy, "HPARAMS", dict(toy.HPARAMS, batch_size=16, epochs=1, eval_freq=1))
@@ -107,8 +108,10 @@ def test_dataset_api(tiny_world, tmp_path):
     assert np.array_equal(np.asarray(again[5][0]), np.asarray(toy.build_dataset(None, "test")[5][0]))
     train = toy.build_dataset(None, "train")
     assert len(train) == 48
+    val = toy.build_dataset(None, "val")  # labeled target too, but other images than test's
+    assert len(val) == 40 and not np.array_equal(np.asarray(val[0][0]), np.asarray(again[0][0]))
     with pytest.raises(ValueError, match="split"):
-        toy.build_dataset(None, "val")
+        toy.build_dataset(None, "valid")
     hp = data.hparams("toy", "anything")
     for key in ("mask_unit", "mask_ratio", "conf_threshold", "lambda_reg", "lambda_align", "ema_mu0", "ema_mu_n",
                 "base_lr", "epochs", "eval_freq", "batch_size"):
@@ -178,12 +181,19 @@ def test_train_toy_end_to_end(tiny_world, tmp_path):
     r = toy.probe_must(str(out / "checkpoint.pt"), "teacher", str(tmp_path / "cache"))
     assert {"head_target", "knn10_target", "linear_probe_target", "head_target_masked"} <= r.keys()
     assert 0 <= r["head_target_masked"] <= 100 and abs(sum(r["masked_class_share"]) - 1) < 1e-5
+    # the ablation's val scores come from these functions: on test they must give what train.py reported
+    cache = str(tmp_path / "cache")
+    assert toy.checkpoint_accuracy(str(out / "checkpoint.pt"), "test", cache) == pytest.approx(
+        (evals[-1]["student_acc"], evals[-1]["teacher_acc"]))
+    assert toy.zero_shot_accuracy("test", cache) == pytest.approx(evals[0]["student_acc"])
 
 
 def test_ablation_table(tiny_world, tmp_path):
     table = toy.ablation([0], str(tmp_path / "cache"), str(tmp_path / "abl"), extra=["--num-workers", "0"])
-    rows = [line.split()[0] for line in table.splitlines()[2:]]
-    assert rows == ["zero-shot", "self-training", "+", "+", "+"]
+    test, val = table.split("\n\n")
+    for part, split in ((test, "test"), (val, "val")):
+        assert part.startswith(f"toy world, target {split} top-1")
+        assert [line.split()[0] for line in part.splitlines()[2:]] == ["zero-shot", "self-training", "+", "+", "+"]
     assert (tmp_path / "abl" / "ablation.txt").is_file() and (tmp_path / "abl" / "must_seed0" / "checkpoint.pt").is_file()
     # a finished run is resumed, not redone
     again = toy.ablation([0], str(tmp_path / "cache"), str(tmp_path / "abl"), extra=["--num-workers", "0"])
