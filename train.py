@@ -380,8 +380,15 @@ def save_checkpoint(path, checkpoint):
     os.replace(tmp, path)
 
 
+# the flags that decide what a run computes (not where, how fast or how often it reports)
+RUN_DEFINING = ("classes", "templates", "freeze_classifier", "conf_threshold", "lambda_reg", "lambda_align",
+                "mask_unit", "mask_ratio", "ema_mu0", "ema_mu_n", "strong_view", "align_k", "no_reg", "no_mim",
+                "no_align", "base_lr", "base_min_lr", "epochs", "global_batch", "weight_decay", "layer_decay", "seed")
+
+
 def load_checkpoint_for(path, args, what):
-    """Read a train.py checkpoint and check that it belongs to this model (and dataset, when resuming)."""
+    """Read a train.py checkpoint and check that it belongs to this model (and, when resuming, to this dataset
+    and these RUN_DEFINING settings)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -393,6 +400,12 @@ def load_checkpoint_for(path, args, what):
         fail(f"{what} {path} was trained from model {theirs.get('model')!r}, not {args.model!r}")
     if what == "resume checkpoint" and theirs.get("data") != args.data:
         fail(f"{what} {path} was trained on dataset {theirs.get('data')!r}, not {args.data!r}")
+    if what == "resume checkpoint":  # continuing under other settings would silently make a hybrid run
+        changed = [f"--{k.replace('_', '-')} {theirs[k]} -> {getattr(args, k)}" for k in RUN_DEFINING
+                   if k in theirs and theirs[k] != getattr(args, k)]
+        if changed:
+            fail(f"{what} {path} was made with other settings ({'; '.join(changed)}); resume with the same flags, "
+                 f"or start anew with another --out-dir or --resume none")
     return ckpt
 
 

@@ -198,3 +198,8 @@ def test_ablation_table(tiny_world, tmp_path):
     # a finished run is resumed, not redone
     again = toy.ablation([0], str(tmp_path / "cache"), str(tmp_path / "abl"), extra=["--num-workers", "0"])
     assert again == table
+    # ... but only under the settings it was made with (else a changed default would reuse stale runs)
+    import train
+    with pytest.raises(SystemExit, match=rf"other settings \(--mask-ratio {toy.HPARAMS['mask_ratio']} -> 0.25\)"):
+        train.main(["--data", "toy", "--data-root", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "abl" /
+                    "must_seed0"), "--num-workers", "0", "--mask-ratio", "0.25"])
