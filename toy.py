@@ -579,15 +579,14 @@ def zero_shot_accuracy(split, cache_dir):
 
 
 @torch.no_grad()
-def checkpoint_accuracy(checkpoint, split, cache_dir=None, batch_size=500):
+def checkpoint_accuracy(checkpoint, split, cache_dir=None):
     """Top-1 (%) of a train.py checkpoint's (student, teacher) on a labeled split ('val' or 'test')."""
     import must
     x, y = load_split(split, cache_dir)
     accs = []
     for which in ("student", "teacher"):
         model, _ = must.load_checkpoint(checkpoint, which)
-        pred = torch.cat([model(to_tensor(x[i:i + batch_size])).argmax(1) for i in range(0, len(x), batch_size)])
-        accs.append(_acc(pred, y))
+        accs.append(_acc(model.classify(image_features(model.visual, x)).argmax(1), y))  # = model(x), batched
     return tuple(accs)
 
 
