@@ -398,9 +398,9 @@ def load_checkpoint_for(path, args, what):
     theirs = ckpt["args"]
     if theirs.get("model") != args.model:
         fail(f"{what} {path} was trained from model {theirs.get('model')!r}, not {args.model!r}")
-    if what == "resume checkpoint" and theirs.get("data") != args.data:
-        fail(f"{what} {path} was trained on dataset {theirs.get('data')!r}, not {args.data!r}")
     if what == "resume checkpoint":  # continuing under other settings would silently make a hybrid run
+        if theirs.get("data") != args.data:
+            fail(f"{what} {path} was trained on dataset {theirs.get('data')!r}, not {args.data!r}")
         changed = [f"--{k.replace('_', '-')} {theirs[k]} -> {getattr(args, k)}" for k in RUN_DEFINING
                    if k in theirs and theirs[k] != getattr(args, k)]
         if changed:
