@@ -23,6 +23,8 @@ import math
 import os
 import random
 import re
+import stat
+import string
 import zlib
 
 import numpy as np
@@ -206,36 +208,117 @@ def map_class_names(dataset, names, classnames):
 # Datasets
 
 
-class ImageList(Dataset):
-    """(path, label) samples; item = (transform(RGB PIL image), label), label -1 when unknown."""
+# Training images are read with this aspect ratio at most (the long side is center-cropped): CLIP's pipelines
+# resize the SHORT side first, so a 1 x 10000 image would otherwise become 224 x 2,240,000 pixels in memory.
+MAX_ASPECT = 4
+_READ_ERRORS = {1: "cannot be decoded (truncated, empty or not an image)", 2: "is larger than PIL's "
+                "decompression-bomb limit", 3: "cannot be read (permission denied)", 4: "has vanished"}
 
-    def __init__(self, samples, classnames, templates, transform=None):
+
+def read_image(path):
+    """Decode an image file to RGB (palette / gray / RGBA files become RGB like CLIP's preprocess), its long side
+    center-cropped to MAX_ASPECT times the short side. Raises the decoder's exception for a bad file."""
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+    w, h = img.size
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        cw, ch = min(w, MAX_ASPECT * h), min(h, MAX_ASPECT * w)
+        left, top = (w - cw) // 2, (h - ch) // 2
+        img = img.crop((left, top, left + cw, top + ch))
+    return img
+
+
+def _error_code(e):
+    if isinstance(e, Image.DecompressionBombError):
+        return 2
+    if isinstance(e, PermissionError):
+        return 3
+    if isinstance(e, FileNotFoundError):
+        return 4
+    return 1
+
+
+class UnreadableDataset(RuntimeError):
+    """Not one image of a dataset can be read."""
+
+
+class ImageList(Dataset):
+    """(path, label) samples; item = (transform(RGB PIL image), label), label -1 when unknown.
+
+    A file that cannot be read is never fatal. on_error="substitute" (training) returns the next readable sample
+    in index order instead, so batch sizes, DDP and resume stay deterministic; on_error="skip" (evaluation)
+    returns a blank image with label -1, which scoring ignores. Either way the file is flagged in `self.bad`
+    (error code per sample, 0 = fine), a shared-memory tensor that DataLoader workers write and the main
+    process reads (bad_files) to report each bad file once.
+    """
+
+    def __init__(self, samples, classnames, templates, transform=None, on_error="substitute", ignored=()):
         self.samples = samples
         self.classnames = classnames
         self.templates = templates
         self.transform = transform
-
-    @property
-    def targets(self):
-        return [label for _, label in self.samples]
+        self.on_error = on_error
+        self.ignored = list(ignored)  # (path, reason) of entries the listing left out
+        self.bad = torch.zeros(len(samples), dtype=torch.int8).share_memory_()
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, index):
-        path, label = self.samples[index]
-        with Image.open(path) as img:
-            img = img.convert("RGB")  # one decode; palette / gray / RGBA files become RGB like CLIP's preprocess
-        return (self.transform(img) if self.transform is not None else img), label
+        n = len(self.samples)
+        for j in (index + k for k in range(n)) if self.on_error == "substitute" else (index,):
+            j %= n
+            path, label = self.samples[j]
+            if self.bad[j]:
+                continue
+            try:
+                img = read_image(path)
+            except Exception as e:  # any decoder error, bomb, permission or vanished file
+                self.bad[j] = _error_code(e)
+                continue
+            return (self.transform(img) if self.transform is not None else img), label
+        if self.on_error == "skip":
+            blank = Image.new("RGB", (1, 1))
+            return (self.transform(blank) if self.transform is not None else blank), -1
+        raise UnreadableDataset(f"none of the {n} images can be read (e.g. {self.samples[index % n][0]})")
+
+    def bad_files(self):
+        """[(index, path, why)] of the files found unreadable so far."""
+        return [(i, self.samples[i][0], _READ_ERRORS[int(self.bad[i])])
+                for i in torch.nonzero(self.bad).flatten().tolist()]
 
 
-def _list_images(root):
-    """Image files under root at any depth, sorted (hidden files and folders skipped)."""
-    paths = []
+def _list_images(root, seen=None, ignored=None):
+    """Image files under root at any depth, sorted (hidden files and folders skipped). Symbolic links are followed
+    without loops, each real file is listed once (`seen`: (device, inode) pairs shared across calls), and only
+    regular files are kept; what is left out is appended to `ignored` as (path, reason)."""
+    seen = set() if seen is None else seen
+    ignored = [] if ignored is None else ignored
+    visited_dirs, paths = set(), []
     for folder, dirs, files in os.walk(root, followlinks=True):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in visited_dirs:  # a link back up the tree: walk it once
+            ignored.append((folder, "folder already listed (a symbolic link to it, or a link loop)"))
+            dirs[:] = []
+            continue
+        visited_dirs.add((st.st_dev, st.st_ino))
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        paths += [os.path.join(folder, f) for f in sorted(files)
-                  if not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS)]
+        for name in sorted(files):
+            if name.startswith(".") or not name.lower().endswith(IMG_EXTENSIONS):
+                continue
+            path = os.path.join(folder, name)
+            try:
+                st = os.stat(path)
+            except OSError:
+                ignored.append((path, "dangling symbolic link or unreadable entry"))
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                ignored.append((path, "not a regular file"))
+            elif (st.st_dev, st.st_ino) in seen:
+                ignored.append((path, "the same file is listed already"))
+            else:
+                seen.add((st.st_dev, st.st_ino))
+                paths.append(path)
     return paths
 
 
@@ -244,14 +327,15 @@ def _require_dir(path, what):
         raise FileNotFoundError(f"{what} {path!r} does not exist or is not a directory")
 
 
-def scan_class_folders(split_dir, dataset, classnames):
-    """Samples of an ImageFolder layout split_dir/<class>/**/<image>, labels mapped by name."""
+def scan_class_folders(split_dir, dataset, classnames, ignored=None):
+    """Samples of an ImageFolder layout split_dir/<class>/**/<image>, labels mapped by name; entries the listing
+    leaves out are appended to `ignored` (see _list_images)."""
     folders = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
     if not folders:
         raise FileNotFoundError(f"no class folders in {split_dir!r}: expected {split_dir}/<class name>/<images>")
-    samples = []
+    samples, seen = [], set()
     for folder, label in zip(folders, map_class_names(dataset, folders, classnames)):
-        samples += [(p, label) for p in _list_images(os.path.join(split_dir, folder))]
+        samples += [(p, label) for p in _list_images(os.path.join(split_dir, folder), seen, ignored)]
     if not samples:
         raise FileNotFoundError(f"no images ({'/'.join(IMG_EXTENSIONS)}) in the class folders of {split_dir!r}")
     return samples
@@ -314,53 +398,90 @@ _TORCHVISION_LAYOUT = {"food101": "root/food-101/", "dtd": "root/dtd/dtd/", "gts
 
 
 def _read_lines(path, what):
+    """[(line number, text)] of a UTF-8 text file: stripped, blank lines and lines starting with '#' left out."""
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path!r} is a directory; give a text file, one entry per line")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        lines = [line.strip() for line in f]
-    return [line for line in lines if line and not line.startswith("#")]
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [(i, line.strip()) for i, line in enumerate(f, 1)]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path!r} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    return [(i, line) for i, line in lines if line and not line.startswith("#")]
 
 
 def read_classnames(path):
-    """Class names file: one name per line; blank lines and '#' comments ignored."""
-    names = _read_lines(path, "class names file")
-    if not names:
-        raise ValueError(f"class names file {path!r} lists no class (one name per line)")
+    """Class names file: one name per line, at least 2; blank lines and lines starting with '#' are ignored.
+    -> (names, line numbers)."""
+    lines = _read_lines(path, "class names file")
+    names = [name for _, name in lines]
+    if len(names) < 2:
+        raise ValueError(f"class names file {path!r} lists {len(names)} class(es); a classifier needs at least 2 "
+                         "(one name per line)")
     keys = [_name_key(n) for n in names]
     dup = sorted({n for n, k in zip(names, keys) if keys.count(k) > 1})
     if dup:
         raise ValueError(f"class names file {path!r} repeats class names (up to case/punctuation): {dup}")
-    return names
+    return names, [i for i, _ in lines]
 
 
 def read_templates(path):
-    """Templates file: one prompt per line with '{}' where the class name goes; blanks / '#' ignored."""
-    templates = _read_lines(path, "templates file")
-    bad = [t for t in templates if "{}" not in t]
-    if not templates or bad:
-        raise ValueError(f"templates file {path!r} needs one template per line, each with '{{}}' for the class "
-                         f"name, e.g. 'a photo of a {{}}.'; bad lines: {bad[:5]}")
-    return templates
+    """Templates file: one prompt per line with exactly one '{}' where the class name goes and no other braces;
+    blank lines and lines starting with '#' are ignored. -> (templates, line numbers)."""
+    lines = _read_lines(path, "templates file")
+    if not lines:
+        raise ValueError(f"templates file {path!r} lists no template (one per line, e.g. 'a photo of a {{}}.')")
+    for i, t in lines:
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(t) if f is not None]
+        except ValueError:  # a lone '{' or '}'
+            fields = None
+        if fields != [""]:
+            raise ValueError(f"templates file {path}, line {i}: {t!r} needs exactly one '{{}}' for the class name "
+                             "and no other braces, e.g. 'a photo of a {}.'")
+    return [t for _, t in lines], [i for i, _ in lines]
 
 
-def _folder_dataset(root, split, transform, classes_file, templates_file, eval_root):
+def check_prompt_lengths(classnames, templates, classes_at=None, templates_at=None):
+    """ValueError naming the class and template (with file and line when given as (path, line numbers)) of a
+    prompt longer than CLIP's 77-token context. Words are tokenized apart, so the longest prompt is the longest
+    class name in some template or some class name in the longest template: K + T prompts are checked."""
+    def count(texts):
+        return ((clip_model.tokenize(texts, context_length=1000, truncate=True) > 0).sum(1)).tolist()
+
+    longest_class = max(range(len(classnames)), key=count(classnames).__getitem__)
+    longest_template = max(range(len(templates)), key=count([t.format("") for t in templates]).__getitem__)
+    pairs = [(longest_class, j) for j in range(len(templates))] + [(i, longest_template)
+                                                                   for i in range(len(classnames))]
+    for (i, j), n in zip(pairs, count([templates[j].format(classnames[i]) for i, j in pairs])):
+        if n > 77:
+            where = [f"{what} {src[0]}, line {src[1][k]}" for what, src, k in
+                     (("classes file", classes_at, i), ("templates file", templates_at, j)) if src]
+            raise ValueError(f"the prompt {templates[j].format(classnames[i])[:80]!r} is {n} tokens; CLIP reads 77 "
+                             f"at most: shorten the class name or the template"
+                             + (f" ({'; '.join(where)})" if where else ""))
+
+
+def _folder_dataset(root, split, classes_file, templates_file, eval_root, ignored):
+    """(samples, classnames, templates) of --data folder: unlabeled images for 'train', eval_root for 'test'."""
     if classes_file is None:
         raise ValueError("dataset 'folder' needs a class names file (--classes FILE, one class name per line)")
-    classnames = read_classnames(classes_file)
-    templates = read_templates(templates_file) if templates_file else list(DEFAULT_TEMPLATES)
+    classnames, class_lines = read_classnames(classes_file)
+    templates, template_lines = read_templates(templates_file) if templates_file else (list(DEFAULT_TEMPLATES), None)
+    check_prompt_lengths(classnames, templates, (classes_file, class_lines),
+                         (templates_file, template_lines) if templates_file else None)
     if split == "train":
         _require_dir(root, "dataset root")
-        paths = _list_images(root)
+        paths = _list_images(root, ignored=ignored)
         if not paths:
             raise FileNotFoundError(f"no images ({'/'.join(IMG_EXTENSIONS)}) found under {root!r}")
-        samples = [(p, -1) for p in paths]  # unlabeled
-    else:
-        if eval_root is None:
-            raise ValueError("split 'test' of dataset 'folder' needs --eval-root DIR: labeled images in "
-                             "DIR/<class name>/..., one folder per name in the classes file")
-        _require_dir(eval_root, "eval root")
-        samples = scan_class_folders(eval_root, "folder", classnames)
-    return ImageList(samples, classnames, templates, transform)
+        return [(p, -1) for p in paths], classnames, templates  # unlabeled
+    if eval_root is None:
+        raise ValueError("split 'test' of dataset 'folder' needs --eval-root DIR: labeled images in "
+                         "DIR/<class name>/..., one folder per name in the classes file")
+    _require_dir(eval_root, "eval root")
+    return scan_class_folders(eval_root, "folder", classnames, ignored), classnames, templates
 
 
 def build_dataset(name, root, split, transform, classes_file=None, templates_file=None, eval_root=None,
@@ -377,25 +498,28 @@ def build_dataset(name, root, split, transform, classes_file=None, templates_fil
     if name == "toy":
         import toy  # lazy: only toy runs need the toy world
         return toy.build_dataset(root, split, transform)
+    ignored = []
     if name == "folder":
-        return _folder_dataset(root, split, transform, classes_file, templates_file, eval_root)
+        samples, classnames, templates = _folder_dataset(root, split, classes_file, templates_file, eval_root, ignored)
+        return _image_list(samples, classnames, templates, transform, split, ignored)
     if classes_file is not None:
         raise ValueError(f"--classes is only for dataset 'folder'; {name!r} uses the published class names")
     classnames, templates = dataset_prompts(name)
     if templates_file:
-        templates = read_templates(templates_file)
+        templates, lines = read_templates(templates_file)
+        check_prompt_lengths(classnames, templates, None, (templates_file, lines))
     if not (download and name in _TORCHVISION_LAYOUT):
         _require_dir(root, "dataset root")
 
     split_dir = _split_dir(root, split) if os.path.isdir(root) else None
     folder_layout = os.path.isdir(root) and any(_split_dir(root, s) for s in ("train", "test"))
     if name in _SHIFTED_IMAGENETS:  # transductive: both splits are the (unlabeled) test images
-        samples = scan_class_folders(split_dir or _split_dir(root, "test") or root, name, classnames)
+        samples = scan_class_folders(split_dir or _split_dir(root, "test") or root, name, classnames, ignored)
     elif folder_layout:
         if split_dir is None:
             want = "train" if split == "train" else "test (or val)"
             raise FileNotFoundError(f"{root!r} has no {want} folder of class folders for split {split!r}")
-        samples = scan_class_folders(split_dir, name, classnames)
+        samples = scan_class_folders(split_dir, name, classnames, ignored)
     elif name in _TORCHVISION_LAYOUT:
         try:
             paths, tv_names, tv_labels = _torchvision_samples(name, root, split, download)
@@ -411,7 +535,12 @@ def build_dataset(name, root, split, transform, classes_file=None, templates_fil
         raise FileNotFoundError(f"no {name} under {root!r}: expected {root}/train/{what}/...")
     if not samples:
         raise FileNotFoundError(f"no {split} images of {name} found under {root!r}")
-    return ImageList(samples, classnames, templates, transform)
+    return _image_list(samples, classnames, templates, transform, split, ignored)
+
+
+def _image_list(samples, classnames, templates, transform, split, ignored):
+    """Training substitutes unreadable images, evaluation skips them (ImageList)."""
+    return ImageList(samples, classnames, templates, transform, "substitute" if split == "train" else "skip", ignored)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -44,8 +44,7 @@ import clip_model
 import data
 import must
 import prompts
-import train
-from train import fail
+from runtime import autocast_for, fail, pick_device
 
 
 # ImageNet-C's 15 benchmark corruptions and AlexNet's error on each, averaged over the 5 severities
@@ -205,11 +204,13 @@ def find_corruption_sets(root, transform):
             if not os.path.isdir(path):
                 missing.append(f"{corruption}/{s}")
                 continue
+            ignored = []
             try:
-                samples = data.scan_class_folders(path, "imagenet", classnames)
+                samples = data.scan_class_folders(path, "imagenet", classnames, ignored)
             except (FileNotFoundError, ValueError) as e:
                 fail(f"ImageNet-C {corruption}/{s}: {e}")
-            ds = data.ImageList(samples, classnames, prompts.DATASETS["imagenet"]["templates"], transform)
+            ds = data.ImageList(samples, classnames, prompts.DATASETS["imagenet"]["templates"], transform, "skip",
+                                ignored)
             sets.append(EvalSet(f"{corruption}/{s}", "imagenet-c", ds, list(prompts.IMAGENET_WNIDS), path))
     if not sets:
         fail(f"no ImageNet-C corruption under {root!r}: expected {root}/<corruption>/<1..5>/<wnid>/*.JPEG with "
@@ -364,7 +365,7 @@ def attention_cam(model, images, columns=None):
         out = (attn @ v).transpose(1, 2).reshape(B, L, C)
         z = x + last.attn.out_proj(out)
         z = z + last.mlp(last.ln_2(z))
-        logits = model.classify(F.normalize(visual.ln_post(z[:, 0]) @ visual.proj, dim=-1))
+        logits = model.classify(visual.ln_post(z[:, 0]) @ visual.proj)
         if columns is not None:
             logits = logits[:, columns.to(logits.device)]
         pred = logits.argmax(dim=1)
@@ -609,6 +610,21 @@ def make_figures(args, run, sets, models, columns, visual, prefix, device):
         fail(f"figures: {e}")
 
 
+def report_unreadable(sets):
+    """Print the files each set left out (unlisted links, unreadable images: never scored) -> {set: counts}."""
+    out = {}
+    for s in sets:
+        ds = s.dataset
+        bad = ds.bad_files() if hasattr(ds, "bad_files") else []
+        ignored = getattr(ds, "ignored", [])
+        for _, path, why in bad:
+            print(f"warning: {s.name}: skipped {path}: it {why}")
+        if ignored:
+            print(f"warning: {s.name}: {len(ignored)} entries not listed (e.g. {ignored[0][0]}: {ignored[0][1]})")
+        out[s.name] = {"unreadable": len(bad), "not_listed": len(ignored)}
+    return out
+
+
 def save_json(path, report):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
@@ -627,8 +643,8 @@ def main(argv=None):
     for flag, root in (("--data-root", args.data_root), ("--shift-root", args.shift_root)):
         if root and not os.path.isdir(root):  # checked before any model is loaded or downloaded
             fail(f"{flag} {root!r} does not exist or is not a directory")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    amp_dtype, _ = train.autocast_for(args.amp, device)  # eval runs no backward: no GradScaler
+    device = pick_device(args.device)
+    amp_dtype, _ = autocast_for(args.amp, device)  # eval runs no backward: no GradScaler
 
     # -- models --
     models, run, model_ids = {}, {}, {}
@@ -665,7 +681,7 @@ def main(argv=None):
                 "templates"], "imagenet"
             if args.templates:
                 try:
-                    templates = data.read_templates(args.templates)
+                    templates = data.read_templates(args.templates)[0]
                 except (FileNotFoundError, ValueError) as e:
                     fail(str(e))
         models = {"clip": zero_shot_model(clip, names, templates, device, out_dir), **models}
@@ -694,6 +710,7 @@ def main(argv=None):
         m.eval().to(device)
     counts, speed = evaluate(models, sets, columns, device, args.batch_size, args.num_workers, amp_dtype,
                              args.limit)
+    unread = report_unreadable(sets)
 
     # -- report --
     mpc_sets = {s.name for s in sets if args.mean_per_class or mode in data.MEAN_PER_CLASS}
@@ -701,7 +718,7 @@ def main(argv=None):
     for i, s in enumerate(sets):
         per_model = {name: counts[(i, name)].metrics() for name in models if (i, name) in counts}
         n = next(iter(per_model.values()))["images"] if per_model else 0
-        results[s.name] = {"images": n, "classes": len(s.ids), "root": s.root,
+        results[s.name] = {"images": n, "classes": len(s.ids), "root": s.root, **unread[s.name],
                            "metric": "mean_per_class" if s.name in mpc_sets else "top1",
                            "models": {k: {m: v for m, v in r.items() if m != "images"} for k, r in per_model.items()}}
     report = {"mode": mode, "checkpoint": args.checkpoint, "clip": clip_name, "trained_on": run.get("data"),

@@ -6,8 +6,8 @@ weights start as CLIP's zero-shot text embeddings and are trained with the tower
 
 One function per equation of the paper:
     eq. 1  ema_momentum / ema_update   EMA teacher  Δ ← µΔ + (1 − µ)θ
-    eq. 2  loss_cls                    self-training on confident hard pseudo-labels
-    eq. 3  loss_reg (+ global_mean_probs, FairnessMean)   fairness regularization
+    eq. 2  pseudo_labels / loss_cls    self-training on confident hard pseudo-labels
+    eq. 3  loss_reg (+ mean_probs, FairnessMean, fairness_weights)   fairness regularization
     eq. 4  loss_mim                    masked image modeling, L1 on masked pixels
     eq. 5  loss_align                  global-local (CLS-MSK) feature alignment
     eq. 6  must_loss                   L = L_cls + λ_reg L_reg + L_mim + λ_align L_align
@@ -15,7 +15,6 @@ One function per equation of the paper:
 import copy
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -51,9 +50,11 @@ class MUSTModel(nn.Module):
     def num_classes(self):
         return self.classifier.out_features
 
-    def classify(self, v_cls):
-        """v_cls: (B, D) L2-normalized image embedding -> logits (B, K)."""
-        return self.logit_scale * self.classifier(v_cls)
+    def classify(self, v):
+        """v: (B, D) image embedding -> logits (B, K) = s · normalize(v) · W, in fp32 whatever the autocast: at
+        s = 100 a bf16 cosine's error of 0.004 is 0.4 in a logit, enough to flip pseudo-labels across τ."""
+        with torch.autocast(v.device.type, enabled=False):
+            return self.logit_scale * F.linear(F.normalize(v.float(), dim=-1), self.classifier.weight.float())
 
     def forward(self, images, mask=None):
         """images (B,3,H,W) -> logits (B, K).
@@ -63,7 +64,7 @@ class MUSTModel(nn.Module):
         """
         if mask is not None:
             return self.forward_masked(images, mask)
-        return self.classify(F.normalize(self.visual(images), dim=-1))
+        return self.classify(self.visual(images))
 
     def forward_masked(self, images, mask):
         """images (B,3,H,W), mask (B, N) bool, True = masked patch
@@ -128,59 +129,37 @@ def ema_update(teacher, student, mu):
 
 # ----------------------------------------------------------------------------------------------------------
 # eq. 2: self-training
+#
+# Every loss below is written as a PART's share of the loss of the whole global batch (all micro-batches of all
+# processes): the shares add up to the release's global-batch loss, so their gradients, summed over micro-batches
+# and averaged by DDP (times the world size), are exactly the gradient of one process holding the whole batch.
 
-def loss_cls(teacher_logits, student_logits, conf_threshold):
-    """eq. 2: cross-entropy H(q̂_b, p_b) over the samples whose teacher confidence max q_b exceeds τ.
+@torch.no_grad()
+def pseudo_labels(teacher_logits, conf_threshold):
+    """eq. 2's targets: q = softmax of the EMA teacher's logits on the weak view (fp32, whatever the autocast),
+    q̂ = argmax q, confident where max q > τ. -> (labels (B,) long, confident (B,) bool)."""
+    max_prob, labels = teacher_logits.float().softmax(dim=-1).max(dim=-1)
+    return labels, max_prob > conf_threshold
 
-    q_b = teacher softmax on the weak view, q̂_b = its hard (one-hot) label, p_b = student softmax on the strong
-    view. Averaged over the confident samples, as the release does (the paper's equation writes 1/B; the two
-    differ by the share of confident samples), counted over all processes so that DDP's gradient averaging
-    gives exactly the loss of one process holding the whole batch. A batch with no confident sample gives
-    exactly 0 (the release produces NaN there). Returns (loss, confident (B,) bool, pseudo_labels (B,) long).
+
+def loss_cls(student_logits, labels, confident, num_confident):
+    """eq. 2: cross-entropy H(q̂_b, p_b) with p_b the student softmax on the strong view, summed over this part's
+    confident samples and divided by num_confident, the count of confident samples in the whole global batch.
+
+    Summed over the parts this is the mean over confident samples, as the release does (the paper's equation
+    writes 1/B; the two differ by the share of confident samples). A batch with no confident sample gives exactly
+    0 (the release produces NaN there).
     """
-    q = teacher_logits.detach().float().softmax(dim=-1)
-    max_prob, pseudo_labels = q.max(dim=-1)
-    confident = max_prob > conf_threshold
-    ce = F.cross_entropy(student_logits.float(), pseudo_labels, reduction="none")  # (B,)
-    count, world = confident.sum().float(), 1
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        world = dist.get_world_size()
-        dist.all_reduce(count)
-    loss = torch.where(confident, ce, torch.zeros_like(ce)).sum() * world / count.clamp_min(1.0)
-    return loss, confident, pseudo_labels
+    ce = F.cross_entropy(student_logits.float(), labels, reduction="none")  # (B,)
+    return torch.where(confident, ce, torch.zeros_like(ce)).sum() / torch.as_tensor(num_confident).clamp_min(1)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # eq. 3: fairness regularization
 
-class _AllGather(torch.autograd.Function):
-    """all_gather that keeps the gradient: every rank's loss depends on every rank's input, so the backward
-    sums the incoming gradients over ranks and returns this rank's slice (with DDP's gradient averaging this
-    equals the gradient of one process holding the whole global batch)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.stack(parts)  # (world, *x.shape)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[dist.get_rank()]
-
-
-def global_mean_probs(student_logits):
-    """p̄_batch: mean student softmax over the GLOBAL batch (all processes), with gradient. (B, K) -> (K,).
-
-    Every process holds the same number of samples (drop_last), so the mean of the per-process means is the
-    global mean. Works without torch.distributed initialized (one process).
-    """
-    mean = student_logits.float().softmax(dim=-1).mean(dim=0)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        mean = _AllGather.apply(mean).mean(dim=0)
-    return mean
+def mean_probs(logits):
+    """p̄ of a batch: the mean of the softmax in fp32. (B, K) -> (K,)"""
+    return logits.float().softmax(dim=-1).mean(dim=0)
 
 
 def loss_reg(mean_probs):
@@ -189,22 +168,25 @@ def loss_reg(mean_probs):
 
 
 class FairnessMean:
-    """The p̄ fed to eq. 3: the global-batch mean, or, with many classes (K ≥ 512, "K > B" in §3.1), a running
-    mean carried across steps as in the release: p̄ ← ½(p̄_prev.detach() + p̄_batch), with the loss divided by ½
-    so that the gradient reaching the current batch keeps the batch-mean scale. On the first step p̄_prev is the
-    current batch's own (detached) mean. The state is saved in checkpoints (state_dict / load_state_dict).
+    """The p̄ fed to eq. 3: the global-batch mean p̄_batch, or, with many classes (K ≥ 512, "K > B" in §3.1), a
+    running mean as in the release: p̄ ← ½(p̄_prev.detach() + p̄_batch), with the loss divided by ½ so that the
+    gradient reaching the current batch keeps the batch-mean scale. At the first step of every epoch (reset=True)
+    the release sets p̄ = p̄_batch, with its full gradient, and still divides by ½. The state is saved in
+    checkpoints (state_dict / load_state_dict).
     """
 
     def __init__(self, num_classes, running=None):
         self.running = num_classes >= 512 if running is None else running
         self.prev = None  # (K,) detached running mean
 
-    def __call__(self, batch_mean):
+    def __call__(self, batch_mean, reset=False):
         """p̄_batch (K,) -> (p̄ for eq. 3, multiplier of L_reg)."""
         if not self.running:
             return batch_mean, 1.0
-        prev = batch_mean.detach() if self.prev is None else self.prev.to(batch_mean.device)
-        mean = 0.5 * (prev + batch_mean)
+        if reset or self.prev is None:
+            mean = batch_mean
+        else:
+            mean = 0.5 * (self.prev.to(batch_mean.device) + batch_mean)
         self.prev = mean.detach()
         return mean, 1.0 / 0.5
 
@@ -214,6 +196,20 @@ class FairnessMean:
     def load_state_dict(self, state):
         self.running = state["running"]
         self.prev = state["prev"]
+
+
+def fairness_weights(batch_mean, fairness, reset=False):
+    """L_reg (eq. 3, through `fairness`) at the global batch's p̄_batch (K,), and w = ∂L_reg/∂p̄_batch.
+
+    p̄_batch = (1/B) Σ_b p_b over the global batch, so a part's share (1/B) Σ_{b in part} w·p_b has exactly that
+    part's gradient of L_reg: the regularizer of the global batch needs no gradient across processes or
+    micro-batches, only p̄_batch. Advances the running mean once. -> (w (K,), L_reg value)."""
+    p = batch_mean.detach().float().requires_grad_()
+    with torch.enable_grad():
+        mean, scale = fairness(p, reset)
+        value = scale * loss_reg(mean)
+        (w,) = torch.autograd.grad(value, p)
+    return w, value.detach()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -259,35 +255,27 @@ def loss_align(v_cls, v_patch, mask, k=None):
 # ----------------------------------------------------------------------------------------------------------
 # eq. 6: total loss
 
-def must_loss(student, teacher_logits, images_strong, mask, fairness, *, conf_threshold, lambda_reg=1.0,
-              lambda_align=0.2, patch_size=None, use_reg=True, use_mim=True, use_align=True, align_k=None):
-    """eq. 6: L = L_cls + λ_reg L_reg + L_mim + λ_align L_align on one (micro-)batch.
+def must_loss(outputs, images_strong, mask, labels, confident, num_confident, global_batch, reg_weights=None, *,
+              lambda_reg=1.0, lambda_align=0.2, patch_size=None, use_mim=True, use_align=True, align_k=None):
+    """eq. 6: this part's share of L = L_cls + λ_reg L_reg + L_mim + λ_align L_align over a global batch of
+    `global_batch` images (see the note above eq. 2: shares add up to the global-batch loss).
 
-    student: MUSTModel (or DDP around one); teacher_logits (B,K) from the EMA teacher on the weak view;
-    images_strong (B,3,H,W) CLIP-normalized; mask (B,N) bool; fairness: a FairnessMean.
-    use_reg / use_mim / use_align switch terms off for the ablations (Tables 5, 7): without MIM and alignment
-    the student sees the strong view unmasked (plain self-training).
-    Returns (loss, dict of detached terms, confident (B,) bool, pseudo_labels (B,)).
+    outputs: the student's output on this part, (logits,) unmasked or (logits, v_cls, v_patch, recon) masked;
+    images_strong (b,3,H,W) CLIP-normalized; mask (b,N) bool; labels, confident (b,) from pseudo_labels;
+    num_confident: confident samples in the global batch; reg_weights: w of fairness_weights, None = no L_reg.
+    L_mim and L_align are means over equally many masked pixels / tokens per image, so a part's share is its mean
+    times b / global_batch. use_mim / use_align switch terms off for the ablations (Tables 5, 7).
+    Returns (loss share, dict of the detached shares of L_cls, L_mim, L_align).
     """
-    if use_mim or use_align:
-        logits, v_cls, v_patch, recon = student(images_strong, mask)
-    else:
-        logits = student(images_strong)
-    l_cls, confident, pseudo_labels = loss_cls(teacher_logits, logits, conf_threshold)
-    loss = l_cls
-    terms = {"loss_cls": l_cls}
-    if use_reg:
-        mean_probs, scale = fairness(global_mean_probs(logits))
-        l_reg = scale * loss_reg(mean_probs)
-        loss = loss + lambda_reg * l_reg
-        terms["loss_reg"] = l_reg
+    logits, part = outputs[0], images_strong.shape[0] / global_batch
+    terms = {"loss_cls": loss_cls(logits, labels, confident, num_confident)}
+    loss = terms["loss_cls"]
+    if reg_weights is not None:  # its value is fairness_weights' L_reg; this carries its gradient
+        loss = loss + lambda_reg * part * (reg_weights * mean_probs(logits)).sum()
     if use_mim:
-        l_mim = loss_mim(recon, images_strong, mask, patch_size)
-        loss = loss + l_mim
-        terms["loss_mim"] = l_mim
+        terms["loss_mim"] = part * loss_mim(outputs[3], images_strong, mask, patch_size)
+        loss = loss + terms["loss_mim"]
     if use_align:
-        l_align = loss_align(v_cls, v_patch, mask, align_k)
-        loss = loss + lambda_align * l_align
-        terms["loss_align"] = l_align
-    terms = {name: value.detach() for name, value in terms.items()}
-    return loss, terms, confident, pseudo_labels
+        terms["loss_align"] = part * loss_align(outputs[1], outputs[2], mask, align_k)
+        loss = loss + lambda_align * terms["loss_align"]
+    return loss, {name: value.detach() for name, value in terms.items()}

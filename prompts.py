@@ -50,9 +50,7 @@ def zero_shot_head(model, classnames, templates, device="cpu", batch_size=1000, 
     for i in tqdm(range(0, len(texts), batch_size), desc="zero-shot head", disable=len(texts) <= batch_size):
         tokens = clip_model.tokenize(texts[i:i + batch_size], context_length=model.context_length)
         tokens = tokens[:, :int((tokens > 0).sum(1).max())].to(device)  # drop the all-padding tail (B, L<=77)
-        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
-                            enabled=torch.device(device).type == "cuda"):
-            features.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
+        features.append(F.normalize(model.encode_text(tokens).float(), dim=-1))  # fp32: the head decides labels
     features = torch.cat(features).view(len(classnames), len(templates), -1)  # (K, T, D)
     head = F.normalize(features.mean(dim=1), dim=-1).t().contiguous()  # (D, K)
     if cache_dir is not None:

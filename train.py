@@ -4,22 +4,24 @@
     python train.py --data imagenet --data-root /data/imagenet --model ViT-B/16
     torchrun --nproc_per_node 8 train.py --data imagenet --data-root /data/imagenet --model ViT-B/16
 
-Top to bottom: config -> processes -> model (CLIP tower + zero-shot classifier, EMA teacher) -> data ->
-optimizer (AdamW, layer-wise lr decay, cosine) -> resume -> zero-shot eval -> training loop -> result table.
+Top to bottom: config -> optimizer (AdamW, layer-wise lr decay, cosine) -> data -> checkpoints -> one optimizer
+step (exact over the global batch) -> one epoch -> main (processes, model, data, resume, loop, result table).
 Defaults come from the paper's Table 10 (data.hparams); every flag overrides.
 
-Rank 0 writes into --out-dir:
+Rank 0 writes into --out-dir (one run at a time: run.lock):
   log.jsonl      one JSON object per line (a fresh run truncates it, a resumed one appends): {"type": "config", ...all flags},
                  {"type": "train", "step", "epoch" (fractional), "loss", "loss_cls", "loss_reg", "loss_mim",
                  "loss_align" (the terms switched on), "lr" (top layer), "ema_mu", "conf_ratio" (share of
                  confident pseudo-labels), "pseudo_label_acc" (their accuracy against the training labels, only
-                 logged, null when unknown), "images_per_s"} every --log-freq steps and at each epoch end, and
-                 {"type": "eval", "epoch", "step", "student_acc", "teacher_acc"} (epoch 0 = before training).
-  checkpoint.pt  written atomically at each epoch end, every --save-freq steps and at --max-steps: a dict of
-                 student / teacher state dicts, optimizer, scaler, fairness (running p̄ of eq. 3), step (optimizer
-                 steps done), epoch (completed epochs), rng (per rank), evals (the eval records so far), args (all
-                 flags as a plain dict) and classnames; torch.load(..., weights_only=True) reads it and
-                 must.load_checkpoint rebuilds the classifier from it.
+                 logged, null when unknown), "images_per_s", "skipped" (unreadable training images so far)} every
+                 --log-freq steps and at each epoch end, and {"type": "eval", "epoch", "step", "student_acc",
+                 "teacher_acc"} (epoch 0 = before training).
+  checkpoint.pt  written atomically at each epoch end, every --save-freq steps, at --max-steps and on SIGTERM /
+                 SIGINT: a dict of student / teacher state dicts, optimizer, scaler, fairness (running p̄ of eq. 3),
+                 step (optimizer steps done), epoch (completed epochs), rng (per rank), evals (the eval records so
+                 far), args (all flags as a plain dict), classnames and fingerprints (SHA-256 of the CLIP weights,
+                 the class list and the templates: what resume and --init compare); torch.load(...,
+                 weights_only=True) reads it and must.load_checkpoint rebuilds the classifier from it.
   head-*.pt      the zero-shot head cache (prompts.zero_shot_head).
 """
 import argparse
@@ -29,11 +31,13 @@ import json
 import math
 import os
 import random
+import signal
+import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
@@ -42,6 +46,8 @@ import clip_model
 import data
 import must
 import prompts
+from runtime import (RunLock, StopRequest, all_reduce, autocast_for, barrier, fail, gather_cat, ignore_stop_signals,
+                     is_distributed, rank_zero_first, rng_state, save_atomic, set_rng_state, setup_distributed)
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -67,9 +73,12 @@ def parse_args(argv=None):
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help=f"dataset: {', '.join(data.DATASET_NAMES)}")
     g.add_argument("--data-root", help="dataset directory (layouts: see data.py); toy: cache directory")
-    g.add_argument("--eval-root", help="labeled test images for --data folder: DIR/<class name>/...")
-    g.add_argument("--classes", help="class names file, one per line (for --data folder)")
-    g.add_argument("--templates", help="prompt templates file, one per line with {} (replaces the published ones)")
+    g.add_argument("--eval-root", help="labeled test images for --data folder: DIR/<class name>/... (without it a "
+                                        "folder run is not evaluated)")
+    g.add_argument("--classes", help="class names file for --data folder: UTF-8, one name per line, at least 2; "
+                                      "blank lines and lines starting with # are ignored")
+    g.add_argument("--templates", help="prompt templates file, one per line with one {} for the class name "
+                                        "(replaces the published ones); lines starting with # are ignored")
     g.add_argument("--download", action="store_true", help="let torchvision fetch food101 / dtd / gtsrb / pets / "
                                                            "caltech101 / sun397 into --data-root")
     g.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
@@ -108,7 +117,8 @@ def parse_args(argv=None):
     g.add_argument("--global-batch", type=int, help="images per optimizer step over all processes "
                                                     "[Table 10: 1024 ViT-B, 512 ViT-L]")
     g.add_argument("--batch-size-per-gpu", type=int, help="images per forward pass per process; gradients are "
-                                                          "accumulated up to the global batch [global/processes]")
+                                                          "accumulated exactly up to the global batch (eq. 2-3 over "
+                                                          "the global batch) [global/processes]")
     g.add_argument("--accum-steps", type=int, help="gradient accumulation steps (alternative to "
                                                    "--batch-size-per-gpu) [1]")
     g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (none on 1-D params)")
@@ -118,7 +128,7 @@ def parse_args(argv=None):
                    help="mixed precision: auto = bf16 on GPUs that support it, fp32 on CPU; fp16 adds a GradScaler")
     g.add_argument("--seed", type=int, default=0, help="random seed (augmentations depend only on seed, epoch and "
                                                        "image index)")
-    g.add_argument("--device", help="cuda or cpu [cuda if available]")
+    g.add_argument("--device", help="cuda, cuda:N or cpu [cuda if available]")
     g = p.add_argument_group("run")
     g.add_argument("--out-dir", help="log, zero-shot head cache and checkpoint [out/<data>]")
     g.add_argument("--resume", default="auto", help="checkpoint to resume; auto = out_dir/checkpoint.pt if it "
@@ -132,22 +142,55 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-STATS = ("loss", "loss_cls", "loss_reg", "loss_mim", "loss_align", "confident", "images", "labeled", "correct")
+
+# domain of every numeric flag; None (unset: Table 10 decides) is always fine
+_DOMAINS = {
+    "global_batch": (lambda v: v >= 1, "at least 1"), "batch_size_per_gpu": (lambda v: v >= 1, "at least 1"),
+    "accum_steps": (lambda v: v >= 1, "at least 1"), "epochs": (lambda v: v >= 1, "at least 1"),
+    "eval_freq": (lambda v: v >= 1, "at least 1"), "log_freq": (lambda v: v >= 1, "at least 1"),
+    "save_freq": (lambda v: v >= 0, "0 (off) or more"), "max_steps": (lambda v: v >= 0, "0 or more"),
+    "num_workers": (lambda v: v >= 0, "0 or more"), "mask_unit": (lambda v: v >= 1, "at least 1 px"),
+    "ema_mu_n": (lambda v: v >= 0, "0 or more"), "align_k": (lambda v: v >= 1, "at least 1"),
+    "mask_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "conf_threshold": (lambda v: 0 <= v < 1, "in [0, 1) (a softmax never exceeds 1)"),
+    "lambda_reg": (lambda v: 0 <= v < math.inf, "0 or more"), "lambda_align": (lambda v: 0 <= v < math.inf, "0 or more"),
+    "ema_mu0": (lambda v: 0 <= v <= 1, "in [0, 1]"), "base_lr": (lambda v: 0 < v < math.inf, "a positive number"),
+    "base_min_lr": (lambda v: 0 <= v < math.inf, "0 or more"), "weight_decay": (lambda v: 0 <= v < math.inf, "0 or more"),
+    "layer_decay": (lambda v: 0 < v <= 1, "in (0, 1]"),
+}
 
 
-def step_stats(loss, terms, confident, pseudo_labels, target):
-    """Logged numbers of one micro-batch, in STATS order: the losses, then counts of confident pseudo-labels,
-    images, confident images with a known training label (-1 = unknown) and correct ones among them."""
-    labeled = confident & (target >= 0)
-    values = [loss.item()] + [terms[k].item() if k in terms else 0.0 for k in STATS[1:5]]
-    values += [confident.sum().item(), len(target), labeled.sum().item(),
-               (pseudo_labels[labeled] == target[labeled]).sum().item()]
-    return torch.tensor(values, dtype=torch.float64)
-
-
-def fail(message):
-    """One-line error for the command line, no traceback."""
-    raise SystemExit(f"error: {message}")
+def check_flags(args):
+    """Every flag in its domain and every named file readable, before any work; one line for the first that is
+    not. Flags Table 10 fills later are valid by construction."""
+    for name, (ok, domain) in _DOMAINS.items():
+        value = getattr(args, name)
+        if value is not None and not ok(value):
+            fail(f"--{name.replace('_', '-')} {value} is not allowed: it must be {domain}")
+    if args.data not in data.DATASET_NAMES:
+        fail(f"unknown dataset {args.data!r}; choose one of: {', '.join(data.DATASET_NAMES)}")
+    if args.data != "toy" and not args.download and (not args.data_root or not os.path.isdir(args.data_root)
+                                                     or not os.listdir(args.data_root)):
+        fail(f"data root {args.data_root!r} is missing or empty (give --data-root DIR)")
+    for flag, path in (("--init", args.init), ("--eval-root", args.eval_root)):
+        if path and not os.path.exists(path):
+            fail(f"{flag} {path} does not exist")
+    try:
+        if args.classes:
+            data.read_classnames(args.classes)
+        if args.templates:
+            data.read_templates(args.templates)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    if args.global_batch is not None:
+        split_batch(args, int(os.environ.get("WORLD_SIZE", 1)))
+    args.out_dir = args.out_dir or os.path.join("out", args.data)
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:
+        fail(f"--out-dir {args.out_dir} cannot be created ({e.strerror})")
+    if not os.access(args.out_dir, os.W_OK):
+        fail(f"--out-dir {args.out_dir} is not writable")
 
 
 def model_key(name, visual):
@@ -160,7 +203,7 @@ def model_key(name, visual):
 
 
 def resolve_config(args, visual):
-    """Fill unset flags from Table 10 (data.hparams) and check them."""
+    """Fill unset flags from Table 10 (data.hparams) and check the mask geometry against the model."""
     hp = data.hparams(args.data, model_key(args.model, visual), visual.patch_size, visual.input_resolution)
     for key in ("mask_unit", "mask_ratio", "conf_threshold", "lambda_reg", "lambda_align", "ema_mu0", "ema_mu_n",
                 "base_lr", "epochs", "eval_freq", "strong_view"):
@@ -168,13 +211,17 @@ def resolve_config(args, visual):
             setattr(args, key, hp[key])
     if args.global_batch is None:
         args.global_batch = hp["batch_size"]
-    if args.mask_unit % visual.patch_size:
-        fail(f"mask unit {args.mask_unit} px is not a multiple of the patch size {visual.patch_size} px of "
-             f"{args.model}")
-    if visual.input_resolution % args.mask_unit:
-        fail(f"mask unit {args.mask_unit} px does not tile the {visual.input_resolution} px input")
-    if args.align_k is not None and args.align_k < 1:
-        fail("--align-k must be at least 1")
+    try:
+        masked = data.MaskGenerator(visual.input_resolution, args.mask_unit, visual.patch_size, args.mask_ratio)
+    except ValueError as e:
+        fail(f"{e} ({args.model}: {visual.input_resolution} px input, {visual.patch_size} px patches)")
+    units = masked.units_per_side ** 2
+    if not (args.no_mim and args.no_align) and masked.num_masked in (0, units):
+        what = "no" if masked.num_masked == 0 else "every"
+        fail(f"--mask-ratio {args.mask_ratio} masks {what} one of the {units} mask unit(s) of {args.mask_unit} px "
+             f"on the {visual.input_resolution} px input, so the MIM and alignment terms would be "
+             f"{'0' if what == 'no' else 'meaningless'}: change --mask-ratio, or --mask-unit (a multiple of "
+             f"{visual.patch_size} px that divides {visual.input_resolution}), or pass --no-mim --no-align")
 
 
 def split_batch(args, world_size):
@@ -186,55 +233,12 @@ def split_batch(args, world_size):
         fail("give --batch-size-per-gpu or --accum-steps, not both")
     accum = args.accum_steps or 1
     if args.batch_size_per_gpu is not None:
-        if args.batch_size_per_gpu < 1 or per_process % args.batch_size_per_gpu:
+        if per_process % args.batch_size_per_gpu:
             fail(f"per-process batch {per_process} is not divisible by --batch-size-per-gpu {args.batch_size_per_gpu}")
         accum = per_process // args.batch_size_per_gpu
-    if accum < 1 or per_process % accum:
+    if per_process % accum:
         fail(f"per-process batch {per_process} is not divisible into {accum} accumulation steps")
     return per_process, per_process // accum, accum
-
-
-# ----------------------------------------------------------------------------------------------------------
-# processes
-
-def setup_distributed(device_flag):
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is one process."""
-    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    device = torch.device(device_flag or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def is_distributed():
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def barrier():
-    if is_distributed():
-        dist.barrier()
-
-
-@contextlib.contextmanager
-def rank_zero_first(rank):
-    """Let rank 0 download / compute caches before the others read them."""
-    if rank != 0:
-        barrier()
-    yield
-    if rank == 0:
-        barrier()
-
-
-def autocast_for(amp, device):
-    """-> (autocast dtype or None, GradScaler needed)."""
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if amp == "fp16" and device.type != "cuda":
-        fail("--amp fp16 needs a GPU (use bf16 or fp32 on CPU)")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp], amp == "fp16"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -314,15 +318,6 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
-def gather_cat(tensor):
-    """Concatenate a 1-D CPU tensor of any length over all processes."""
-    if not is_distributed():
-        return tensor
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, tensor)
-    return torch.cat(parts)
-
-
 def accuracy(preds, labels, mean_per_class):
     """Top-1 in %, or mean per-class accuracy in % (Pets, Caltech101)."""
     keep = labels >= 0
@@ -352,62 +347,292 @@ def evaluate(models, loader, device, amp_dtype, mean_per_class):
     return [accuracy(gather_cat(torch.cat(p)), labels, mean_per_class) for p in preds]
 
 
+
+def report_unreadable(dataset, what, reported, device):
+    """Merge the unreadable-file flags of every process (data.ImageList.bad), warn once per new file on rank 0,
+    and return how many files are unreadable so far (0 for datasets that never fail, like the toy's)."""
+    if not hasattr(dataset, "bad"):
+        return 0
+    merged = all_reduce(dataset.bad.to(torch.int32), device, op=torch.distributed.ReduceOp.MAX)
+    dataset.bad.copy_(merged.to(torch.int8))
+    for index, path, why in dataset.bad_files():
+        if index not in reported:
+            reported.add(index)
+            if not is_distributed() or torch.distributed.get_rank() == 0:
+                tqdm.write(f"warning: skipped {what} image {path}: it {why}")
+    return len(reported)
+
+
+def report_listing(dataset, what):
+    """One line per reason for the entries the listing left out (links, non-files, duplicates)."""
+    by_reason = {}
+    for path, reason in getattr(dataset, "ignored", []):
+        by_reason.setdefault(reason, []).append(path)
+    for reason, paths in by_reason.items():
+        print(f"warning: {len(paths)} {what} entries not listed: {reason} (e.g. {paths[0]})")
+
+
 # ----------------------------------------------------------------------------------------------------------
-# checkpoints
+# checkpoints and the identity of a run
 
-def rng_state():
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
+def fingerprint(value):
+    """SHA-256 of a state dict's tensors (names, dtypes, shapes, bytes) or of a list of strings (in order)."""
+    h = hashlib.sha256()
+    if isinstance(value, dict):
+        for name in sorted(value):
+            t = value[name].detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    else:
+        h.update(json.dumps(list(value)).encode())
+    return h.hexdigest()
 
 
-def save_checkpoint(path, checkpoint):
-    """Atomic: a kill while writing leaves the previous checkpoint intact."""
-    tmp = path + ".tmp"
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+# the flags that decide what a run computes (not where, how fast or how often it reports); the model, class list
+# and templates are compared by content (fingerprints), not by these paths
+RUN_DEFINING = ("freeze_classifier", "conf_threshold", "lambda_reg", "lambda_align", "mask_unit", "mask_ratio",
+                "ema_mu0", "ema_mu_n", "strong_view", "align_k", "no_reg", "no_mim", "no_align", "base_lr",
+                "base_min_lr", "epochs", "global_batch", "weight_decay", "layer_decay", "seed")
+_WHAT = {"model": "CLIP weights (--model)", "classes": "class list (names or their order)",
+         "templates": "prompt templates"}
 
 
-# the flags that decide what a run computes (not where, how fast or how often it reports)
-RUN_DEFINING = ("classes", "templates", "freeze_classifier", "conf_threshold", "lambda_reg", "lambda_align",
-                "mask_unit", "mask_ratio", "ema_mu0", "ema_mu_n", "strong_view", "align_k", "no_reg", "no_mim",
-                "no_align", "base_lr", "base_min_lr", "epochs", "global_batch", "weight_decay", "layer_decay", "seed")
-
-
-def load_checkpoint_for(path, args, what):
-    """Read a train.py checkpoint and check that it belongs to this model (and, when resuming, to this dataset
-    and these RUN_DEFINING settings)."""
+def load_checkpoint_for(path, args, fingerprints, resume):
+    """Read a train.py checkpoint and check by content that it belongs to these CLIP weights; when resuming also
+    to this dataset, class list, templates and RUN_DEFINING settings (continuing under others would silently make
+    a hybrid run). `--init` only needs the same CLIP."""
+    what = "resume checkpoint" if resume else "--init checkpoint"
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        fail(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-    if not isinstance(ckpt, dict) or "student" not in ckpt or "args" not in ckpt:
-        fail(f"{path} is not a MUST checkpoint written by train.py")
+        fail(f"cannot read {what} {path} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
+    if not isinstance(ckpt, dict) or not {"student", "args", "fingerprints"} <= set(ckpt):
+        fail(f"{path} is not a MUST checkpoint written by this train.py (no student weights or fingerprints)")
+    keys = ("model", "classes", "templates") if resume else ("model",)
+    differ = [_WHAT[k] for k in keys if ckpt["fingerprints"].get(k) != fingerprints[k]]
+    if differ:
+        fail(f"{what} {path} was made with other {' and other '.join(differ)}; give the same ones, or start anew "
+             f"with another --out-dir or --resume none")
     theirs = ckpt["args"]
-    if theirs.get("model") != args.model:
-        fail(f"{what} {path} was trained from model {theirs.get('model')!r}, not {args.model!r}")
-    if what == "resume checkpoint":  # continuing under other settings would silently make a hybrid run
-        if theirs.get("data") != args.data:
-            fail(f"{what} {path} was trained on dataset {theirs.get('data')!r}, not {args.data!r}")
-        changed = [f"--{k.replace('_', '-')} {theirs[k]} -> {getattr(args, k)}" for k in RUN_DEFINING
-                   if k in theirs and theirs[k] != getattr(args, k)]
-        if changed:
-            fail(f"{what} {path} was made with other settings ({'; '.join(changed)}); resume with the same flags, "
-                 f"or start anew with another --out-dir or --resume none")
+    if resume and theirs.get("data") != args.data:
+        fail(f"{what} {path} was trained on dataset {theirs.get('data')!r}, not {args.data!r}")
+    changed = [f"--{k.replace('_', '-')} {theirs[k]} -> {getattr(args, k)}" for k in RUN_DEFINING
+               if resume and k in theirs and theirs[k] != getattr(args, k)]
+    if changed:
+        fail(f"{what} {path} was made with other settings ({'; '.join(changed)}); resume with the same flags, "
+             f"or start anew with another --out-dir or --resume none")
     return ckpt
 
+
+def save_checkpoint(run):
+    """Collective: gathers every rank's RNG state; rank 0 writes OUT/checkpoint.pt atomically."""
+    states = [None] * run.world
+    if is_distributed():
+        torch.distributed.all_gather_object(states, rng_state())
+    else:
+        states = [rng_state()]
+    if run.rank == 0:
+        save_atomic({"student": run.student.state_dict(), "teacher": run.teacher.state_dict(),
+                     "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+                     "fairness": run.fairness.state_dict(), "step": run.step, "epoch": run.step // run.steps_per_epoch,
+                     "rng": states, "evals": run.evals, "args": vars(run.args), "classnames": run.classnames,
+                     "fingerprints": run.fingerprints}, run.ckpt_path)
+    barrier()
+
+
+def resume(run, path):
+    ckpt = load_checkpoint_for(path, run.args, run.fingerprints, resume=True)
+    try:
+        run.student.load_state_dict(ckpt["student"])
+        run.teacher.load_state_dict(ckpt["teacher"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError) as e:
+        fail(f"resume checkpoint {path} does not fit this run ({str(e).splitlines()[0][:200]})")
+    run.scaler.load_state_dict(ckpt["scaler"])
+    run.fairness.load_state_dict(ckpt["fairness"])
+    run.step, run.evals = ckpt["step"], list(ckpt["evals"])
+    states = ckpt["rng"]
+    set_rng_state(states[run.rank] if len(states) == run.world else states[0])
+    if run.rank == 0:
+        print(f"resumed from {path} at step {run.step} (epoch {run.step // run.steps_per_epoch})")
+# ----------------------------------------------------------------------------------------------------------
+# one optimizer step, exact over the global batch
+
+STATS = ("loss_cls", "loss_reg", "loss_mim", "loss_align", "confident", "images", "labeled", "correct")
+
+
+def forward_student(model, strong, mask, masked):
+    """-> (logits,) or, masked, (logits, v_cls, v_patch, recon): must.must_loss's `outputs`."""
+    return model(strong, mask) if masked else (model(strong),)
+
+
+def train_step(run, parts):
+    """One optimizer step on the global batch, of which this process holds `parts`, its accumulation
+    micro-batches [((weak, strong, mask), target)]. Exact at every split: eq. 2's confident count and eq. 3's p̄
+    are taken over the whole global batch before any backward (with accumulation p̄ needs a no-grad student pass
+    first), and each part back-propagates its share of the global loss (must.must_loss).
+    Returns (this process's numbers in STATS order, on the device; whether any process was asked to stop)."""
+    a, dev, masked = run.args, run.device, run.use_mim or run.use_align
+    first_of_epoch = run.step % run.steps_per_epoch == 0
+    with torch.no_grad():  # pseudo-labels from the weak view, no mask (§3.1)
+        targets = []
+        for (weak, _, _), _ in parts:
+            with run.autocast:
+                targets.append(must.pseudo_labels(run.teacher(weak.to(dev, non_blocking=True)), a.conf_threshold))
+        num_confident = all_reduce(sum(confident.sum() for _, confident in targets), dev)
+        if run.use_reg and len(parts) > 1:
+            with run.autocast:
+                probs = sum(len(s) * must.mean_probs(forward_student(run.student, s.to(dev), m.to(dev), masked)[0])
+                            for (_, s, m), _ in parts)
+            reg_w, l_reg = must.fairness_weights(all_reduce(probs, dev) / a.global_batch, run.fairness, first_of_epoch)
+    stats = torch.zeros(len(STATS), dtype=torch.float64, device=dev)
+    bad = torch.zeros((), device=dev)
+    for i, ((_, strong, mask), target) in enumerate(parts):
+        strong, mask, target = (t.to(dev, non_blocking=True) for t in (strong, mask, target))
+        labels, confident = targets[i]
+        with contextlib.nullcontext() if i == len(parts) - 1 or run.world == 1 else run.model.no_sync():
+            with run.autocast:
+                outputs = forward_student(run.model, strong, mask, masked)
+            if run.use_reg and len(parts) == 1:  # the batch is this pass's: its p̄ costs no extra forward
+                probs = len(strong) * must.mean_probs(outputs[0].detach())
+                reg_w, l_reg = must.fairness_weights(all_reduce(probs, dev) / a.global_batch, run.fairness,
+                                                     first_of_epoch)
+            loss, terms = must.must_loss(
+                outputs, strong, mask, labels, confident, num_confident, a.global_batch,
+                reg_w if run.use_reg else None, lambda_reg=a.lambda_reg, lambda_align=a.lambda_align,
+                patch_size=run.patch_size, use_mim=run.use_mim, use_align=run.use_align, align_k=a.align_k)
+            run.scaler.scale(loss * run.world).backward()  # DDP averages over processes; the shares add up
+        bad += (~torch.isfinite(loss)).float()
+        labeled = confident & (target >= 0)
+        zero = torch.zeros((), device=dev)
+        stats += torch.stack([terms["loss_cls"], zero, terms.get("loss_mim", zero), terms.get("loss_align", zero),
+                              confident.sum(), torch.tensor(len(target), device=dev), labeled.sum(),
+                              (labels[labeled] == target[labeled]).sum()]).double()
+    if run.use_reg:
+        stats[1] = l_reg / run.world  # the same global value on every process: the sum over them gives it back
+    nonfinite, stop = all_reduce(torch.stack([bad, torch.tensor(float(run.stop.signum is not None), device=dev)]),
+                                 dev).tolist()
+    if nonfinite:
+        values = ", ".join(f"{k}={v:.4g}" for k, v in zip(STATS[:4], stats.tolist()))
+        kept = f"the last good checkpoint {run.ckpt_path} is intact" if os.path.isfile(run.ckpt_path) else \
+            "no checkpoint was written yet"
+        fail(f"non-finite loss ({values}) at step {run.step}; stopped before updating the weights; {kept}")
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    return stats, stop > 0
+
+
+def log_train(run, stats, mu, images_per_s):
+    """Rank 0 appends one "train" record for the step just done (the terms switched on, summed over processes)."""
+    total = dict(zip(STATS, all_reduce(stats, run.device).tolist()))
+    skipped = report_unreadable(run.train_set, "training", run.reported, run.device)
+    if len(run.train_set) - skipped < run.args.global_batch:
+        fail(f"only {len(run.train_set) - skipped} of the {len(run.train_set)} training images can be read: fewer "
+             f"than one global batch of {run.args.global_batch} (see the warnings above)")
+    on = {"loss_cls": True, "loss_reg": run.use_reg, "loss_mim": run.use_mim, "loss_align": run.use_align}
+    weights = {"loss_cls": 1.0, "loss_reg": run.args.lambda_reg, "loss_mim": 1.0, "loss_align": run.args.lambda_align}
+    record = {"type": "train", "step": run.step, "epoch": run.step / run.steps_per_epoch,
+              "loss": sum(weights[k] * total[k] for k in on if on[k])}
+    record.update({k: total[k] for k in on if on[k]})
+    record.update(lr=run.optimizer.param_groups[-1]["lr"], ema_mu=mu, conf_ratio=total["confident"] / total["images"],
+                  pseudo_label_acc=total["correct"] / total["labeled"] if total["labeled"] else None,
+                  images_per_s=images_per_s, skipped=skipped)
+    run.log(record)
+    return record
+
+
+def train_one_epoch(run, epoch):
+    """The steps of one epoch not done yet (all of them unless resumed inside it).
+    -> why it ended: "epoch", "max-steps" or "signal" (a process was asked to stop: the step in flight finished)."""
+    a = run.args
+    first = run.step - epoch * run.steps_per_epoch
+    run.views.epoch = epoch
+    run.sampler.set_epoch(epoch)
+    run.sampler.start = first * run.per_process
+    loader = DataLoader(run.views, batch_size=run.micro_batch, sampler=run.sampler, num_workers=a.num_workers,
+                        pin_memory=run.device.type == "cuda", drop_last=True, worker_init_fn=ignore_stop_signals)
+    batches = iter(loader)
+    run.model.train()
+    bar = tqdm(range(first, run.steps_per_epoch), desc=f"epoch {epoch + 1}/{a.epochs}", disable=run.rank != 0,
+               initial=first, total=run.steps_per_epoch, dynamic_ncols=True)
+    tic, seen = time.time(), 0
+    for _ in bar:
+        if a.max_steps is not None and run.step >= a.max_steps:
+            return "max-steps"
+        set_lr(run.optimizer, cosine_lr(run.step, run.total_steps, run.lr, run.min_lr))
+        mu = must.ema_momentum(run.step, a.ema_mu0, a.ema_mu_n)
+        try:
+            parts = [next(batches) for _ in range(run.accum)]
+        except data.UnreadableDataset as e:  # from a worker, the message ends its traceback
+            fail(str(e).strip().splitlines()[-1].removeprefix("data.UnreadableDataset: "))
+        stats, stop = train_step(run, parts)
+        must.ema_update(run.teacher, run.student, mu)  # eq. 1
+        run.step += 1
+        seen += a.global_batch
+        if run.step % a.log_freq == 0 or run.step % run.steps_per_epoch == 0 or stop:
+            record = log_train(run, stats, mu, seen / (time.time() - tic))
+            bar.set_postfix(loss=f"{record['loss']:.3f}", conf=f"{record['conf_ratio']:.2f}")
+            tic, seen = time.time(), 0
+        if stop:
+            return "signal"
+        if a.save_freq and run.step % a.save_freq == 0 and run.step % run.steps_per_epoch:
+            save_checkpoint(run)
+    return "epoch"
+
+
+def run_eval(run, epoch):
+    if run.test_loader is None:
+        return
+    student_acc, teacher_acc = evaluate([run.student, run.teacher], run.test_loader, run.device, run.amp_dtype,
+                                        run.mean_per_class)
+    report_unreadable(run.test_set, "test", run.reported_test, run.device)
+    run.evals.append({"epoch": epoch, "step": run.step, "student_acc": student_acc, "teacher_acc": teacher_acc})
+    run.log({"type": "eval", **run.evals[-1]})
+    if run.rank == 0:
+        tqdm.write(f"epoch {epoch}: student {student_acc:.2f}%  teacher {teacher_acc:.2f}%")
+
+
+def eval_due(run, epoch):
+    """Evaluate before training, every --eval-freq epochs and after the last; each epoch once."""
+    due = epoch == 0 or epoch % run.args.eval_freq == 0 or epoch == run.args.epochs
+    return due and all(e["epoch"] != epoch for e in run.evals)
+
+
+def train(run):
+    """The epoch loop and its one place for stopping: the end, --max-steps, or a signal. -> the eval records."""
+    a, spe = run.args, run.steps_per_epoch
+    if run.step % spe == 0 and eval_due(run, run.step // spe):
+        run_eval(run, run.step // spe)  # zero-shot (or --init) before training, or one a signal cut short
+    why = "epoch"
+    for epoch in range(run.step // spe, a.epochs):
+        why = train_one_epoch(run, epoch)
+        if why == "epoch" and eval_due(run, epoch + 1):
+            run_eval(run, epoch + 1)
+        save_checkpoint(run)
+        if why == "epoch" and a.max_steps is not None and run.step >= a.max_steps:
+            why = "max-steps"
+        if why != "epoch":
+            break
+    if run.rank == 0:
+        skipped = len(run.reported)
+        if skipped:
+            print(f"skipped {skipped} unreadable training image(s) (named above); each was replaced by the next "
+                  f"readable one")
+        if why == "max-steps":
+            print(f"stopped after step {run.step} of {run.total_steps} (--max-steps); rerun to resume from "
+                  f"{run.ckpt_path}")
+        if run.evals:
+            print_table(run.evals, a.data, run.mean_per_class, "--init model" if a.init else "CLIP zero-shot")
+        elif run.test_loader is None:
+            print("not evaluated: --data folder without --eval-root")
+    if why == "signal":
+        signum = run.stop.signum or 15
+        if run.rank == 0:
+            print(f"stopped by {signal.Signals(signum).name} after step {run.step}: checkpoint {run.ckpt_path} written; "
+                  f"run the same command again to resume", file=sys.stderr)
+        raise SystemExit(128 + signum)
+    return run.evals
 
 def print_table(evals, dataset, mean_per_class, start_name):
     """Zero-shot vs MUST student vs EMA teacher (last evaluation), plus the release's best-on-test selection."""
@@ -424,25 +649,10 @@ def print_table(evals, dataset, mean_per_class, start_name):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# building a run
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.data not in data.DATASET_NAMES:
-        fail(f"unknown dataset {args.data!r}; choose one of: {', '.join(data.DATASET_NAMES)}")
-    if args.data != "toy" and not args.download and (not args.data_root or not os.path.isdir(args.data_root)
-                                                     or not os.listdir(args.data_root)):
-        fail(f"data root {args.data_root!r} is missing or empty (give --data-root DIR)")
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if args.global_batch is not None:
-        split_batch(args, world_size)  # fail early, before any process group or model exists
-    args.out_dir = args.out_dir or os.path.join("out", args.data)
-    rank, world_size, device = setup_distributed(args.device)
-    amp_dtype, use_scaler = autocast_for(args.amp, device)
-    os.makedirs(args.out_dir, exist_ok=True)
-    log_path = os.path.join(args.out_dir, "log.jsonl")
-    ckpt_path = os.path.join(args.out_dir, CHECKPOINT)
-
-    # -- model: CLIP image tower + zero-shot head as a trainable classifier (Fig. 1) --
+def load_clip(args, rank):
+    """The CLIP of --model (rank 0 downloads first) and the run's Table 10 config for it."""
     with rank_zero_first(rank):
         if args.model is None:
             args.model = "ViT-B/16"
@@ -454,219 +664,141 @@ def main(argv=None):
         except (FileNotFoundError, ValueError, RuntimeError) as e:
             fail(str(e))
     resolve_config(args, clip.visual)
-    per_process, micro_batch, accum = split_batch(args, world_size)
-    input_size, patch_size = clip.visual.input_resolution, clip.visual.patch_size
+    return clip
 
+
+def build_datasets(args, visual, rank):
+    """(unlabeled training set with its views and masks, labeled test set or None for a folder without --eval-root)"""
+    input_size = visual.input_resolution
+    mask_generator = data.MaskGenerator(input_size, args.mask_unit, visual.patch_size, args.mask_ratio)
     try:
-        mask_generator = data.MaskGenerator(input_size, args.mask_unit, patch_size, args.mask_ratio)
         with rank_zero_first(rank) if args.download else contextlib.nullcontext():  # one download at a time
             train_set = data.build_dataset(args.data, args.data_root, "train",
                                            data.TrainTransform(input_size, mask_generator, args.strong_view),
                                            args.classes, args.templates, args.eval_root, download=args.download)
-            test_set = data.build_dataset(args.data, args.data_root, "test", data.test_transform(input_size),
-                                          args.classes, args.templates, args.eval_root, download=args.download)
+            test_set = None if args.data == "folder" and not args.eval_root else data.build_dataset(
+                args.data, args.data_root, "test", data.test_transform(input_size), args.classes, args.templates,
+                args.eval_root, download=args.download)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
-    steps_per_epoch = len(train_set) // args.global_batch
-    if steps_per_epoch == 0:
-        fail(f"{len(train_set)} training images are fewer than one global batch of {args.global_batch}")
-    total_steps = args.epochs * steps_per_epoch
+    if len(train_set.classnames) < 2:
+        fail(f"{args.data} has {len(train_set.classnames)} class(es); a classifier needs at least 2")
+    if rank == 0:
+        report_listing(train_set, "training")
+        if test_set is not None:
+            report_listing(test_set, "test")
+    return train_set, test_set
 
+
+def build_student(args, clip, head):
+    """MUSTModel: CLIP's image tower + the zero-shot head as a trainable classifier (Fig. 1), the MIM heads, and
+    --init's tower; heads without a loss stay frozen, so DDP sees no unused parameters."""
+    torch.manual_seed(args.seed)  # same [MSK] / decoder init on every rank (and as with one process)
+    student = must.MUSTModel(clip.visual, head, clip.logit_scale.exp().item(), freeze_classifier=args.freeze_classifier)
+    if args.no_mim:
+        student.visual.decoder.requires_grad_(False)
+    if args.no_mim and args.no_align:
+        student.visual.mask_token.requires_grad_(False)
+        student.visual.ln_patch.requires_grad_(False)
+    return student
+
+
+def build_run(args, rank, world, device, stop):
+    """Everything a run holds, as one namespace: model, teacher, optimizer, data, schedule, paths."""
+    clip = load_clip(args, rank)
+    per_process, micro_batch, accum = split_batch(args, world)
+    train_set, test_set = build_datasets(args, clip.visual, rank)
+    fingerprints = {"model": fingerprint(clip.state_dict()), "classes": fingerprint(train_set.classnames),
+                    "templates": fingerprint(train_set.templates)}
     with rank_zero_first(rank):
         head = prompts.zero_shot_head(clip.to(device), train_set.classnames, train_set.templates, device=device,
                                       cache_dir=args.out_dir).cpu()
-    logit_scale = clip.logit_scale.exp().item()  # s: 100 for OpenAI's CLIPs; a tiny CLIP has its own
-    visual = clip.visual.cpu()
+    if not torch.isfinite(head).all():
+        fail(f"the zero-shot head has non-finite values: the text tower of {args.model} is broken")
+    student = build_student(args, clip.cpu(), head)
     del clip  # the text tower is done: the classifier now holds its knowledge
-    torch.manual_seed(args.seed)  # same [MSK] / decoder init on every rank (and as with one process)
-    student = must.MUSTModel(visual, head, logit_scale, freeze_classifier=args.freeze_classifier)
-    use_mim, use_align, use_reg = not args.no_mim, not args.no_align, not args.no_reg
-    if not use_mim:  # heads without a loss stay frozen, so DDP sees no unused parameters
-        student.visual.decoder.requires_grad_(False)
-    if not (use_mim or use_align):
-        student.visual.mask_token.requires_grad_(False)
-        student.visual.ln_patch.requires_grad_(False)
-    resume = None if args.resume == "none" else (ckpt_path if args.resume == "auto" else args.resume)
-    if resume == ckpt_path and not os.path.isfile(ckpt_path):
-        resume = None
-    elif resume is not None and not os.path.isfile(resume):
-        fail(f"no checkpoint at {resume}")
-    if args.init and resume is None:
-        init = load_checkpoint_for(args.init, args, "--init checkpoint")
+    if args.init:
+        init = load_checkpoint_for(args.init, args, fingerprints, resume=False)
         tower = {k[len("visual."):]: v for k, v in init["student"].items() if k.startswith("visual.")}
         try:
             student.visual.load_state_dict(tower)  # the classifier stays this dataset's zero-shot head
         except RuntimeError as e:
             fail(f"--init checkpoint {args.init} does not fit {args.model} ({str(e).splitlines()[0][:200]})")
     student.to(device)
-    teacher = must.make_teacher(student)  # Δ = θ at the start (eq. 1)
-    fairness = must.FairnessMean(student.num_classes)
-
-    torch.manual_seed(args.seed + rank)  # per-rank RNG for anything else
-    np.random.seed(args.seed + rank)
-    random.seed(args.seed + rank)
-
-    model = student
-    if world_size > 1:
-        model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-
-    # -- optimizer: AdamW, lr = base_lr × batch / 256, layer-wise decay, cosine to min_lr (§3.4) --
-    lr = args.base_lr * args.global_batch / 256
-    min_lr = args.base_min_lr * args.global_batch / 256
-    optimizer = torch.optim.AdamW(param_groups(student, args.weight_decay, args.layer_decay), lr=lr,
-                                  betas=(0.9, 0.999), eps=1e-8)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-
-    # -- resume --
-    step, evals = 0, []
-    if resume is not None:
-        ckpt = load_checkpoint_for(resume, args, "resume checkpoint")
-        try:
-            student.load_state_dict(ckpt["student"])
-            teacher.load_state_dict(ckpt["teacher"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError) as e:
-            fail(f"resume checkpoint {resume} does not fit this run ({str(e).splitlines()[0][:200]})")
-        scaler.load_state_dict(ckpt["scaler"])
-        fairness.load_state_dict(ckpt["fairness"])
-        step, evals = ckpt["step"], list(ckpt["evals"])
-        states = ckpt["rng"]
-        set_rng_state(states[rank] if len(states) == world_size else states[0])
-        if rank == 0:
-            print(f"resumed from {resume} at step {step} (epoch {step // steps_per_epoch})")
-
-    # -- data loaders --
+    spe = len(train_set) // args.global_batch
+    if spe == 0:
+        fail(f"{len(train_set)} training images are fewer than one global batch of {args.global_batch}")
+    amp_dtype, use_scaler = autocast_for(args.amp, device)
+    lr, min_lr = args.base_lr * args.global_batch / 256, args.base_min_lr * args.global_batch / 256
     views = SeededViews(train_set, args.seed)
-    sampler = ResumableSampler(views, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed,
-                               drop_last=True)
-    test_loader = DataLoader(Subset(test_set, range(rank, len(test_set), world_size)), batch_size=micro_batch,
-                             num_workers=args.num_workers, pin_memory=device.type == "cuda")
-    mean_per_class = args.data in data.MEAN_PER_CLASS
+    run = SimpleNamespace(
+        args=args, rank=rank, world=world, device=device, stop=stop, student=student,
+        teacher=must.make_teacher(student),  # Δ = θ at the start (eq. 1)
+        model=DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+        if world > 1 else student,
+        optimizer=torch.optim.AdamW(param_groups(student, args.weight_decay, args.layer_decay), lr=lr,
+                                    betas=(0.9, 0.999), eps=1e-8),
+        scaler=torch.amp.GradScaler(device.type, enabled=use_scaler), fairness=must.FairnessMean(student.num_classes),
+        amp_dtype=amp_dtype, autocast=torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                                     enabled=amp_dtype is not None),
+        use_reg=not args.no_reg, use_mim=not args.no_mim, use_align=not args.no_align,
+        patch_size=student.visual.patch_size, per_process=per_process, micro_batch=micro_batch, accum=accum,
+        steps_per_epoch=spe, total_steps=args.epochs * spe, lr=lr, min_lr=min_lr, step=0, evals=[],
+        train_set=train_set, test_set=test_set, views=views, classnames=list(train_set.classnames),
+        sampler=ResumableSampler(views, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True),
+        test_loader=None if test_set is None else DataLoader(
+            Subset(test_set, range(rank, len(test_set), world)), batch_size=micro_batch, num_workers=args.num_workers,
+            pin_memory=device.type == "cuda"),
+        mean_per_class=args.data in data.MEAN_PER_CLASS, fingerprints=fingerprints, reported=set(), reported_test=set(),
+        ckpt_path=os.path.join(args.out_dir, CHECKPOINT), log_path=os.path.join(args.out_dir, "log.jsonl"))
+    run.log = lambda record: _append_json(run.log_path, record) if rank == 0 else None
+    return run
 
-    def log(record):
-        if rank == 0:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
 
-    def run_eval(epoch):
-        student_acc, teacher_acc = evaluate([student, teacher], test_loader, device, amp_dtype, mean_per_class)
-        evals.append({"epoch": epoch, "step": step, "student_acc": student_acc, "teacher_acc": teacher_acc})
-        log({"type": "eval", **evals[-1]})
-        if rank == 0:
-            tqdm.write(f"epoch {epoch}: student {student_acc:.2f}%  teacher {teacher_acc:.2f}%")
+def _append_json(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
-    def checkpoint():
-        states = [None] * world_size
+
+def start(run):
+    """Resume (--resume auto: OUT/checkpoint.pt if present) or start a fresh log; seed per-rank RNGs."""
+    a = run.args
+    path = None if a.resume == "none" else (run.ckpt_path if a.resume == "auto" else a.resume)
+    if path == run.ckpt_path and not os.path.isfile(path):
+        path = None
+    elif path is not None and not os.path.isfile(path):
+        fail(f"no checkpoint at {path}")
+    torch.manual_seed(a.seed + run.rank)  # per-rank RNG for anything else
+    np.random.seed(a.seed + run.rank)
+    random.seed(a.seed + run.rank)
+    if path is not None:
+        resume(run, path)
+    if run.rank == 0:
+        if path is None:  # a fresh run starts a fresh log; a resumed one appends
+            open(run.log_path, "w").close()
+        print(f"MUST on {a.data}: {len(run.train_set)} images, {run.student.num_classes} classes, {run.world} "
+              f"process(es), global batch {a.global_batch} = {run.world} x {run.accum} x {run.micro_batch}, "
+              f"{run.total_steps} steps, lr {run.lr:.3g}, s = {run.student.logit_scale.item():.4g}")
+        run.log({"type": "config", **vars(a), "world_size": run.world, "steps_per_epoch": run.steps_per_epoch})
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_flags(args)  # every flag, before any process group, model or data exists
+    rank, world, device = setup_distributed(args.device)
+    lock = RunLock(args.out_dir) if rank == 0 else None
+    try:
+        with StopRequest() as stop:
+            run = build_run(args, rank, world, device, stop)
+            start(run)
+            return train(run)
+    finally:
+        if lock is not None:
+            lock.release()
         if is_distributed():
-            dist.all_gather_object(states, rng_state())
-        else:
-            states = [rng_state()]
-        if rank == 0:
-            save_checkpoint(ckpt_path, {
-                "student": student.state_dict(), "teacher": teacher.state_dict(),
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "fairness": fairness.state_dict(),
-                "step": step, "epoch": step // steps_per_epoch, "rng": states, "evals": evals,
-                "args": vars(args), "classnames": list(train_set.classnames)})
-        barrier()
-
-    if rank == 0:
-        if resume is None:  # a fresh run starts a fresh log; a resumed one appends
-            open(log_path, "w").close()
-        print(f"MUST on {args.data}: {len(train_set)} images, {student.num_classes} classes, {world_size} process(es), "
-              f"global batch {args.global_batch} = {world_size} x {accum} x {micro_batch}, {total_steps} steps, "
-              f"lr {lr:.3g}, s = {logit_scale:.4g}")
-        log({"type": "config", **vars(args), "world_size": world_size, "steps_per_epoch": steps_per_epoch})
-    if step == 0 and not evals:
-        run_eval(0)  # CLIP zero-shot (or the --init model) before any update
-
-    # -- training (one optimizer step = one global batch) --
-    autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
-    stopped = False
-    for epoch in range(step // steps_per_epoch, args.epochs):
-        first = step - epoch * steps_per_epoch  # steps of this epoch already done (resume)
-        views.epoch = epoch
-        sampler.set_epoch(epoch)
-        sampler.start = first * per_process
-        loader = DataLoader(views, batch_size=micro_batch, sampler=sampler, num_workers=args.num_workers,
-                            pin_memory=device.type == "cuda", drop_last=True)
-        batches = iter(loader)
-        model.train()
-        bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=rank != 0,
-                   initial=first, total=steps_per_epoch, dynamic_ncols=True)
-        tic, images_seen = time.time(), 0
-        for _ in bar:
-            if args.max_steps is not None and step >= args.max_steps:
-                stopped = True
-                break
-            set_lr(optimizer, cosine_lr(step, total_steps, lr, min_lr))
-            mu = must.ema_momentum(step, args.ema_mu0, args.ema_mu_n)
-            stats = torch.zeros(len(STATS), dtype=torch.float64)  # summed over micro-batches
-            for micro in range(accum):
-                (weak, strong, mask), target = next(batches)
-                weak, strong = weak.to(device, non_blocking=True), strong.to(device, non_blocking=True)
-                mask, target = mask.to(device, non_blocking=True), target.to(device)
-                with torch.no_grad(), autocast:
-                    teacher_logits = teacher(weak)  # pseudo-labels from the weak view, no mask (§3.1)
-                sync = contextlib.nullcontext() if micro == accum - 1 or world_size == 1 else model.no_sync()
-                with sync:
-                    with autocast:
-                        loss, terms, confident, pseudo = must.must_loss(
-                            model, teacher_logits, strong, mask, fairness, conf_threshold=args.conf_threshold,
-                            lambda_reg=args.lambda_reg, lambda_align=args.lambda_align, patch_size=patch_size,
-                            use_reg=use_reg, use_mim=use_mim, use_align=use_align, align_k=args.align_k)
-                    bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=device)
-                    if is_distributed():
-                        dist.all_reduce(bad)
-                    if bad.item():
-                        fail(f"non-finite loss ({', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())}) at "
-                             f"step {step}; stopped before updating; the last good checkpoint {ckpt_path} is intact")
-                    scaler.scale(loss / accum).backward()
-                stats += step_stats(loss, terms, confident, pseudo, target)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            must.ema_update(teacher, student, mu)  # eq. 1
-            step += 1
-            images_seen += args.global_batch
-
-            if step % args.log_freq == 0 or step == steps_per_epoch * (epoch + 1):
-                if is_distributed():
-                    stats = stats.to(device)
-                    dist.all_reduce(stats)
-                    stats = stats.cpu()
-                total = dict(zip(STATS, stats.tolist()))
-                record = {"type": "train", "step": step, "epoch": step / steps_per_epoch}
-                record.update({k: total[k] / (accum * world_size) for k in STATS[:5] if k in ("loss", *terms)})
-                record.update(lr=optimizer.param_groups[-1]["lr"], ema_mu=mu,
-                              conf_ratio=total["confident"] / total["images"],
-                              pseudo_label_acc=total["correct"] / total["labeled"] if total["labeled"] else None,
-                              images_per_s=images_seen / (time.time() - tic))
-                log(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", conf=f"{record['conf_ratio']:.2f}")
-                tic, images_seen = time.time(), 0
-            if args.save_freq and step % args.save_freq == 0 and step % steps_per_epoch:
-                checkpoint()
-        bar.close()
-        if stopped or step < (epoch + 1) * steps_per_epoch:  # --max-steps reached inside this epoch
-            stopped = True
-            checkpoint()
-            break
-        if (epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs:
-            run_eval(epoch + 1)
-        checkpoint()
-        if args.max_steps is not None and step >= args.max_steps:
-            stopped = True
-            break
-
-    # -- result table --
-    if rank == 0:
-        if stopped:
-            print(f"stopped after step {step} of {total_steps} (--max-steps); rerun to resume from {ckpt_path}")
-        if evals:
-            print_table(evals, args.data, mean_per_class, "--init model" if args.init else "CLIP zero-shot")
-    if is_distributed():
-        dist.destroy_process_group()
-    return evals
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -56,7 +56,8 @@ def save_checkpoint(path, dataset, classnames, clip_path, data_root):
     torch.save({"student": student.state_dict(), "teacher": teacher.state_dict(), "step": 3, "epoch": 1,
                 "args": {"data": dataset, "model": str(clip_path), "data_root": str(data_root), "mask_unit": 16,
                          "mask_ratio": 0.5},
-                "classnames": list(classnames)}, path)
+                "classnames": list(classnames),
+                "fingerprints": {"model": train.fingerprint(clip_model.load(str(clip_path))[0].state_dict())}}, path)
     return path
 
 

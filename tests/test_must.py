@@ -26,12 +26,18 @@ def softmax_row(row):
 
 # ---------------------------------------------------------------------------------------------- eq. 2
 
+def cls_loss(teacher, student, tau):
+    """eq. 2 over one whole batch: the count of confident samples is this batch's."""
+    labels, confident = must.pseudo_labels(teacher, tau)
+    return must.loss_cls(student, labels, confident, confident.sum()), confident, labels
+
+
 def test_loss_cls_matches_hand_computation():
     torch.manual_seed(0)
     teacher = torch.randn(6, 4) * 3
     student = torch.randn(6, 4, requires_grad=True)
     tau = 0.6
-    loss, confident, pseudo = must.loss_cls(teacher, student, tau)
+    loss, confident, pseudo = cls_loss(teacher, student, tau)
     total, expect_conf = 0.0, []
     for b in range(6):
         q = softmax_row(teacher[b].tolist())
@@ -46,12 +52,16 @@ def test_loss_cls_matches_hand_computation():
     assert loss.item() == pytest.approx(total / sum(expect_conf), rel=1e-5)  # mean over confident samples
     loss.backward()
     assert torch.all(student.grad[~confident] == 0)
+    # a part of a larger batch divides by the global count: the parts' shares add up to the whole
+    first, second = (must.loss_cls(student[i:i + 3], pseudo[i:i + 3], confident[i:i + 3], confident.sum())
+                     for i in (0, 3))
+    assert (first + second).item() == pytest.approx(loss.item(), rel=1e-6)
 
 
 def test_loss_cls_no_confident_sample_is_zero_with_finite_grads():
     teacher = torch.zeros(4, 10)  # uniform: max prob 0.1
     student = torch.randn(4, 10, requires_grad=True)
-    loss, confident, _ = must.loss_cls(teacher, student, 0.5)
+    loss, confident, _ = cls_loss(teacher, student, 0.5)
     assert not confident.any()
     assert loss.item() == 0.0
     loss.backward()
@@ -61,12 +71,32 @@ def test_loss_cls_no_confident_sample_is_zero_with_finite_grads():
 def test_loss_cls_threshold_is_strict_and_teacher_gets_no_grad():
     teacher = torch.tensor([[math.log(3.0), 0.0], [0.0, math.log(3.0)]], requires_grad=True)  # max q = 0.75
     student = torch.zeros(2, 2, requires_grad=True)
-    loss, confident, _ = must.loss_cls(teacher, student, 0.7499)
+    loss, confident, _ = cls_loss(teacher, student, 0.7499)
     assert confident.all()
     assert loss.item() == pytest.approx(math.log(2.0), rel=1e-6)
-    assert not must.loss_cls(teacher, student, 0.76)[1].any()
+    assert not must.pseudo_labels(teacher, 0.76)[1].any()
     loss.backward()
     assert teacher.grad is None
+
+
+def test_pseudo_labels_are_fp32_decisions_under_bf16_autocast():
+    """The classifier, softmax, confidence test and pseudo-labels run in fp32 whatever the autocast: under CPU bf16
+    autocast they equal those of the fp32 classifier on the same features."""
+    model, _, _ = tiny_must(num_classes=50)
+    torch.manual_seed(3)
+    features = torch.randn(256, 32)
+    with torch.no_grad():
+        expect = model.logit_scale * F.normalize(features, dim=-1) @ model.classifier.weight.t()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model.classify(features)
+            bf16 = model.logit_scale * F.linear(F.normalize(features, dim=-1), model.classifier.weight)
+    assert logits.dtype == torch.float32 and bf16.dtype == torch.bfloat16  # autocast was really on
+    assert torch.allclose(logits, expect, atol=1e-4)
+    tau = float(expect.softmax(-1).max(-1).values.median())  # half the samples sit on each side of τ
+    labels, confident = must.pseudo_labels(logits, tau)
+    ref_labels, ref_confident = must.pseudo_labels(expect, tau)
+    assert torch.equal(labels, ref_labels) and torch.equal(confident, ref_confident)
+    assert (bf16.float() - expect).abs().max() > 1e-2  # what a bf16 classifier would have been off by
 
 
 # ---------------------------------------------------------------------------------------------- eq. 3
@@ -74,7 +104,7 @@ def test_loss_cls_threshold_is_strict_and_teacher_gets_no_grad():
 def test_loss_reg_matches_hand_computation_and_is_minimal_at_uniform():
     torch.manual_seed(1)
     logits = torch.randn(8, 5)
-    mean_probs = must.global_mean_probs(logits)  # one process: the batch mean
+    mean_probs = must.mean_probs(logits)
     rows = [softmax_row(r) for r in logits.tolist()]
     pbar = [sum(r[k] for r in rows) / 8 for k in range(5)]
     assert mean_probs.tolist() == pytest.approx(pbar, rel=1e-5)
@@ -93,16 +123,16 @@ def test_fairness_batch_mean_below_512_classes():
 
 
 def test_fairness_running_mean_from_512_classes():
-    """NOTES.md: p̄ ← ½(p̄_prev.detach() + p̄_batch), loss divided by ½."""
+    """As the release: p̄ ← ½(p̄_prev.detach() + p̄_batch), loss divided by ½; at an epoch's first step p̄ = p̄_batch
+    with its full gradient, still divided by ½ (that step's gradient is doubled)."""
     K = 512
     fair = must.FairnessMean(K)
     assert fair.running
     b1 = torch.softmax(torch.randn(K), 0).requires_grad_()
     mean1, scale = fair(b1)
-    assert scale == 2.0
-    assert torch.allclose(mean1, b1)  # first step: p̄_prev is the batch's own mean
+    assert scale == 2.0 and mean1 is b1  # first step: the batch's own mean, not detached
     (scale * must.loss_reg(mean1)).backward()
-    assert torch.allclose(b1.grad, -1.0 / (K * b1.detach()), rtol=1e-5)  # = gradient of the plain batch-mean loss
+    assert torch.allclose(b1.grad, -2.0 / (K * b1.detach()), rtol=1e-5)  # twice the plain batch-mean gradient
     b2 = torch.softmax(torch.randn(K), 0).requires_grad_()
     mean2, _ = fair(b2)
     assert torch.allclose(mean2, 0.5 * (mean1.detach() + b2.detach()))
@@ -113,6 +143,30 @@ def test_fairness_running_mean_from_512_classes():
     other.load_state_dict(state)
     b3 = torch.softmax(torch.randn(K), 0)
     assert torch.equal(fair(b3)[0], other(b3)[0])
+    assert torch.equal(fair(b2.detach(), reset=True)[0], b2.detach())  # an epoch's first step starts over
+
+
+@pytest.mark.parametrize("K", [5, 512])
+def test_fairness_weights_give_the_global_batch_gradient(K):
+    """w = ∂L_reg/∂p̄_batch at the global batch's mean: the parts' shares (1/B) Σ w·p_b carry exactly the gradient
+    of L_reg(p̄ of the whole batch), in both fairness modes and with a running mean from an earlier step."""
+    torch.manual_seed(4)
+    logits = torch.randn(8, K, requires_grad=True)
+    prev = torch.softmax(torch.randn(K), 0)
+    reference = must.FairnessMean(K)
+    reference.prev = prev
+    mean, scale = reference(must.mean_probs(logits))
+    (expect,) = torch.autograd.grad(scale * must.loss_reg(mean), logits)
+    fair = must.FairnessMean(K)
+    fair.prev = prev
+    w, value = must.fairness_weights(must.mean_probs(logits), fair)
+    assert value.item() == pytest.approx((scale * must.loss_reg(mean)).item(), rel=1e-6)
+    shares = sum(len(part) / 8 * (w * must.mean_probs(part)).sum() for part in (logits[:3], logits[3:]))
+    (grad,) = torch.autograd.grad(shares, logits)
+    assert torch.allclose(grad, expect, atol=1e-7, rtol=1e-5)
+    assert expect.abs().max() > 1e-4
+    if fair.running:
+        assert torch.equal(fair.prev, reference.prev)  # the running mean advanced once, as the reference's
 
 
 # ---------------------------------------------------------------------------------------------- eq. 4
@@ -217,29 +271,60 @@ def test_must_model_is_the_zero_shot_classifier_at_init():
     assert not frozen.classifier.weight.requires_grad
 
 
-def test_must_loss_is_the_weighted_sum_of_terms_and_switches():
+def release_loss(model, teacher_logits, x, mask, tau, lam_reg, lam_align):
+    """eq. 6 on one whole batch, written plainly: mean CE over confident samples + λ L_reg(batch mean) + L_mim +
+    λ L_align."""
+    logits, v_cls, v_patch, recon = model(x, mask)
+    labels, confident = must.pseudo_labels(teacher_logits, tau)
+    ce = F.cross_entropy(logits[confident], labels[confident])
+    return (ce + lam_reg * must.loss_reg(logits.softmax(-1).mean(0)) + must.loss_mim(recon, x, mask, 8)
+            + lam_align * must.loss_align(v_cls, v_patch, mask))
+
+
+def test_must_loss_shares_add_up_to_the_global_batch_loss_and_gradient():
+    """Exact accumulation at the level of eq. 6: two parts' shares give the whole batch's loss and gradient."""
     model, _, _ = tiny_must()
     torch.manual_seed(5)
-    x, mask = torch.randn(4, 3, 32, 32), torch.rand(4, 16) < 0.3
-    mask[:, 0] = True
-    teacher_logits = torch.randn(4, 5) * 5
-    kw = dict(conf_threshold=0.5, lambda_reg=0.3, lambda_align=0.7, patch_size=8)
-    loss, terms, _, _ = must.must_loss(model, teacher_logits, x, mask, must.FairnessMean(5), **kw)
-    expect = terms["loss_cls"] + 0.3 * terms["loss_reg"] + terms["loss_mim"] + 0.7 * terms["loss_align"]
-    assert loss.item() == pytest.approx(expect.item(), rel=1e-5)
-    loss.backward()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    assert model.visual.mask_token.grad is not None and model.visual.decoder[0].weight.grad is not None
-    # self-training + fairness only: no masked forward
-    loss2, terms2, _, _ = must.must_loss(model, teacher_logits, x, mask, must.FairnessMean(5), use_mim=False,
-                                         use_align=False, **kw)
-    assert set(terms2) == {"loss_cls", "loss_reg"}
+    x, mask = torch.randn(6, 3, 32, 32), torch.zeros(6, 16, dtype=torch.bool)
+    mask[:, [0, 5, 10]] = True  # the same number of masked patches in every image, as MaskGenerator draws
+    teacher_logits = torch.randn(6, 5) * 2
+    kw = dict(lambda_reg=0.3, lambda_align=0.7, patch_size=8)
+    expect = release_loss(model, teacher_logits, x, mask, 0.75, 0.3, 0.7)
+    params = [p for p in model.parameters()]
+    expect_grads = torch.autograd.grad(expect, params, allow_unused=True)
+    labels, confident = must.pseudo_labels(teacher_logits, 0.75)
+    assert 0 < confident.sum() < 6
+    with torch.no_grad():
+        w, l_reg = must.fairness_weights(must.mean_probs(model(x, mask)[0]), must.FairnessMean(5))
+    total, terms_sum = 0.0, {}
+    for part in (slice(0, 2), slice(2, 6)):
+        loss, terms = must.must_loss(model(x[part], mask[part]), x[part], mask[part], labels[part], confident[part],
+                                     confident.sum(), 6, w, **kw)
+        loss.backward()
+        total += loss.item()
+        terms_sum = {k: terms_sum.get(k, 0.0) + v.item() for k, v in terms.items()}
+    whole = terms_sum["loss_cls"] + 0.3 * l_reg.item() + terms_sum["loss_mim"] + 0.7 * terms_sum["loss_align"]
+    assert whole == pytest.approx(expect.item(), rel=1e-5)
+    for p, g in zip(params, expect_grads):
+        if g is not None:
+            assert torch.allclose(p.grad, g, atol=1e-6, rtol=1e-4)
+    assert model.visual.mask_token.grad.abs().max() > 0 and model.visual.decoder[0].weight.grad.abs().max() > 0
+
+
+def test_must_loss_switches():
+    model, _, _ = tiny_must()
+    torch.manual_seed(5)
+    x, mask = torch.randn(4, 3, 32, 32), torch.zeros(4, 16, dtype=torch.bool)
+    mask[:, :3] = True
+    labels, confident = must.pseudo_labels(torch.randn(4, 5) * 5, 0.5)
+    kw = dict(lambda_reg=0.3, lambda_align=0.7, patch_size=8)
+    _, terms = must.must_loss(model(x, mask), x, mask, labels, confident, confident.sum(), 4, None, **kw)
+    assert set(terms) == {"loss_cls", "loss_mim", "loss_align"}
     logits = model(x)
-    manual = must.loss_cls(teacher_logits, logits, 0.5)[0] + 0.3 * must.loss_reg(must.global_mean_probs(logits))
-    assert loss2.item() == pytest.approx(manual.item(), rel=1e-5)
-    loss3, terms3, _, _ = must.must_loss(model, teacher_logits, x, mask, must.FairnessMean(5), use_reg=False,
-                                         use_mim=False, use_align=False, **kw)
-    assert set(terms3) == {"loss_cls"}
+    loss, terms = must.must_loss((logits,), x, mask, labels, confident, confident.sum(), 4, None, use_mim=False,
+                                 use_align=False, **kw)
+    assert set(terms) == {"loss_cls"}
+    assert loss.item() == pytest.approx(must.loss_cls(logits, labels, confident, confident.sum()).item(), rel=1e-6)
 
 
 def test_load_checkpoint_roundtrip(tmp_path):

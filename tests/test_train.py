@@ -13,6 +13,7 @@ from PIL import Image
 
 import clip_model
 import must
+import runtime
 import train
 
 # tiny models: one thread is several times faster than two on a shared 2-core machine, and as deterministic
@@ -200,13 +201,13 @@ def test_one_line_errors(world, tmp_path, monkeypatch):
     assert "missing or empty" in error_of(argv(world, out) + ["--data-root", str(tmp_path / "nowhere")])
     (tmp_path / "empty").mkdir()
     assert "missing or empty" in error_of(argv(world, out) + ["--data-root", str(tmp_path / "empty")])
-    assert "not a multiple of the patch size" in error_of(argv(world, out) + ["--mask-unit", "12"])
+    assert "must be a multiple of the patch size 8" in error_of(argv(world, out) + ["--mask-unit", "12"])
     with monkeypatch.context() as m:
         m.setenv("WORLD_SIZE", "3")
         assert "not divisible by the 3 processes" in error_of(argv(world, out))
     # a checkpoint of another model, of another dataset
     train.main(argv(world, out, "--max-steps", "1"))
-    assert "trained from model" in error_of(argv(world, out) + ["--model", str(world / "other.pt")])
+    assert "other CLIP weights (--model)" in error_of(argv(world, out) + ["--model", str(world / "other.pt")])
     c = ckpt(out)
     c["args"]["data"] = "imagenet"
     torch.save(c, tmp_path / "imagenet.pt")
@@ -272,13 +273,14 @@ def test_bf16_on_cpu_and_pseudo_label_accuracy_with_labeled_training_images(worl
 
 def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.pt")
-    train.save_checkpoint(path, {"step": 1})
+    runtime.save_atomic({"step": 1}, path)
 
     def killed(obj, f):
-        open(f, "wb").write(b"partial")
+        f.write(b"partial")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", killed)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(path, {"step": 2})
+        runtime.save_atomic({"step": 2}, path)
     assert torch.load(path, weights_only=True) == {"step": 1}
+    assert not os.path.exists(path + ".tmp")  # no partial temp file is left behind

@@ -1,0 +1,215 @@
+"""Run plumbing shared by train.py and eval.py: one-line errors, device and precision, the process group,
+RNG state, atomic checkpoint writes, the out-dir lock and graceful stops on SIGTERM / SIGINT.
+
+Nothing here knows about MUST; it is what any long multi-process PyTorch run needs to be safe to kill.
+"""
+import contextlib
+import fcntl
+import os
+import random
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def fail(message):
+    """One-line error for the command line, no traceback."""
+    raise SystemExit(f"error: {message}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# device, precision, processes
+
+def pick_device(flag):
+    """--device (cuda, cuda:N, cpu, ...) or the best available; an unavailable device is a one-line error."""
+    try:
+        device = torch.device(flag or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        fail(f"--device {flag!r} is not a device name (use cuda, cuda:N or cpu)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {flag} asked for a GPU, but torch sees none (use --device cpu)")
+    if device.type not in ("cuda", "cpu"):
+        fail(f"--device {flag}: only cuda and cpu are supported")
+    return device
+
+
+def autocast_for(amp, device):
+    """-> (autocast dtype or None, GradScaler needed)."""
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if amp == "fp16" and device.type != "cuda":
+        fail("--amp fp16 needs a GPU (use bf16 or fp32 on CPU)")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp], amp == "fp16"
+
+
+def setup_distributed(device_flag):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is one process. -> (rank, world, device)"""
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    device = pick_device(device_flag)
+    if device.type == "cuda":
+        device = torch.device("cuda", local if device.index is None else device.index)
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce(tensor, device, op=None):
+    """Sum (or op) a tensor over processes, through `device` (NCCL only reduces GPU tensors); returns it."""
+    if not is_distributed():
+        return tensor
+    t = tensor.to(device)
+    dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t.to(tensor.device)
+
+
+@contextlib.contextmanager
+def rank_zero_first(rank):
+    """Let rank 0 download / compute caches before the others read them."""
+    if rank != 0:
+        barrier()
+    yield
+    if rank == 0:
+        barrier()
+
+
+def gather_cat(tensor):
+    """Concatenate a 1-D CPU tensor of any length over all processes."""
+    if not is_distributed():
+        return tensor
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, tensor)
+    return torch.cat(parts)
+
+
+def rng_state():
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# files
+
+def save_atomic(obj, path):
+    """torch.save to path.tmp, fsync, rename: a kill or a full disk leaves the previous file intact and no
+    partial temp file behind. A failed write is a one-line error that says why."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # also a kill (KeyboardInterrupt): no partial temp file is left behind
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if not isinstance(e, (OSError, RuntimeError)):  # torch's zip writer reports a short write as RuntimeError
+            raise
+        folder = os.path.dirname(os.path.abspath(path))
+        free = shutil.disk_usage(folder).free
+        reason = "the disk is full" if getattr(e, "errno", None) == 28 or free < (64 << 20) else \
+            f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        kept = "the previous one is intact" if os.path.isfile(path) else "no earlier one exists"
+        fail(f"could not write {path} ({reason}; {free / 2 ** 20:.0f} MiB free in {folder}); {kept}")
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+
+
+class RunLock:
+    """One run per out-dir: an flock on OUT/run.lock, held for the run's life and released by the kernel when the
+    process dies. The file names its holder; a file left non-empty by a process that died without releasing it
+    is a stale lock, taken over with a message."""
+
+    def __init__(self, out_dir):
+        self.path = os.path.join(out_dir, "run.lock")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            os.close(self.fd)
+            fail(f"{out_dir} is in use by another run ({holder}); wait for it to finish or use another --out-dir")
+        stale = os.pread(self.fd, 4096, 0).decode(errors="replace").strip()
+        if stale:
+            print(f"taking over the lock of a run that ended without releasing it ({stale})")
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                           f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+
+    def release(self):
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# graceful stop
+
+class StopRequest:
+    """SIGTERM (schedulers, torchrun) and SIGINT (Ctrl-C) ask the run to stop after the step in flight; the
+    trainer checkpoints and exits. A second SIGINT aborts at once. Use as a context manager: the previous
+    handlers are restored on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise SystemExit("error: interrupted twice: aborted without a checkpoint (the last one is intact)")
+        if self.signum is None:
+            print(f"\n{signal.Signals(signum).name}: stopping after the current step with a checkpoint "
+                  f"(Ctrl-C again to abort at once)", file=sys.stderr, flush=True)
+            self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is not threading.main_thread():
+            return self  # only the main thread may install handlers; a caller thread keeps the defaults
+        for s in self.SIGNALS:
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def ignore_stop_signals(_worker_id=None):
+    """DataLoader worker_init_fn: the main process decides when to stop, so workers must survive the signal
+    that reaches the whole process group (Ctrl-C) until the step in flight has its batches."""
+    for s in StopRequest.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
