@@ -29,12 +29,11 @@ import zlib
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageOps
 from torch.utils.data import Dataset
 from torchvision import datasets as tv_datasets
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 
 import clip_model
 import prompts
@@ -556,63 +555,158 @@ def test_transform(input_size):
     return clip_model.image_transform(input_size)
 
 
-def _rand_sign(v):
-    return -v if torch.rand(()).item() < 0.5 else v
+# RandAugment as the release runs it: timm 0.4.12's rand_augment_transform('rand-m9-mstd0.5-inc1', hparams) with
+# the hparams timm's create_transform builds from the release's arguments: fill color img_mean = CLIP's mean in
+# 0-255 (rounded), interpolation bicubic (--train_interpolation), translate_pct left at its 0.45 default. Each op
+# below takes a magnitude in [0, 10] and the sign draw, and computes its parameter with the same floating-point
+# expression as timm's level function, so that given the same magnitude and sign its pixels are bit-equal
+# (tests/test_randaugment.py checks this against fixtures written by timm itself).
+
+_MAX_MAGNITUDE = 10.0
+_FILL = tuple(min(255, round(255 * m)) for m in CLIP_MEAN)  # pixels a geometric op uncovers get the mean color
+_RESAMPLE = Image.BICUBIC
 
 
-_FILL = tuple(round(255 * m) for m in CLIP_MEAN)  # geometric ops fill uncovered pixels with the mean color
+def _signed(value, negate):
+    return -value if negate else value
 
 
-def _solarize_add(img, level):
-    add = int(110 * level)
-    lut = [min(255, i + add) if i < 128 else i for i in range(256)]
-    return img.point(lut * len(img.getbands()))
+def _affine(img, coeffs):
+    # PIL's affine maps output pixel (x, y) to input (a·x + b·y + c, d·x + e·y + f): shears pivot on the
+    # top-left corner, not the centre, and translations may be fractional (then bicubic-resampled)
+    return img.transform(img.size, Image.AFFINE, coeffs, resample=_RESAMPLE, fillcolor=_FILL)
 
 
-def _affine(img, translate=(0, 0), shear=(0.0, 0.0), angle=0.0):
-    return TF.affine(img, angle=angle, translate=list(translate), scale=1.0, shear=list(shear),
-                     interpolation=InterpolationMode.BILINEAR, fill=list(_FILL))
+def _lut(img, table):
+    return img.point(table * len(img.getbands()))
 
 
-def _shear_deg(level):
-    return math.degrees(math.atan(_rand_sign(0.3 * level)))  # shear factor up to 0.3, as an angle
+def _autocontrast(img, magnitude, negate):
+    return ImageOps.autocontrast(img)
 
 
-# level in [0, 1] = magnitude / 10; "increasing" variants: a larger level is always a stronger distortion
+def _equalize(img, magnitude, negate):
+    return ImageOps.equalize(img)
+
+
+def _invert(img, magnitude, negate):
+    return ImageOps.invert(img)
+
+
+def _rotate(img, magnitude, negate):
+    # about the centre, same canvas, up to ±30°
+    return img.rotate(_signed(magnitude / _MAX_MAGNITUDE * 30.0, negate), resample=_RESAMPLE, fillcolor=_FILL)
+
+
+def _posterize_increasing(img, magnitude, negate):
+    # keeps 4 bits at magnitude 0 down to 0 bits (a black image) at 10. Our own table, not ImageOps.posterize:
+    # Pillow of the release's era accepted 0 bits, current Pillow raises on it.
+    bits = 4 - int(magnitude / _MAX_MAGNITUDE * 4)
+    keep = 0xFF & ~(2 ** (8 - bits) - 1)
+    return _lut(img, [i & keep for i in range(256)])
+
+
+def _solarize_increasing(img, magnitude, negate):
+    # inverts values >= threshold; the threshold falls from 256 (no-op) to 0 (full inversion)
+    return ImageOps.solarize(img, 256 - int(magnitude / _MAX_MAGNITUDE * 256))
+
+
+def _solarize_add(img, magnitude, negate):
+    add = int(magnitude / _MAX_MAGNITUDE * 110)
+    return _lut(img, [min(255, i + add) if i < 128 else i for i in range(256)])
+
+
+def _enhance_factor(magnitude, negate):
+    # 1 is the identity; the distortion grows with magnitude towards 0.1 or 1.9
+    return 1.0 + _signed(magnitude / _MAX_MAGNITUDE * 0.9, negate)
+
+
+def _color(img, magnitude, negate):
+    return ImageEnhance.Color(img).enhance(_enhance_factor(magnitude, negate))
+
+
+def _contrast(img, magnitude, negate):
+    return ImageEnhance.Contrast(img).enhance(_enhance_factor(magnitude, negate))
+
+
+def _brightness(img, magnitude, negate):
+    return ImageEnhance.Brightness(img).enhance(_enhance_factor(magnitude, negate))
+
+
+def _sharpness(img, magnitude, negate):
+    return ImageEnhance.Sharpness(img).enhance(_enhance_factor(magnitude, negate))
+
+
+def _shear_x(img, magnitude, negate):
+    return _affine(img, (1, _signed(magnitude / _MAX_MAGNITUDE * 0.3, negate), 0, 0, 1, 0))
+
+
+def _shear_y(img, magnitude, negate):
+    return _affine(img, (1, 0, 0, _signed(magnitude / _MAX_MAGNITUDE * 0.3, negate), 1, 0))
+
+
+def _translate_x_rel(img, magnitude, negate):
+    pct = _signed(magnitude / _MAX_MAGNITUDE * 0.45, negate)  # up to 45% of the width
+    return _affine(img, (1, 0, pct * img.size[0], 0, 1, 0))
+
+
+def _translate_y_rel(img, magnitude, negate):
+    pct = _signed(magnitude / _MAX_MAGNITUDE * 0.45, negate)
+    return _affine(img, (1, 0, 0, 0, 1, pct * img.size[1]))
+
+
+# timm's 'inc1' op list, in its order (the order matters: the op index is a random draw)
 _RANDAUG_OPS = {
-    "AutoContrast": lambda img, lv: TF.autocontrast(img),
-    "Equalize": lambda img, lv: TF.equalize(img),
-    "Invert": lambda img, lv: TF.invert(img),
-    "Rotate": lambda img, lv: _affine(img, angle=_rand_sign(30.0 * lv)),
-    "Posterize": lambda img, lv: TF.posterize(img, max(1, 4 - int(4 * lv))),  # PIL keeps >= 1 bit
-    "Solarize": lambda img, lv: TF.solarize(img, int(256 - 256 * lv)),
+    "AutoContrast": _autocontrast,
+    "Equalize": _equalize,
+    "Invert": _invert,
+    "Rotate": _rotate,
+    "PosterizeIncreasing": _posterize_increasing,
+    "SolarizeIncreasing": _solarize_increasing,
     "SolarizeAdd": _solarize_add,
-    "Color": lambda img, lv: TF.adjust_saturation(img, 1.0 + _rand_sign(0.9 * lv)),
-    "Contrast": lambda img, lv: TF.adjust_contrast(img, 1.0 + _rand_sign(0.9 * lv)),
-    "Brightness": lambda img, lv: TF.adjust_brightness(img, 1.0 + _rand_sign(0.9 * lv)),
-    "Sharpness": lambda img, lv: TF.adjust_sharpness(img, 1.0 + _rand_sign(0.9 * lv)),
-    "ShearX": lambda img, lv: _affine(img, shear=(_shear_deg(lv), 0.0)),
-    "ShearY": lambda img, lv: _affine(img, shear=(0.0, _shear_deg(lv))),
-    "TranslateX": lambda img, lv: _affine(img, translate=(round(_rand_sign(0.45 * lv) * img.width), 0)),
-    "TranslateY": lambda img, lv: _affine(img, translate=(0, round(_rand_sign(0.45 * lv) * img.height))),
+    "ColorIncreasing": _color,
+    "ContrastIncreasing": _contrast,
+    "BrightnessIncreasing": _brightness,
+    "SharpnessIncreasing": _sharpness,
+    "ShearX": _shear_x,
+    "ShearY": _shear_y,
+    "TranslateXRel": _translate_x_rel,
+    "TranslateYRel": _translate_y_rel,
 }
+# ops whose parameter has a random sign; only these consume a sign draw (as in timm)
+_SIGNED_OPS = frozenset({"Rotate", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
+                         "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"})
 
 
 class RandAugment:
-    """RandAugment (Cubuk et al., 2020) with magnitude noise, as the paper's strong view uses it: num_ops ops
-    drawn with replacement, each applied with probability prob at magnitude ~ N(magnitude, magnitude_std²)
-    clipped to [0, 10]. All randomness comes from torch's RNG, so seeded loaders reproduce it."""
+    """RandAugment (Cubuk et al., 2020) with magnitude noise, the paper's strong view: the release's timm 0.4.12
+    'rand-m9-mstd0.5-inc1' (ops in _RANDAUG_OPS) with all randomness drawn from torch's global RNG, so a
+    loader that seeds torch per sample reproduces it.
+
+    Draws per image, in this order:
+      1. num_ops op indices, uniform over the 15 ops, with replacement: torch.randint(15, (num_ops,));
+      2. for each drawn op in turn:
+         a. if prob < 1: u = torch.rand(()); the op is skipped (no further draws) when u > prob;
+         b. if magnitude_std > 0: magnitude + magnitude_std * torch.randn(()), then clipped to [0, 10]
+            (drawn even for the ops that ignore the magnitude);
+         c. for the ops in _SIGNED_OPS only: negate = torch.rand(()) > 0.5.
+    This is timm's order (np.random.choice for 1, then random.random, random.gauss, random.random), so only
+    the random source differs."""
 
     def __init__(self, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=0.5):
         self.num_ops, self.magnitude, self.magnitude_std, self.prob = num_ops, magnitude, magnitude_std, prob
-        self.op_names = list(_RANDAUG_OPS)  # names, not lambdas: the transform must pickle for spawned workers
+        self.op_names = list(_RANDAUG_OPS)  # names, not functions: the transform must pickle for spawned workers
 
     def __call__(self, img):
         for i in torch.randint(len(self.op_names), (self.num_ops,)).tolist():
-            if torch.rand(()).item() >= self.prob:
+            if self.prob < 1.0 and torch.rand(()).item() > self.prob:
                 continue
-            m = self.magnitude + self.magnitude_std * torch.randn(()).item()
-            img = _RANDAUG_OPS[self.op_names[i]](img, min(max(m, 0.0), 10.0) / 10.0)
+            m = self.magnitude
+            if self.magnitude_std > 0:
+                m += self.magnitude_std * torch.randn(()).item()
+            name = self.op_names[i]
+            negate = name in _SIGNED_OPS and torch.rand(()).item() > 0.5
+            img = _RANDAUG_OPS[name](img, min(max(m, 0.0), _MAX_MAGNITUDE), negate)
         return img
 
 
@@ -647,7 +741,7 @@ STRONG_VIEWS = ("paper", "light")
 def strong_view(input_size, kind="paper"):
     """The student's strong augmentation (PIL image -> PIL image), before ToTensor and normalization.
 
-    paper: RandomResizedCrop 0.3-1 + flip + RandAugment (2 ops, m9 with noise), the release's view for 224 px
+    paper: RandomResizedCrop 0.3-1 + flip + RandAugment (timm's rand-m9-mstd0.5-inc1), the release's view for 224 px
     photos of a web-trained CLIP. light: translation by up to 10% of the side (edge padding) + flip +
     brightness/contrast jitter 0.3. At 32 px the paper's ops (crops of a third of the image, posterize,
     equalize, 9/30 translations) destroy the object, and a CLIP pretrained on a small world was never taught

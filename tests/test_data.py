@@ -245,10 +245,12 @@ def test_light_strong_view():
 def test_randaugment_every_op_every_level():
     img = _photo()
     for name, op in data._RANDAUG_OPS.items():
-        for level in (0.0, 0.5, 1.0):
-            out = op(img, level)
-            assert out.size == img.size and out.mode == "RGB", name
-    assert data._RANDAUG_OPS["Invert"](img, 0.9).getpixel((0, 0)) == tuple(255 - v for v in img.getpixel((0, 0)))
+        for magnitude in (0.0, 5.0, 10.0):
+            for negate in (False, True):
+                out = op(img, magnitude, negate)
+                assert out.size == img.size and out.mode == "RGB", name
+    invert = data._RANDAUG_OPS["Invert"](img, 9.0, False)
+    assert invert.getpixel((0, 0)) == tuple(255 - v for v in img.getpixel((0, 0)))
     ra = data.RandAugment(num_ops=2, magnitude=9, magnitude_std=0.5)
     torch.manual_seed(0)
     changed = sum(ra(img).tobytes() != img.tobytes() for _ in range(20))
