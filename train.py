@@ -121,7 +121,7 @@ def parse_args(argv=None):
                                                           "the global batch) [global/processes]")
     g.add_argument("--accum-steps", type=int, help="gradient accumulation steps (alternative to "
                                                    "--batch-size-per-gpu) [1]")
-    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (none on 1-D params)")
+    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (none on 1-D params but [MSK])")
     g.add_argument("--layer-decay", type=float, default=0.65, help="layer-wise lr decay: scale "
                                                                     "layer_decay^(L+1-i) for layer i")
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
@@ -257,14 +257,16 @@ def layer_id(name, num_layers):
 
 def param_groups(model, weight_decay, layer_decay):
     """One AdamW group per (layer, decay or not); group["lr_scale"] = layer_decay^(L+1-i). Frozen params are left
-    out; 1-D params (biases, LayerNorms, [CLS], [MSK]) get no weight decay."""
+    out; 1-D params (biases, LayerNorms, [CLS]) get no weight decay; [MSK] does, as in the release."""
     num_layers = len(model.visual.transformer.resblocks)
     groups = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         i = layer_id(name, num_layers)
-        decay = param.ndim > 1
+        # The release decays every param that is not 1-D; its [MSK] is stored as (1, 1, width), so it is decayed
+        # although ours is (width,).
+        decay = param.ndim > 1 or name.removeprefix("module.") == "visual.mask_token"
         key = f"layer_{i}_{'decay' if decay else 'no_decay'}"
         if key not in groups:
             groups[key] = {"name": key, "params": [], "weight_decay": weight_decay if decay else 0.0,

@@ -164,7 +164,9 @@ def test_hparams_defaults_and_fallbacks(monkeypatch):
     (224, 56, 14, 0.3, 5),   # 16 units, 4.8 -> 5
     (224, 28, 14, 0.2, 13),  # 64 units, 12.8 -> 13
     (336, 56, 14, 0.3, 11),  # 36 units, 10.8 -> 11
-    (224, 32, 32, 0.5, 25),  # 49 units, 24.5 -> 25 (round half up)
+    (224, 32, 32, 0.5, 25),  # 49 units, 24.5 -> 25
+    (224, 28, 14, 0.1, 7),   # UCF101 ViT-L/14: 64 units, 6.4 -> 7 (always rounded up, as the release)
+    (32, 16, 8, 0.3, 2),     # 4 units, 1.2 -> 2
     (32, 16, 8, 0.5, 2),     # 4 units
 ])
 def test_mask_generator_count_and_alignment(input_size, mask_unit, patch_size, ratio, expected_units):
