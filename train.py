@@ -392,7 +392,7 @@ def load_checkpoint_for(path, args, what):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        fail(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        fail(f"cannot read checkpoint {path} ({clip_model.load_error_detail(e)})")
     if not isinstance(ckpt, dict) or "student" not in ckpt or "args" not in ckpt:
         fail(f"{path} is not a MUST checkpoint written by train.py")
     theirs = ckpt["args"]
