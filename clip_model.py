@@ -560,6 +560,22 @@ def load_error_detail(e):
     return f"{type(e).__name__}: {lines[0][:200]}"
 
 
+def _expand_sparse_rows(sd):
+    """Turn each `<name>.ids` + `<name>.rows` + `<name>.vocab_size` into `<name>.weight` (the other rows zero)."""
+    for name in [k[:-len(".ids")] for k in sd if k.endswith(".ids")]:
+        ids, rows, vocab_size = (sd.pop(f"{name}.{part}", None) for part in ("ids", "rows", "vocab_size"))
+        ok = (torch.is_tensor(ids) and torch.is_tensor(rows) and isinstance(vocab_size, int) and ids.ndim == 1
+              and not ids.is_floating_point() and rows.ndim == 2 and len(ids) == len(rows)
+              and (len(ids) == 0 or 0 <= ids.min() <= ids.max() < vocab_size))
+        if not ok:
+            raise ValueError(f"'{name}.ids/.rows/.vocab_size' do not describe rows of a table: expected token ids "
+                             f"(K,) below vocab_size, rows (K, width) and an int vocab_size")
+        weight = rows.new_zeros(vocab_size, rows.shape[1])
+        weight[ids] = rows
+        sd[f"{name}.weight"] = weight
+    return sd
+
+
 def _read_state_dict(path):
     """A state dict from a TorchScript archive (OpenAI's release format) or a file saved with torch.save.
 
@@ -583,6 +599,8 @@ def _read_state_dict(path):
     finally:
         if archive is not None:
             archive.close()
+    if isinstance(sd, dict):
+        sd = _expand_sparse_rows({k: v for k, v in sd.items() if not isinstance(v, str)})
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise ValueError(f"{path} is not a CLIP state dict (expected a dict of tensors)")
     return sd
@@ -618,7 +636,10 @@ def load(name_or_path, device="cpu", download_root=None):
     A checkpoint is a TorchScript archive or a state dict saved with torch.save; loading never runs code from
     it. Only OpenAI's released archives (known by their published SHA-256) go through torch.jit.load; other
     archives are read as data and refused (UnsafeFileError) where that is not possible, and state dicts are read
-    with torch.load(weights_only=True).
+    with torch.load(weights_only=True). A state dict may store an embedding table by the rows it uses:
+    `<name>.ids` (K token ids), `<name>.rows` (K x width) and `<name>.vocab_size` (an int) stand for
+    `<name>.weight` with zeros in the rows not listed (toy.py's toy_clip.pt is stored so); string entries are
+    notes (such as toy.py's `recipe`) and are ignored.
     """
     if name_or_path in _MODELS:
         path = _download(_MODELS[name_or_path], download_root or _default_root())
