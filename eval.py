@@ -110,8 +110,7 @@ def load_must(path):
         student, run = must.load_checkpoint(path, "student")
         teacher, _ = must.load_checkpoint(path, "teacher")
     except Exception as e:  # torch.load / missing keys / shape mismatch: the file is not what train.py writes
-        detail = str(e).splitlines()[0][:200] if str(e) else ""
-        fail(f"cannot read MUST checkpoint {path} ({type(e).__name__}: {detail})")
+        fail(f"cannot read MUST checkpoint {path} ({clip_model.load_error_detail(e)})")
     if not run["classnames"] and run.get("data") in data.DATASET_NAMES and run["data"] not in ("folder", "toy"):
         run["classnames"] = data.dataset_prompts(run["data"])[0]  # a checkpoint without its class list
     if len(run["classnames"]) != student.num_classes:

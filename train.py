@@ -407,7 +407,7 @@ def load_checkpoint_for(path, args, fingerprints, resume):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        fail(f"cannot read {what} {path} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
+        fail(f"cannot read {what} {path} ({clip_model.load_error_detail(e)})")
     if not isinstance(ckpt, dict) or not {"student", "args", "fingerprints"} <= set(ckpt):
         fail(f"{path} is not a MUST checkpoint written by this train.py (no student weights or fingerprints)")
     keys = ("model", "classes", "templates") if resume else ("model",)

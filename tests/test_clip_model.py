@@ -272,3 +272,42 @@ def test_resnet_clip_is_rejected(tmp_path):
     torch.save(sd, tmp_path / "rn50.pt")
     with pytest.raises(ValueError, match="ResNet"):
         clip_model.load(str(tmp_path / "rn50.pt"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Embedding tables stored by their used rows (the committed toy_clip.pt)
+
+
+def test_committed_toy_clip_loads_as_its_unpacked_state_dict():
+    import toy
+    slim = torch.load(toy.WEIGHTS, weights_only=True)
+    assert "token_embedding.weight" not in slim and isinstance(slim["recipe"], str)
+    model, preprocess = clip_model.load(toy.WEIGHTS)
+    expected = toy.unslim(slim)
+    assert set(model.state_dict()) == set(expected)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, expected[k].float()), k
+    weight = model.token_embedding.weight
+    assert weight.shape[0] == slim["token_embedding.vocab_size"] == 49408
+    assert torch.equal(weight[slim["token_embedding.ids"]], slim["token_embedding.rows"])
+    assert int((weight.abs().sum(1) > 0).sum()) == len(slim["token_embedding.ids"])  # the other rows are zero
+
+
+@pytest.mark.parametrize("change", [
+    {"token_embedding.ids": torch.tensor([0, 256])},  # an id past vocab_size
+    {"token_embedding.rows": torch.zeros(3, 64)},  # one row too many
+    {"token_embedding.vocab_size": torch.tensor(256)},  # not an int
+    {"token_embedding.ids": torch.tensor([0.0, 1.0])},  # not ids
+])
+def test_malformed_sparse_rows_are_refused(change, tmp_path):
+    sd = torch.load(FP16, weights_only=True)
+    weight = sd.pop("token_embedding.weight")
+    sd.update({"token_embedding.ids": torch.tensor([3, 7]), "token_embedding.rows": weight[[3, 7]],
+               "token_embedding.vocab_size": weight.shape[0], "note": "made by hand"})
+    torch.save(sd, tmp_path / "sparse.pt")
+    model, _ = clip_model.load(str(tmp_path / "sparse.pt"))
+    assert torch.equal(model.token_embedding.weight[[3, 7]], weight[[3, 7]].float())
+    assert model.token_embedding.weight[[0, 1, 2, 4]].abs().sum() == 0
+    torch.save({**sd, **change}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="token_embedding.ids/.rows/.vocab_size"):
+        clip_model.load(str(tmp_path / "bad.pt"))
