@@ -8,6 +8,7 @@ kernels (nn.MultiheadAttention vs scaled_dot_product_attention), so fp32 outputs
 """
 import hashlib
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -137,3 +138,124 @@ def test_mask_count_matches_release(release):
         assert int(gen().sum()) == row["masked_patches"], row
     ucf101_vit_l = next(r for r in rows if (r["input_size"], r["mask_unit"], r["mask_ratio"]) == (224, 28, 0.1))
     assert (ucf101_vit_l["units"], ucf101_vit_l["masked_units"]) == (64, 7)  # 6.4 rounded up
+
+
+# ---------------------------------------------------------------------------------------------- (e) training steps
+
+@pytest.fixture(scope="module")
+def release_steps():
+    return torch.load(os.path.join(DATA, "release_steps.pt"), map_location="cpu", weights_only=True)
+
+
+def step_run(fx, toy_state, mode):
+    """The namespace train.train_step works on, built like the release's run: its initial weights, AdamW over
+    train.param_groups, fp32, one process."""
+    hp, run = fx["hparams"], fx["runs"][mode]
+    student = toy_must_model(toy_state, {**fx["init_extra"], "classifier.weight": run["init_classifier"]},
+                             hp["logit_scale"]).train()
+    args = SimpleNamespace(conf_threshold=hp["conf_threshold"], global_batch=hp["batch_size"],
+                           lambda_reg=hp["lambda_reg"], lambda_align=hp["lambda_align"], align_k=None)
+    return SimpleNamespace(
+        args=args, device=torch.device("cpu"), world=1, rank=0, student=student, model=student,
+        teacher=must.make_teacher(student), fairness=must.FairnessMean(run["num_classes"]),
+        optimizer=torch.optim.AdamW(train.param_groups(student, hp["weight_decay"], hp["layer_decay"]), lr=hp["lr"],
+                                    betas=tuple(hp["betas"]), eps=hp["eps"]),
+        scaler=torch.amp.GradScaler("cpu", enabled=False), autocast=torch.autocast("cpu", enabled=False),
+        use_reg=True, use_mim=True, use_align=True, patch_size=hp["patch_size"], step=0,
+        steps_per_epoch=hp["steps_per_epoch"], stop=SimpleNamespace(signum=None), ckpt_path="unused")
+
+
+def key_bias(name, width):
+    """The attention key biases' slice: a zero gradient in exact arithmetic, so Adam steps on rounding noise."""
+    return slice(width, 2 * width) if name.endswith("attn.in_proj_bias") else None
+
+
+def release_steps_run(fx, toy_state, mode, accum, rank=0, world=1):
+    """train.train_step for the fixture's 3 steps, this process holding rows [rank·B/world, (rank+1)·B/world) of
+    each global batch of B, split into `accum` micro-batches. -> (per-step records, student state, teacher state)"""
+    hp = fx["hparams"]
+    run = step_run(fx, toy_state, mode)
+    if world > 1:
+        run.model = torch.nn.parallel.DistributedDataParallel(run.student)
+        run.world, run.rank = world, rank
+    B = hp["batch_size"]
+    share = B // world
+    micro = share // accum
+    records = []
+    for s in range(hp["steps"]):
+        train.set_lr(run.optimizer, train.cosine_lr(s, hp["total_steps"], hp["lr"], hp["min_lr"]))
+        mu = must.ema_momentum(s, hp["mu0"], hp["mu_n"], hp["mu_max"])
+        start = s * B + rank * share
+        parts = [((fx["weak"][r].float(), fx["strong"][r].float(), fx["mask"][r]), fx["target"][r])
+                 for r in (slice(start + i * micro, start + (i + 1) * micro) for i in range(accum))]
+        stats, stop = train.train_step(run, parts)
+        must.ema_update(run.teacher, run.student, mu)
+        run.step += 1
+        stats = train.all_reduce(stats, run.device)
+        records.append({**dict(zip(train.STATS, stats.tolist())), "stop": stop, "mu": mu,
+                        "lr": run.optimizer.param_groups[-1]["lr"]})
+    return records, run.student.state_dict(), run.teacher.state_dict()
+
+
+def check_against_release(fx, toy_state, mode, records, states):
+    hp, ref = fx["hparams"], fx["runs"][mode]
+    for s, got in enumerate(records):
+        assert not got["stop"]
+        # loss terms: fp32 sums over 8 images, to 5e-5 (the two towers differ by kernel rounding)
+        for ours, theirs in (("loss_cls", "loss_st"), ("loss_reg", "loss_fair"), ("loss_mim", "loss_mim"),
+                             ("loss_align", "loss_align")):
+            assert got[ours] == pytest.approx(ref["steps"][theirs][s].item(), abs=5e-5), (s, ours)
+        assert got["confident"] / got["images"] == pytest.approx(ref["steps"]["conf_ratio"][s].item(), abs=1e-12)
+        assert got["mu"] == pytest.approx(ref["steps"]["ema_mu"][s].item(), rel=1e-12)
+        assert got["lr"] == pytest.approx(ref["steps"]["lr"][s].item(), rel=1e-12)
+    init = toy_must_model(toy_state, {**fx["init_extra"], "classifier.weight": ref["init_classifier"]},
+                          hp["logit_scale"]).state_dict()
+    width = init["visual.class_embedding"].shape[0]
+    for which, state in zip(("student", "teacher"), states):
+        for name, value in ref[which]["full"].items():  # weights after 3 steps, to 1e-5
+            mine, theirs = state[name].clone(), value.clone()
+            if key_bias(name, width):
+                mine[key_bias(name, width)] = theirs[key_bias(name, width)] = 0
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5, msg=f"{which} {name}")
+        for name, sample in ref[which]["sampled"].items():
+            torch.testing.assert_close(state[name].flatten()[ref["index"][name]], sample["value"], rtol=0, atol=1e-5,
+                                       msg=f"{which} {name}")
+            delta = (state[name] - init[name]).double()
+            assert delta.sum().item() == pytest.approx(float(sample["delta_sum"]),
+                                                       abs=1e-4 * float(sample["delta_abs_sum"])), (which, name)
+            assert delta.abs().sum().item() == pytest.approx(float(sample["delta_abs_sum"]), rel=1e-4), (which, name)
+    assert not torch.equal(states[0]["visual.mask_token"], fx["init_extra"]["visual.mask_token"])
+
+
+@pytest.mark.parametrize("accum", [1, 2, 4])
+@pytest.mark.parametrize("mode", ["batch", "running"])
+def test_training_steps_match_release(release_steps, toy_state, mode, accum):
+    """3 AdamW steps of train.train_step against the release's train_one_epoch, in both fairness modes (steps 0-1
+    are epoch 0, step 2 starts epoch 1: the running mean restarts there), with the batch of 8 split into 1, 2 or
+    4 accumulation micro-batches: exact accumulation gives the release's global-batch step every time."""
+    records, student, teacher = release_steps_run(release_steps, toy_state, mode, accum)
+    check_against_release(release_steps, toy_state, mode, records, (student, teacher))
+
+
+def _two_process_worker(rank, rendezvous, out):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    fx = torch.load(os.path.join(DATA, "release_steps.pt"), map_location="cpu", weights_only=True)
+    state = toy.unslim(torch.load(toy.WEIGHTS, map_location="cpu", weights_only=True))
+    results = {(mode, accum): release_steps_run(fx, state, mode, accum, rank, 2)
+               for mode in ("batch", "running") for accum in (1, 2, 4)}
+    if rank == 0:
+        torch.save(results, out)
+    torch.distributed.destroy_process_group()
+
+
+def test_training_steps_match_release_on_two_processes(release_steps, toy_state, tmp_path):
+    """The same 3 steps with DDP over 2 gloo processes, each holding 4 of the 8 images as 1, 2 or 4 micro-batches
+    (global batch = 2 x accum x micro), in both fairness modes: still the release's one-process step."""
+    out = tmp_path / "results.pt"
+    torch.multiprocessing.spawn(_two_process_worker, args=(str(tmp_path / "rendezvous"), str(out)), nprocs=2)
+    results = torch.load(out, weights_only=True)
+    for (mode, accum), (records, student, teacher) in results.items():
+        check_against_release(release_steps, toy_state, mode, records, (student, teacher))
+
+
