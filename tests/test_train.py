@@ -3,6 +3,7 @@ Layer-wise lr decay x cosine, a few-step run, 2-process torchrun == 1 process on
 kill-and-resume == uninterrupted, the NaN guard, one-line errors."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -284,3 +285,99 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
         runtime.save_atomic({"step": 2}, path)
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert not os.path.exists(path + ".tmp")  # no partial temp file is left behind
+
+
+# ---------------------------------------------------------------------------------------------- signals
+
+def signal_wrapper(tmp_path, sends):
+    """A train.py entry point that sends itself signals after given EMA updates (= optimizer steps), to stop a
+    run at a known step: sends = [(after update n, signal name, 'self' | 'group', rank or None)]."""
+    path = tmp_path / "signalled_train.py"
+    path.write_text(f"""import os, signal, sys
+sys.path.insert(0, {ROOT!r})
+import must, train
+real, count = must.ema_update, [0]
+def ema_update(*a, **k):
+    real(*a, **k)
+    count[0] += 1
+    for n, name, where, rank in {sends!r}:
+        if n == count[0] and rank in (None, int(os.environ.get("RANK", 0))):
+            (os.killpg if where == "group" else os.kill)(0 if where == "group" else os.getpid(), getattr(signal, name))
+must.ema_update = ema_update
+train.main(sys.argv[1:])
+""")
+    return str(path)
+
+
+def test_sigterm_checkpoints_and_resumes_bit_exact(world, full_run, tmp_path, monkeypatch):
+    """SIGTERM mid-epoch (1 process, accumulation 2): the step in flight and the next finish, a checkpoint is
+    written, the exit code is 128 + 15 with a one-line message; rerun, the final weights equal an uninterrupted
+    run's bit for bit."""
+    out = tmp_path / "term"
+    real, count = must.ema_update, [0]
+
+    def ema_update(*a, **k):
+        real(*a, **k)
+        count[0] += 1
+        if count[0] == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(must, "ema_update", ema_update)
+    with pytest.raises(SystemExit) as e:
+        train.main(argv(world, out, "--batch-size-per-gpu", "4"))
+    assert e.value.code == 128 + signal.SIGTERM
+    assert ckpt(out)["step"] == 2  # the signal came during step 1's EMA update: step 2 was in flight next
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    monkeypatch.setattr(must, "ema_update", real)
+    train.main(argv(world, out, "--batch-size-per-gpu", "4"))
+    a, b = ckpt(full_run[0]), ckpt(out)
+    for key in ("student", "teacher"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    assert [r["loss"] for r in records(full_run[0], "train")] == [r["loss"] for r in records(out, "train")]
+    assert [r["epoch"] for r in records(out, "eval")] == [0, 1, 2]
+
+
+def test_sigint_to_the_process_group_with_workers_then_twice_aborts(world, tmp_path):
+    """Ctrl-C reaches every process of the group, DataLoader workers too: they ignore it, the run checkpoints and
+    exits 130 with a one-line message. A second Ctrl-C aborts at once, leaving the last checkpoint intact."""
+    out = tmp_path / "int"
+    cmd = [sys.executable, signal_wrapper(tmp_path, [(1, "SIGINT", "group", None)]),
+           *argv(world, out, "--num-workers", "2", "--epochs", "3", "--batch-size-per-gpu", "2")]  # 12 loads/epoch
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 128 + signal.SIGINT, result.stderr[-2000:]
+    assert "stopped by SIGINT after step 2" in result.stderr and "run the same command again to resume" in \
+        result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.count("SIGINT: stopping after the current step") == 1  # the workers ignore it
+    assert ckpt(out)["step"] == 2
+    before = open(os.path.join(out, train.CHECKPOINT), "rb").read()
+    cmd[1] = signal_wrapper(tmp_path, [(1, "SIGINT", "self", None), (1, "SIGINT", "self", None)])
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 1 and "error: interrupted twice: aborted without a checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert open(os.path.join(out, train.CHECKPOINT), "rb").read() == before
+
+
+def test_sigterm_on_one_of_two_processes_resumes_bit_exact(world, tmp_path):
+    """torchrun, 2 gloo processes: SIGTERM reaches rank 1 only; both ranks agree to stop after the step in flight
+    and write one checkpoint together; rerun, the final weights equal an uninterrupted 2-process run's bit for bit."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def torchrun(script, out):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               script, *argv(world, out, "--max-steps", "4")], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    plain = os.path.join(ROOT, "train.py")
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert torchrun(plain, full).returncode == 0
+    stopped = torchrun(signal_wrapper(tmp_path, [(1, "SIGTERM", "self", 1)]), cut)
+    assert stopped.returncode != 0 and "stopped by SIGTERM after step 2" in stopped.stderr
+    assert ckpt(cut)["step"] == 2 and len(ckpt(cut)["rng"]) == 2
+    assert torchrun(plain, cut).returncode == 0
+    a, b = ckpt(full), ckpt(cut)
+    assert a["step"] == b["step"] == 4
+    for key in ("student", "teacher"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
