@@ -35,6 +35,8 @@ def pick_device(flag):
         fail(f"--device {flag!r} is not a device name (use cuda, cuda:N or cpu)")
     if device.type == "cuda" and not torch.cuda.is_available():
         fail(f"--device {flag} asked for a GPU, but torch sees none (use --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        fail(f"--device {flag}: there are only {torch.cuda.device_count()} GPU(s)")
     if device.type not in ("cuda", "cpu"):
         fail(f"--device {flag}: only cuda and cpu are supported")
     return device

@@ -750,7 +750,7 @@ def build_run(args, rank, world, device, stop):
         sampler=ResumableSampler(views, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True),
         test_loader=None if test_set is None else DataLoader(
             Subset(test_set, range(rank, len(test_set), world)), batch_size=micro_batch, num_workers=args.num_workers,
-            pin_memory=device.type == "cuda"),
+            pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals),
         mean_per_class=args.data in data.MEAN_PER_CLASS, fingerprints=fingerprints, reported=set(), reported_test=set(),
         ckpt_path=os.path.join(args.out_dir, CHECKPOINT), log_path=os.path.join(args.out_dir, "log.jsonl"))
     run.log = lambda record: _append_json(run.log_path, record) if rank == 0 else None
