@@ -44,7 +44,7 @@ MAGNITUDES = (0.0, 3.7, 7.5, 9.0, 10.0)
 
 def make_images():
     """Small deterministic RGB images (w x h): gradients plus hashed noise, one odd-sized and one low-contrast
-    (so autocontrast and equalize stretch it). tests/test_randaugment.py rebuilds them with the same formula."""
+    (so autocontrast and equalize stretch it). The fixture stores them as input_<k>."""
     images = []
     for k, (w, h, lo, hi) in enumerate([(24, 20, 0, 255), (13, 17, 0, 255), (16, 22, 70, 150)]):
         y, x, c = np.meshgrid(np.arange(h), np.arange(w), np.arange(3), indexing="ij")
