@@ -68,7 +68,27 @@ GLOBAL_BATCH = {"ViT-B/16": 1024, "ViT-L/14": 512}
 MEAN_PER_CLASS = ("pets", "caltech101")
 _SHIFTED_IMAGENETS = ("imagenet-r", "imagenet-a", "imagenet-v2", "imagenet-sketch")
 DATASET_NAMES = ["imagenet", "sun397", "food101", "gtsrb", "dtd", "ucf101", "pets", "caltech101",
-                 *_SHIFTED_IMAGENETS, "folder", "toy"]
+                 *_SHIFTED_IMAGENETS, "folder"]
+# Datasets that bring their own data, hyperparameters and CLIP (toy.py's world): register_dataset adds them.
+_REGISTERED = {}
+
+
+def register_dataset(name, build, hparams, default_model):
+    """Make `--data name` a dataset: build(root, split, transform) -> a dataset with .classnames and .templates
+    (data.build_dataset's contract), hparams: its whole run configuration (hparams()'s keys), default_model(root)
+    -> the CLIP checkpoint path to use when --model is not given."""
+    _REGISTERED[name] = (build, hparams, default_model)
+    if name not in DATASET_NAMES:
+        DATASET_NAMES.append(name)
+
+
+def is_registered(name):
+    return name in _REGISTERED
+
+
+def default_model(name, root):
+    """The CLIP a dataset runs with when --model is not given: a registered dataset's own, else ViT-B/16."""
+    return _REGISTERED[name][2](root) if name in _REGISTERED else "ViT-B/16"
 
 # (patch size, input size) of the released CLIPs; the model whose Table 10 rows a model borrows, best first
 _MODEL_GEOMETRY = {"ViT-B/32": (32, 224), "ViT-B/16": (16, 224), "ViT-L/14": (14, 224), "ViT-L/14@336px": (14, 336)}
@@ -94,9 +114,8 @@ def hparams(dataset, model_name, patch_size=None, input_size=None):
     that tiles the input. Unknown model names (e.g. a checkpoint path) use the ViT-B/16 row; patch_size /
     input_size (the loaded model's) override the released geometry of model_name when given. Returns a fresh plain dict: train.py overrides any value.
     """
-    if dataset == "toy":
-        import toy  # lazy: the toy world is only needed for toy runs
-        return dict(toy.HPARAMS)
+    if dataset in _REGISTERED:
+        return dict(_REGISTERED[dataset][1])
     if dataset not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {dataset!r}; valid names: {', '.join(DATASET_NAMES)}")
     table_dataset = dataset if any(d == dataset for d, _ in HPARAMS) else "imagenet"
@@ -494,9 +513,8 @@ def build_dataset(name, root, split, transform, classes_file=None, templates_fil
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if name == "toy":
-        import toy  # lazy: only toy runs need the toy world
-        return toy.build_dataset(root, split, transform)
+    if name in _REGISTERED:
+        return _REGISTERED[name][0](root, split, transform)
     ignored = []
     if name == "folder":
         samples, classnames, templates = _folder_dataset(root, split, classes_file, templates_file, eval_root, ignored)

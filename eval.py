@@ -44,6 +44,7 @@ import clip_model
 import data
 import must
 import prompts
+import toy  # noqa: F401 -- registers --data toy
 from runtime import autocast_for, fail, pick_device
 
 
@@ -111,7 +112,8 @@ def load_must(path):
         teacher, _ = must.load_checkpoint(path, "teacher")
     except Exception as e:  # torch.load / missing keys / shape mismatch: the file is not what train.py writes
         fail(f"cannot read MUST checkpoint {path} ({clip_model.load_error_detail(e)})")
-    if not run["classnames"] and run.get("data") in data.DATASET_NAMES and run["data"] not in ("folder", "toy"):
+    if not run["classnames"] and run.get("data") in data.DATASET_NAMES and run["data"] != "folder" and \
+            not data.is_registered(run["data"]):
         run["classnames"] = data.dataset_prompts(run["data"])[0]  # a checkpoint without its class list
     if len(run["classnames"]) != student.num_classes:
         fail(f"checkpoint {path} lists {len(run['classnames'])} class names for a {student.num_classes}-way head")
@@ -176,8 +178,8 @@ def build_set(name, kind, root, transform, templates_file=None, classes_file=Non
     try:
         if kind == "folder":  # labeled images root/<class name>/..., names from the classes file
             ds = data.build_dataset("folder", root, "test", transform, classes_file, templates_file, eval_root=root)
-        elif kind == "toy":
-            ds = data.build_dataset("toy", root, "test", transform)
+        elif data.is_registered(kind):
+            ds = data.build_dataset(kind, root, "test", transform)
         else:
             ds = data.build_dataset(kind, root, "test", transform, templates_file=templates_file)
     except (FileNotFoundError, ValueError) as e:
@@ -559,7 +561,7 @@ def resolve_sets(args, run, transform):
         fail(f"unknown dataset {mode!r}; choose one of: {', '.join(data.DATASET_NAMES + ['imagenet-c'])}")
     own = args.data is None or args.data == run.get("data")
     root = args.data_root or (run.get("eval_root" if mode == "folder" else "data_root") if own else None)
-    if root is None and mode != "toy":
+    if root is None and not data.is_registered(mode):
         fail(f"give --data-root DIR for {mode}")
     if mode == "imagenet-c":
         sets, missing, ignored = find_corruption_sets(root, transform)

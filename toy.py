@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import data
+
 SHAPES = ["circle", "square", "triangle", "diamond", "star", "cross", "ring", "heart", "crescent", "arrow"]
 # name -> RGB in [0, 1], the colours captions talk about
 COLORS = {
@@ -441,6 +443,9 @@ def build_dataset(root, split, transform=None):
     return ToyDataset(*load_split(split, root), transform)
 
 
+DEFAULT_CACHE = os.path.join("out", "toy_cache")  # --data toy's --data-root when none is given
+
+
 def _sha256(path):
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
@@ -471,6 +476,9 @@ def ensure_pretrained(cache_dir):
         state = pretrain()
     save_exact(unslim(state), path)
     return path
+
+
+data.register_dataset("toy", build_dataset, HPARAMS, lambda root: ensure_pretrained(root or DEFAULT_CACHE))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ import clip_model
 import data
 import must
 import prompts
+import toy  # noqa: F401 -- registers --data toy, the offline demo world
 from runtime import (RunLock, StopRequest, all_reduce, autocast_for, barrier, fail, gather_cat, ignore_stop_signals,
                      is_distributed, rank_zero_first, rng_state, save_atomic, set_rng_state, setup_distributed)
 
@@ -169,7 +170,7 @@ def check_flags(args):
             fail(f"--{name.replace('_', '-')} {value} is not allowed: it must be {domain}")
     if args.data not in data.DATASET_NAMES:
         fail(f"unknown dataset {args.data!r}; choose one of: {', '.join(data.DATASET_NAMES)}")
-    if args.data != "toy" and not args.download and (not args.data_root or not os.path.isdir(args.data_root)
+    if not data.is_registered(args.data) and not args.download and (not args.data_root or not os.path.isdir(args.data_root)
                                                      or not os.listdir(args.data_root)):
         fail(f"data root {args.data_root!r} is missing or empty (give --data-root DIR)")
     for flag, path in (("--init", args.init), ("--eval-root", args.eval_root)):
@@ -657,10 +658,7 @@ def load_clip(args, rank):
     """The CLIP of --model (rank 0 downloads first) and the run's Table 10 config for it."""
     with rank_zero_first(rank):
         if args.model is None:
-            args.model = "ViT-B/16"
-            if args.data == "toy":
-                import toy  # the toy world brings its own pretrained tiny CLIP
-                args.model = toy.ensure_pretrained(args.data_root or os.path.join("out", "toy_cache"))
+            args.model = data.default_model(args.data, args.data_root)
         try:
             clip, _ = clip_model.load(args.model, device="cpu", download_root=args.download_root)
         except (FileNotFoundError, ValueError, RuntimeError) as e:

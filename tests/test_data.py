@@ -147,10 +147,6 @@ def test_hparams_defaults_and_fallbacks(monkeypatch):
     assert data.hparams("imagenet", "ViT-B/16", 16, 224) == data.hparams("imagenet", "ViT-B/16")
     with pytest.raises(ValueError, match="valid names: imagenet"):
         data.hparams("imagenet21k", "ViT-B/16")
-    fake_toy = types.SimpleNamespace(HPARAMS={"mask_unit": 8, "batch_size": 64})
-    monkeypatch.setitem(sys.modules, "toy", fake_toy)
-    hp = data.hparams("toy", "ViT-B/16")
-    assert hp == {"mask_unit": 8, "batch_size": 64} and hp is not fake_toy.HPARAMS
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -606,8 +602,15 @@ def test_clear_errors(tmp_path, monkeypatch):
         data.build_dataset("dtd", str(tmp_path / "folders_only"), "train", None)
 
 
-def test_toy_delegates_to_toy_module(monkeypatch):
-    calls = []
-    fake = types.SimpleNamespace(build_dataset=lambda root, split, transform: calls.append((root, split)) or "ds")
-    monkeypatch.setitem(sys.modules, "toy", fake)
-    assert data.build_dataset("toy", "/tmp/toyroot", "test", None) == "ds" and calls == [("/tmp/toyroot", "test")]
+def test_registered_dataset_brings_its_data_hparams_and_model(monkeypatch):
+    monkeypatch.setattr(data, "DATASET_NAMES", list(data.DATASET_NAMES))
+    monkeypatch.setattr(data, "_REGISTERED", {})
+    calls, hparams = [], {"mask_unit": 8, "batch_size": 64}
+    assert not data.is_registered("mine") and data.default_model("mine", None) == "ViT-B/16"
+    data.register_dataset("mine", lambda root, split, transform: calls.append((root, split)) or "ds", hparams,
+                          lambda root: f"{root}/clip.pt")
+    assert data.is_registered("mine") and "mine" in data.DATASET_NAMES
+    assert data.build_dataset("mine", "/tmp/root", "test", None) == "ds" and calls == [("/tmp/root", "test")]
+    hp = data.hparams("mine", "ViT-B/16")
+    assert hp == hparams and hp is not hparams  # a fresh dict: train.py overrides its values
+    assert data.default_model("mine", "/tmp/root") == "/tmp/root/clip.pt"

@@ -23,7 +23,8 @@ def tiny_world(monkeypatch):
     monkeypatch.setitem(toy.SPLIT_SIZES, "val", 40)
     monkeypatch.setitem(toy.SPLIT_SIZES, "source", 40)
     monkeypatch.setattr(toy, "PRETRAIN", TINY_PRETRAIN)
-    monkeypatch.setattr(toy, "HPARAMS", dict(toy.HPARAMS, batch_size=16, epochs=1, eval_freq=1))
+    for key, value in (("batch_size", 16), ("epochs", 1), ("eval_freq", 1)):
+        monkeypatch.setitem(toy.HPARAMS, key, value)  # the dict data.register_dataset holds
 
 
 def test_render_is_deterministic_and_chunk_independent(monkeypatch):
