@@ -144,7 +144,7 @@ DEFAULT_TEMPLATES = ["a photo of a {}.", "a photo of the {}.", "a bad photo of a
                      "a close-up photo of a {}."]
 
 # Folder names (Caltech101's 101_ObjectCategories, as torchvision reads them) whose words differ from the
-# published prompt names; every other name of every dataset matches after _name_key.
+# published prompt names; every other name of every dataset matches after name_key.
 _ALIASES = {
     "caltech101": {
         "BACKGROUND_Google": "background", "Faces": "off-center face", "Faces_easy": "centered face",
@@ -158,7 +158,7 @@ _ALIASES = {
 _INDEX_NAMED = ("gtsrb", "imagenet-v2")
 
 
-def _name_key(name):
+def name_key(name):
     """Spelling-insensitive key: 'Apply_Eye_Makeup', 'ApplyEyeMakeup', 'apply eye makeup' -> 'applyeyemakeup';
     SUN397's 'apartment_building/outdoor' -> 'apartmentbuildingoutdoor'."""
     return re.sub(r"[^0-9a-z]", "", name.lower())
@@ -183,18 +183,18 @@ def dataset_prompts(dataset):
 def map_class_names(dataset, names, classnames):
     """Label (index into classnames) of each folder / torchvision class name; ValueError lists the ones that
     match no class. A name matches a wnid of the dataset, a class index (gtsrb, imagenet-v2), or a class
-    name / known alias up to spelling (_name_key). Names that two classes share (ImageNet's two 'missile's
+    name / known alias up to spelling (name_key). Names that two classes share (ImageNet's two 'missile's
     and 'sunglasses') only resolve through wnids."""
     by_key, ambiguous = {}, set()
     for i, c in enumerate(classnames):
-        k = _name_key(c)
+        k = name_key(c)
         if k in by_key:
             ambiguous.add(k)
         by_key[k] = i
     for k in ambiguous:
         del by_key[k]
     for alias, target in _ALIASES.get(dataset, {}).items():
-        by_key[_name_key(alias)] = by_key[_name_key(target)]
+        by_key[name_key(alias)] = by_key[name_key(target)]
     by_wnid = {w: i for i, w in enumerate(_wnids(dataset))}
     labels, unknown = [], []
     for name in names:
@@ -203,13 +203,13 @@ def map_class_names(dataset, names, classnames):
         elif dataset in _INDEX_NAMED and name.isdigit() and int(name) < len(classnames):
             label = int(name)
         else:
-            label = by_key.get(_name_key(name))
+            label = by_key.get(name_key(name))
         if label is None:
             unknown.append(name)
         labels.append(label)
     if unknown:
         hint = " (these ImageNet names are ambiguous; use wnid folders)" if any(
-            _name_key(n) in ambiguous for n in unknown) else ""
+            name_key(n) in ambiguous for n in unknown) else ""
         raise ValueError(f"{len(unknown)} class folder(s) of {dataset!r} match no class name{hint}: "
                          f"{', '.join(repr(n) for n in unknown[:20])}{' ...' if len(unknown) > 20 else ''}; "
                          f"rename them to class names, e.g. {', '.join(repr(c) for c in classnames[:3])}")
@@ -437,7 +437,7 @@ def read_classnames(path):
     if len(names) < 2:
         raise ValueError(f"class names file {path!r} lists {len(names)} class(es); a classifier needs at least 2 "
                          "(one name per line)")
-    keys = [_name_key(n) for n in names]
+    keys = [name_key(n) for n in names]
     dup = sorted({n for n, k in zip(names, keys) if keys.count(k) > 1})
     if dup:
         raise ValueError(f"class names file {path!r} repeats class names (up to case/punctuation): {dup}")

@@ -91,15 +91,6 @@ def rank_zero_first(rank):
         barrier()
 
 
-def gather_cat(tensor):
-    """Concatenate a 1-D CPU tensor of any length over all processes."""
-    if not is_distributed():
-        return tensor
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, tensor)
-    return torch.cat(parts)
-
-
 def rng_state():
     np_state = np.random.get_state()
     return {"torch": torch.get_rng_state(),

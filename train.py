@@ -44,10 +44,11 @@ from tqdm import tqdm
 
 import clip_model
 import data
+from eval import Counts
 import must
 import prompts
 import toy  # noqa: F401 -- registers --data toy, the offline demo world
-from runtime import (RunLock, StopRequest, all_reduce, autocast_for, barrier, fail, gather_cat, ignore_stop_signals,
+from runtime import (RunLock, StopRequest, all_reduce, autocast_for, barrier, fail, ignore_stop_signals,
                      is_distributed, rank_zero_first, rng_state, save_atomic, set_rng_state, setup_distributed)
 
 CHECKPOINT = "checkpoint.pt"
@@ -321,34 +322,19 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
-def accuracy(preds, labels, mean_per_class):
-    """Top-1 in %, or mean per-class accuracy in % (Pets, Caltech101)."""
-    keep = labels >= 0
-    preds, labels = preds[keep], labels[keep]
-    if len(labels) == 0:
-        return float("nan")
-    correct = (preds == labels).float()
-    if not mean_per_class:
-        return 100.0 * correct.mean().item()
-    per_class = [correct[labels == c].mean() for c in labels.unique()]
-    return 100.0 * torch.stack(per_class).mean().item()
-
-
 @torch.no_grad()
-def evaluate(models, loader, device, amp_dtype, mean_per_class):
-    """Accuracy of each model on the test loader (sharded over processes, gathered)."""
+def evaluate(models, loader, device, autocast, mean_per_class):
+    """Accuracy (%) of each model on the test loader, sharded over processes: eval.py's Counts, summed over them."""
+    counts = [Counts(m.num_classes) for m in models]
     for m in models:
         m.eval()
-    preds, labels = [[] for _ in models], []
     for images, target in loader:
         images = images.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            for i, m in enumerate(models):
-                preds[i].append(m(images).argmax(dim=-1).cpu())
-        labels.append(target)
-    labels = gather_cat(torch.cat(labels).long())
-    return [accuracy(gather_cat(torch.cat(p)), labels, mean_per_class) for p in preds]
-
+        with autocast:
+            for c, m in zip(counts, models):
+                c.add(m(images).topk(min(5, m.num_classes), dim=1).indices.cpu().numpy(), target.numpy())
+    key = "mean_per_class" if mean_per_class else "top1"
+    return [c.all_reduce(device).metrics()[key] for c in counts]
 
 
 def report_unreadable(dataset, what, reported, device):
@@ -587,7 +573,7 @@ def train_one_epoch(run, epoch):
 def run_eval(run, epoch):
     if run.test_loader is None:
         return
-    student_acc, teacher_acc = evaluate([run.student, run.teacher], run.test_loader, run.device, run.amp_dtype,
+    student_acc, teacher_acc = evaluate([run.student, run.teacher], run.test_loader, run.device, run.autocast,
                                         run.mean_per_class)
     report_unreadable(run.test_set, "test", run.reported_test, run.device)
     run.evals.append({"epoch": epoch, "step": run.step, "student_acc": student_acc, "teacher_acc": teacher_acc})

@@ -14,6 +14,7 @@ from PIL import Image
 import clip_model
 import data
 import eval as ev
+import figures
 import must
 import prompts
 import train
@@ -197,13 +198,13 @@ def test_mce_matches_hand_computation():
 def test_gradcam_recomputes_the_models_own_forward():
     model = tiny_must(7, 3).eval()
     images = torch.randn(3, 3, 32, 32)
-    cam, pred, logits = ev.attention_cam(model, images)
+    cam, pred, logits = figures.attention_cam(model, images)
     with torch.no_grad():
         expected = model(images)
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
     assert cam.shape == (3, 4, 4) and cam.min() >= 0 and cam.max() <= 1 and (pred == expected.argmax(1)).all()
     cols = torch.tensor([6, 2])
-    _, pred2, logits2 = ev.attention_cam(model, images, cols)
+    _, pred2, logits2 = figures.attention_cam(model, images, cols)
     torch.testing.assert_close(logits2, expected[:, cols], atol=1e-4, rtol=1e-4)
 
 
@@ -212,7 +213,7 @@ def test_mim_triplets_keep_visible_pixels():
     images = torch.randn(2, 3, 32, 32)
     mask = torch.zeros(2, 16, dtype=torch.bool)
     mask[:, :4] = True  # first row of patches
-    original, masked, recovered = ev.mim_triplets(model, images, mask)
+    original, masked, recovered = figures.mim_triplets(model, images, mask)
     assert torch.equal(original, images)
     assert torch.equal(masked[:, :, 8:], images[:, :, 8:]) and (masked[:, :, :8] == 0).all()
     assert torch.equal(recovered[:, :, 8:], images[:, :, 8:])
