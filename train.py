@@ -34,6 +34,7 @@ import random
 import signal
 import sys
 import time
+from collections import namedtuple
 from types import SimpleNamespace
 
 import numpy as np
@@ -57,11 +58,72 @@ CHECKPOINT = "checkpoint.pt"
 # ----------------------------------------------------------------------------------------------------------
 # config
 
+Setting = namedtuple("Setting", "name type default ok domain group defines help")
+_ANY = (lambda v: True, "")
+_AT_LEAST_1, _AT_LEAST_0 = (lambda v: v >= 1, "at least 1"), (lambda v: 0 <= v < math.inf, "0 or more")
+_UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
+def _s(name, type, default, domain, group, help, defines=True):
+    return Setting(name, type, default, *domain, group, defines, help)
+
+
+# Every setting of a run, in one place. From here each becomes a flag (in its --help group), is checked before any
+# work, fills from Table 10 (data.hparams) when its default is None and the table has it, reaches must_loss
+# (group "loss"), and, when it decides the weights (defines), must be the same to resume a run.
+SETTINGS = [
+    _s("conf_threshold", float, None, (lambda v: 0 <= v < 1, "in [0, 1) (a softmax never exceeds 1)"), "method",
+       "τ: pseudo-label confidence threshold (eq. 2) [Table 10]"),
+    _s("lambda_reg", float, None, _AT_LEAST_0, "loss", "λ_reg: weight of the fairness regularization (eq. 3, 6) "
+       "[Table 10]"),
+    _s("lambda_align", float, None, _AT_LEAST_0, "loss", "λ_align: weight of the global-local alignment (eq. 5, 6) "
+       "[Table 10]"),
+    _s("align_k", int, None, _AT_LEAST_1, "loss", "align [CLS] only with the k nearest [MSK] tokens (Table 6) [all]"),
+    _s("mask_unit", int, None, (lambda v: v >= 1, "at least 1 px"), "method",
+       "s: side in px of the square units masked together (§3.2) [Table 10]"),
+    _s("mask_ratio", float, None, _UNIT, "method", "share of mask units replaced by [MSK], rounded up (§3.2) "
+       "[Table 10]"),
+    _s("ema_mu0", float, None, _UNIT, "method", "µ0: initial EMA decay of the teacher (eq. 1) [Table 10]"),
+    _s("ema_mu_n", int, None, _AT_LEAST_0, "method", "µn: iterations over which µ ramps linearly from µ0 to 0.9998 "
+       "[Table 10]"),
+    _s("strong_view", str, None, (lambda v: v in data.STRONG_VIEWS, f"one of {', '.join(data.STRONG_VIEWS)}"),
+       "method", "the student's augmentation: paper = RandomResizedCrop 0.3-1 + flip + RandAugment (224 px photos); "
+       "light = 10%% translation + flip + brightness/contrast (small images) [paper; toy: light]"),
+    _s("base_lr", float, None, (lambda v: 0 < v < math.inf, "a positive number"), "optimization",
+       "base_lr; lr = base_lr × global_batch / 256 [Table 10]"),
+    _s("base_min_lr", float, 1e-6, _AT_LEAST_0, "optimization", "end of the cosine: min_lr = base_min_lr × "
+       "global_batch / 256"),
+    _s("epochs", int, None, _AT_LEAST_1, "optimization", "training epochs [Table 10]"),
+    _s("global_batch", int, None, _AT_LEAST_1, "optimization", "images per optimizer step over all processes "
+       "[Table 10: 1024 ViT-B, 512 ViT-L]"),
+    _s("weight_decay", float, 0.05, _AT_LEAST_0, "optimization", "AdamW weight decay (none on 1-D params but [MSK])"),
+    _s("layer_decay", float, 0.65, (lambda v: 0 < v <= 1, "in (0, 1]"), "optimization",
+       "layer-wise lr decay: scale layer_decay^(L+1-i) for layer i"),
+    _s("seed", int, 0, _ANY, "optimization", "random seed (augmentations depend only on seed, epoch and image index)"),
+    _s("batch_size_per_gpu", int, None, _AT_LEAST_1, "optimization", "images per forward pass per process; "
+       "gradients are accumulated exactly up to the global batch (eq. 2-3 over the global batch) "
+       "[global/processes]", defines=False),
+    _s("accum_steps", int, None, _AT_LEAST_1, "optimization", "gradient accumulation steps (alternative to "
+       "--batch-size-per-gpu) [1]", defines=False),
+    _s("num_workers", int, min(8, os.cpu_count() or 1), _AT_LEAST_0, "data", "data loader processes per GPU "
+       "[min(8, CPU cores)]", defines=False),
+    _s("eval_freq", int, None, _AT_LEAST_1, "run", "evaluate student and teacher every this many epochs [Table 10]",
+       defines=False),
+    _s("log_freq", int, 10, _AT_LEAST_1, "run", "log every this many optimizer steps", defines=False),
+    _s("save_freq", int, 0, _AT_LEAST_0, "run", "also checkpoint every this many steps (0: at epoch ends only)",
+       defines=False),
+    _s("max_steps", int, None, _AT_LEAST_0, "run", "stop (with a checkpoint) after this many optimizer steps in "
+       "total; the lr schedule still spans --epochs", defines=False),
+]
+# the switches that decide the weights besides SETTINGS; the CLIP, classes and templates are compared by content
+RUN_DEFINING = tuple(s.name for s in SETTINGS if s.defines) + ("freeze_classifier", "no_reg", "no_mim", "no_align")
+
+
 class _Help(argparse.HelpFormatter):
     """Show a flag's default only when it has one (unset Table 10 flags say so in their help)."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False, argparse.SUPPRESS):
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
             return action.help
         return action.help + " (default: %(default)s)"
 
@@ -72,7 +134,8 @@ def parse_args(argv=None):
                     "Flags marked [Table 10] default to the paper's value for (--data, --model). The classifier's "
                     "logit scale s is the CLIP checkpoint's own exp(logit_scale) (100 for OpenAI's CLIPs).",
         formatter_class=_Help)
-    g = p.add_argument_group("data")
+    groups = {name: p.add_argument_group(name) for name in ("data", "model", "method", "loss", "optimization", "run")}
+    g = groups["data"]
     g.add_argument("--data", required=True, help=f"dataset: {', '.join(data.DATASET_NAMES)}")
     g.add_argument("--data-root", help="dataset directory (layouts: see data.py); toy: cache directory")
     g.add_argument("--eval-root", help="labeled test images for --data folder: DIR/<class name>/... (without it a "
@@ -83,92 +146,38 @@ def parse_args(argv=None):
                                         "(replaces the published ones); lines starting with # are ignored")
     g.add_argument("--download", action="store_true", help="let torchvision fetch food101 / dtd / gtsrb / pets / "
                                                            "caltech101 / sun397 into --data-root")
-    g.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="data loader processes per GPU [min(8, CPU cores)]")
-    g = p.add_argument_group("model")
+    g = groups["model"]
     g.add_argument("--model", help="CLIP name (ViT-B/16, ViT-L/14, ...) or checkpoint path [ViT-B/16; toy: its "
                                    "pretrained tiny CLIP]")
     g.add_argument("--download-root", help="where CLIP checkpoints are cached [~/.cache/clip]")
     g.add_argument("--init", help="start from this MUST checkpoint's image tower (ImageNet warm-up, §4.4)")
     g.add_argument("--freeze-classifier", action="store_true",
                    help="keep the zero-shot classifier W fixed (the ImageNet warm-up of §4.4)")
-    g = p.add_argument_group("method")
-    g.add_argument("--conf-threshold", type=float, help="τ: pseudo-label confidence threshold (eq. 2) [Table 10]")
-    g.add_argument("--lambda-reg", type=float, help="λ_reg: weight of the fairness regularization "
-                                                           "(eq. 3, 6) [Table 10]")
-    g.add_argument("--lambda-align", type=float, help="λ_align: weight of the global-local alignment "
-                                                             "(eq. 5, 6) [Table 10]")
-    g.add_argument("--mask-unit", type=int, help="s: side in px of the square units masked together (§3.2) [Table 10]")
-    g.add_argument("--mask-ratio", type=float, help="share of mask units replaced by [MSK] (§3.2) [Table 10]")
-    g.add_argument("--ema-mu0", type=float, help="µ0: initial EMA decay of the teacher (eq. 1) [Table 10]")
-    g.add_argument("--ema-mu-n", type=int, help="µn: iterations over which µ ramps linearly from µ0 "
-                                                       "to 0.9998 [Table 10]")
-    g.add_argument("--strong-view", choices=data.STRONG_VIEWS, help="the student's augmentation: paper = "
-                   "RandomResizedCrop 0.3-1 + flip + RandAugment (224 px photos); light = 10%% translation + flip + "
-                   "brightness/contrast (small images) [paper; toy: light]")
-    g.add_argument("--align-k", type=int, help="align [CLS] only with the k nearest [MSK] tokens (Table 6) [all]")
+    for s in SETTINGS:
+        groups[s.group].add_argument("--" + s.name.replace("_", "-"), type=s.type, default=s.default, help=s.help)
+    g = groups["method"]
     g.add_argument("--no-reg", action="store_true", help="ablation: drop L_reg (Table 7)")
     g.add_argument("--no-mim", action="store_true", help="ablation: drop L_mim (Table 5)")
     g.add_argument("--no-align", action="store_true", help="ablation: drop L_align (Table 5); with --no-mim the "
                                                            "student sees unmasked images (self-training only)")
-    g = p.add_argument_group("optimization")
-    g.add_argument("--base-lr", type=float, help="base_lr; lr = base_lr × global_batch / 256 [Table 10]")
-    g.add_argument("--base-min-lr", type=float, default=1e-6, help="end of the cosine: min_lr = base_min_lr × "
-                                                                   "global_batch / 256")
-    g.add_argument("--epochs", type=int, help="training epochs [Table 10]")
-    g.add_argument("--global-batch", type=int, help="images per optimizer step over all processes "
-                                                    "[Table 10: 1024 ViT-B, 512 ViT-L]")
-    g.add_argument("--batch-size-per-gpu", type=int, help="images per forward pass per process; gradients are "
-                                                          "accumulated exactly up to the global batch (eq. 2-3 over "
-                                                          "the global batch) [global/processes]")
-    g.add_argument("--accum-steps", type=int, help="gradient accumulation steps (alternative to "
-                                                   "--batch-size-per-gpu) [1]")
-    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (none on 1-D params but [MSK])")
-    g.add_argument("--layer-decay", type=float, default=0.65, help="layer-wise lr decay: scale "
-                                                                    "layer_decay^(L+1-i) for layer i")
+    g = groups["optimization"]
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="mixed precision: auto = bf16 on GPUs that support it, fp32 on CPU; fp16 adds a GradScaler")
-    g.add_argument("--seed", type=int, default=0, help="random seed (augmentations depend only on seed, epoch and "
-                                                       "image index)")
     g.add_argument("--device", help="cuda, cuda:N or cpu [cuda if available]")
-    g = p.add_argument_group("run")
+    g = groups["run"]
     g.add_argument("--out-dir", help="log, zero-shot head cache and checkpoint [out/<data>]")
     g.add_argument("--resume", default="auto", help="checkpoint to resume; auto = out_dir/checkpoint.pt if it "
                                                     "exists; none = start afresh")
-    g.add_argument("--eval-freq", type=int, help="evaluate student and teacher every this many epochs [Table 10]")
-    g.add_argument("--log-freq", type=int, default=10, help="log every this many optimizer steps")
-    g.add_argument("--save-freq", type=int, default=0, help="also checkpoint every this many steps (0: at epoch "
-                                                            "ends only)")
-    g.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this many optimizer steps in "
-                                                 "total; the lr schedule still spans --epochs")
     return p.parse_args(argv)
-
-
-
-# domain of every numeric flag; None (unset: Table 10 decides) is always fine
-_DOMAINS = {
-    "global_batch": (lambda v: v >= 1, "at least 1"), "batch_size_per_gpu": (lambda v: v >= 1, "at least 1"),
-    "accum_steps": (lambda v: v >= 1, "at least 1"), "epochs": (lambda v: v >= 1, "at least 1"),
-    "eval_freq": (lambda v: v >= 1, "at least 1"), "log_freq": (lambda v: v >= 1, "at least 1"),
-    "save_freq": (lambda v: v >= 0, "0 (off) or more"), "max_steps": (lambda v: v >= 0, "0 or more"),
-    "num_workers": (lambda v: v >= 0, "0 or more"), "mask_unit": (lambda v: v >= 1, "at least 1 px"),
-    "ema_mu_n": (lambda v: v >= 0, "0 or more"), "align_k": (lambda v: v >= 1, "at least 1"),
-    "mask_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "conf_threshold": (lambda v: 0 <= v < 1, "in [0, 1) (a softmax never exceeds 1)"),
-    "lambda_reg": (lambda v: 0 <= v < math.inf, "0 or more"), "lambda_align": (lambda v: 0 <= v < math.inf, "0 or more"),
-    "ema_mu0": (lambda v: 0 <= v <= 1, "in [0, 1]"), "base_lr": (lambda v: 0 < v < math.inf, "a positive number"),
-    "base_min_lr": (lambda v: 0 <= v < math.inf, "0 or more"), "weight_decay": (lambda v: 0 <= v < math.inf, "0 or more"),
-    "layer_decay": (lambda v: 0 < v <= 1, "in (0, 1]"),
-}
 
 
 def check_flags(args):
     """Every flag in its domain and every named file readable, before any work; one line for the first that is
     not. Flags Table 10 fills later are valid by construction."""
-    for name, (ok, domain) in _DOMAINS.items():
-        value = getattr(args, name)
-        if value is not None and not ok(value):
-            fail(f"--{name.replace('_', '-')} {value} is not allowed: it must be {domain}")
+    for s in SETTINGS:
+        value = getattr(args, s.name)
+        if value is not None and not s.ok(value):
+            fail(f"--{s.name.replace('_', '-')} {value} is not allowed: it must be {s.domain}")
     if args.data not in data.DATASET_NAMES:
         fail(f"unknown dataset {args.data!r}; choose one of: {', '.join(data.DATASET_NAMES)}")
     if not data.is_registered(args.data) and not args.download and (not args.data_root or not os.path.isdir(args.data_root)
@@ -207,12 +216,10 @@ def model_key(name, visual):
 def resolve_config(args, visual):
     """Fill unset flags from Table 10 (data.hparams) and check the mask geometry against the model."""
     hp = data.hparams(args.data, model_key(args.model, visual), visual.patch_size, visual.input_resolution)
-    for key in ("mask_unit", "mask_ratio", "conf_threshold", "lambda_reg", "lambda_align", "ema_mu0", "ema_mu_n",
-                "base_lr", "epochs", "eval_freq", "strong_view"):
-        if getattr(args, key) is None:
-            setattr(args, key, hp[key])
-    if args.global_batch is None:
-        args.global_batch = hp["batch_size"]
+    hp["global_batch"] = hp.pop("batch_size")
+    for s in SETTINGS:
+        if getattr(args, s.name) is None and s.name in hp:
+            setattr(args, s.name, hp[s.name])
     try:
         masked = data.MaskGenerator(visual.input_resolution, args.mask_unit, visual.patch_size, args.mask_ratio)
     except ValueError as e:
@@ -377,11 +384,6 @@ def fingerprint(value):
     return h.hexdigest()
 
 
-# the flags that decide what a run computes (not where, how fast or how often it reports); the model, class list
-# and templates are compared by content (fingerprints), not by these paths
-RUN_DEFINING = ("freeze_classifier", "conf_threshold", "lambda_reg", "lambda_align", "mask_unit", "mask_ratio",
-                "ema_mu0", "ema_mu_n", "strong_view", "align_k", "no_reg", "no_mim", "no_align", "base_lr",
-                "base_min_lr", "epochs", "global_batch", "weight_decay", "layer_decay", "seed")
 _WHAT = {"model": "CLIP weights (--model)", "classes": "class list (names or their order)",
          "templates": "prompt templates"}
 
@@ -488,8 +490,8 @@ def train_step(run, parts):
                                                      first_of_epoch)
             loss, terms = must.must_loss(
                 outputs, strong, mask, labels, confident, num_confident, a.global_batch,
-                reg_w if run.use_reg else None, lambda_reg=a.lambda_reg, lambda_align=a.lambda_align,
-                patch_size=run.patch_size, use_mim=run.use_mim, use_align=run.use_align, align_k=a.align_k)
+                reg_w if run.use_reg else None, patch_size=run.patch_size, use_mim=run.use_mim,
+                use_align=run.use_align, **{s.name: getattr(a, s.name) for s in SETTINGS if s.group == "loss"})
             run.scaler.scale(loss * run.world).backward()  # DDP averages over processes; the shares add up
         bad += (~torch.isfinite(loss)).float()
         labeled = confident & (target >= 0)

@@ -242,8 +242,8 @@ def test_strong_view_flag(world, tmp_path, monkeypatch):
     monkeypatch.setattr(data, "TrainTransform", lambda *a, **k: seen.append(a[2:] + tuple(k.values())) or real(*a, **k))
     train.main(argv(world, tmp_path / "light", "--strong-view", "light", "--max-steps", "1"))
     assert seen == [("light",)]
-    with pytest.raises(SystemExit):
-        train.parse_args(["--data", "toy", "--strong-view", "heavy"])
+    assert "--strong-view heavy is not allowed: it must be one of paper, light" in error_of(
+        argv(world, tmp_path / "heavy", "--strong-view", "heavy"))
 
 
 def test_self_training_only_ablation(world, tmp_path):
