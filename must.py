@@ -119,12 +119,12 @@ def ema_update(teacher, student, mu):
     s_state = student.state_dict()
     if t_state.keys() != s_state.keys():
         raise ValueError("teacher and student have different parameters")
+    floats = [name for name, t in t_state.items() if t.is_floating_point()]
+    # one multi-tensor kernel for all of them, not one launch per tensor
+    torch._foreach_lerp_([t_state[n] for n in floats], [s_state[n].detach() for n in floats], 1.0 - mu)
     for name, t in t_state.items():
-        s = s_state[name].detach()
-        if t.is_floating_point():
-            t.lerp_(s.to(t.dtype), 1.0 - mu)
-        else:
-            t.copy_(s)
+        if not t.is_floating_point():
+            t.copy_(s_state[name])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -416,7 +416,9 @@ def load_checkpoint_for(path, args, fingerprints, resume):
 
 
 def save_checkpoint(run):
-    """Collective: gathers every rank's RNG state; rank 0 writes OUT/checkpoint.pt atomically."""
+    """Collective: checks that no non-finite update is in the weights, gathers every rank's RNG state; rank 0
+    writes OUT/checkpoint.pt atomically."""
+    check_health(run)
     states = [None] * run.world
     if is_distributed():
         torch.distributed.all_gather_object(states, rng_state())
@@ -442,6 +444,7 @@ def resume(run, path):
     run.scaler.load_state_dict(ckpt["scaler"])
     run.fairness.load_state_dict(ckpt["fairness"])
     run.step, run.evals = ckpt["step"], list(ckpt["evals"])
+    run.checked = run.step
     states = ckpt["rng"]
     set_rng_state(states[run.rank] if len(states) == run.world else states[0])
     if run.rank == 0:
@@ -462,7 +465,8 @@ def train_step(run, parts):
     micro-batches [((weak, strong, mask), target)]. Exact at every split: eq. 2's confident count and eq. 3's p̄
     are taken over the whole global batch before any backward (with accumulation p̄ needs a no-grad student pass
     first), and each part back-propagates its share of the global loss (must.must_loss).
-    Returns (this process's numbers in STATS order, on the device; whether any process was asked to stop)."""
+    Nothing here waits for the device: returns this process's numbers in STATS order, on the device (a non-finite
+    loss is counted in run.nonfinite and acted on by check_health)."""
     a, dev, masked = run.args, run.device, run.use_mim or run.use_align
     first_of_epoch = run.step % run.steps_per_epoch == 0
     with torch.no_grad():  # pseudo-labels from the weak view, no mask (§3.1)
@@ -477,7 +481,6 @@ def train_step(run, parts):
                             for (_, s, m), _ in parts)
             reg_w, l_reg = must.fairness_weights(all_reduce(probs, dev) / a.global_batch, run.fairness, first_of_epoch)
     stats = torch.zeros(len(STATS), dtype=torch.float64, device=dev)
-    bad = torch.zeros((), device=dev)
     for i, ((_, strong, mask), target) in enumerate(parts):
         strong, mask, target = (t.to(dev, non_blocking=True) for t in (strong, mask, target))
         labels, confident = targets[i]
@@ -493,7 +496,7 @@ def train_step(run, parts):
                 reg_w if run.use_reg else None, patch_size=run.patch_size, use_mim=run.use_mim,
                 use_align=run.use_align, **{s.name: getattr(a, s.name) for s in SETTINGS if s.group == "loss"})
             run.scaler.scale(loss * run.world).backward()  # DDP averages over processes; the shares add up
-        bad += (~torch.isfinite(loss)).float()
+        run.nonfinite += ~torch.isfinite(loss.detach())
         labeled = confident & (target >= 0)
         zero = torch.zeros((), device=dev)
         stats += torch.stack([terms["loss_cls"], zero, terms.get("loss_mim", zero), terms.get("loss_align", zero),
@@ -501,17 +504,24 @@ def train_step(run, parts):
                               (labels[labeled] == target[labeled]).sum()]).double()
     if run.use_reg:
         stats[1] = l_reg / run.world  # the same global value on every process: the sum over them gives it back
-    nonfinite, stop = all_reduce(torch.stack([bad, torch.tensor(float(run.stop.signum is not None), device=dev)]),
-                                 dev).tolist()
-    if nonfinite:
-        values = ", ".join(f"{k}={v:.4g}" for k, v in zip(STATS[:4], stats.tolist()))
-        kept = f"the last good checkpoint {run.ckpt_path} is intact" if os.path.isfile(run.ckpt_path) else \
-            "no checkpoint was written yet"
-        fail(f"non-finite loss ({values}) at step {run.step}; stopped before updating the weights; {kept}")
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    return stats, stop > 0
+    return stats
+
+
+def check_health(run):
+    """What the device counted since the last check, over all processes, read once (a host sync): a non-finite
+    loss stops the run before those updates reach a checkpoint; returns whether any process was asked to stop.
+    Called at log steps, before every checkpoint and, with one process, as soon as a signal arrives."""
+    asked = torch.tensor(float(run.stop.signum is not None), device=run.device)
+    nonfinite, stop = all_reduce(torch.stack([run.nonfinite.float(), asked]), run.device).tolist()
+    if nonfinite:
+        kept = f"the last good checkpoint {run.ckpt_path} is intact" if os.path.isfile(run.ckpt_path) else \
+            "no checkpoint was written yet"
+        fail(f"non-finite loss in optimizer step(s) {run.checked + 1}-{run.step}; their updates are not saved; {kept}")
+    run.checked = run.step
+    return stop > 0
 
 
 def log_train(run, stats, mu, images_per_s):
@@ -557,11 +567,14 @@ def train_one_epoch(run, epoch):
             parts = [next(batches) for _ in range(run.accum)]
         except data.UnreadableDataset as e:  # from a worker, the message ends its traceback
             fail(str(e).strip().splitlines()[-1].removeprefix("data.UnreadableDataset: "))
-        stats, stop = train_step(run, parts)
+        stats = train_step(run, parts)
         must.ema_update(run.teacher, run.student, mu)  # eq. 1
         run.step += 1
         seen += a.global_batch
-        if run.step % a.log_freq == 0 or run.step % run.steps_per_epoch == 0 or stop:
+        stop = False
+        if run.step % a.log_freq == 0 or run.step % run.steps_per_epoch == 0 or (
+                run.world == 1 and run.stop.signum is not None):
+            stop = check_health(run)
             record = log_train(run, stats, mu, seen / (time.time() - tic))
             bar.set_postfix(loss=f"{record['loss']:.3f}", conf=f"{record['conf_ratio']:.2f}")
             tic, seen = time.time(), 0
@@ -725,7 +738,8 @@ def build_run(args, rank, world, device, stop):
         model=DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
         if world > 1 else student,
         optimizer=torch.optim.AdamW(param_groups(student, args.weight_decay, args.layer_decay), lr=lr,
-                                    betas=(0.9, 0.999), eps=1e-8),
+                                    betas=(0.9, 0.999), eps=1e-8,  # one fused kernel on GPU, multi-tensor on CPU
+                                    **({"fused": True} if device.type == "cuda" else {"foreach": True})),
         scaler=torch.amp.GradScaler(device.type, enabled=use_scaler), fairness=must.FairnessMean(student.num_classes),
         amp_dtype=amp_dtype, autocast=torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                                                      enabled=amp_dtype is not None),
@@ -738,6 +752,7 @@ def build_run(args, rank, world, device, stop):
             Subset(test_set, range(rank, len(test_set), world)), batch_size=micro_batch, num_workers=args.num_workers,
             pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals),
         mean_per_class=args.data in data.MEAN_PER_CLASS, fingerprints=fingerprints, reported=set(), reported_test=set(),
+        nonfinite=torch.zeros((), dtype=torch.int64, device=device), checked=0,
         ckpt_path=os.path.join(args.out_dir, CHECKPOINT), log_path=os.path.join(args.out_dir, "log.jsonl"))
     run.log = lambda record: _append_json(run.log_path, record) if rank == 0 else None
     return run
