@@ -500,8 +500,8 @@ def train_step(run, parts):
         labeled = confident & (target >= 0)
         zero = torch.zeros((), device=dev)
         stats += torch.stack([terms["loss_cls"], zero, terms.get("loss_mim", zero), terms.get("loss_align", zero),
-                              confident.sum(), torch.tensor(len(target), device=dev), labeled.sum(),
-                              (labels[labeled] == target[labeled]).sum()]).double()
+                              confident.sum(), torch.full((), len(target), device=dev), labeled.sum(),
+                              (labeled & (labels == target)).sum()]).double()  # no boolean indexing: no sync
     if run.use_reg:
         stats[1] = l_reg / run.world  # the same global value on every process: the sum over them gives it back
     run.scaler.step(run.optimizer)
