@@ -164,6 +164,8 @@ def parse_args(argv=None):
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="mixed precision: auto = bf16 on GPUs that support it, fp32 on CPU; fp16 adds a GradScaler")
     g.add_argument("--device", help="cuda, cuda:N or cpu [cuda if available]")
+    g.add_argument("--compile", action="store_true", help="torch.compile the transformer of the student and of the "
+                                                          "teacher (the first steps are slow while it compiles)")
     g = groups["run"]
     g.add_argument("--out-dir", help="log, zero-shot head cache and checkpoint [out/<data>]")
     g.add_argument("--resume", default="auto", help="checkpoint to resume; auto = out_dir/checkpoint.pt if it "
@@ -755,6 +757,9 @@ def build_run(args, rank, world, device, stop):
         nonfinite=torch.zeros((), dtype=torch.int64, device=device), checked=0,
         ckpt_path=os.path.join(args.out_dir, CHECKPOINT), log_path=os.path.join(args.out_dir, "log.jsonl"))
     run.log = lambda record: _append_json(run.log_path, record) if rank == 0 else None
+    if args.compile:  # in place: the state dict keeps its names, so checkpoints do not depend on the flag
+        run.student.visual.transformer.compile()
+        run.teacher.visual.transformer.compile()
     return run
 
 

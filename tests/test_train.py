@@ -380,3 +380,40 @@ def test_sigterm_on_one_of_two_processes_resumes_bit_exact(world, tmp_path):
     for key in ("student", "teacher"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), (key, name)
+
+
+# ---------------------------------------------------------------------------------------------- --compile
+
+def test_compile_gives_the_eager_loss_and_gradients():
+    """torch.compile of the image tower's transformer (what --compile does, in place) on CPU: the masked forward's
+    logits and reconstruction, L_cls + L_mim and every gradient agree with eager to 1e-4 (the compiled kernels
+    fuse and reorder float operations, so they agree to rounding, not bit for bit)."""
+    torch.manual_seed(0)
+    model = must.MUSTModel(clip_model.tiny_clip().visual, torch.randn(32, 3), 100.0)
+    x, mask = torch.randn(4, 3, 32, 32), torch.zeros(4, 16, dtype=torch.bool)
+    mask[:, :4] = True
+    labels, confident = must.pseudo_labels(torch.randn(4, 3) * 5, 0.0)
+
+    def loss_and_grads():
+        model.zero_grad()
+        logits, _, _, recon = model(x, mask)
+        loss = must.loss_cls(logits, labels, confident, 4) + must.loss_mim(recon, x, mask, 8)
+        loss.backward()
+        return logits.detach(), loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    eager = loss_and_grads()
+    keys = list(model.state_dict())
+    model.visual.transformer.compile()
+    compiled = loss_and_grads()
+    assert list(model.state_dict()) == keys  # checkpoints keep their names
+    assert torch.allclose(compiled[0], eager[0], atol=1e-4) and compiled[1] == pytest.approx(eager[1], rel=1e-5)
+    for name, grad in eager[2].items():
+        assert torch.allclose(compiled[2][name], grad, atol=1e-4, rtol=1e-3), name
+
+
+def test_compile_flag_compiles_both_towers(world, tmp_path, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    train.main(argv(world, tmp_path / "c", "--compile", "--max-steps", "1"))
+    assert len(compiled) == 2 and all(isinstance(m, clip_model.Transformer) for m in compiled)
+    assert compiled[0] is not compiled[1]
