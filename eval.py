@@ -481,19 +481,9 @@ def save_json(path, report):
     print(f"wrote {path}")
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        fail("--limit must be at least 1")
-    if args.figures < 0:
-        fail("--figures must be at least 0")
-    for flag, root in (("--data-root", args.data_root), ("--shift-root", args.shift_root)):
-        if root and not os.path.isdir(root):  # checked before any model is loaded or downloaded
-            fail(f"{flag} {root!r} does not exist or is not a directory")
-    device = pick_device(args.device)
-    amp_dtype, _ = autocast_for(args.amp, device)  # eval runs no backward: no GradScaler
-
-    # -- models --
+def load_models(args):
+    """-> (models {name: MUSTModel}, their class identities, the checkpoint's run args, the CLIP to score zero-shot
+    or None, its name). Everything is a MUSTModel; CLIP zero-shot becomes one once its head is built."""
     models, run, model_ids = {}, {}, {}
     if args.checkpoint:
         student, teacher, run = load_must(args.checkpoint)
@@ -507,35 +497,31 @@ def main(argv=None):
             clip, _ = clip_model.load(clip_name, device="cpu", download_root=args.download_root)
         except (FileNotFoundError, ValueError, RuntimeError) as e:
             fail(str(e))
-    visual = (models["student"] if models else clip).visual
-    if clip is not None and models and clip.visual.input_resolution != visual.input_resolution:
+    if clip is not None and models and clip.visual.input_resolution != student.visual.input_resolution:
         fail(f"CLIP {clip_name} takes {clip.visual.input_resolution} px images, the checkpoint "
-             f"{visual.input_resolution} px")
-    transform = data.test_transform(visual.input_resolution)
+             f"{student.visual.input_resolution} px")
+    return models, model_ids, run, clip, clip_name
 
-    mode, sets, corruption_info = resolve_sets(args, run, transform)
-    tag = mode
 
-    # -- CLIP zero-shot: one head over the classes every set needs (ImageNet-1k for several ImageNet sets) --
-    out_dir = args.out_dir or (os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint
-                               else os.path.join("out", "eval"))
-    os.makedirs(out_dir, exist_ok=True)
-    if clip is not None:
-        if len(sets) == 1:
-            names, templates, kind = sets[0].dataset.classnames, sets[0].dataset.templates, sets[0].kind
-        else:
-            names, templates, kind = prompts.DATASETS["imagenet"]["classes"], prompts.DATASETS["imagenet"][
-                "templates"], "imagenet"
-            if args.templates:
-                try:
-                    templates = data.read_templates(args.templates)[0]
-                except (FileNotFoundError, ValueError) as e:
-                    fail(str(e))
-        models = {"clip": zero_shot_model(clip, names, templates, device, out_dir), **models}
-        model_ids["clip"] = class_ids(kind, names)
-        del clip
+def add_zero_shot(args, models, model_ids, clip, sets, device, out_dir):
+    """CLIP zero-shot as the first model: one head over the classes every set needs (ImageNet-1k for several)."""
+    if len(sets) == 1:
+        names, templates, kind = sets[0].dataset.classnames, sets[0].dataset.templates, sets[0].kind
+    else:
+        names, templates, kind = prompts.DATASETS["imagenet"]["classes"], prompts.DATASETS["imagenet"][
+            "templates"], "imagenet"
+        if args.templates:
+            try:
+                templates = data.read_templates(args.templates)[0]
+            except (FileNotFoundError, ValueError) as e:
+                fail(str(e))
+    model_ids["clip"] = class_ids(kind, names)
+    return {"clip": zero_shot_model(clip, names, templates, device, out_dir), **models}
 
-    # -- which logits score which set; a set no model can score is reported, not loaded --
+
+def scorable(sets, models, model_ids):
+    """Which logits score which set -> (sets some model can score, columns {(set index, model): columns},
+    {set: {model: why not}}); a set no model can score is reported, not loaded."""
     columns, skipped, scored = {}, {}, []
     for s in sets:
         cols = {}
@@ -551,16 +537,11 @@ def main(argv=None):
         print(f"not scored on {name}: " + "; ".join(f"{m}: {w}" for m, w in why.items()))
     if not scored:
         fail(f"no model can score {', '.join(s.name for s in sets)} (see above)")
-    sets = scored
+    return scored, columns, skipped
 
-    for m in models.values():  # here, not under inference mode: the figures need autograd on these weights
-        m.eval().to(device)
-    counts, speed = evaluate(models, sets, columns, device, args.batch_size, args.num_workers, amp_dtype,
-                             args.limit)
-    unread = report_unreadable(sets)
 
-    # -- report --
-    mpc_sets = {s.name for s in sets if args.mean_per_class or mode in data.MEAN_PER_CLASS}
+def results_of(sets, models, counts, unread, mpc_sets):
+    """{set name: images, classes, root, unreadable / not-listed counts, metric, per-model accuracies}"""
     results = {}
     for i, s in enumerate(sets):
         per_model = {name: counts[(i, name)].metrics() for name in models if (i, name) in counts}
@@ -568,6 +549,36 @@ def main(argv=None):
         results[s.name] = {"images": n, "classes": len(s.ids), "root": s.root, **unread[s.name],
                            "metric": "mean_per_class" if s.name in mpc_sets else "top1",
                            "models": {k: {m: v for m, v in r.items() if m != "images"} for k, r in per_model.items()}}
+    return results
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        fail("--limit must be at least 1")
+    if args.figures < 0:
+        fail("--figures must be at least 0")
+    for flag, root in (("--data-root", args.data_root), ("--shift-root", args.shift_root)):
+        if root and not os.path.isdir(root):  # checked before any model is loaded or downloaded
+            fail(f"{flag} {root!r} does not exist or is not a directory")
+    device = pick_device(args.device)
+    amp_dtype, _ = autocast_for(args.amp, device)  # eval runs no backward: no GradScaler
+    models, model_ids, run, clip, clip_name = load_models(args)
+    visual = (models["student"] if models else clip).visual
+    mode, sets, corruption_info = resolve_sets(args, run, data.test_transform(visual.input_resolution))
+    out_dir = args.out_dir or (os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint
+                               else os.path.join("out", "eval"))
+    os.makedirs(out_dir, exist_ok=True)
+    if clip is not None:
+        models = add_zero_shot(args, models, model_ids, clip, sets, device, out_dir)
+        del clip
+    sets, columns, skipped = scorable(sets, models, model_ids)
+    for m in models.values():  # here, not under inference mode: the figures need autograd on these weights
+        m.eval().to(device)
+    counts, speed = evaluate(models, sets, columns, device, args.batch_size, args.num_workers, amp_dtype,
+                             args.limit)
+    mpc_sets = {s.name for s in sets if args.mean_per_class or mode in data.MEAN_PER_CLASS}
+    results = results_of(sets, models, counts, report_unreadable(sets), mpc_sets)
     report = {"mode": mode, "checkpoint": args.checkpoint, "clip": clip_name, "trained_on": run.get("data"),
               "models": list(models), "device": str(device), "images_per_s": speed, "limit": args.limit,
               "results": results, "not_scored": skipped}
@@ -576,11 +587,11 @@ def main(argv=None):
     else:
         print(accuracy_table(results, list(models), mpc_sets))
     print(f"{sum(r['images'] for r in results.values())} images, {speed:.1f} images/s on {device}")
-
-    json_path = args.json or os.path.join(out_dir, f"eval-{tag}.json")
+    json_path = args.json or os.path.join(out_dir, f"eval-{mode}.json")
     save_json(json_path, report)
     if args.figures:
-        report["figures"] = figures.make_figures(args, run, sets, models, columns, visual, os.path.join(out_dir, tag), device)
+        report["figures"] = figures.make_figures(args, run, sets, models, columns, visual, os.path.join(out_dir, mode),
+                                                 device)
         print("figures: " + ", ".join(report["figures"]))
         save_json(json_path, report)
     return report
