@@ -556,35 +556,41 @@ def train_one_epoch(run, epoch):
     loader = DataLoader(run.views, batch_size=run.micro_batch, sampler=run.sampler, num_workers=a.num_workers,
                         pin_memory=run.device.type == "cuda", drop_last=True, worker_init_fn=ignore_stop_signals)
     batches = iter(loader)
-    run.model.train()
-    bar = tqdm(range(first, run.steps_per_epoch), desc=f"epoch {epoch + 1}/{a.epochs}", disable=run.rank != 0,
-               initial=first, total=run.steps_per_epoch, dynamic_ncols=True)
-    tic, seen = time.time(), 0
-    for _ in bar:
-        if a.max_steps is not None and run.step >= a.max_steps:
-            return "max-steps"
-        set_lr(run.optimizer, cosine_lr(run.step, run.total_steps, run.lr, run.min_lr))
-        mu = must.ema_momentum(run.step, a.ema_mu0, a.ema_mu_n)
-        try:
-            parts = [next(batches) for _ in range(run.accum)]
-        except data.UnreadableDataset as e:  # from a worker, the message ends its traceback
-            fail(str(e).strip().splitlines()[-1].removeprefix("data.UnreadableDataset: "))
-        stats = train_step(run, parts)
-        must.ema_update(run.teacher, run.student, mu)  # eq. 1
-        run.step += 1
-        seen += a.global_batch
-        stop = False
-        if run.step % a.log_freq == 0 or run.step % run.steps_per_epoch == 0 or (
-                run.world == 1 and run.stop.signum is not None):
-            stop = check_health(run)
-            record = log_train(run, stats, mu, seen / (time.time() - tic))
-            bar.set_postfix(loss=f"{record['loss']:.3f}", conf=f"{record['conf_ratio']:.2f}")
-            tic, seen = time.time(), 0
-        if stop:
-            return "signal"
-        if a.save_freq and run.step % a.save_freq == 0 and run.step % run.steps_per_epoch:
-            save_checkpoint(run)
-    return "epoch"
+    try:
+        run.model.train()
+        bar = tqdm(range(first, run.steps_per_epoch), desc=f"epoch {epoch + 1}/{a.epochs}", disable=run.rank != 0,
+                   initial=first, total=run.steps_per_epoch, dynamic_ncols=True)
+        tic, seen = time.time(), 0
+        for _ in bar:
+            if a.max_steps is not None and run.step >= a.max_steps:
+                return "max-steps"
+            set_lr(run.optimizer, cosine_lr(run.step, run.total_steps, run.lr, run.min_lr))
+            mu = must.ema_momentum(run.step, a.ema_mu0, a.ema_mu_n)
+            try:
+                parts = [next(batches) for _ in range(run.accum)]
+            except data.UnreadableDataset as e:  # from a worker, the message ends its traceback
+                fail(str(e).strip().splitlines()[-1].removeprefix("data.UnreadableDataset: "))
+            stats = train_step(run, parts)
+            must.ema_update(run.teacher, run.student, mu)  # eq. 1
+            run.step += 1
+            seen += a.global_batch
+            stop = False
+            if run.step % a.log_freq == 0 or run.step % run.steps_per_epoch == 0 or (
+                    run.world == 1 and run.stop.signum is not None):
+                stop = check_health(run)
+                record = log_train(run, stats, mu, seen / (time.time() - tic))
+                bar.set_postfix(loss=f"{record['loss']:.3f}", conf=f"{record['conf_ratio']:.2f}")
+                tic, seen = time.time(), 0
+            if stop:
+                return "signal"
+            if a.save_freq and run.step % a.save_freq == 0 and run.step % run.steps_per_epoch:
+                save_checkpoint(run)
+        return "epoch"
+    finally:
+        # A worker ignores SIGTERM (ignore_stop_signals), so the interpreter's exit cannot stop one that an error left
+        # running (a worker's exception keeps the loader alive in a reference cycle until the process ends, and the
+        # exit then waits for it forever): end the workers here, whatever ended the epoch.
+        getattr(batches, "_shutdown_workers", lambda: None)()
 
 
 def run_eval(run, epoch):

@@ -1,0 +1,1074 @@
+"""Bad inputs and faults, table by table, on one tiny module-scoped world (a random tiny CLIP, 40x40 PNGs):
+flags out of their domain, class and template files, bad image files (training substitutes, evaluation skips,
+each reported once and counted, runs stay bit-reproducible, also across DataLoader workers), listing of links,
+FIFOs and loops, too few readable images, checkpoints that are broken or belong to another model / class list /
+templates / dataset, the out-dir lock, a full disk (a real ENOSPC from /dev/full), non-finite losses and heads,
+--data folder without --eval-root, and eval.py skipping unreadable files. Every error is checked as the exact
+one-line message (fragment) train.main / eval.main exits with, and where it matters, that nothing was written."""
+import contextlib
+import errno
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from PIL import Image
+
+import clip_model
+import data
+import eval as ev
+import must
+import runtime
+import train
+
+# tiny models: one thread is several times faster than two on a shared 2-core machine, and as deterministic
+torch.set_num_threads(1)
+CLASSES = ["red square", "blue circle", "green cross"]
+HAS_GPU = torch.cuda.is_available()
+UNDECODABLE = data._READ_ERRORS[1]  # "cannot be decoded (truncated, empty or not an image)"
+BOMB = data._READ_ERRORS[2]
+DENIED = data._READ_ERRORS[3]
+VANISHED = data._READ_ERRORS[4]
+DANGLING = "dangling symbolic link or unreadable entry"
+NOT_REGULAR = "not a regular file"
+SAME_FILE = "the same file is listed already"
+LOOP = "folder already listed (a symbolic link to it, or a link loop)"
+
+
+def _png(path, size=(40, 40), seed=0):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path, format="PNG")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """good/: 8 training PNGs 0..7; test/<class>/: 6 labeled PNGs; classes.txt; tiny.pt and other.pt (two random
+    tiny CLIPs: 32 px input, 8 px patches)."""
+    root = tmp_path_factory.mktemp("faults")
+    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    (root / "good").mkdir()
+    for i in range(8):
+        _png(root / "good" / f"{i}.png", seed=i)
+    for i in range(6):
+        folder = root / "test" / CLASSES[i % 3]
+        folder.mkdir(parents=True, exist_ok=True)
+        _png(folder / f"{i}.png", seed=100 + i)
+    torch.manual_seed(0)
+    torch.save(clip_model.tiny_clip().state_dict(), root / "tiny.pt")
+    torch.manual_seed(1)
+    torch.save(clip_model.tiny_clip().state_dict(), root / "other.pt")
+    return root
+
+
+def argv(world, data_root, out, *extra):
+    """A folder run: global batch 4, one epoch (8 images: 2 steps), no evaluation unless --eval-root is added."""
+    return ["--data", "folder", "--data-root", str(data_root), "--classes", str(world / "classes.txt"),
+            "--model", str(world / "tiny.pt"), "--global-batch", "4", "--epochs", "1", "--mask-unit", "16",
+            "--base-lr", "1e-3", "--conf-threshold", "0.34", "--num-workers", "0", "--log-freq", "1",
+            "--out-dir", str(out), *extra]
+
+
+def with_ids(rows, name=lambda row: row[0]):
+    """pytest.param per table row, its id from the row (rows already made with pytest.param are kept)."""
+    return [row if hasattr(row, "marks") else pytest.param(*row, id=name(row)) for row in rows]
+
+
+def error_of(run, argv_list):
+    """The message of the SystemExit that run(argv_list) ends with: one line starting with 'error: '."""
+    with pytest.raises(SystemExit) as e:
+        run(argv_list)
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def train_error(argv_list):
+    return error_of(train.main, argv_list)
+
+
+def ckpt(out):
+    return torch.load(os.path.join(out, train.CHECKPOINT), map_location="cpu", weights_only=True)
+
+
+def records(out, kind):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["type"] == kind]
+
+
+def same_weights(a, b):
+    return all(torch.equal(a[k][n], b[k][n]) for k in ("student", "teacher") for n in a[k])
+
+
+def copy_good(world, dst, n=7):
+    """dst/0.png .. dst/{n-1}.png: copies of the good training images."""
+    os.makedirs(dst, exist_ok=True)
+    for i in range(n):
+        shutil.copy(world / "good" / f"{i}.png", os.path.join(dst, f"{i}.png"))
+    return dst
+
+
+class Hung(BaseException):
+    """Not an Exception: the loaders' `except Exception` (a bad file) must not swallow it."""
+
+
+@contextlib.contextmanager
+def deadline(seconds):
+    """Fail instead of hanging (e.g. on a blocking open of a FIFO): SIGALRM interrupts the blocked call."""
+    def expire(signum, frame):
+        raise Hung(f"still running after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# ----------------------------------------------------------------------------------------------- flags
+
+# (extra flags, exact fragment of the one-line error); "{tmp}", "{world}" and "{file}" (an existing file) are filled in.
+# Stage "flags": refused by train.check_flags / the device check, before any model, data or lock: the out-dir holds
+# nothing. Stage "setup": refused after the model is read (mask geometry, batch vs data): no log, no checkpoint.
+FLAG_ERRORS = [
+    ("flags", ["--eval-freq", "0"], "--eval-freq 0 is not allowed: it must be at least 1"),
+    ("flags", ["--global-batch", "0"], "--global-batch 0 is not allowed: it must be at least 1"),
+    ("flags", ["--global-batch", "-8"], "--global-batch -8 is not allowed: it must be at least 1"),
+    ("flags", ["--log-freq", "0"], "--log-freq 0 is not allowed: it must be at least 1"),
+    ("flags", ["--mask-unit", "0"], "--mask-unit 0 is not allowed: it must be at least 1 px"),
+    ("flags", ["--base-lr", "-1"], "--base-lr -1.0 is not allowed: it must be a positive number"),
+    ("flags", ["--base-lr", "0"], "--base-lr 0.0 is not allowed: it must be a positive number"),
+    ("flags", ["--base-lr", "inf"], "--base-lr inf is not allowed: it must be a positive number"),
+    ("flags", ["--num-workers", "-1"], "--num-workers -1 is not allowed: it must be 0 or more"),
+    ("flags", ["--conf-threshold", "-5"], "--conf-threshold -5.0 is not allowed: it must be in [0, 1)"),
+    ("flags", ["--conf-threshold", "1"], "--conf-threshold 1.0 is not allowed: it must be in [0, 1) (a softmax "
+                                         "never exceeds 1)"),
+    ("flags", ["--conf-threshold", "nan"], "--conf-threshold nan is not allowed"),
+    ("flags", ["--lambda-align", "-1"], "--lambda-align -1.0 is not allowed: it must be 0 or more"),
+    ("flags", ["--lambda-reg", "nan"], "--lambda-reg nan is not allowed: it must be 0 or more"),
+    ("flags", ["--lambda-reg", "inf"], "--lambda-reg inf is not allowed: it must be 0 or more"),
+    ("flags", ["--ema-mu0", "2"], "--ema-mu0 2.0 is not allowed: it must be in [0, 1]"),
+    ("flags", ["--ema-mu-n", "-1"], "--ema-mu-n -1 is not allowed: it must be 0 or more"),
+    ("flags", ["--layer-decay", "0"], "--layer-decay 0.0 is not allowed: it must be in (0, 1]"),
+    ("flags", ["--layer-decay", "1.5"], "--layer-decay 1.5 is not allowed: it must be in (0, 1]"),
+    ("flags", ["--weight-decay", "-0.1"], "--weight-decay -0.1 is not allowed: it must be 0 or more"),
+    ("flags", ["--base-min-lr", "-1"], "--base-min-lr -1.0 is not allowed: it must be 0 or more"),
+    ("flags", ["--epochs", "0"], "--epochs 0 is not allowed: it must be at least 1"),
+    ("flags", ["--save-freq", "-1"], "--save-freq -1 is not allowed: it must be 0 (off) or more"),
+    ("flags", ["--max-steps", "-1"], "--max-steps -1 is not allowed: it must be 0 or more"),
+    ("flags", ["--accum-steps", "0"], "--accum-steps 0 is not allowed: it must be at least 1"),
+    ("flags", ["--batch-size-per-gpu", "0"], "--batch-size-per-gpu 0 is not allowed: it must be at least 1"),
+    ("flags", ["--align-k", "0"], "--align-k 0 is not allowed: it must be at least 1"),
+    ("flags", ["--mask-ratio", "1.5"], "--mask-ratio 1.5 is not allowed: it must be in [0, 1]"),
+    ("flags", ["--batch-size-per-gpu", "3"], "per-process batch 4 is not divisible by --batch-size-per-gpu 3"),
+    ("flags", ["--accum-steps", "2", "--batch-size-per-gpu", "2"], "give --batch-size-per-gpu or --accum-steps, "
+                                                                    "not both"),
+    ("flags", ["--device", "nonsense"], "--device 'nonsense' is not a device name (use cuda, cuda:N or cpu)"),
+    ("flags", ["--device", "meta"], "--device meta: only cuda and cpu are supported"),
+    pytest.param("flags", ["--device", "cuda"], "--device cuda asked for a GPU, but torch sees none (use --device cpu)",
+                 marks=pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU"), id="device-cuda-without-gpu"),
+    pytest.param("flags", ["--device", "cuda:1"], "--device cuda:1 asked for a GPU, but torch sees none",
+                 marks=pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU"), id="device-cuda1-without-gpu"),
+    ("flags", ["--out-dir", "{file}"], "--out-dir {file} cannot be created (File exists)"),
+    ("flags", ["--init", "{tmp}/absent.pt"], "--init {tmp}/absent.pt does not exist"),
+    ("flags", ["--eval-root", "{tmp}/absent"], "--eval-root {tmp}/absent does not exist"),
+    ("flags", ["--data-root", "{tmp}/absent"], "data root '{tmp}/absent' is missing or empty"),
+    ("flags", ["--data", "imagenot"], "unknown dataset 'imagenot'"),
+    ("flags", ["--classes", "{tmp}/absent.txt"], "class names file '{tmp}/absent.txt' does not exist"),
+    ("setup", ["--model", "{tmp}/absent.pt"], "no checkpoint file at {tmp}/absent.pt"),
+    ("setup", ["--model", "{world}/classes.txt"], "could not read {world}/classes.txt: it is truncated or not a "
+                                                  "checkpoint"),
+    ("setup", ["--mask-unit", "32"], "--mask-ratio 0.3 masks every one of the 1 mask unit(s) of 32 px on the 32 px "
+                                     "input, so the MIM and alignment terms would be meaningless: change "
+                                     "--mask-ratio, or --mask-unit (a multiple of 8 px that divides 32)"),
+    ("setup", ["--mask-ratio", "0"], "--mask-ratio 0.0 masks no one of the 4 mask unit(s) of 16 px"),
+    ("setup", ["--mask-ratio", "1"], "--mask-ratio 1.0 masks every one of the 4 mask unit(s) of 16 px"),
+    ("setup", ["--mask-unit", "12"], "mask_unit 12 must be a multiple of the patch size 8"),
+    ("setup", ["--mask-unit", "24"], "input size 32 must be a multiple of mask_unit 24"),
+    ("setup", ["--global-batch", "16"], "8 training images are fewer than one global batch of 16"),
+    ("setup", ["--resume", "{tmp}/absent.pt"], "no checkpoint at {tmp}/absent.pt"),
+    pytest.param("setup", ["--amp", "fp16"], "--amp fp16 needs a GPU (use bf16 or fp32 on CPU)",
+                 marks=pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU"), id="amp-fp16-on-cpu"),
+]
+
+
+def _fill(text, world, tmp):
+    return text.format(world=world, tmp=tmp, file=tmp / "a-file")
+
+
+@pytest.mark.parametrize("stage,flags,message", with_ids(FLAG_ERRORS, lambda row: "_".join(row[1])))
+def test_bad_flag_is_a_one_line_error_before_any_work(stage, flags, message, world, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    out = tmp_path / "out"
+    flags = [_fill(f, world, tmp_path) for f in flags]
+    assert _fill(message, world, tmp_path) in train_error(argv(world, world / "good", out, *flags))
+    if "--out-dir" in flags:
+        assert (tmp_path / "a-file").read_text() == "not a folder"
+        return
+    left = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if stage == "flags":
+        assert left == []  # not even the lock or a head cache
+    else:
+        assert "log.jsonl" not in left and train.CHECKPOINT not in left, left
+
+
+def test_no_mim_no_align_lifts_the_mask_geometry_check(world, tmp_path):
+    """The geometry error names the way out: without MIM and alignment a 1-unit mask is fine."""
+    out = tmp_path / "out"
+    train.main(argv(world, world / "good", out, "--mask-unit", "32", "--no-mim", "--no-align", "--max-steps", "1"))
+    assert ckpt(out)["step"] == 1
+
+
+# ---------------------------------------------------------------------------- class and template files
+
+LONG = " ".join(["word"] * 80)
+
+# (classes file content or None = the good one, templates file content or None = no --templates,
+#  fragment; "{classes}" / "{templates}" are the files' paths)
+TEXT_FILE_ERRORS = [
+    pytest.param("red square\n", None, "class names file '{classes}' lists 1 class(es); a classifier needs at least 2",
+                 id="one-class"),
+    pytest.param("", None, "class names file '{classes}' lists 0 class(es)", id="empty-classes"),
+    pytest.param("# red square\n# blue circle\nred square\n\n", None, "lists 1 class(es)",
+                 id="comments-are-not-classes"),
+    pytest.param("red square\nRed_Square\nblue\n", None, "repeats class names (up to case/punctuation): "
+                 "['Red_Square', 'red square']", id="duplicate-classes"),
+    pytest.param(b"red square\n\xff\xfeblue\n", None, "class names file '{classes}' is not UTF-8 text (byte 11); save "
+                 "it as UTF-8", id="classes-not-utf8"),
+    pytest.param("DIR", None, "class names file '{classes}' is a directory; give a text file, one entry per line",
+                 id="classes-is-a-directory"),
+    pytest.param(f"# header\nred square\n\n{LONG}\n", None, "tokens; CLIP reads 77 at most: shorten the class name or "
+                 "the template (classes file {classes}, line 4)", id="long-class-name"),
+    pytest.param(None, "a {} and a {}.\n", "templates file {templates}, line 1: 'a {{}} and a {{}}.' needs exactly one "
+                 "'{{}}' for the class name", id="template-two-braces"),
+    pytest.param(None, "# mine\na photo of a {}.\na {name}.\n", "templates file {templates}, line 3: 'a {{name}}.' "
+                 "needs exactly one '{{}}'", id="template-named-field"),
+    pytest.param(None, "a photo of a {}.\n\na photo.\n", "templates file {templates}, line 3: 'a photo.' needs exactly "
+                 "one '{{}}'", id="template-no-braces"),
+    pytest.param(None, "a {.\n", "templates file {templates}, line 1: 'a {{.' needs exactly one",
+                 id="template-lone-brace"),
+    pytest.param(None, "a }{} photo\n", "templates file {templates}, line 1", id="template-stray-close-brace"),
+    pytest.param(None, "# only a comment\n\n", "templates file '{templates}' lists no template", id="templates-empty"),
+    pytest.param(None, b"a photo of a {}.\n\xe9t\xe9 {}\n", "templates file '{templates}' is not UTF-8 text",
+                 id="templates-not-utf8"),
+    pytest.param(None, "DIR", "templates file '{templates}' is a directory", id="templates-is-a-directory"),
+    pytest.param(None, f"a photo of a {{}}.\n# long one next\n{LONG} {{}}.\n", "tokens; CLIP reads 77 at most: "
+                 "shorten the class name or the template (classes file {classes}, line 1; templates file "
+                 "{templates}, line 3)", id="long-template"),
+]
+
+
+def _write(path, content):
+    if content == "DIR":
+        os.makedirs(path)
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+
+
+@pytest.mark.parametrize("classes,templates,message", TEXT_FILE_ERRORS)
+def test_bad_class_or_template_file(classes, templates, message, world, tmp_path):
+    classes_path, templates_path = tmp_path / "classes.txt", tmp_path / "templates.txt"
+    _write(classes_path, "red square\nblue circle\ngreen cross\n" if classes is None else classes)
+    extra = ["--classes", str(classes_path)]
+    if templates is not None:
+        _write(templates_path, templates)
+        extra += ["--templates", str(templates_path)]
+    out = tmp_path / "out"
+    got = train_error(argv(world, world / "good", out, *extra))
+    assert message.format(classes=classes_path, templates=templates_path) in got
+    assert not os.path.exists(out / "log.jsonl")
+
+
+def test_comment_and_blank_lines_are_ignored_in_class_and_template_files(world, tmp_path):
+    (tmp_path / "classes.txt").write_text("# my three classes\nred square\n\n  blue circle  \n#green\ngreen cross\n")
+    (tmp_path / "templates.txt").write_text("# prompts\na photo of a {}.\n\n# another\na {} on a table.\n")
+    out = tmp_path / "out"
+    train.main(argv(world, world / "good", out, "--classes", str(tmp_path / "classes.txt"),
+                    "--templates", str(tmp_path / "templates.txt"), "--max-steps", "1"))
+    c = ckpt(out)
+    assert c["classnames"] == CLASSES
+    assert c["fingerprints"]["templates"] == train.fingerprint(["a photo of a {}.", "a {} on a table."])
+
+
+# ------------------------------------------------------------------------------------- bad image files
+
+def _zero_byte(d):
+    open(os.path.join(d, "3b.jpg"), "wb").close()
+    return os.path.join(d, "3b.jpg")
+
+
+def _truncated(fmt, ext):
+    def make(d):
+        rng = np.random.default_rng(7)
+        path = os.path.join(d, f"3b.{ext}")
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path, format=fmt)
+        blob = open(path, "rb").read()
+        open(path, "wb").write(blob[:len(blob) // 2])
+        return path
+    return make
+
+
+def _text_as_png(d):
+    path = os.path.join(d, "3b.png")
+    open(path, "w").write("this is not a picture\n")
+    return path
+
+
+def _broken_png_header(d):
+    path = os.path.join(d, "3b.png")
+    _png(path, seed=7)
+    blob = bytearray(open(path, "rb").read())
+    blob[1:4] = b"GIF"  # the PNG signature no longer matches: no decoder claims it
+    open(path, "wb").write(bytes(blob))
+    return path
+
+
+def _bomb(d):
+    path = os.path.join(d, "3b.png")
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(path)  # 4096 px > 2 x the limit the patch below sets
+    return path
+
+
+def _readable(name, make_image):
+    def make(d):
+        path = os.path.join(d, name)
+        make_image().save(path)
+        return path
+    return make
+
+
+def _valid_png(d):
+    path = os.path.join(d, "3b.png")
+    _png(path, seed=7)
+    return path
+
+
+def _dangling(d):
+    os.symlink(os.path.join(d, "nowhere.png"), os.path.join(d, "3b.png"))
+    return os.path.join(d, "3b.png")
+
+
+def _fifo(d):
+    os.mkfifo(os.path.join(d, "3b.jpg"))
+    return os.path.join(d, "3b.jpg")
+
+
+def _symlink_to_listed(d):
+    os.symlink("0.png", os.path.join(d, "3b.png"))
+    return os.path.join(d, "3b.png")
+
+
+def _hardlink_to_listed(d):
+    os.link(os.path.join(d, "0.png"), os.path.join(d, "3b.png"))
+    return os.path.join(d, "3b.png")
+
+
+def _folder_named_jpg(d):
+    os.makedirs(os.path.join(d, "3b.jpg"))
+    _png(os.path.join(d, "3b.jpg", "inner.png"), seed=7)
+    return os.path.join(d, "3b.jpg")
+
+
+def _hidden_garbage(d):
+    open(os.path.join(d, ".3b.png"), "w").write("garbage")
+    return os.path.join(d, ".3b.png")
+
+
+def _other_extension(d):
+    open(os.path.join(d, "3b.txt"), "w").write("notes")
+    return os.path.join(d, "3b.txt")
+
+
+def _patch_bomb_limit(monkeypatch):
+    # PIL refuses images over 2 x MAX_IMAGE_PIXELS; the good ones (1600 px) stay below MAX (no warning either)
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 1700)
+
+
+def _patch_permission_denied(monkeypatch):
+    """As root chmod 000 does not stop reads: deny opening '3b.*' the way the kernel would."""
+    real_open = PIL.Image.open
+
+    def open_(fp, *args, **kwargs):
+        if isinstance(fp, (str, os.PathLike)) and os.path.basename(fp).startswith("3b."):
+            raise PermissionError(errno.EACCES, "Permission denied", str(fp))
+        return real_open(fp, *args, **kwargs)
+    monkeypatch.setattr(PIL.Image, "open", open_)
+
+
+def _patch_vanish_after_listing(monkeypatch):
+    """The file is deleted between the listing and the first read (e.g. by a sync job)."""
+    real_list = data._list_images
+
+    def list_then_delete(*args, **kwargs):
+        paths = real_list(*args, **kwargs)
+        for p in paths:
+            if os.path.basename(p).startswith("3b.") and os.path.exists(p):
+                os.remove(p)
+        return paths
+    monkeypatch.setattr(data, "_list_images", list_then_delete)
+
+
+def _chmod_000(d):
+    path = _valid_png(d)
+    os.chmod(path, 0)
+    return path
+
+
+not_root = pytest.mark.skipif(os.geteuid() == 0, reason="root reads a chmod 000 file (simulated in permission-denied)")
+
+# (id, make(dir) -> the bad entry, patch(monkeypatch) or None, outcome, reason)
+# outcome "skipped": listed, unreadable, replaced by the next readable image, warned once and counted;
+#         "unlisted": left out by the listing and reported as such; "read": a valid image, used as it is;
+#         "ignored": not an image entry at all (hidden or another extension): no warning.
+BAD_IMAGES = [
+    ("zero-byte-jpg", _zero_byte, None, "skipped", UNDECODABLE),
+    ("truncated-jpeg", _truncated("JPEG", "jpg"), None, "skipped", UNDECODABLE),
+    ("truncated-png", _truncated("PNG", "png"), None, "skipped", UNDECODABLE),
+    ("text-named-png", _text_as_png, None, "skipped", UNDECODABLE),
+    ("broken-png-signature", _broken_png_header, None, "skipped", UNDECODABLE),
+    ("decompression-bomb", _bomb, _patch_bomb_limit, "skipped", BOMB),
+    ("permission-denied-simulated", _valid_png, _patch_permission_denied, "skipped", DENIED),
+    pytest.param("permission-denied-chmod", _chmod_000, None, "skipped", DENIED, marks=not_root,
+                 id="permission-denied-chmod"),
+    ("deleted-after-listing", _valid_png, _patch_vanish_after_listing, "skipped", VANISHED),
+    ("dangling-symlink", _dangling, None, "unlisted", DANGLING),
+    ("fifo-named-jpg", _fifo, None, "unlisted", NOT_REGULAR),
+    ("symlink-to-a-listed-file", _symlink_to_listed, None, "unlisted", SAME_FILE),
+    ("hardlink-to-a-listed-file", _hardlink_to_listed, None, "unlisted", SAME_FILE),
+    ("extreme-aspect-1x1000", _readable("3b.png", lambda: Image.new("RGB", (1, 1000), (200, 10, 10))), None,
+     "read", None),
+    ("extreme-aspect-1000x1", _readable("3b.png", lambda: Image.new("RGB", (1000, 1), (10, 200, 10))), None,
+     "read", None),
+    ("cmyk-jpeg", _readable("3b.jpg", lambda: Image.new("CMYK", (40, 40), (10, 20, 30, 40))), None, "read", None),
+    ("16-bit-gray-png", _readable("3b.png", lambda: Image.fromarray(np.full((40, 40), 300, np.uint16))), None,
+     "read", None),
+    ("rgba-png", _readable("3b.png", lambda: Image.new("RGBA", (40, 40), (1, 2, 3, 4))), None, "read", None),
+    ("1x1-png", _readable("3b.png", lambda: Image.new("RGB", (1, 1), (5, 6, 7))), None, "read", None),
+    ("folder-named-jpg", _folder_named_jpg, None, "read", None),
+    ("hidden-garbage", _hidden_garbage, None, "ignored", None),
+    ("other-extension", _other_extension, None, "ignored", None),
+]
+
+
+def _bad_world(world, d, make):
+    """7 good images 0..6 and the bad entry '3b.*', which sorts between 3.png and 4.png: listed, it is index 4 and
+    its substitute is 4.png (index 5). 8 listed images = 2 steps of 4: every index is read in the epoch."""
+    if os.path.isdir(d):
+        shutil.rmtree(d)
+    copy_good(world, d)
+    return make(str(d))
+
+
+def _run_bad(world, d, out, make, capsys, *extra):
+    bad = _bad_world(world, d, make)
+    capsys.readouterr()
+    with deadline(30):  # a FIFO that got listed would block the read forever
+        evals = train.main(argv(world, d, out, *extra))
+    return bad, evals, capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind,make,patch,outcome,reason", with_ids(BAD_IMAGES))
+def test_bad_image_file_is_never_fatal(kind, make, patch, outcome, reason, world, tmp_path, monkeypatch, capsys):
+    if patch is not None:
+        patch(monkeypatch)
+    bad, evals, out = _run_bad(world, tmp_path / "train", tmp_path / "a", make, capsys)
+    steps = records(tmp_path / "a", "train")
+    assert evals == [] and "not evaluated: --data folder without --eval-root" in out
+    listed = {"skipped": 8, "read": 8, "unlisted": 7, "ignored": 7}[outcome]
+    assert f"MUST on folder: {listed} images," in out
+    assert [r["step"] for r in steps] == ([1, 2] if listed == 8 else [1]) and ckpt(tmp_path / "a")["step"] == len(steps)
+    if outcome == "skipped":
+        assert out.count(f"warning: skipped training image {bad}: it {reason}\n") == 1, out
+        assert out.count("warning: skipped") == 1 and "not listed" not in out
+        assert "skipped 1 unreadable training image(s) (named above); each was replaced by the next readable one" in out
+        assert steps[-1]["skipped"] == 1 and all(r["skipped"] in (0, 1) for r in steps)
+        # determinism: the same run again gives bit-identical weights
+        _run_bad(world, tmp_path / "train", tmp_path / "b", make, capsys)
+        assert same_weights(ckpt(tmp_path / "a"), ckpt(tmp_path / "b"))
+        return
+    assert "warning: skipped" not in out and "unreadable training image" not in out
+    assert all(r["skipped"] == 0 for r in steps)
+    if outcome == "unlisted":
+        assert out.count(f"warning: 1 training entries not listed: {reason} (e.g. {bad})\n") == 1, out
+    else:
+        assert "not listed" not in out, out
+
+
+@pytest.mark.parametrize("kind,make,patch,reason", with_ids([
+    ("zero-byte-jpg", _zero_byte, None, UNDECODABLE),
+    ("decompression-bomb", _bomb, _patch_bomb_limit, BOMB),
+    ("permission-denied-simulated", _valid_png, _patch_permission_denied, DENIED),
+    ("deleted-after-listing", _valid_png, _patch_vanish_after_listing, VANISHED),
+]))
+def test_bad_image_report_across_two_loader_workers(kind, make, patch, reason, world, tmp_path, monkeypatch, capsys):
+    """Workers flag bad files in ImageList.bad (shared memory): the main process warns once, counts it, and the
+    weights are bit-identical to the in-process loader's."""
+    if patch is not None:
+        patch(monkeypatch)
+    _run_bad(world, tmp_path / "train", tmp_path / "w0", make, capsys)
+    bad, _, out = _run_bad(world, tmp_path / "train", tmp_path / "w2", make, capsys, "--num-workers", "2")
+    assert out.count(f"warning: skipped training image {bad}: it {reason}\n") == 1, out
+    assert out.count("warning: skipped") == 1
+    assert records(tmp_path / "w2", "train")[-1]["skipped"] == 1
+    assert same_weights(ckpt(tmp_path / "w0"), ckpt(tmp_path / "w2"))
+
+
+@pytest.mark.parametrize("make", [_zero_byte, _text_as_png], ids=["zero-byte-jpg", "text-named-png"])
+def test_unreadable_image_is_replaced_by_the_next_readable_one(make, world, tmp_path, capsys):
+    """Bit-identical to a world where the bad file is a copy of the next file (4.png), and not to one where it is a
+    copy of another file (0.png): the substitute is the next readable image in index order."""
+    _run_bad(world, tmp_path / "bad", tmp_path / "bad-out", make, capsys)
+    for source, out in (("4.png", "next-out"), ("0.png", "first-out")):
+        d = tmp_path / source
+        copy_good(world, d)
+        shutil.copy(d / source, d / "3b.png")  # sorts where the bad file does: index 4
+        train.main(argv(world, d, tmp_path / out))
+    bad = ckpt(tmp_path / "bad-out")
+    assert same_weights(bad, ckpt(tmp_path / "next-out"))
+    assert not same_weights(bad, ckpt(tmp_path / "first-out"))
+
+
+def test_symlink_loops_list_each_real_file_once(world, tmp_path, capsys):
+    """train/link -> .  and  train/sub/a -> ..  and  train/sub/b -> .  : every real file is listed once (4 at the top,
+    4 in sub/), each loop is walked once and reported; a link to a folder outside the tree is followed."""
+    d = tmp_path / "train"
+    copy_good(world, d, 4)
+    (d / "sub").mkdir()
+    for i in range(4, 8):
+        shutil.copy(world / "good" / f"{i}.png", d / "sub" / f"{i}.png")
+    os.symlink(".", d / "link")
+    os.symlink("..", d / "sub" / "a")
+    os.symlink(".", d / "sub" / "b")
+    outside = tmp_path / "outside"
+    copy_good(world, outside, 4)  # copies: other files with the same pixels as 0..3
+    os.symlink(outside, d / "sub" / "c-outside")
+    listed = data._list_images(str(d))
+    assert [os.path.relpath(p, d) for p in listed] == [
+        "0.png", "1.png", "2.png", "3.png", "sub/4.png", "sub/5.png", "sub/6.png", "sub/7.png",
+        "sub/c-outside/0.png", "sub/c-outside/1.png", "sub/c-outside/2.png", "sub/c-outside/3.png"]
+    capsys.readouterr()
+    train.main(argv(world, d, tmp_path / "out", "--max-steps", "1"))
+    out = capsys.readouterr().out
+    assert f"warning: 3 training entries not listed: {LOOP} (e.g. {d / 'link'})\n" in out
+    assert "MUST on folder: 12 images," in out
+
+
+def test_fifo_is_never_opened(world, tmp_path):
+    """A FIFO named like an image is left out by the listing: nothing ever opens it (that would block)."""
+    d = copy_good(world, tmp_path / "train", 3)
+    os.mkfifo(d / "x.jpg")
+    ignored = []
+    with deadline(10):
+        listed = data._list_images(str(d), ignored=ignored)
+        ds = data.ImageList([(p, -1) for p in listed], CLASSES, ["{}"], None)
+        assert all(ds[i][0].size == (40, 40) for i in range(len(ds)))
+    assert listed == [str(d / f"{i}.png") for i in range(3)] and ignored == [(str(d / "x.jpg"), NOT_REGULAR)]
+
+
+# (size of the file, size read_image returns): the long side is center-cropped to data.MAX_ASPECT x the short side
+ASPECTS = [((1, 1000), (1, 4)), ((1000, 1), (4, 1)), ((10, 41), (10, 40)), ((50, 200), (50, 200)),
+           ((40, 40), (40, 40)), ((3, 10000), (3, 12))]
+
+
+@pytest.mark.parametrize("size,read", ASPECTS, ids=[f"{w}x{h}" for (w, h), _ in ASPECTS])
+def test_extreme_aspect_is_cropped_so_memory_per_sample_is_bounded(size, read, tmp_path):
+    path = tmp_path / "a.png"
+    img = Image.new("RGB", size)
+    img.putpixel((size[0] // 2, size[1] // 2), (255, 0, 0))  # the centre survives the center crop
+    img.save(path)
+    got = data.read_image(str(path))
+    assert got.size == read and max(read) <= data.MAX_ASPECT * min(read)
+    assert got.getpixel((read[0] // 2, read[1] // 2)) == (255, 0, 0)
+    weak, strong, mask = data.TrainTransform(32, data.MaskGenerator(32, 16, 8, 0.3))(got)
+    assert weak.shape == strong.shape == (3, 32, 32)
+
+
+# ----------------------------------------------------------------------------- too few readable images
+
+def _text_files(d, names):
+    for name in names:
+        open(os.path.join(d, name), "w").write("not an image")
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_fewer_readable_images_than_one_batch_stops(world, tmp_path, workers):
+    d = copy_good(world, tmp_path / "train", 3)
+    _text_files(d, [f"9{i}.png" for i in range(5)])  # 3 readable of 8, global batch 4
+    before = set(multiprocessing.active_children())
+    message = train_error(argv(world, d, tmp_path / "out", "--num-workers", workers))
+    assert ("only 3 of the 8 training images can be read: fewer than one global batch of 4 (see the warnings "
+            "above)") in message
+    assert set(multiprocessing.active_children()) <= before  # see test_no_readable_image_at_all_stops
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_no_readable_image_at_all_stops(world, tmp_path, workers):
+    d = tmp_path / "train"
+    d.mkdir()
+    _text_files(d, ["a.png", "b.jpg", "c.png", "d.png"])
+    before = set(multiprocessing.active_children())
+    message = train_error(argv(world, d, tmp_path / "out", "--num-workers", workers))
+    assert message.startswith(f"error: none of the 4 images can be read (e.g. {d}/"), message
+    assert not os.path.exists(tmp_path / "out" / train.CHECKPOINT)
+    # The run ended its loader workers: they ignore SIGTERM, and the worker's exception keeps the loader alive in a
+    # reference cycle, so a worker left running made the process's exit wait for it forever (the CLI hung here).
+    assert set(multiprocessing.active_children()) <= before
+
+
+@pytest.mark.parametrize("on_error", ["substitute", "skip"])
+def test_image_list_substitutes_or_skips_and_flags_once(on_error, tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i * 50, 0, 0)).save(d / f"{i}.png")
+    open(d / "1b.png", "w").write("bad")
+    samples = [(str(d / n), k) for k, n in enumerate(["0.png", "1.png", "1b.png", "2.png"])]
+    ds = data.ImageList(samples, CLASSES, ["{}"], None, on_error)
+    for attempt in range(2):
+        if attempt:  # readable now, but the flag stands: a run treats a file the same way throughout
+            shutil.copy(d / "0.png", d / "1b.png")
+        img, label = ds[2]
+        if on_error == "substitute":
+            assert (img.getpixel((0, 0)), label) == ((100, 0, 0), 3)  # 2.png, the next readable one
+        else:
+            assert (img.size, label) == ((1, 1), -1)  # blank, ignored by scoring
+    assert ds.bad.tolist() == [0, 0, 1, 0]
+    assert ds.bad_files() == [(2, str(d / "1b.png"), UNDECODABLE)]
+    if on_error == "substitute":
+        open(d / "2.png", "w").write("bad too")  # the last one: the substitute wraps to index 0
+        assert ds[3][0].getpixel((0, 0)) == (0, 0, 0) and ds[3][1] == 0
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+
+def _base(world, tmp):
+    """A 1-step run (of 2) with its own copies of the model and class file, so that rows may change them in place."""
+    shutil.copy(world / "tiny.pt", tmp / "model.pt")
+    shutil.copy(world / "classes.txt", tmp / "classes.txt")
+    out = tmp / "out"
+    train.main(_ckpt_argv(world, tmp, out, "--max-steps", "1"))
+    return out
+
+
+def _ckpt_argv(world, tmp, out, *extra):
+    return argv(world, world / "good", out, "--model", str(tmp / "model.pt"), "--classes", str(tmp / "classes.txt"),
+                *extra)
+
+
+def _truncate(world, tmp, ck):
+    blob = open(ck, "rb").read()
+    open(ck, "wb").write(blob[:len(blob) // 2])
+    return []
+
+
+def _resave(change):
+    def mutate(world, tmp, ck):
+        c = torch.load(ck, weights_only=True)
+        torch.save(change(c), ck)
+        return []
+    return mutate
+
+
+def _without(key):
+    def change(c):
+        c.pop(key)
+        return c
+    return change
+
+
+def _student_without_proj(c):
+    del c["student"]["visual.proj"]
+    return c
+
+
+def _other_dataset(c):
+    c["args"]["data"] = "imagenet"
+    return c
+
+
+def _rewrite(name, text):
+    def mutate(world, tmp, ck):
+        (tmp / name).write_text(text)
+        return []
+    return mutate
+
+
+def _flags(*flags):
+    def mutate(world, tmp, ck):
+        return [f.format(world=world, tmp=tmp, ck=ck) for f in flags]
+    return mutate
+
+
+def _templates(text):
+    def mutate(world, tmp, ck):
+        (tmp / "t.txt").write_text(text)
+        return ["--templates", str(tmp / "t.txt")]
+    return mutate
+
+
+def _other_weights_same_path(world, tmp, ck):
+    shutil.copy(world / "other.pt", tmp / "model.pt")
+    return []
+
+
+def _write_file(content):
+    def mutate(world, tmp, ck):
+        open(ck, "wb").write(content)
+        return []
+    return mutate
+
+
+def _clip_state_dict(world, tmp, ck):
+    shutil.copy(world / "tiny.pt", ck)
+    return []
+
+
+def _init_from(mutate_ck):
+    """--init a copy of the base checkpoint (changed by mutate_ck) into a fresh out-dir."""
+    def mutate(world, tmp, ck):
+        init = tmp / "init.pt"
+        shutil.copy(ck, init)
+        extra = mutate_ck(world, tmp, str(init)) if mutate_ck else []
+        return extra + ["--init", str(init), "--out-dir", str(tmp / "fresh")]
+    return mutate
+
+
+def _init_then_other_model(world, tmp, ck):
+    return _init_from(None)(world, tmp, ck) + ["--model", str(world / "other.pt")]
+
+
+# (id, mutate(world, tmp, checkpoint path) -> extra flags, fragment; "{ck}" is the checkpoint, "{init}" the --init file)
+CHECKPOINT_REFUSALS = [
+    ("truncated", _truncate, "cannot read resume checkpoint {ck} ("),
+    ("empty-file", _write_file(b""), "cannot read resume checkpoint {ck} ("),
+    ("text-file", _write_file(b"step 1, trust me\n"), "cannot read resume checkpoint {ck} ("),
+    ("a-list", _resave(lambda c: [1, 2]), "{ck} is not a MUST checkpoint written by this train.py (no student "
+                                          "weights or fingerprints)"),
+    ("no-fingerprints", _resave(_without("fingerprints")), "{ck} is not a MUST checkpoint written by this train.py"),
+    ("clip-state-dict", _clip_state_dict, "{ck} is not a MUST checkpoint written by this train.py"),
+    ("other-model-path", _flags("--model", "{world}/other.pt"), "resume checkpoint {ck} was made with other CLIP "
+                                                                "weights (--model); give the same ones"),
+    ("other-weights-same-path", _other_weights_same_path, "resume checkpoint {ck} was made with other CLIP weights "
+                                                          "(--model)"),
+    ("classes-reordered-same-path", _rewrite("classes.txt", "blue circle\nred square\ngreen cross\n"),
+     "resume checkpoint {ck} was made with other class list (names or their order)"),
+    ("classes-renamed", _rewrite("classes.txt", "red square\nblue circle\ngreen star\n"),
+     "was made with other class list (names or their order)"),
+    ("templates-changed", _templates("a photo of a {}.\n"), "resume checkpoint {ck} was made with other prompt "
+                                                             "templates"),
+    ("templates-reordered", _templates("\n".join(data.DEFAULT_TEMPLATES[::-1])), "was made with other prompt "
+                                                                                 "templates"),
+    ("other-dataset", _resave(_other_dataset), "resume checkpoint {ck} was trained on dataset 'imagenet', not "
+                                               "'folder'"),
+    ("other-seed", _flags("--seed", "1"), "resume checkpoint {ck} was made with other settings (--seed 0 -> 1)"),
+    ("other-lr", _flags("--base-lr", "2e-3"), "was made with other settings (--base-lr 0.001 -> 0.002)"),
+    ("student-missing-a-tensor", _resave(_student_without_proj), "resume checkpoint {ck} does not fit this run ("),
+    ("resume-a-directory", _flags("--resume", "{tmp}"), "no checkpoint at {tmp}"),
+    ("init-truncated", _init_from(_truncate), "cannot read --init checkpoint {init} ("),
+    ("init-clip-state-dict", _init_from(_clip_state_dict), "{init} is not a MUST checkpoint written by this train.py"),
+    ("init-other-model", _init_then_other_model, "--init checkpoint {init} was made with other CLIP weights (--model)"),
+]
+
+
+@pytest.mark.parametrize("kind,mutate,message", with_ids(CHECKPOINT_REFUSALS))
+def test_checkpoint_refused_in_one_line_and_left_as_it_was(kind, mutate, message, world, tmp_path):
+    out = _base(world, tmp_path)
+    ck = out / train.CHECKPOINT
+    extra = mutate(world, tmp_path, str(ck))
+    before = open(ck, "rb").read()
+    got = train_error(_ckpt_argv(world, tmp_path, out, *extra))
+    assert message.format(ck=ck, init=tmp_path / "init.pt", tmp=tmp_path) in got
+    assert open(ck, "rb").read() == before  # a refused run writes nothing over it
+    assert not os.path.exists(tmp_path / "fresh" / train.CHECKPOINT)
+
+
+def _copy_model_elsewhere(world, tmp, ck):
+    (tmp / "elsewhere").mkdir()
+    shutil.copy(tmp / "model.pt", tmp / "elsewhere" / "renamed.pt")
+    return ["--model", str(tmp / "elsewhere" / "renamed.pt")]
+
+
+def _copy_classes_elsewhere(world, tmp, ck):
+    shutil.copy(tmp / "classes.txt", tmp / "same-classes.txt")
+    return ["--classes", str(tmp / "same-classes.txt")]
+
+
+_default_templates_as_file = _templates("# the default family, written out\n" + "\n".join(data.DEFAULT_TEMPLATES))
+
+
+def _stale_tmp(world, tmp, ck):
+    open(ck + ".tmp", "wb").write(b"half a checkpoint from a killed run")
+    return []
+
+
+def _other_workers_and_log_freq(world, tmp, ck):
+    return ["--num-workers", "2", "--log-freq", "5"]
+
+
+# resumes by content: other paths with the same bytes, the default templates given as a file, a stale temp file,
+# flags that do not define the run
+CHECKPOINT_ACCEPTED = [
+    ("same-model-copied-elsewhere", _copy_model_elsewhere),
+    ("same-classes-copied-elsewhere", _copy_classes_elsewhere),
+    ("default-templates-as-a-file", _default_templates_as_file),
+    ("stale-tmp-file-from-a-killed-write", _stale_tmp),
+    ("other-workers-and-log-freq", _other_workers_and_log_freq),
+]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(world, tmp_path_factory):
+    """The 2-step run the resumed ones must reproduce bit for bit."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    train.main(argv(world, world / "good", out))
+    return ckpt(out)
+
+
+@pytest.mark.parametrize("kind,mutate", with_ids(CHECKPOINT_ACCEPTED))
+def test_checkpoint_identity_is_by_content(kind, mutate, world, tmp_path, capsys, uninterrupted):
+    out = _base(world, tmp_path)
+    ck = out / train.CHECKPOINT
+    extra = mutate(world, tmp_path, str(ck))
+    capsys.readouterr()
+    train.main(_ckpt_argv(world, tmp_path, out, *extra))
+    assert f"resumed from {ck} at step 1 (epoch 0)" in capsys.readouterr().out
+    assert ckpt(out)["step"] == 2 and not os.path.exists(str(ck) + ".tmp")
+    assert same_weights(ckpt(out), uninterrupted)  # the same run, continued
+
+
+def test_init_needs_only_the_same_clip(world, tmp_path):
+    """--init takes the image tower of a run on another class list (order): only the CLIP weights must match."""
+    out = _base(world, tmp_path)
+    (tmp_path / "reordered.txt").write_text("green cross\nred square\nblue circle\n")
+    fresh = tmp_path / "fresh"
+    train.main(_ckpt_argv(world, tmp_path, fresh, "--classes", str(tmp_path / "reordered.txt"),
+                          "--init", str(out / train.CHECKPOINT), "--max-steps", "1"))
+    assert ckpt(fresh)["step"] == 1 and ckpt(fresh)["classnames"] == ["green cross", "red square", "blue circle"]
+
+
+# ------------------------------------------------------------------------------------------------ lock
+
+def test_second_lock_on_the_same_dir_is_refused(tmp_path):
+    first = runtime.RunLock(str(tmp_path))
+    try:
+        with pytest.raises(SystemExit) as e:
+            runtime.RunLock(str(tmp_path))
+        message = str(e.value.code)
+        assert message.startswith(f"error: {tmp_path} is in use by another run (pid {os.getpid()} on "
+                                  f"{socket.gethostname()} since ")
+        assert message.endswith("); wait for it to finish or use another --out-dir") and "\n" not in message
+    finally:
+        first.release()
+    runtime.RunLock(str(tmp_path)).release()  # released: free again
+    assert (tmp_path / "run.lock").read_text() == ""
+
+
+def test_run_refused_while_another_process_holds_the_lock(world, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         f"fd = os.open({str(out / 'run.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\nos.write(fd, f'pid {os.getpid()} on elsewhere'.encode())\n"
+         "print('held', flush=True)\nsys.stdin.read()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        message = train_error(argv(world, world / "good", out))
+        assert f"{out} is in use by another run (pid {holder.pid} on elsewhere)" in message
+        assert sorted(os.listdir(out)) == ["run.lock"]  # no log, no head cache, no checkpoint
+    finally:
+        holder.communicate("", timeout=30)  # closing stdin ends the holder and drops its lock
+    train.main(argv(world, world / "good", out, "--max-steps", "1"))  # free again
+    assert ckpt(out)["step"] == 1
+
+
+def test_stale_lock_is_taken_over_with_a_message(world, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.lock").write_text("pid 999999 on gone-host since 2000-01-01 00:00:00")
+    capsys.readouterr()
+    train.main(argv(world, world / "good", out, "--max-steps", "1"))
+    assert ("taking over the lock of a run that ended without releasing it (pid 999999 on gone-host since "
+            "2000-01-01 00:00:00)") in capsys.readouterr().out
+    assert (out / "run.lock").read_text() == ""  # released at the end, by this run
+
+
+def test_lock_is_released_when_a_run_fails(world, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    monkeypatch.setattr(must, "loss_mim", lambda *a, **k: torch.tensor(float("nan")))
+    assert "non-finite loss" in train_error(argv(world, world / "good", out))
+    capsys.readouterr()
+    lock = runtime.RunLock(str(out))  # neither held nor stale
+    lock.release()
+    assert "taking over" not in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------- full disk
+
+def _make_disk_full(out):
+    """save_atomic writes checkpoint.pt.tmp: as a link to /dev/full every write fails with a real ENOSPC."""
+    os.symlink("/dev/full", out / (train.CHECKPOINT + ".tmp"))
+
+
+needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+
+
+@needs_dev_full
+def test_full_disk_keeps_the_previous_checkpoint_and_stays_resumable(world, tmp_path):
+    out = tmp_path / "out"
+    train.main(argv(world, world / "good", out, "--max-steps", "1"))
+    ck = out / train.CHECKPOINT
+    before = open(ck, "rb").read()
+    _make_disk_full(out)
+    message = train_error(argv(world, world / "good", out))
+    assert message.startswith(f"error: could not write {ck} (the disk is full; ") and \
+        message.endswith(f"MiB free in {out}); the previous one is intact"), message
+    assert open(ck, "rb").read() == before and not os.path.lexists(str(ck) + ".tmp")  # no temp file left behind
+    train.main(argv(world, world / "good", out))  # space again: resumes from step 1
+    assert ckpt(out)["step"] == 2
+
+
+@needs_dev_full
+def test_full_disk_before_any_checkpoint(world, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    _make_disk_full(out)
+    message = train_error(argv(world, world / "good", out, "--max-steps", "1"))
+    assert "(the disk is full; " in message and message.endswith("); no earlier one exists"), message
+    assert not os.path.lexists(out / train.CHECKPOINT) and not os.path.lexists(out / (train.CHECKPOINT + ".tmp"))
+
+
+@needs_dev_full
+def test_save_atomic_on_a_full_disk(tmp_path):
+    path = str(tmp_path / "x.pt")
+    runtime.save_atomic({"step": 1}, path)
+    os.symlink("/dev/full", path + ".tmp")
+    with pytest.raises(SystemExit) as e:
+        runtime.save_atomic({"step": 2, "w": torch.zeros(10000)}, path)
+    assert "(the disk is full; " in str(e.value.code) and str(e.value.code).endswith("the previous one is intact")
+    assert torch.load(path, weights_only=True) == {"step": 1} and not os.path.lexists(path + ".tmp")
+
+
+# ----------------------------------------------------------------------------------- non-finite values
+
+NONFINITE = [  # (loss term made non-finite, value, a checkpoint exists)
+    ("loss_mim", float("nan"), True),
+    ("loss_mim", float("inf"), False),
+    ("loss_align", float("nan"), False),
+    ("loss_align", float("-inf"), True),
+]
+
+
+@pytest.mark.parametrize("term,value,with_checkpoint", NONFINITE)
+def test_non_finite_loss_stops_before_updating(term, value, with_checkpoint, world, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    ck = out / train.CHECKPOINT
+    if with_checkpoint:
+        train.main(argv(world, world / "good", out, "--max-steps", "1"))
+        before = open(ck, "rb").read()
+    monkeypatch.setattr(must, term, lambda *a, **k: torch.tensor(value))
+    message = train_error(argv(world, world / "good", out))
+    step = 1 if with_checkpoint else 0
+    assert f") at step {step}; stopped before updating the weights; " in message and "non-finite loss (" in message
+    if with_checkpoint:
+        assert message.endswith(f"the last good checkpoint {ck} is intact") and open(ck, "rb").read() == before
+    else:
+        assert message.endswith("no checkpoint was written yet") and not os.path.exists(ck)
+    assert [r["step"] for r in records(out, "train")] == ([1] if with_checkpoint else [])
+
+
+@pytest.mark.parametrize("tensor,message", [
+    ("text_projection", "the zero-shot head has non-finite values: the text tower of {model} is broken"),
+    ("visual.proj", "non-finite loss ("),
+])
+def test_broken_clip_weights(tensor, message, world, tmp_path):
+    sd = torch.load(world / "tiny.pt", weights_only=True)
+    sd[tensor] = torch.full_like(sd[tensor], float("nan"))
+    model = tmp_path / "broken.pt"
+    torch.save(sd, model)
+    out = tmp_path / "out"
+    assert message.format(model=model) in train_error(argv(world, world / "good", out, "--model", str(model)))
+    assert not os.path.exists(out / train.CHECKPOINT)
+    assert not os.path.exists(out / "log.jsonl") or records(out, "train") == []  # stopped before any step
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+def test_folder_without_eval_root_trains_without_evaluation(world, tmp_path, capsys):
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert train.main(argv(world, world / "good", out)) == []
+    printed = capsys.readouterr().out
+    assert printed.rstrip().endswith("not evaluated: --data folder without --eval-root")
+    assert records(out, "eval") == [] and ckpt(out)["evals"] == [] and ckpt(out)["step"] == 2
+
+
+def _test_dir_with_faults(world, d):
+    """The 6 labeled test images, one of them zero bytes, plus a dangling link: 5 to score."""
+    shutil.copytree(world / "test", d)
+    bad = d / CLASSES[1] / "4.png"
+    open(bad, "wb").close()
+    os.symlink(d / "nowhere.png", d / CLASSES[2] / "link.png")
+    return bad, d / CLASSES[2] / "link.png"
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_training_evaluation_skips_unreadable_test_images(workers, world, tmp_path, capsys):
+    bad, link = _test_dir_with_faults(world, tmp_path / "test")
+    out = tmp_path / "out"
+    capsys.readouterr()
+    evals = train.main(argv(world, world / "good", out, "--eval-root", str(tmp_path / "test"),
+                            "--num-workers", workers))
+    printed = capsys.readouterr().out
+    assert [e["epoch"] for e in evals] == [0, 1]
+    assert printed.count(f"warning: skipped test image {bad}: it {UNDECODABLE}\n") == 1  # evaluated twice, warned once
+    assert f"warning: 1 test entries not listed: {DANGLING} (e.g. {link})\n" in printed
+    for e in evals:  # accuracy over the 5 readable images: a multiple of 20 %
+        for acc in (e["student_acc"], e["teacher_acc"]):
+            assert acc * 5 / 100 == pytest.approx(round(acc * 5 / 100), abs=1e-4), acc
+    assert records(out, "train")[-1]["skipped"] == 0  # test images are not training images
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_eval_py_skips_unreadable_files_and_reports_them(workers, world, tmp_path, capsys):
+    bad, link = _test_dir_with_faults(world, tmp_path / "test")
+    capsys.readouterr()
+    report = ev.main(["--data", "folder", "--data-root", str(tmp_path / "test"),
+                      "--classes", str(world / "classes.txt"),
+                      "--model", str(world / "tiny.pt"), "--device", "cpu", "--batch-size", "4", "--num-workers",
+                      workers, "--out-dir", str(tmp_path / "eval")])
+    printed = capsys.readouterr().out
+    assert printed.count(f"warning: folder: skipped {bad}: it {UNDECODABLE}\n") == 1
+    assert f"warning: folder: 1 entries not listed (e.g. {link}: {DANGLING})\n" in printed
+    r = report["results"]["folder"]
+    assert (r["images"], r["unreadable"], r["not_listed"]) == (5, 1, 1)
+    with open(tmp_path / "eval" / "eval-folder.json") as f:
+        saved = json.load(f)["results"]["folder"]
+    assert (saved["images"], saved["unreadable"], saved["not_listed"]) == (5, 1, 1)
+    top1 = saved["models"]["clip"]["top1"]
+    assert top1 / 20 == pytest.approx(round(top1 / 20), abs=1e-9), top1  # k of the 5 readable images
+
+
+def test_eval_py_scores_nothing_when_no_image_is_readable(world, tmp_path, capsys):
+    for i, name in enumerate(CLASSES[:2]):
+        (tmp_path / "test" / name).mkdir(parents=True)
+        open(tmp_path / "test" / name / f"{i}.png", "w").write("not an image" * i)  # empty, then text
+    report = ev.main(["--data", "folder", "--data-root", str(tmp_path / "test"),
+                      "--classes", str(world / "classes.txt"),
+                      "--model", str(world / "tiny.pt"), "--device", "cpu", "--num-workers", "0",
+                      "--out-dir", str(tmp_path / "eval")])
+    r = report["results"]["folder"]
+    assert (r["images"], r["unreadable"], r["not_listed"]) == (0, 2, 0)
+    assert r["models"]["clip"] == {"top1": None, "top5": None, "mean_per_class": None}
+    assert capsys.readouterr().out.count("warning: folder: skipped ") == 2
