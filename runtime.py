@@ -4,6 +4,7 @@ RNG state, atomic checkpoint writes, the out-dir lock and graceful stops on SIGT
 Nothing here knows about MUST; it is what any long multi-process PyTorch run needs to be safe to kill.
 """
 import contextlib
+import errno
 import fcntl
 import os
 import random
@@ -127,12 +128,15 @@ def save_atomic(obj, path):
             os.remove(tmp)
         if not isinstance(e, (OSError, RuntimeError)):  # torch's zip writer reports a short write as RuntimeError
             raise
-        folder = os.path.dirname(os.path.abspath(path))
-        free = shutil.disk_usage(folder).free
-        reason = "the disk is full" if getattr(e, "errno", None) == 28 or free < (64 << 20) else \
-            f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        if getattr(e, "errno", None) == errno.ENOSPC:
+            reason = "the disk is full"
+        elif free < (64 << 20):  # torch's zip writer reports a short write without an errno
+            reason = f"the disk is full: {free / 2 ** 20:.0f} MiB free"
+        else:
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         kept = "the previous one is intact" if os.path.isfile(path) else "no earlier one exists"
-        fail(f"could not write {path} ({reason}; {free / 2 ** 20:.0f} MiB free in {folder}); {kept}")
+        fail(f"could not write {path} ({reason}); {kept}")
     with contextlib.suppress(OSError):  # make the rename itself durable
         fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
         os.fsync(fd)

@@ -110,7 +110,7 @@ SETTINGS = [
     _s("eval_freq", int, None, _AT_LEAST_1, "run", "evaluate student and teacher every this many epochs [Table 10]",
        defines=False),
     _s("log_freq", int, 10, _AT_LEAST_1, "run", "log every this many optimizer steps", defines=False),
-    _s("save_freq", int, 0, _AT_LEAST_0, "run", "also checkpoint every this many steps (0: at epoch ends only)",
+    _s("save_freq", int, 0, (lambda v: v >= 0, "0 (off) or more"), "run", "also checkpoint every this many steps (0: at epoch ends only)",
        defines=False),
     _s("max_steps", int, None, _AT_LEAST_0, "run", "stop (with a checkpoint) after this many optimizer steps in "
        "total; the lr schedule still spans --epochs", defines=False),
@@ -431,7 +431,7 @@ def save_checkpoint(run):
                      "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
                      "fairness": run.fairness.state_dict(), "step": run.step, "epoch": run.step // run.steps_per_epoch,
                      "rng": states, "evals": run.evals, "args": vars(run.args), "classnames": run.classnames,
-                     "fingerprints": run.fingerprints}, run.ckpt_path)
+                     "fingerprints": run.fingerprints, "unreadable": sorted(run.reported)}, run.ckpt_path)
     barrier()
 
 
@@ -447,6 +447,9 @@ def resume(run, path):
     run.fairness.load_state_dict(ckpt["fairness"])
     run.step, run.evals = ckpt["step"], list(ckpt["evals"])
     run.checked = run.step
+    run.reported = set(ckpt.get("unreadable", []))  # warned about already: the warning and count go on from there
+    if run.reported and hasattr(run.train_set, "bad"):
+        run.train_set.bad[sorted(run.reported)] = 1
     states = ckpt["rng"]
     set_rng_state(states[run.rank] if len(states) == run.world else states[0])
     if run.rank == 0:

@@ -417,3 +417,14 @@ def test_compile_flag_compiles_both_towers(world, tmp_path, monkeypatch):
     train.main(argv(world, tmp_path / "c", "--compile", "--max-steps", "1"))
     assert len(compiled) == 2 and all(isinstance(m, clip_model.Transformer) for m in compiled)
     assert compiled[0] is not compiled[1]
+
+
+def test_non_finite_loss_between_log_steps_is_caught_before_the_checkpoint(world, tmp_path, monkeypatch):
+    """The device counts non-finite losses without stopping the host; the count is read at the next log step or
+    checkpoint, so the message names the range of steps whose updates it discards, and no checkpoint holds them."""
+    monkeypatch.setattr(must, "loss_align", lambda *a, **k: torch.tensor(float("nan")))
+    out = tmp_path / "late"
+    message = error_of(argv(world, out, "--log-freq", "5"))  # 3 steps per epoch: the epoch end checks first
+    assert "non-finite loss in optimizer step(s) 1-3; their updates are not saved; no checkpoint was written yet" \
+        in message
+    assert not os.path.exists(os.path.join(out, train.CHECKPOINT))
