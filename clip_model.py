@@ -166,7 +166,7 @@ class VisionTransformer(nn.Module):
         z = self.transformer(self.tokens(x))
         return self.ln_post(z[:, 0]) @ self.proj
 
-    # --- MUST (paper §3, NOTES.md) ---
+    # --- MUST (paper §3; the release's MUST heads) ---
 
     def add_must_heads(self):
         """Create the [MSK] embedding, the patch LayerNorm and the SimMIM linear decoder (1x1 conv + PixelShuffle)."""

@@ -48,7 +48,7 @@ from runtime import all_reduce, autocast_for, fail, pick_device
 
 
 # ImageNet-C's 15 benchmark corruptions and AlexNet's error on each, averaged over the 5 severities
-# (Hendrycks & Dietterich 2019): the normalizer of the corruption error CE (NOTES.md).
+# (Hendrycks & Dietterich 2019, their Table 7): the normalizer of the corruption error CE.
 ALEXNET_ERR = {
     "gaussian_noise": 0.886428, "shot_noise": 0.894468, "impulse_noise": 0.922640,
     "defocus_blur": 0.819880, "glass_blur": 0.826268, "motion_blur": 0.785948, "zoom_blur": 0.798360,
@@ -56,7 +56,7 @@ ALEXNET_ERR = {
     "contrast": 0.853204, "elastic_transform": 0.646056, "pixelate": 0.717840, "jpeg_compression": 0.606500,
 }
 SEVERITIES = (1, 2, 3, 4, 5)
-PAPER_MCE = "CLIP 70.7, self-training 55.2, MUST 53.4, MAE+supervised 51.7"  # Table 8, ViT-B/16 (NOTES.md)
+PAPER_MCE = "CLIP 70.7, self-training 55.2, MUST 53.4, MAE+supervised 51.7"  # the paper's Table 8, ViT-B/16
 SHIFT_ORDER = ("imagenet", "imagenet-v2", "imagenet-r", "imagenet-a", "imagenet-sketch")
 IMAGENET_FAMILY = ("imagenet", "imagenet-v2", "imagenet-sketch", "imagenet-r", "imagenet-a", "imagenet-c")
 

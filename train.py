@@ -19,9 +19,10 @@ Rank 0 writes into --out-dir (one run at a time: run.lock):
   checkpoint.pt  written atomically at each epoch end, every --save-freq steps, at --max-steps and on SIGTERM /
                  SIGINT: a dict of student / teacher state dicts, optimizer, scaler, fairness (running p̄ of eq. 3),
                  step (optimizer steps done), epoch (completed epochs), rng (per rank), evals (the eval records so
-                 far), args (all flags as a plain dict), classnames and fingerprints (SHA-256 of the CLIP weights,
-                 the class list and the templates: what resume and --init compare); torch.load(...,
-                 weights_only=True) reads it and must.load_checkpoint rebuilds the classifier from it.
+                 far), args (all flags as a plain dict), classnames, fingerprints (SHA-256 of the CLIP weights,
+                 the class list and the templates: what resume and --init compare) and unreadable (indices of the
+                 training images found unreadable); torch.load(..., weights_only=True) reads it and
+                 must.load_checkpoint rebuilds the classifier from it.
   head-*.pt      the zero-shot head cache (prompts.zero_shot_head).
 """
 import argparse
