@@ -48,7 +48,7 @@ from runtime import all_reduce, autocast_for, fail, pick_device
 
 
 # ImageNet-C's 15 benchmark corruptions and AlexNet's error on each, averaged over the 5 severities
-# (Hendrycks & Dietterich 2019, their Table 7): the normalizer of the corruption error CE.
+# (Hendrycks & Dietterich 2019): the normalizer of the corruption error CE.
 ALEXNET_ERR = {
     "gaussian_noise": 0.886428, "shot_noise": 0.894468, "impulse_noise": 0.922640,
     "defocus_blur": 0.819880, "glass_blur": 0.826268, "motion_blur": 0.785948, "zoom_blur": 0.798360,
