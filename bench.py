@@ -142,8 +142,9 @@ def make_run(visual, args, device):
 
 
 def time_steps(run, parts, warmup, steps):
-    """-> (seconds of the warm-up, seconds of each timed step). Every step ends synchronized: train_step reads its
-    non-finite check back to the host, and on a GPU the clock is read after torch.cuda.synchronize."""
+    """-> (seconds of the warm-up, wall seconds of each timed step, this process's CPU seconds over them). Every
+    step ends synchronized: train_step reads its non-finite check back to the host, and on a GPU the clock is read
+    after torch.cuda.synchronize."""
     def step():
         train.train_step(run, parts)
         must.ema_update(run.teacher, run.student, 0.999)  # eq. 1 is part of every optimizer step
@@ -155,12 +156,12 @@ def time_steps(run, parts, warmup, steps):
     for _ in range(warmup):  # first steps: allocator, kernel autotuning, compilation
         step()
     warmup_s = time.perf_counter() - tic
-    times = []
+    times, cpu = [], time.process_time()
     for _ in range(steps):
         tic = time.perf_counter()
         step()
         times.append(time.perf_counter() - tic)
-    return warmup_s, times
+    return warmup_s, times, time.process_time() - cpu
 
 
 def peak_memory(device):
@@ -184,7 +185,7 @@ def bench_step(args):
     v = run.student.visual
     size, patch, width, layers = v.input_resolution, v.patch_size, v.width, len(v.transformer.resblocks)
     flops = train_flops_per_image(size, patch, width, layers, v.output_dim, args.classes, args.accum)
-    warmup_s, times = time_steps(run, parts, args.warmup, args.steps)
+    warmup_s, times, cpu_s = time_steps(run, parts, args.warmup, args.steps)
     seconds = sum(times) / len(times)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     peak = args.peak_tflops or next((p for key, p in PEAK_TFLOPS if gpu and key in gpu), None)
@@ -192,18 +193,21 @@ def bench_step(args):
     tflops = flops[0] * args.batch / seconds / 1e12
     res = {"images_per_s": args.batch / seconds, "ms_per_step": 1e3 * seconds, "tflops": tflops,
            "utilization": tflops / peak if peak else None, "peak_memory_gib": memory, "warmup_s": warmup_s,
-           "gflop_per_image": flops[0] / 1e9}
+           "gflop_per_image": flops[0] / 1e9, "cpu_s_per_step": cpu_s / args.steps}
     where = f"{device} {gpu}" if gpu else f"{device}, {torch.get_num_threads()} threads"
     print(f"model          {what}: {size} px, patch {patch}, width {width}, {layers} layers, "
-          f"{clip_model._heads(width)} heads, embed {v.output_dim}, {args.classes} classes")
+          f"{v.transformer.resblocks[0].attn.heads} heads, embed {v.output_dim}, {args.classes} classes")
     print(f"step           batch {args.batch} = {args.accum} x {args.batch // args.accum}, amp "
           f"{str(run.amp_dtype or 'fp32').removeprefix('torch.')}, {'compiled' if args.compile else 'eager'}, {where}")
     print("GFLOP/image    {:.4g} = teacher fwd {:.4g} + student fwd+bwd {:.4g} + no-grad student fwd {:.4g}".format(
         *(f / 1e9 for f in flops)))
     print(f"warm-up        {args.warmup} steps in {warmup_s:.1f} s")
     print(f"images/s       {res['images_per_s']:.4g}")
-    print(f"ms/step        {res['ms_per_step']:.4g}   (mean of {args.steps}; fastest {1e3 * min(times):.4g}, "
-          f"slowest {1e3 * max(times):.4g})")
+    print(f"ms/step        {res['ms_per_step']:.1f}   (mean of {args.steps}; fastest {1e3 * min(times):.1f}, "
+          f"slowest {1e3 * max(times):.1f})")
+    if not gpu:  # on a shared machine wall time includes other processes' turns; a process's own CPU time does not
+        print(f"CPU s/step     {res['cpu_s_per_step']:.4g}   (this process's CPU time, all threads: other processes' "
+              f"turns are not in it)")
     print(f"TFLOP/s        {tflops:.4g}")
     print("utilization    " + (f"{100 * res['utilization']:.1f}% of {peak:g} TFLOP/s" if peak else
                               "n/a (unknown peak: give --peak-tflops)"))
@@ -230,15 +234,16 @@ def make_jpegs(folder, count, width, height, seed=0):
 
 
 def images_per_s_one_core(dataset, count):
-    """The transform in this process on one thread (the setting of a DataLoader worker)."""
+    """The transform in this process on one thread (the setting of a DataLoader worker). -> (images per wall
+    second, images per CPU second: the cost of an image on a core, whatever else the machine runs)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         dataset[0]  # first call: lazy imports and allocations
-        tic = time.perf_counter()
+        tic, cpu = time.perf_counter(), time.process_time()
         for i in range(count):
             dataset[i]
-        return count / (time.perf_counter() - tic)
+        return count / (time.perf_counter() - tic), count / (time.process_time() - cpu)
     finally:
         torch.set_num_threads(threads)
 
@@ -266,11 +271,11 @@ def bench_pipeline(args):
         kib = sum(os.path.getsize(p) for p in paths) / len(paths) / 1024
         dataset = data.ImageList([(paths[i % len(paths)], -1) for i in range(args.images)], [], [], transform)
         torch.manual_seed(0)
-        one_core = images_per_s_one_core(dataset, args.images)
+        wall, one_core = images_per_s_one_core(dataset, args.images)
         loader = images_per_s_loader(dataset, args.workers, args.loader_batch) if args.workers else None
     print(f"pipeline       {what}: {size} px views, paper strong view (RandAugment), mask unit {hp['mask_unit']}, "
           f"{args.images} images from {len(paths)} JPEGs of {width}x{height} ({kib:.0f} KiB on average, page-cached)")
-    print(f"one core       {one_core:.1f} images/s")
+    print(f"one core       {one_core:.1f} images per CPU second ({wall:.1f} per wall second)")
     if loader is not None:
         print(f"{args.workers} workers      {loader:.1f} images/s ({loader / (args.workers * one_core):.0%} of "
               f"{args.workers} x one core)")
@@ -279,8 +284,8 @@ def bench_pipeline(args):
         print("measuring the step to feed (give --step-images-per-s to skip):")
         step = bench_step(args)["images_per_s"]
     cores = step / one_core
-    print(f"cores/GPU      {cores:.1f} to feed {step:.1f} images/s (at the one-core rate)")
-    return {"one_core_images_per_s": one_core, "loader_images_per_s": loader, "step_images_per_s": step,
+    print(f"cores/GPU      {cores:.3g} to feed {step:.4g} images/s (at the one-core rate per CPU second)")
+    return {"one_core_images_per_s": one_core, "one_core_wall_images_per_s": wall, "loader_images_per_s": loader, "step_images_per_s": step,
             "cores_per_gpu": cores, "jpeg_kib": kib}
 
 

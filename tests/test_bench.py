@@ -29,10 +29,11 @@ def positive(value):
 def test_step_mode_reports_sane_numbers(accum, capsys):
     res = bench.main(STEP + ["--accum", str(accum)])
     out = capsys.readouterr().out
-    for label in ("model", "GFLOP/image", "warm-up", "images/s", "ms/step", "TFLOP/s", "utilization", "peak memory"):
+    for label in ("model", "GFLOP/image", "warm-up", "images/s", "ms/step", "CPU s/step", "TFLOP/s", "utilization",
+                  "peak memory"):
         assert f"\n{label} " in "\n" + out, label
     assert f"batch 8 = {accum} x {8 // accum}" in out
-    for key in ("images_per_s", "ms_per_step", "tflops", "peak_memory_gib", "gflop_per_image"):
+    for key in ("images_per_s", "ms_per_step", "cpu_s_per_step", "tflops", "peak_memory_gib", "gflop_per_image"):
         assert positive(res[key]), (key, res[key])
     assert res["utilization"] is None and "n/a" in out  # no known peak for a CPU
     assert res["images_per_s"] == pytest.approx(8 / (res["ms_per_step"] / 1e3))
@@ -95,7 +96,8 @@ def test_pipeline_mode_reports_sane_numbers(capsys):
                       "--step-images-per-s", "100"])
     out = capsys.readouterr().out
     assert "one core" in out and "cores/GPU" in out and "mask unit 8" in out
-    assert positive(res["one_core_images_per_s"]) and positive(res["jpeg_kib"])
+    for key in ("one_core_images_per_s", "one_core_wall_images_per_s", "jpeg_kib"):
+        assert positive(res[key]), (key, res[key])
     assert res["loader_images_per_s"] is None  # --workers 0: no loader measured
     assert res["cores_per_gpu"] == pytest.approx(100 / res["one_core_images_per_s"])
 
