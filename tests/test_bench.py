@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 import data
+import toy
 import train
 
 # tiny models: one thread is several times faster than two on a shared 2-core machine
@@ -39,6 +40,14 @@ def test_step_mode_reports_sane_numbers(accum, capsys):
     assert res["images_per_s"] == pytest.approx(8 / (res["ms_per_step"] / 1e3))
     assert res["tflops"] == pytest.approx(res["gflop_per_image"] * res["images_per_s"] / 1e3)
     assert res["gflop_per_image"] * 1e9 == bench.train_flops_per_image(*TINY, accum)[0]
+
+
+def test_step_mode_loads_a_checkpoint(capsys):
+    """--model PATH: the tower of a CLIP checkpoint (the committed toy CLIP: width 128, 4 blocks, embed 64)."""
+    res = bench.main(["--model", toy.WEIGHTS, *STEP[2:], "--steps", "1", "--warmup", "0"])
+    assert "32 px, patch 8, width 128, 4 layers, 2 heads, embed 64, 10 classes" in capsys.readouterr().out
+    assert res["gflop_per_image"] * 1e9 == bench.train_flops_per_image(32, 8, 128, 4, 64, 10, 1)[0]
+    assert positive(res["images_per_s"])
 
 
 def test_utilization_against_a_given_peak():
