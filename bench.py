@@ -123,11 +123,12 @@ def make_run(visual, args, device):
     run = SimpleNamespace(
         args=run_args, device=device, world=1, rank=0, student=student, model=student,
         teacher=must.make_teacher(student), fairness=must.FairnessMean(args.classes),
-        optimizer=torch.optim.AdamW(train.param_groups(student, 0.05, 0.65), lr=hp["base_lr"] * args.batch / 256),
+        optimizer=train.make_optimizer(student, 0.05, 0.65, hp["base_lr"] * args.batch / 256, device),
         scaler=torch.amp.GradScaler(device.type, enabled=use_scaler), amp_dtype=amp_dtype,
         autocast=torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None),
         use_reg=True, use_mim=True, use_align=True, patch_size=visual.patch_size, step=0,
-        steps_per_epoch=10 ** 9, stop=SimpleNamespace(signum=None), ckpt_path="unused")
+        steps_per_epoch=10 ** 9, stop=SimpleNamespace(signum=None), ckpt_path="unused",
+        nonfinite=torch.zeros((), dtype=torch.int64, device=device))
     if args.compile:
         # in place (nn.Module.compile), so the state-dict keys that ema_update and param_groups use are unchanged;
         # the whole MUSTModel, because the student's masked pass is forward_must, not the tower's forward
@@ -143,8 +144,8 @@ def make_run(visual, args, device):
 
 def time_steps(run, parts, warmup, steps):
     """-> (seconds of the warm-up, wall seconds of each timed step, this process's CPU seconds over them). Every
-    step ends synchronized: train_step reads its non-finite check back to the host, and on a GPU the clock is read
-    after torch.cuda.synchronize."""
+    step ends synchronized: train_step itself never waits for the device, so on a GPU the clock is read after
+    torch.cuda.synchronize (CPU kernels are synchronous)."""
     def step():
         train.train_step(run, parts)
         must.ema_update(run.teacher, run.student, 0.999)  # eq. 1 is part of every optimizer step

@@ -165,8 +165,8 @@ def parse_args(argv=None):
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="mixed precision: auto = bf16 on GPUs that support it, fp32 on CPU; fp16 adds a GradScaler")
     g.add_argument("--device", help="cuda, cuda:N or cpu [cuda if available]")
-    g.add_argument("--compile", action="store_true", help="torch.compile the transformer of the student and of the "
-                                                          "teacher (the first steps are slow while it compiles)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher (the first "
+                                                          "steps are slow while it compiles)")
     g = groups["run"]
     g.add_argument("--out-dir", help="log, zero-shot head cache and checkpoint [out/<data>]")
     g.add_argument("--resume", default="auto", help="checkpoint to resume; auto = out_dir/checkpoint.pt if it "
@@ -285,6 +285,12 @@ def param_groups(model, weight_decay, layer_decay):
                            "lr_scale": layer_decay ** (num_layers + 1 - i)}
         groups[key]["params"].append(param)
     return [groups[k] for k in sorted(groups, key=lambda k: (int(k.split("_")[1]), k))]
+
+
+def make_optimizer(model, weight_decay, layer_decay, lr, device):
+    """AdamW (β 0.9, 0.999, ε 1e-8) over param_groups: one fused kernel on a GPU, multi-tensor kernels on CPU."""
+    return torch.optim.AdamW(param_groups(model, weight_decay, layer_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                             **({"fused": True} if device.type == "cuda" else {"foreach": True}))
 
 
 def cosine_lr(step, total_steps, lr, min_lr):
@@ -749,9 +755,7 @@ def build_run(args, rank, world, device, stop):
         teacher=must.make_teacher(student),  # Δ = θ at the start (eq. 1)
         model=DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
         if world > 1 else student,
-        optimizer=torch.optim.AdamW(param_groups(student, args.weight_decay, args.layer_decay), lr=lr,
-                                    betas=(0.9, 0.999), eps=1e-8,  # one fused kernel on GPU, multi-tensor on CPU
-                                    **({"fused": True} if device.type == "cuda" else {"foreach": True})),
+        optimizer=make_optimizer(student, args.weight_decay, args.layer_decay, lr, device),
         scaler=torch.amp.GradScaler(device.type, enabled=use_scaler), fairness=must.FairnessMean(student.num_classes),
         amp_dtype=amp_dtype, autocast=torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                                                      enabled=amp_dtype is not None),
@@ -768,8 +772,8 @@ def build_run(args, rank, world, device, stop):
         ckpt_path=os.path.join(args.out_dir, CHECKPOINT), log_path=os.path.join(args.out_dir, "log.jsonl"))
     run.log = lambda record: _append_json(run.log_path, record) if rank == 0 else None
     if args.compile:  # in place: the state dict keeps its names, so checkpoints do not depend on the flag
-        run.student.visual.transformer.compile()
-        run.teacher.visual.transformer.compile()
+        run.student.compile()
+        run.teacher.compile()
     return run
 
 

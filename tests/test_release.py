@@ -151,6 +151,7 @@ def step_run(fx, toy_state, mode):
     """The namespace train.train_step works on, built like the release's run: its initial weights, AdamW over
     train.param_groups, fp32, one process."""
     hp, run = fx["hparams"], fx["runs"][mode]
+    assert tuple(hp["betas"]) == (0.9, 0.999) and hp["eps"] == 1e-8  # what train.make_optimizer uses
     student = toy_must_model(toy_state, {**fx["init_extra"], "classifier.weight": run["init_classifier"]},
                              hp["logit_scale"]).train()
     args = SimpleNamespace(conf_threshold=hp["conf_threshold"], global_batch=hp["batch_size"],
@@ -158,8 +159,7 @@ def step_run(fx, toy_state, mode):
     return SimpleNamespace(
         args=args, device=torch.device("cpu"), world=1, rank=0, student=student, model=student,
         teacher=must.make_teacher(student), fairness=must.FairnessMean(run["num_classes"]),
-        optimizer=torch.optim.AdamW(train.param_groups(student, hp["weight_decay"], hp["layer_decay"]), lr=hp["lr"],
-                                    betas=tuple(hp["betas"]), eps=hp["eps"]),
+        optimizer=train.make_optimizer(student, hp["weight_decay"], hp["layer_decay"], hp["lr"], torch.device("cpu")),
         scaler=torch.amp.GradScaler("cpu", enabled=False), autocast=torch.autocast("cpu", enabled=False),
         use_reg=True, use_mim=True, use_align=True, patch_size=hp["patch_size"], step=0,
         steps_per_epoch=hp["steps_per_epoch"], stop=SimpleNamespace(signum=None), ckpt_path="unused",

@@ -385,7 +385,7 @@ def test_sigterm_on_one_of_two_processes_resumes_bit_exact(world, tmp_path):
 # ---------------------------------------------------------------------------------------------- --compile
 
 def test_compile_gives_the_eager_loss_and_gradients():
-    """torch.compile of the image tower's transformer (what --compile does, in place) on CPU: the masked forward's
+    """torch.compile of the model (what --compile does, in place) on CPU: the masked forward's
     logits and reconstruction, L_cls + L_mim and every gradient agree with eager to 1e-4 (the compiled kernels
     fuse and reorder float operations, so they agree to rounding, not bit for bit)."""
     torch.manual_seed(0)
@@ -403,7 +403,7 @@ def test_compile_gives_the_eager_loss_and_gradients():
 
     eager = loss_and_grads()
     keys = list(model.state_dict())
-    model.visual.transformer.compile()
+    model.compile()
     compiled = loss_and_grads()
     assert list(model.state_dict()) == keys  # checkpoints keep their names
     assert torch.allclose(compiled[0], eager[0], atol=1e-4) and compiled[1] == pytest.approx(eager[1], rel=1e-5)
@@ -415,7 +415,7 @@ def test_compile_flag_compiles_both_towers(world, tmp_path, monkeypatch):
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
     train.main(argv(world, tmp_path / "c", "--compile", "--max-steps", "1"))
-    assert len(compiled) == 2 and all(isinstance(m, clip_model.Transformer) for m in compiled)
+    assert len(compiled) == 2 and all(isinstance(m, must.MUSTModel) for m in compiled)
     assert compiled[0] is not compiled[1]
 
 
