@@ -21,13 +21,11 @@ Layouts accepted by build_dataset (root = --data-root):
 
 import math
 import os
-import random
 import re
 import stat
 import string
 import zlib
 
-import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 from torch.utils.data import Dataset
@@ -91,7 +89,8 @@ def default_model(name, root):
     return _REGISTERED[name][2](root) if name in _REGISTERED else "ViT-B/16"
 
 # (patch size, input size) of the released CLIPs; the model whose Table 10 rows a model borrows, best first
-_MODEL_GEOMETRY = {"ViT-B/32": (32, 224), "ViT-B/16": (16, 224), "ViT-L/14": (14, 224), "ViT-L/14@336px": (14, 336)}
+MODEL_GEOMETRY = {"ViT-B/32": (32, 224, 768), "ViT-B/16": (16, 224, 768), "ViT-L/14": (14, 224, 1024),
+                  "ViT-L/14@336px": (14, 336, 1024)}  # (patch, input px, width)
 _ROW_PREFERENCE = {"ViT-B/32": ("ViT-B/16", "ViT-L/14"), "ViT-B/16": ("ViT-B/16", "ViT-L/14"),
                    "ViT-L/14": ("ViT-L/14", "ViT-B/16"), "ViT-L/14@336px": ("ViT-L/14", "ViT-B/16")}
 
@@ -124,7 +123,7 @@ def hparams(dataset, model_name, patch_size=None, input_size=None):
     hp = dict(HPARAMS[(table_dataset, row_model)])
     batch_size = GLOBAL_BATCH[preference[0]]
     hp["base_lr"] *= GLOBAL_BATCH[row_model] / batch_size
-    known_patch, known_size = _MODEL_GEOMETRY.get(model_name, (None, None))
+    known_patch, known_size, _ = MODEL_GEOMETRY.get(model_name, (None, None, None))
     patch_size, input_size = patch_size or known_patch, input_size or known_size  # the caller's model wins
     if patch_size is not None and input_size is not None:
         hp["mask_unit"] = _snap_mask_unit(hp["mask_unit"], patch_size, input_size)
@@ -789,21 +788,3 @@ class TrainTransform:
 
     def __call__(self, img):
         return self.weak(img), self.strong(img), self.mask_generator()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Reproducible loading: DataLoader(..., generator=loader_generator(seed, rank), worker_init_fn=seed_worker).
-# The loader's generator draws each epoch's base seed; worker i's torch RNG is seeded base_seed + i, and every
-# random op above uses torch's RNG, so a run with the same seed, world size and num_workers sees the same views.
-
-
-def loader_generator(seed, rank=0):
-    """torch.Generator for a DataLoader on this rank (distinct ranks draw distinct augmentations)."""
-    return torch.Generator().manual_seed(seed + 1000003 * rank)
-
-
-def seed_worker(worker_id):
-    """worker_init_fn: seed Python's and numpy's RNGs from the worker's torch seed (for any op using them)."""
-    seed = torch.initial_seed() % 2 ** 32
-    random.seed(seed)
-    np.random.seed(seed)

@@ -208,12 +208,11 @@ def check_flags(args):
 
 
 def model_key(name, visual):
-    """The model name Table 10 knows for a CLIP given by name or path (by architecture), else the path."""
+    """The model name Table 10 knows for a CLIP given by name or path (by its geometry), else the path."""
     if name in clip_model.available_models():
         return name
-    by_shape = {(16, 768, 224): "ViT-B/16", (14, 1024, 224): "ViT-L/14", (32, 768, 224): "ViT-B/32",
-                (14, 1024, 336): "ViT-L/14@336px"}
-    return by_shape.get((visual.patch_size, visual.width, visual.input_resolution), name)
+    by_geometry = {geometry: known for known, geometry in data.MODEL_GEOMETRY.items()}
+    return by_geometry.get((visual.patch_size, visual.input_resolution, visual.width), name)
 
 
 def resolve_config(args, visual):
