@@ -2,6 +2,7 @@
 oracle model that reads the label from the pixel colour), ImageNet-C's mCE against a hand computation, mean
 per-class accuracy, GradCAM == the model's own forward, the CLI end to end with a tiny CLIP and MUST checkpoints
 built here (figures written, JSON complete), transductive ImageNet-R checkpoints, one-line errors."""
+import argparse
 import json
 import os
 import shutil
@@ -146,7 +147,6 @@ def test_every_shift_layout_maps_labels_right(world):
     for i, s in enumerate(sets):
         m = counts[(i, "oracle")].metrics()
         assert m["images"] == len(s.dataset) and m["top1"] == 100.0 and m["top5"] == 100.0, (s.name, m)
-    assert speed > 0
     # the same oracle read through unrestricted 1000-way logits would put ImageNet-R labels in the wrong space
     wrong = {(1, "oracle"): None}
     with pytest.raises(ValueError, match="1000 logits for the 200 classes"):
@@ -234,7 +234,8 @@ def test_cli_checkpoint_with_clip_row_json_and_figures(world, tmp_path, capsys):
     assert r["images"] == 6 and r["classes"] == 1000 and r["metric"] == "mean_per_class"
     for name in ("clip", "student", "teacher"):
         m = r["models"][name]
-        assert 0 <= m["top1"] <= m["top5"] <= 100 and m["mean_per_class"] is not None
+        assert m["top1"] <= m["top5"] and m["mean_per_class"] is not None
+        assert (m["top1"] * 6 / 100) == pytest.approx(round(m["top1"] * 6 / 100))  # k of the 6 images
     assert "student top1" in out and "images/s" in out
     with open(tmp_path / "eval-imagenet.json") as f:
         assert json.load(f)["results"]["imagenet"]["models"]["teacher"] == r["models"]["teacher"]
@@ -348,11 +349,15 @@ def test_cli_errors_are_one_line(world, tmp_path):
     assert "--data-root" in error_of(world, tmp_path, "--data", "imagenet-r", "--checkpoint", world["ckpt"])
 
 
-def test_help_documents_every_flag(capsys):
-    with pytest.raises(SystemExit) as e:
-        ev.parse_args(["--help"])
-    assert e.value.code == 0
-    text = capsys.readouterr().out
-    for flag in ("--data", "--data-root", "--shift", "--shift-root", "--checkpoint", "--model", "--mean-per-class",
-                 "--figures", "--json", "--out-dir", "--limit", "--amp", "--batch-size", "--num-workers"):
-        assert flag in text
+def test_every_flag_has_help():
+    """--help explains every flag: a flag added without a help text fails here (argparse would list it bare)."""
+    for parser_of in (ev.parse_args, train.parse_args):
+        actions = []
+        real = argparse.ArgumentParser.parse_args
+        argparse.ArgumentParser.parse_args = lambda self, argv=None: actions.extend(self._actions)
+        try:
+            parser_of([])
+        finally:
+            argparse.ArgumentParser.parse_args = real
+        bare = [a.option_strings for a in actions if a.option_strings and not (a.help or "").strip()]
+        assert len(actions) > 10 and not bare, bare
