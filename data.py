@@ -19,6 +19,8 @@ Layouts accepted by build_dataset (root = --data-root):
     folder          root/**/* unlabeled images + a class-names file; split "test" reads eval_root/<class>/*
 """
 
+import csv
+import json
 import math
 import os
 import re
@@ -373,41 +375,132 @@ def _is_holdout(path, base):
     return zlib.crc32(rel.encode()) % 5 == 0
 
 
+def _holdout_split(paths, names, labels, base, split):
+    """(paths, names, labels) of split 'test' (the _is_holdout files) or 'train' (the others)."""
+    keep = [_is_holdout(p, base) == (split == "test") for p in paths]
+    return [p for p, k in zip(paths, keep) if k], names, [y for y, k in zip(labels, keep) if k]
+
+
+def _layout_dir(*parts):
+    """Folder of a torchvision layout. A missing one raises RuntimeError, like torchvision's own "Dataset not
+    found", which build_dataset turns into its message naming the layout and --download."""
+    path = os.path.join(*parts)
+    if not os.path.isdir(path):
+        raise RuntimeError(f"Dataset not found: no folder {path!r}")
+    return path
+
+
+def _indices(names, classes):
+    """Index in names of each of classes."""
+    index = {c: i for i, c in enumerate(names)}
+    return [index[c] for c in classes]
+
+
+def _food101(root, split):
+    base = os.path.join(root, "food-101")
+    images, meta = _layout_dir(base, "images"), _layout_dir(base, "meta")
+    with open(os.path.join(meta, f"{split}.json"), encoding="utf-8") as f:
+        files = json.load(f)  # {class: ["class/id", ...]}, in the file's order
+    classes = [c for c, ids in files.items() for _ in ids]
+    paths = [os.path.join(images, *f"{i}.jpg".split("/")) for ids in files.values() for i in ids]
+    names = sorted(files)
+    return paths, names, _indices(names, classes)
+
+
+def _dtd(root, split):  # the paper's 3,760 training images are DTD's train + val (partition 1)
+    base = _layout_dir(root, "dtd", "dtd")
+    lines = [line for s in (("train", "val") if split == "train" else ("test",))
+             for _, line in _read_lines(os.path.join(base, "labels", f"{s}1.txt"), "DTD split file")]
+    paths = [os.path.join(base, "images", *line.split("/")) for line in lines]  # line: <class>/<file>
+    classes = [line.split("/")[0] for line in lines]
+    names = sorted(set(classes))
+    return paths, names, _indices(names, classes)
+
+
+def _gtsrb(root, split):
+    """Classes are numbers 0..42 in prompt order: Training/<00000..00042>/*.ppm, the test images' in a CSV."""
+    base, names = os.path.join(root, "gtsrb"), [str(i) for i in range(43)]
+    if split == "test":
+        images = _layout_dir(base, "GTSRB", "Final_Test", "Images")
+        with open(os.path.join(base, "GT-final_test.csv"), newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f, delimiter=";", skipinitialspace=True))
+        return [os.path.join(images, r["Filename"]) for r in rows], names, [int(r["ClassId"]) for r in rows]
+    train = _layout_dir(base, "GTSRB", "Training")
+    paths, labels = [], []
+    for folder in sorted(e.name for e in os.scandir(train) if e.is_dir() and not e.name.startswith(".")):
+        if not (folder.isdigit() and int(folder) < len(names)):
+            raise ValueError(f"GTSRB class folder {os.path.join(train, folder)!r} is not a class number "
+                             "00000..00042")
+        # the class folders also hold a GT-<class>.csv of boxes: only the .ppm files are images
+        ppm = [p for p in _list_images(os.path.join(train, folder)) if p.lower().endswith(".ppm")]
+        paths += ppm
+        labels += [int(folder)] * len(ppm)
+    return paths, names, labels
+
+
+def _pets(root, split):
+    base = os.path.join(root, "oxford-iiit-pet")
+    images, notes = _layout_dir(base, "images"), _layout_dir(base, "annotations")
+    rows = [line.split() for _, line in _read_lines(
+        os.path.join(notes, "trainval.txt" if split == "train" else "test.txt"), "Oxford-IIIT Pet split file")]
+    # row: <Breed_name>_<n> <official class id 1..37> <species> <breed id>; names in official id order, spelt
+    # as torchvision does ('american_pit_bull_terrier' -> 'American Pit Bull Terrier')
+    raw = {int(r[1]): r[0].rsplit("_", 1)[0] for r in rows}
+    spelt = {i: " ".join(part.title() for part in raw[i].split("_")) for i in raw}
+    paths = [os.path.join(images, f"{r[0]}.jpg") for r in rows]
+    names = [spelt[i] for i in sorted(raw)]
+    return paths, names, _indices(names, [spelt[int(r[1])] for r in rows])
+
+
+def _sun397(root, split):
+    base = _layout_dir(root, "SUN397")
+    lines = [line for _, line in _read_lines(os.path.join(base, "ClassName.txt"), "SUN397 class list")]
+    paths, labels = [], []
+    for label, line in enumerate(lines):  # line: '/a/apartment_building/outdoor', the class's folder
+        folder = os.path.join(base, *line.strip("/").split("/"))
+        files = sorted(f for f in os.listdir(folder) if f.startswith("sun_") and f.endswith(".jpg")
+                       ) if os.path.isdir(folder) else []
+        paths += [os.path.join(folder, f) for f in files]
+        labels += [label] * len(files)
+    names = [line[3:] for line in lines]  # torchvision's spelling drops the '/a/' letter folder
+    return _holdout_split(paths, names, labels, base, split)
+
+
+def _caltech101(root, split):
+    base = _layout_dir(root, "caltech101", "101_ObjectCategories")
+    # torchvision drops BACKGROUND_Google; the published 102-class prompt list keeps it as 'background' (listed
+    # last, after torchvision's sorted categories)
+    names = sorted((e.name for e in os.scandir(base) if e.is_dir() and not e.name.startswith(".")),
+                   key=lambda n: (n == "BACKGROUND_Google", n))
+    paths, labels = [], []
+    for label, name in enumerate(names):
+        files = _list_images(os.path.join(base, name))
+        paths += files
+        labels += [label] * len(files)
+    return _holdout_split(paths, names, labels, base, split)
+
+
+# Each torchvision dataset's public constructor, used only to fetch and verify its files (--download).
+_FETCH = {
+    "food101": lambda root, split: tv_datasets.Food101(root, split=split, download=True),
+    "dtd": lambda root, split: tv_datasets.DTD(root, download=True),  # one archive holds every split
+    "gtsrb": lambda root, split: tv_datasets.GTSRB(root, split=split, download=True),
+    "pets": lambda root, split: tv_datasets.OxfordIIITPet(root, download=True),
+    "sun397": lambda root, split: tv_datasets.SUN397(root, download=True),
+    "caltech101": lambda root, split: tv_datasets.Caltech101(root, download=True),
+}
+_LAYOUT_READERS = {"food101": _food101, "dtd": _dtd, "gtsrb": _gtsrb, "pets": _pets, "sun397": _sun397,
+                   "caltech101": _caltech101}
+
+
 def _torchvision_samples(name, root, split, download):
-    """(paths, class names, labels) of torchvision's copy of a dataset; labels index the class names."""
-    if name == "food101":
-        ds = tv_datasets.Food101(root, split=split, download=download)
-        return ds._image_files, ds.classes, ds._labels
-    if name == "dtd":  # the paper's 3,760 training images are DTD's train + val
-        parts = [tv_datasets.DTD(root, split=s, partition=1, download=download)
-                 for s in (("train", "val") if split == "train" else ("test",))]
-        names = sorted({c for d in parts for c in d.classes})
-        return ([p for d in parts for p in d._image_files], names,
-                [names.index(d.classes[y]) for d in parts for y in d._labels])
-    if name == "gtsrb":  # numeric classes 0..42 in prompt order
-        ds = tv_datasets.GTSRB(root, split=split, download=download)
-        return [p for p, _ in ds._samples], [str(i) for i in range(43)], [y for _, y in ds._samples]
-    if name == "pets":
-        ds = tv_datasets.OxfordIIITPet(root, split="trainval" if split == "train" else "test", download=download)
-        return ds._images, ds.classes, ds._labels
-    if name == "sun397":
-        ds = tv_datasets.SUN397(root, download=download)
-        base = ds._data_dir
-        keep = [_is_holdout(p, base) == (split == "test") for p in ds._image_files]
-        return ([p for p, k in zip(ds._image_files, keep) if k], ds.classes,
-                [y for y, k in zip(ds._labels, keep) if k])
-    if name == "caltech101":
-        ds = tv_datasets.Caltech101(root, target_type="category", download=download)
-        base = os.path.join(ds.root, "101_ObjectCategories")
-        paths = [os.path.join(base, ds.categories[y], f"image_{i:04d}.jpg") for i, y in zip(ds.index, ds.y)]
-        labels = list(ds.y)
-        # torchvision drops BACKGROUND_Google; the published 102-class prompt list keeps it as 'background'
-        background = _list_images(os.path.join(base, "BACKGROUND_Google"))
-        names = ds.categories + ["BACKGROUND_Google"]
-        paths, labels = paths + background, labels + [len(names) - 1] * len(background)
-        keep = [_is_holdout(p, base) == (split == "test") for p in paths]
-        return [p for p, k in zip(paths, keep) if k], names, [y for y, k in zip(labels, keep) if k]
-    raise AssertionError(name)
+    """(paths, class names as torchvision spells them, labels indexing those names) of torchvision's on-disk copy
+    of a dataset. The files are read here, not through torchvision's datasets, whose private attributes change
+    between releases; download=True first lets torchvision's public constructor fetch and verify them."""
+    root = os.path.expanduser(root)  # torchvision downloads to the expanded path
+    if download:
+        _FETCH[name](root, split)
+    return _LAYOUT_READERS[name](root, split)
 
 
 _TORCHVISION_LAYOUT = {"food101": "root/food-101/", "dtd": "root/dtd/dtd/", "gtsrb": "root/gtsrb/GTSRB/",

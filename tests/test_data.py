@@ -2,9 +2,11 @@
 (fake directory trees of tiny generated images; no network)."""
 
 import csv
+import inspect
 import io
 import json
 import os
+import pathlib
 import pickle
 import sys
 import types
@@ -363,77 +365,61 @@ def test_imagenet_sketch_wnid_folders_under_split_dir(tmp_path):
 def _expect_each_class_once(datasets, classnames):
     labels = sorted(y for ds in datasets for _, y in ds.samples)
     assert labels == list(range(len(classnames)))
+    assert all(os.path.isfile(p) for ds in datasets for p, _ in ds.samples)  # paths name the real files
 
 
-def test_food101_torchvision_layout(tmp_path):
-    classes = _classes("food101")
-    base = tmp_path / "food-101"
-    raw = [c.replace(" ", "_") for c in classes]
+def _fake_food101(root):
+    """food-101/meta/<split>.json ({class: ["class/id", ...]}, classes NOT in sorted order) + images/."""
+    base = root / "food-101"
+    raw = [c.replace(" ", "_") for c in _classes("food101")][::-1]
+    os.makedirs(base / "meta", exist_ok=True)
     for split in ("train", "test"):
         meta = {r: [f"{r}/{split}{i}"] for i, r in enumerate(raw)}
-        os.makedirs(base / "meta", exist_ok=True)
         (base / "meta" / f"{split}.json").write_text(json.dumps(meta))
         for r, ims in meta.items():
             _touch_image(str(base / "images" / f"{ims[0]}.jpg"))
-    for split in ("train", "test"):
-        ds = data.build_dataset("food101", str(tmp_path), split, transform=None)
-        _expect_each_class_once([ds], classes)
-        for path, y in ds.samples:
-            assert os.path.basename(os.path.dirname(path)) == classes[y].replace(" ", "_")
+    return raw
 
 
-def test_dtd_torchvision_layout_train_is_train_plus_val(tmp_path):
-    classes = _classes("dtd")
-    base = tmp_path / "dtd" / "dtd"
-    os.makedirs(base / "labels")
+def _fake_dtd(root):
+    """dtd/dtd/labels/{train,val,test}1.txt of '<class>/<file>' lines + images/; -> {split: lines}."""
+    base = root / "dtd" / "dtd"
+    os.makedirs(base / "labels", exist_ok=True)
+    lines = {}
     for split in ("train", "val", "test"):
-        lines = [f"{c}/{c}_{split}.jpg" for c in classes[::-1]]
-        (base / "labels" / f"{split}1.txt").write_text("\n".join(lines) + "\n")
-        for line in lines:
+        lines[split] = [f"{c}/{c}_{split}.jpg" for c in _classes("dtd")[::-1]]
+        (base / "labels" / f"{split}1.txt").write_text("\n".join(lines[split]) + "\n")
+        for line in lines[split]:
             _touch_image(str(base / "images" / line))
-    train = data.build_dataset("dtd", str(tmp_path), "train", transform=None)
-    assert len(train) == 2 * len(classes)
-    for path, y in train.samples:
-        assert os.path.basename(path).startswith(classes[y] + "_")
-    test = data.build_dataset("dtd", str(tmp_path), "test", transform=None)
-    _expect_each_class_once([test], classes)
+    return lines
 
 
-def test_gtsrb_torchvision_layout_numeric_labels(tmp_path):
-    classes = _classes("gtsrb")
-    base = tmp_path / "gtsrb"
-    for i in range(43):
+def _fake_gtsrb(root, train_classes=range(43)):
+    """gtsrb/GTSRB/Training/<00000..>/*.ppm (+ the real layout's GT-<class>.csv, not an image), the test images
+    in GTSRB/Final_Test/Images and their classes in gtsrb/GT-final_test.csv (image i is class 42 - i)."""
+    base = root / "gtsrb"
+    for i in train_classes:
         _touch_image(str(base / "GTSRB" / "Training" / f"{i:05d}" / f"{i:05d}_00000.ppm"))
-    rows = [{"Filename": f"{i:05d}.ppm", "ClassId": str(42 - i)} for i in range(43)]
+        (base / "GTSRB" / "Training" / f"{i:05d}" / f"GT-{i:05d}.csv").write_text("Filename;ClassId\n")
+    rows = [{"Filename": f"{i:05d}.ppm", "Width": "12", "ClassId": str(42 - i)} for i in range(43)]
     for r in rows:
         _touch_image(str(base / "GTSRB" / "Final_Test" / "Images" / r["Filename"]))
     with open(base / "GT-final_test.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["Filename", "ClassId"], delimiter=";")
+        w = csv.DictWriter(f, fieldnames=["Filename", "Width", "ClassId"], delimiter=";")
         w.writeheader()
         w.writerows(rows)
-    train = data.build_dataset("gtsrb", str(tmp_path), "train", transform=None)
-    _expect_each_class_once([train], classes)
-    assert all(int(os.path.basename(os.path.dirname(p))) == y for p, y in train.samples)
-    test = data.build_dataset("gtsrb", str(tmp_path), "test", transform=None)
-    assert all(42 - int(os.path.basename(p)[:5]) == y for p, y in test.samples)
 
 
-def test_pets_torchvision_layout_maps_official_ids_by_name(tmp_path):
-    classes = _classes("pets")
-    base = tmp_path / "oxford-iiit-pet"
-    os.makedirs(base / "annotations")
-    for split in ("trainval", "test"):
-        lines = [f"{raw}_{split}1 {i + 1} {1 if raw[0].isupper() else 2} 1" for i, raw in enumerate(PETS_RAW)]
+def _fake_pets(root, test_breeds=PETS_RAW):
+    """oxford-iiit-pet/annotations/{trainval,test}.txt ('<Breed>_<n> <official id> <species> <breed id>') +
+    images/."""
+    base = root / "oxford-iiit-pet"
+    os.makedirs(base / "annotations", exist_ok=True)
+    for split, breeds in (("trainval", PETS_RAW), ("test", test_breeds)):
+        lines = [f"{raw}_{split}1 {PETS_RAW.index(raw) + 1} {1 if raw[0].isupper() else 2} 1" for raw in breeds]
         (base / "annotations" / f"{split}.txt").write_text("\n".join(lines) + "\n")
-        for raw in PETS_RAW:
+        for raw in breeds:
             _touch_image(str(base / "images" / f"{raw}_{split}1.jpg"))
-    for split in ("train", "test"):
-        ds = data.build_dataset("pets", str(tmp_path), split, transform=None)
-        _expect_each_class_once([ds], classes)
-        for path, y in ds.samples:  # official id order (case-insensitive sort) differs from prompt order
-            raw = os.path.basename(path).rsplit("_", 1)[0]
-            assert raw.replace("_", " ").lower() == classes[y].lower()
-    assert PETS_RAW.index("Bengal") == 5 and classes.index("Bengal") == 1
 
 
 def _sun397_path(classname):
@@ -445,15 +431,92 @@ def _sun397_path(classname):
     return f"/{classname[0]}/{'_'.join(words)}"
 
 
-def test_sun397_torchvision_layout_deterministic_split(tmp_path):
-    classes = _classes("sun397")
-    base = tmp_path / "SUN397"
-    paths = [_sun397_path(c) for c in classes]
-    assert any(p.count("/") == 3 for p in paths)
-    os.makedirs(base)
+def _fake_sun397(root):
+    """SUN397/ClassName.txt ('/a/abbey' lines) + SUN397/a/abbey/sun_*.jpg; -> the class lines."""
+    base = root / "SUN397"
+    paths = [_sun397_path(c) for c in _classes("sun397")]
+    os.makedirs(base, exist_ok=True)
     (base / "ClassName.txt").write_text("\n".join(paths) + "\n")
     for p in paths:
         _touch_image(str(base / p.lstrip("/") / "sun_abc.jpg"))
+    return paths
+
+
+def _fake_caltech101(root):
+    """caltech101/101_ObjectCategories/<folder>/image_<n>.jpg, one image per folder (not always image_0001)."""
+    base = root / "caltech101" / "101_ObjectCategories"
+    for i, folder in enumerate(CALTECH101_FOLDERS):
+        _touch_image(str(base / folder / f"image_{1 + i % 3:04d}.jpg"))
+
+
+_FAKE_LAYOUTS = {"food101": _fake_food101, "dtd": _fake_dtd, "gtsrb": _fake_gtsrb, "pets": _fake_pets,
+                 "sun397": _fake_sun397, "caltech101": _fake_caltech101}
+
+
+def test_food101_torchvision_layout(tmp_path):
+    classes = _classes("food101")
+    raw = _fake_food101(tmp_path)
+    for split in ("train", "test"):
+        ds = data.build_dataset("food101", str(tmp_path), split, transform=None)
+        _expect_each_class_once([ds], classes)
+        for path, y in ds.samples:
+            assert os.path.basename(os.path.dirname(path)) == classes[y].replace(" ", "_")
+        assert [os.path.basename(os.path.dirname(p)) for p, _ in ds.samples] == raw  # the meta file's order
+
+
+def test_dtd_torchvision_layout_train_is_train_plus_val(tmp_path):
+    classes = _classes("dtd")
+    lines = _fake_dtd(tmp_path)
+    images = tmp_path / "dtd" / "dtd" / "images"
+    train = data.build_dataset("dtd", str(tmp_path), "train", transform=None)
+    assert len(train) == 2 * len(classes)
+    for path, y in train.samples:
+        assert os.path.basename(path).startswith(classes[y] + "_")
+    assert [os.path.relpath(p, images) for p, _ in train.samples] == lines["train"] + lines["val"]
+    test = data.build_dataset("dtd", str(tmp_path), "test", transform=None)
+    _expect_each_class_once([test], classes)
+    assert [os.path.relpath(p, images) for p, _ in test.samples] == lines["test"]
+
+
+def test_gtsrb_torchvision_layout_numeric_labels(tmp_path):
+    classes = _classes("gtsrb")
+    _fake_gtsrb(tmp_path)
+    train = data.build_dataset("gtsrb", str(tmp_path), "train", transform=None)
+    _expect_each_class_once([train], classes)
+    assert all(int(os.path.basename(os.path.dirname(p))) == y for p, y in train.samples)
+    test = data.build_dataset("gtsrb", str(tmp_path), "test", transform=None)
+    assert all(42 - int(os.path.basename(p)[:5]) == y for p, y in test.samples)
+    _expect_each_class_once([test], classes)
+    # a class folder's number is its class even when other folders are missing (not its position)
+    _fake_gtsrb(tmp_path / "some", train_classes=(3, 40))
+    some = data.build_dataset("gtsrb", str(tmp_path / "some"), "train", transform=None)
+    assert [y for _, y in some.samples] == [3, 40]
+    os.makedirs(tmp_path / "gtsrb" / "GTSRB" / "Training" / "extra")
+    with pytest.raises(ValueError, match="Training/extra' is not a class number"):
+        data.build_dataset("gtsrb", str(tmp_path), "train", transform=None)
+
+
+def test_pets_torchvision_layout_maps_official_ids_by_name(tmp_path):
+    classes = _classes("pets")
+    _fake_pets(tmp_path)
+    for split in ("train", "test"):
+        ds = data.build_dataset("pets", str(tmp_path), split, transform=None)
+        _expect_each_class_once([ds], classes)
+        for path, y in ds.samples:  # official id order (case-insensitive sort) differs from prompt order
+            raw = os.path.basename(path).rsplit("_", 1)[0]
+            assert raw.replace("_", " ").lower() == classes[y].lower()
+    assert PETS_RAW.index("Bengal") == 5 and classes.index("Bengal") == 1
+    # a split that lacks some breeds still labels the others by their official id's name
+    _fake_pets(tmp_path / "some", test_breeds=PETS_RAW[1::3])
+    some = data.build_dataset("pets", str(tmp_path / "some"), "test", transform=None)
+    assert [classes[y].lower() for _, y in some.samples] == [r.replace("_", " ").lower() for r in PETS_RAW[1::3]]
+
+
+def test_sun397_torchvision_layout_deterministic_split(tmp_path):
+    classes = _classes("sun397")
+    base = tmp_path / "SUN397"
+    paths = _fake_sun397(tmp_path)
+    assert any(p.count("/") == 3 for p in paths)
     train = data.build_dataset("sun397", str(tmp_path), "train", transform=None)
     test = data.build_dataset("sun397", str(tmp_path), "test", transform=None)
     _expect_each_class_once([train, test], classes)
@@ -468,15 +531,61 @@ def test_sun397_torchvision_layout_deterministic_split(tmp_path):
 
 def test_caltech101_torchvision_layout_keeps_background(tmp_path):
     classes = _classes("caltech101")
-    base = tmp_path / "caltech101" / "101_ObjectCategories"
-    for folder in CALTECH101_FOLDERS:
-        _touch_image(str(base / folder / "image_0001.jpg"))
+    _fake_caltech101(tmp_path)
     train = data.build_dataset("caltech101", str(tmp_path), "train", transform=None)
     test = data.build_dataset("caltech101", str(tmp_path), "test", transform=None)
     _expect_each_class_once([train, test], classes)
     for ds in (train, test):
         for path, y in ds.samples:  # real folder i is prompt class i (prompt order = sorted folder names)
             assert CALTECH101_FOLDERS.index(os.path.basename(os.path.dirname(path))) == y
+
+
+class _NoTorchvision:
+    """Stands in for torchvision.datasets: any use of it fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"torchvision.datasets.{name} used")
+
+
+@pytest.mark.parametrize("name", sorted(_FAKE_LAYOUTS))
+def test_torchvision_layouts_are_read_without_torchvision(tmp_path, monkeypatch, name):
+    monkeypatch.setattr(data, "tv_datasets", _NoTorchvision())
+    _FAKE_LAYOUTS[name](tmp_path / "full")
+    for split in ("train", "test"):
+        assert len(data.build_dataset(name, str(tmp_path / "full"), split, transform=None)) > 0
+    os.makedirs(tmp_path / "empty")
+    layout = data._TORCHVISION_LAYOUT[name].replace("root", str(tmp_path / "empty"))
+    for split in ("train", "test"):  # a missing layout: the message names it and --download
+        with pytest.raises(FileNotFoundError, match=f"torchvision's layout {layout} \\(pass --download"):
+            data.build_dataset(name, str(tmp_path / "empty"), split, transform=None)
+
+
+class _FakeDownloads:
+    """Stands in for torchvision.datasets under --download: each constructor call is recorded and writes the
+    dataset's (fake) layout under root, as a real download would."""
+
+    def __init__(self, name):
+        self.name, self.calls = name, []
+
+    def __getattr__(self, cls):
+        def construct(root, **kwargs):
+            self.calls.append((cls, root, kwargs))
+            _FAKE_LAYOUTS[self.name](pathlib.Path(root))
+        return construct
+
+
+@pytest.mark.parametrize("name", sorted(_FAKE_LAYOUTS))
+def test_torchvision_download_goes_through_public_constructors(tmp_path, monkeypatch, name):
+    import torchvision.datasets
+    fake = _FakeDownloads(name)
+    monkeypatch.setattr(data, "tv_datasets", fake)
+    root = str(tmp_path / "new")  # not there yet: the download makes it
+    for split in ("train", "test"):
+        assert len(data.build_dataset(name, root, split, transform=None, download=True)) > 0
+    assert len(fake.calls) == 2
+    for cls, at, kwargs in fake.calls:  # a real public class, called the way its signature allows
+        assert at == root and kwargs["download"] is True
+        inspect.signature(getattr(torchvision.datasets, cls)).bind(at, **kwargs)
 
 
 def test_name_tables_hit_every_prompt_class_once():
