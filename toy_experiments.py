@@ -1,7 +1,7 @@
 """Experiments on the toy world (toy.py): probes of what a tiny CLIP or a MUST checkpoint knows, the paper's
 ablation through train.py, and a picture of the world. What they measured is in docs/toy.md.
 
-    python toy_experiments.py show --out toy_world.png           # source and target examples of every class
+    python toy_experiments.py show --out toy_world.png           # source and target examples of each class
     python toy_experiments.py probe [CHECKPOINT] [--which student]  # zero-shot, kNN, linear probe, pseudo-labels
     python toy_experiments.py ablation --seeds 0 1 2              # Tables 5 and 7: 12 runs of ~6 min on 2 cores
 
@@ -180,7 +180,7 @@ def _ms(v):
 # ----------------------------------------------------------------------------------------------
 # A picture of the world
 
-def world_grid(per_class=4, seed=123, scale=3):
+def world_grid(per_class=2, seed=123, scale=3):
     """PIL image: `per_class` source rows above as many target rows, one class per column, the same scenes
     (attributes) drawn in both domains, enlarged `scale` times."""
     n = len(toy.SHAPES)
@@ -232,7 +232,8 @@ def main(argv=None):
         ablation(args.seeds, args.out_dir, extra=["--num-workers", args.num_workers])
     elif args.command == "show":
         world_grid().save(args.out, optimize=True)
-        print(f"wrote {args.out}: top 4 rows source, bottom 4 rows target; columns: {', '.join(toy.SHAPES)}")
+        print(f"wrote {args.out}: top 2 rows source, bottom 2 rows the same scenes in the target style; columns: "
+              f"{', '.join(toy.SHAPES)}")
 
 
 if __name__ == "__main__":

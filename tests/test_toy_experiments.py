@@ -48,10 +48,10 @@ def test_world_grid(tmp_path):
     experiments.main(["show", "--out", str(tmp_path / "world.png")])
     grid = np.asarray(Image.open(tmp_path / "world.png"))
     cell = 3 * toy.IMAGE_SIZE
-    assert grid.shape == (8 * cell, len(toy.SHAPES) * cell, 3)
+    assert grid.shape == (4 * cell, len(toy.SHAPES) * cell, 3)
     # column k shows class k: the top-left cell of each half is the first scene of class 0, in its domain
-    a = toy.sample_attributes(4 * len(toy.SHAPES), 123)
-    a["label"] = np.repeat(np.arange(len(toy.SHAPES)), 4)
-    for row, domain in ((0, "source"), (4, "target")):
+    a = toy.sample_attributes(2 * len(toy.SHAPES), 123)
+    a["label"] = np.repeat(np.arange(len(toy.SHAPES)), 2)
+    for row, domain in ((0, "source"), (2, "target")):
         expected = toy.render(a, domain)[0].repeat(3, 0).repeat(3, 1)
         assert np.array_equal(grid[row * cell:(row + 1) * cell, :cell], expected)
