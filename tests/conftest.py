@@ -1,5 +1,27 @@
 import os
 import sys
 
+import pytest
+
 # The project is a flat folder of modules; tests import them from the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import toy  # noqa: E402
+
+# A 3-step pretraining recipe of a smaller tiny CLIP (tests/test_toy.py pretrains with it)
+TINY_PRETRAIN = dict(toy.PRETRAIN, model=dict(toy.PRETRAIN["model"], vision_width=32, vision_layers=1, embed_dim=16,
+                                               transformer_width=32, transformer_layers=1),
+                     steps=3, batch_size=8, warmup=1)
+
+
+@pytest.fixture
+def tiny_world(monkeypatch):
+    """The toy world with small splits, short runs and TINY_PRETRAIN, so whole runs take seconds."""
+    monkeypatch.setattr(toy, "CHUNK", 32)
+    monkeypatch.setitem(toy.SPLIT_SIZES, "train", 48)
+    monkeypatch.setitem(toy.SPLIT_SIZES, "test", 40)
+    monkeypatch.setitem(toy.SPLIT_SIZES, "val", 40)
+    monkeypatch.setitem(toy.SPLIT_SIZES, "source", 40)
+    monkeypatch.setattr(toy, "PRETRAIN", TINY_PRETRAIN)
+    for key, value in (("batch_size", 16), ("epochs", 1), ("eval_freq", 1)):
+        monkeypatch.setitem(toy.HPARAMS, key, value)  # the dict data.register_dataset holds

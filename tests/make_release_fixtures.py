@@ -108,7 +108,13 @@ def quiet(fn, *args, **kwargs):
 # models: the release's clip_classifier built by its own code, and the name map to the project
 
 def toy_state_dict():
-    return toy.unslim(torch.load(toy.WEIGHTS, map_location="cpu", weights_only=True))
+    """toy_clip.pt as a plain state dict: it stores the token embedding by its used rows (the others are zero)."""
+    sd = torch.load(toy.WEIGHTS, map_location="cpu", weights_only=True)
+    ids, rows = sd.pop("token_embedding.ids"), sd.pop("token_embedding.rows")
+    weight = rows.new_zeros(sd.pop("token_embedding.vocab_size"), rows.shape[1])
+    weight[ids] = rows
+    sd.pop("recipe")
+    return {**sd, "token_embedding.weight": weight}
 
 
 def build_release_classifier(R, state_dict, classnames, templates, seed=SEED):
@@ -459,7 +465,7 @@ def steps_fixture(R):
 
 
 STEPS_ABOUT = """3 AdamW steps of the release's engine_self_training.train_one_epoch on the toy CLIP (project names).
-Initial student = the image tower of toy_clip.pt (toy.unslim, keys 'visual.*'; sha256 in toy_clip_sha256) +
+Initial student = the image tower of toy_clip.pt (toy_state_dict, keys 'visual.*'; sha256 in toy_clip_sha256) +
 init_extra ([MSK] (width,), ln_patch, decoder: the release's init) + runs[mode]['init_classifier'] (K, D), logit
 scale 100; initial teacher = initial student. Step i (i = 0, 1, 2) uses rows 8i..8i+7 of weak / strong (fp16,
 exact) / mask ((24, 16) bool, True = masked patch) / target (labels, only logged). hparams: lr and min_lr are the

@@ -31,7 +31,7 @@ def release():
 
 @pytest.fixture(scope="module")
 def toy_state():
-    return toy.unslim(torch.load(toy.WEIGHTS, map_location="cpu", weights_only=True))
+    return clip_model.load(toy.WEIGHTS)[0].state_dict()
 
 
 def toy_must_model(toy_state, extra, logit_scale):
@@ -242,7 +242,7 @@ def _two_process_worker(rank, rendezvous, out):
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     fx = torch.load(os.path.join(DATA, "release_steps.pt"), map_location="cpu", weights_only=True)
-    state = toy.unslim(torch.load(toy.WEIGHTS, map_location="cpu", weights_only=True))
+    state = clip_model.load(toy.WEIGHTS)[0].state_dict()
     results = {(mode, accum): release_steps_run(fx, state, mode, accum, rank, 2)
                for mode in ("batch", "running") for accum in (1, 2, 4)}
     if rank == 0:

@@ -1,0 +1,240 @@
+"""Experiments on the toy world (toy.py): probes of what a tiny CLIP or a MUST checkpoint knows, the paper's
+ablation through train.py, and a picture of the world. What they measured is in docs/toy.md.
+
+    python toy_experiments.py show --out toy_world.png           # source and target examples of each class
+    python toy_experiments.py probe [CHECKPOINT] [--which student]  # zero-shot, kNN, linear probe, pseudo-labels
+    python toy_experiments.py ablation --seeds 0 1 2              # Tables 5 and 7: 12 runs of ~6 min on 2 cores
+
+A driver: it imports train.py, and nothing on the training path imports it.
+"""
+import argparse
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import clip_model
+import data
+import must
+import prompts
+import toy
+import train
+
+# ----------------------------------------------------------------------------------------------
+# Measurements: why adaptation helps (or not)
+
+
+@torch.no_grad()
+def image_features(visual, images, batch_size=500):
+    """L2-normalized image embeddings (n, D) of uint8 images."""
+    out = [F.normalize(visual(toy.to_tensor(images[i:i + batch_size])), dim=-1)
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out)
+
+
+def probe(visual, head, logit_scale, n_train=5000, taus=(0.5, 0.7, 0.9)):
+    """Accuracy of the classifier `head` (the zero-shot head for a CLIP, the trained W for a MUST checkpoint)
+    on source and target, and how much the target features know with labels.
+
+    kNN (k=10, cosine) and a linear probe are fit on labeled target-train features and scored on the
+    target test split: they bound what adapting the classifier alone could reach. Confidence stats say
+    how many pseudo-labels a threshold τ would pass, and how accurate those are."""
+    visual = visual.eval()
+    r = {}
+    xs, ys = toy.render_split("source", 2000)
+    r["head_source"] = _acc((image_features(visual, xs) @ head).argmax(1), ys)
+    xtr, ytr = toy.render_split("train", min(n_train, toy.SPLIT_SIZES["train"]))
+    xte, yte = toy.render_split("test")
+    ytr, yte = torch.from_numpy(ytr), torch.from_numpy(yte)
+    ftr, fte = image_features(visual, xtr), image_features(visual, xte)
+    prob = (logit_scale * fte @ head).softmax(1)
+    conf, pred = prob.max(1)
+    r["head_target"] = _acc(pred, yte)
+    r["predicted_class_share"] = _shares(pred, head.shape[1])
+    for tau in taus:
+        m = conf > tau
+        r[f"pass_{tau}"] = m.float().mean().item() * 100
+        r[f"acc_pass_{tau}"] = _acc(pred[m], yte[m]) if m.any() else float("nan")
+    nn_idx = (fte @ ftr.T).topk(10, dim=1).indices
+    r["knn10_target"] = _acc(torch.mode(ytr[nn_idx], dim=1).values, yte)
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(ftr.shape[1], head.shape[1])
+    opt = torch.optim.Adam(linear.parameters(), lr=1e-2)
+    for _ in range(300):
+        loss = F.cross_entropy(linear(ftr * logit_scale), ytr)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    r["linear_probe_target"] = _acc(linear(fte * logit_scale).argmax(1), yte)
+    return r
+
+
+def _acc(pred, labels):
+    return (torch.as_tensor(pred) == torch.as_tensor(labels)).float().mean().item() * 100
+
+
+def _shares(pred, num_classes):
+    """Share of predictions per class (a list summing to 1)."""
+    return (torch.bincount(pred, minlength=num_classes).float() / len(pred)).tolist()
+
+
+def probe_clip(path):
+    """probe() for a tiny CLIP checkpoint: its zero-shot head and learned temperature."""
+    model, _ = clip_model.load(path)
+    head = prompts.zero_shot_head(model, toy.SHAPES, toy.TEMPLATES)
+    return probe(model.visual, head, model.logit_scale.exp().item())
+
+
+def probe_must(checkpoint, which="teacher", mask_ratio=None):
+    """probe() for a MUST checkpoint written by train.py (its trained classifier and image tower), plus its
+    accuracy on masked views."""
+    model, _ = must.load_checkpoint(checkpoint, which)
+    model.eval()
+    head = model.classifier.weight.detach().t()  # as MUSTModel uses it: s · normalize(v) @ W
+    r = probe(model.visual, head, float(model.logit_scale))
+    r.update(masked_view_accuracy(model, mask_ratio))
+    return r
+
+
+@torch.no_grad()
+def masked_view_accuracy(model, mask_ratio=None, batch_size=500, seed=0):
+    """Target test accuracy and class shares of a MUSTModel on masked views: the student's input in training
+    (toy.HPARAMS' mask unit, mask_ratio or toy.HPARAMS', its own [MSK]; one fixed draw of masks from `seed`),
+    without augmentation."""
+    xte, yte = toy.render_split("test")
+    ratio = toy.HPARAMS["mask_ratio"] if mask_ratio is None else mask_ratio
+    gen = data.MaskGenerator(toy.IMAGE_SIZE, toy.HPARAMS["mask_unit"], model.visual.patch_size, ratio)
+    torch.manual_seed(seed)
+    masks = torch.stack([gen() for _ in range(len(xte))])  # (n, N) bool
+    pred = torch.cat([model(toy.to_tensor(xte[i:i + batch_size]), masks[i:i + batch_size])[0].argmax(1)
+                      for i in range(0, len(xte), batch_size)])
+    return {"head_target_masked": _acc(pred, yte),
+            "masked_class_share": _shares(pred, len(toy.SHAPES))}
+
+
+@torch.no_grad()
+def zero_shot_accuracy(images, labels):
+    """Top-1 (%) of the committed tiny CLIP's zero-shot head on labeled images."""
+    model, _ = clip_model.load(toy.WEIGHTS)
+    head = prompts.zero_shot_head(model, toy.SHAPES, toy.TEMPLATES)
+    return _acc((image_features(model.visual, images) @ head).argmax(1), labels)
+
+
+@torch.no_grad()
+def checkpoint_accuracy(checkpoint, images, labels):
+    """Top-1 (%) of a train.py checkpoint's (student, teacher) on labeled images."""
+    accs = []
+    for which in ("student", "teacher"):
+        model, _ = must.load_checkpoint(checkpoint, which)
+        accs.append(_acc(model.classify(image_features(model.visual, images)).argmax(1), labels))  # = model(x)
+    return tuple(accs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ablation (paper Tables 5 and 7) through train.py's main
+
+ABLATION = [  # (row, run directory, train.py flags)
+    ("self-training only", "st", ["--no-reg", "--no-mim", "--no-align"]),
+    ("+ fairness (L_reg)", "st_reg", ["--no-mim", "--no-align"]),
+    ("+ MIM (L_mim)", "st_reg_mim", ["--no-align"]),
+    ("+ alignment = MUST", "must", []),
+]
+
+
+def ablation(seeds, out_dir, extra=()):
+    """Run each ablation row for each seed with train.py; print zero-shot / student / teacher, mean ± spread, on
+    the target test split (what is reported) and the target val split (what choices are made on)."""
+    val_images, val_labels = toy.render_split("val")
+    test, val = {}, {}
+    for name, short, flags in ABLATION:
+        for seed in seeds:
+            run_dir = os.path.join(out_dir, f"{short}_seed{seed}")  # a finished run is resumed, not redone
+            print(f"\n=== {name}, seed {seed} -> {run_dir}")
+            evals = train.main(["--data", "toy", "--out-dir", run_dir, "--seed", str(seed), *flags, *extra])
+            test.setdefault(name, []).append((evals[-1]["student_acc"], evals[-1]["teacher_acc"]))
+            checkpoint = os.path.join(run_dir, train.CHECKPOINT)
+            val.setdefault(name, []).append(checkpoint_accuracy(checkpoint, val_images, val_labels))
+    zero_shot = {"test": evals[0]["student_acc"], "val": zero_shot_accuracy(val_images, val_labels)}
+    lines = []
+    for split, rows in (("test", test), ("val", val)):
+        lines += [f"toy world, target {split} top-1 (%), final epoch, mean ± std over seeds {list(seeds)}",
+                  f"{'':24s} {'student':>15s} {'teacher':>15s}",
+                  f"{'zero-shot':24s} {zero_shot[split]:>15.1f} {zero_shot[split]:>15.1f}"]
+        for name, vals in rows.items():
+            v = np.array(vals)
+            lines.append(f"{name:24s} {_ms(v[:, 0]):>15s} {_ms(v[:, 1]):>15s}")
+        lines.append("")
+    table = "\n".join(lines).rstrip()
+    print("\n" + table)
+    with open(os.path.join(out_dir, "ablation.txt"), "w") as f:
+        f.write(table + "\n")
+    return table
+
+
+def _ms(v):
+    return f"{v.mean():.1f} ± {v.std():.1f}" if len(v) > 1 else f"{v.mean():.1f}"
+
+
+# ----------------------------------------------------------------------------------------------
+# A picture of the world
+
+def world_grid(per_class=2, seed=123, scale=3):
+    """PIL image: `per_class` source rows above as many target rows, one class per column, the same scenes
+    (attributes) drawn in both domains, enlarged `scale` times."""
+    n = len(toy.SHAPES)
+    rows = []
+    for domain in ("source", "target"):
+        a = toy.sample_attributes(n * per_class, seed)
+        a["label"] = np.repeat(np.arange(n), per_class)
+        img = toy.render(a, domain).reshape(n, per_class, toy.IMAGE_SIZE, toy.IMAGE_SIZE, 3)
+        rows.append(img.transpose(1, 2, 0, 3, 4).reshape(per_class * toy.IMAGE_SIZE, n * toy.IMAGE_SIZE, 3))
+    grid = Image.fromarray(np.concatenate(rows))
+    return grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="The toy world's experiments: probes, the ablation, a picture.")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("probe", help="zero-shot, kNN and linear-probe accuracy of a tiny CLIP or MUST "
+                                      "checkpoint (and a MUST checkpoint's accuracy on masked views)")
+    c.add_argument("path", nargs="?", default=toy.WEIGHTS,
+                   help="CLIP state dict or train.py checkpoint [the committed tiny CLIP]")
+    c.add_argument("--which", choices=["student", "teacher"], default="teacher",
+                   help="which weights of a MUST checkpoint to probe [teacher]")
+    c.add_argument("--mask-ratio", type=float, help="mask ratio of the masked-view accuracy [toy.HPARAMS]")
+    c = sub.add_parser("ablation", help="Tables 5/7 on the toy world: each loss added in turn, several seeds; "
+                                         "prints target test (reported) and val (for choices) tables")
+    c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds, one run per row and "
+                   "seed [0 1 2]")
+    c.add_argument("--out-dir", default=os.path.join("out", "toy_ablation"), help="one run directory per row "
+                   "and seed (a finished run is reused, not redone) and ablation.txt [out/toy_ablation]")
+    c.add_argument("--num-workers", default="2", help="data loader processes per run [2]")
+    c = sub.add_parser("show", help="save a grid of source and target images")
+    c.add_argument("--out", default="toy_world.png", help="PNG path [toy_world.png]")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.command == "probe":
+        if not os.path.isfile(args.path):
+            raise SystemExit(f"error: no file {args.path}")
+        keys = torch.load(args.path, map_location="cpu", weights_only=True, mmap=True).keys()  # no optimizer read
+        r = probe_must(args.path, args.which, args.mask_ratio) if "student" in keys else probe_clip(args.path)
+        for k, v in r.items():
+            print(f"{k:24s} {' '.join(f'{x:.2f}' for x in v) if isinstance(v, list) else f'{v:.1f}'}")
+    elif args.command == "ablation":
+        ablation(args.seeds, args.out_dir, extra=["--num-workers", args.num_workers])
+    elif args.command == "show":
+        world_grid().save(args.out, optimize=True)
+        print(f"wrote {args.out}: top 2 rows source, bottom 2 rows the same scenes in the target style; columns: "
+              f"{', '.join(toy.SHAPES)}")
+
+
+if __name__ == "__main__":
+    main()
