@@ -82,6 +82,22 @@ def all_reduce(tensor, device, op=None):
     return t.to(tensor.device)
 
 
+def any_process(flag):
+    """Whether `flag` holds on any process. Agreed on the hosts (through a gloo group when the default one is
+    NCCL), so it costs no wait for the GPU's queue and can be asked every step."""
+    if not is_distributed():
+        return bool(flag)
+    world = dist.group.WORLD
+    if id(world) not in _HOST_GROUPS:  # every rank reaches the first call at the same step
+        _HOST_GROUPS[id(world)] = dist.new_group(backend="gloo") if dist.get_backend() == "nccl" else world
+    t = torch.tensor(float(flag))
+    dist.all_reduce(t, group=_HOST_GROUPS[id(world)])
+    return t.item() > 0
+
+
+_HOST_GROUPS = {}
+
+
 @contextlib.contextmanager
 def rank_zero_first(rank):
     """Let rank 0 download / compute caches before the others read them."""

@@ -50,7 +50,7 @@ from eval import Counts
 import must
 import prompts
 import toy  # noqa: F401 -- registers --data toy, the offline demo world
-from runtime import (RunLock, StopRequest, all_reduce, autocast_for, barrier, fail, ignore_stop_signals,
+from runtime import (RunLock, StopRequest, all_reduce, any_process, autocast_for, barrier, fail, ignore_stop_signals,
                      is_distributed, rank_zero_first, rng_state, save_atomic, set_rng_state, setup_distributed)
 
 CHECKPOINT = "checkpoint.pt"
@@ -522,17 +522,14 @@ def train_step(run, parts):
 
 
 def check_health(run):
-    """What the device counted since the last check, over all processes, read once (a host sync): a non-finite
-    loss stops the run before those updates reach a checkpoint; returns whether any process was asked to stop.
-    Called at log steps, before every checkpoint and, with one process, as soon as a signal arrives."""
-    asked = torch.tensor(float(run.stop.signum is not None), device=run.device)
-    nonfinite, stop = all_reduce(torch.stack([run.nonfinite.float(), asked]), run.device).tolist()
-    if nonfinite:
+    """The non-finite losses the device counted since the last check, over all processes, read once (a host
+    sync): any stops the run before those updates reach a checkpoint. Called at log steps and before every
+    checkpoint."""
+    if all_reduce(run.nonfinite.clone(), run.device).item():
         kept = f"the last good checkpoint {run.ckpt_path} is intact" if os.path.isfile(run.ckpt_path) else \
             "no checkpoint was written yet"
         fail(f"non-finite loss in optimizer step(s) {run.checked + 1}-{run.step}; their updates are not saved; {kept}")
     run.checked = run.step
-    return stop > 0
 
 
 def log_train(run, stats, mu, images_per_s):
@@ -583,10 +580,9 @@ def train_one_epoch(run, epoch):
             must.ema_update(run.teacher, run.student, mu)  # eq. 1
             run.step += 1
             seen += a.global_batch
-            stop = False
-            if run.step % a.log_freq == 0 or run.step % run.steps_per_epoch == 0 or (
-                    run.world == 1 and run.stop.signum is not None):
-                stop = check_health(run)
+            stop = any_process(run.stop.signum is not None)  # every rank ends at the same step
+            if run.step % a.log_freq == 0 or run.step % run.steps_per_epoch == 0 or stop:
+                check_health(run)
                 record = log_train(run, stats, mu, seen / (time.time() - tic))
                 bar.set_postfix(loss=f"{record['loss']:.3f}", conf=f"{record['conf_ratio']:.2f}")
                 tic, seen = time.time(), 0
