@@ -3,7 +3,7 @@
 Images show one shape (the class) with a colour, size, position and background. The source domain draws flat
 filled shapes, captioned ("a photo of a small red triangle on a striped background"); a tiny CLIP (clip_model.py
 at small size, 32 px) is pretrained contrastively on source pairs, never on the target, and its weights are
-committed (toy_clip.pt; `python toy.py pretrain --out toy_clip.pt` remakes them bit for bit). The target domain
+committed (toy_clip.pt; `python toy.py pretrain` remakes them, bit for bit on the CPU that made them). The target
 draws the same kind of scenes as cartoon close-ups with film grain: its unlabeled train split is what MUST adapts
 on, its labeled test split what is reported, its labeled val split (other images) what choices are made on.
 Everything is deterministic from a seed and rendered on the fly. Importing this module registers `--data toy`
