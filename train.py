@@ -138,7 +138,7 @@ def parse_args(argv=None):
     groups = {name: p.add_argument_group(name) for name in ("data", "model", "method", "loss", "optimization", "run")}
     g = groups["data"]
     g.add_argument("--data", required=True, help=f"dataset: {', '.join(data.DATASET_NAMES)}")
-    g.add_argument("--data-root", help="dataset directory (layouts: see data.py); toy: cache directory")
+    g.add_argument("--data-root", help="dataset directory (layouts: see data.py); not used by toy")
     g.add_argument("--eval-root", help="labeled test images for --data folder: DIR/<class name>/... (without it a "
                                         "folder run is not evaluated)")
     g.add_argument("--classes", help="class names file for --data folder: UTF-8, one name per line, at least 2; "
