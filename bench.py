@@ -54,7 +54,7 @@ import clip_model
 import data
 import must
 import train
-from runtime import autocast_for, fail, pick_device
+from runtime import fail, pick_device
 
 # (input px, patch, width, layers, embed_dim): OpenAI's image towers, a DeiT-S-like one and a tiny one for tests
 SHAPES = {"tiny": (32, 8, 64, 2, 32), "ViT-S/16": (224, 16, 384, 12, 384), "ViT-B/32": (224, 32, 768, 12, 512),
@@ -117,23 +117,11 @@ def make_run(visual, args, device):
     # small D the softmax saturates and eq. 3's p̄ underflows to 0 (L_reg = inf); the FLOPs do not depend on s
     scale = min(100.0, 5.0 * visual.output_dim ** 0.5)
     student = must.MUSTModel(visual, head, scale).to(device).train()
-    amp_dtype, use_scaler = autocast_for(args.amp, device)
     run_args = SimpleNamespace(conf_threshold=0.0, global_batch=args.batch, lambda_reg=hp["lambda_reg"],
-                               lambda_align=hp["lambda_align"], align_k=None)
-    run = SimpleNamespace(
-        args=run_args, device=device, world=1, rank=0, student=student, model=student,
-        teacher=must.make_teacher(student), fairness=must.FairnessMean(args.classes),
-        optimizer=train.make_optimizer(student, 0.05, 0.65, hp["base_lr"] * args.batch / 256, device),
-        scaler=torch.amp.GradScaler(device.type, enabled=use_scaler), amp_dtype=amp_dtype,
-        autocast=torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None),
-        use_reg=True, use_mim=True, use_align=True, patch_size=visual.patch_size, step=0,
-        steps_per_epoch=10 ** 9, stop=SimpleNamespace(signum=None), ckpt_path="unused",
-        nonfinite=torch.zeros((), dtype=torch.int64, device=device))
-    if args.compile:
-        # in place (nn.Module.compile), so the state-dict keys that ema_update and param_groups use are unchanged;
-        # the whole MUSTModel, because the student's masked pass is forward_must, not the tower's forward
-        run.student.compile()
-        run.teacher.compile()
+                               lambda_align=hp["lambda_align"], align_k=None, amp=args.amp, no_reg=False,
+                               no_mim=False, no_align=False, compile=args.compile)
+    optimizer = train.make_optimizer(student, 0.05, 0.65, hp["base_lr"] * args.batch / 256, device)
+    run = train.step_state(run_args, student, optimizer, device, steps_per_epoch=10 ** 9)
     gen = data.MaskGenerator(visual.input_resolution, hp["mask_unit"], visual.patch_size, hp["mask_ratio"])
     micro, size = args.batch // args.accum, visual.input_resolution
     parts = [((torch.randn(micro, 3, size, size, device=device), torch.randn(micro, 3, size, size, device=device),

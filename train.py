@@ -742,34 +742,43 @@ def build_run(args, rank, world, device, stop):
     spe = len(train_set) // args.global_batch
     if spe == 0:
         fail(f"{len(train_set)} training images are fewer than one global batch of {args.global_batch}")
-    amp_dtype, use_scaler = autocast_for(args.amp, device)
     lr, min_lr = args.base_lr * args.global_batch / 256, args.base_min_lr * args.global_batch / 256
     views = SeededViews(train_set, args.seed)
-    run = SimpleNamespace(
-        args=args, rank=rank, world=world, device=device, stop=stop, student=student,
-        teacher=must.make_teacher(student),  # Δ = θ at the start (eq. 1)
-        model=DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-        if world > 1 else student,
-        optimizer=make_optimizer(student, args.weight_decay, args.layer_decay, lr, device),
-        scaler=torch.amp.GradScaler(device.type, enabled=use_scaler), fairness=must.FairnessMean(student.num_classes),
-        amp_dtype=amp_dtype, autocast=torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                                     enabled=amp_dtype is not None),
-        use_reg=not args.no_reg, use_mim=not args.no_mim, use_align=not args.no_align,
-        patch_size=student.visual.patch_size, per_process=per_process, micro_batch=micro_batch, accum=accum,
-        steps_per_epoch=spe, total_steps=args.epochs * spe, lr=lr, min_lr=min_lr, step=0, evals=[],
-        train_set=train_set, test_set=test_set, views=views, classnames=list(train_set.classnames),
+    run = step_state(args, student, make_optimizer(student, args.weight_decay, args.layer_decay, lr, device), device,
+                     spe, world, rank, stop, os.path.join(args.out_dir, CHECKPOINT))
+    vars(run).update(
+        per_process=per_process, micro_batch=micro_batch, accum=accum, total_steps=args.epochs * spe, lr=lr,
+        min_lr=min_lr, evals=[], train_set=train_set, test_set=test_set, views=views,
+        classnames=list(train_set.classnames),
         sampler=ResumableSampler(views, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True),
         test_loader=None if test_set is None else DataLoader(
             Subset(test_set, range(rank, len(test_set), world)), batch_size=micro_batch, num_workers=args.num_workers,
             pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals),
         mean_per_class=args.data in data.MEAN_PER_CLASS, fingerprints=fingerprints, reported=set(), reported_test=set(),
-        nonfinite=torch.zeros((), dtype=torch.int64, device=device), checked=0,
-        ckpt_path=os.path.join(args.out_dir, CHECKPOINT), log_path=os.path.join(args.out_dir, "log.jsonl"))
+        log_path=os.path.join(args.out_dir, "log.jsonl"))
     run.log = lambda record: _append_json(run.log_path, record) if rank == 0 else None
-    if args.compile:  # in place: the state dict keeps its names, so checkpoints do not depend on the flag
-        run.student.compile()
-        run.teacher.compile()
     return run
+
+
+def step_state(args, student, optimizer, device, steps_per_epoch, world=1, rank=0, stop=None, ckpt_path=""):
+    """What train_step and check_health read, built in one place for the trainer, bench.py and the tests. args
+    needs conf_threshold, global_batch, the "loss" SETTINGS, amp, no_reg / no_mim / no_align and compile."""
+    amp_dtype, use_scaler = autocast_for(args.amp, device)
+    state = SimpleNamespace(
+        args=args, rank=rank, world=world, device=device, stop=stop or SimpleNamespace(signum=None),
+        student=student, teacher=must.make_teacher(student),  # Δ = θ at the start (eq. 1)
+        model=DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+        if world > 1 else student,
+        optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=use_scaler),
+        fairness=must.FairnessMean(student.num_classes), amp_dtype=amp_dtype,
+        autocast=torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None),
+        use_reg=not args.no_reg, use_mim=not args.no_mim, use_align=not args.no_align,
+        patch_size=student.visual.patch_size, steps_per_epoch=steps_per_epoch, step=0,
+        nonfinite=torch.zeros((), dtype=torch.int64, device=device), checked=0, ckpt_path=ckpt_path)
+    if args.compile:  # in place: the state dict keeps its names, so checkpoints do not depend on the flag
+        state.student.compile()
+        state.teacher.compile()
+    return state
 
 
 def _append_json(path, record):

@@ -1,7 +1,5 @@
 """The CUDA paths, run only where a GPU is (gpu.sh runs them with bench.py on a lent GPU machine): a bf16 step, an
 fp16 step with its GradScaler, DDP over a 1-process NCCL group, pinned-memory loading. Skipped on CPU machines."""
-import os
-
 import numpy as np
 import pytest
 import torch

@@ -8,8 +8,6 @@ import json
 import os
 import pathlib
 import pickle
-import sys
-import types
 
 import numpy as np
 import pytest

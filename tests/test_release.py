@@ -147,23 +147,18 @@ def release_steps():
     return torch.load(os.path.join(DATA, "release_steps.pt"), map_location="cpu", weights_only=True)
 
 
-def step_run(fx, toy_state, mode):
-    """The namespace train.train_step works on, built like the release's run: its initial weights, AdamW over
-    train.param_groups, fp32, one process."""
+def step_run(fx, toy_state, mode, world=1, rank=0):
+    """The state train.train_step works on (train.step_state), built like the release's run: its initial weights,
+    AdamW over train.param_groups, fp32; DDP when world > 1."""
     hp, run = fx["hparams"], fx["runs"][mode]
     assert tuple(hp["betas"]) == (0.9, 0.999) and hp["eps"] == 1e-8  # what train.make_optimizer uses
     student = toy_must_model(toy_state, {**fx["init_extra"], "classifier.weight": run["init_classifier"]},
                              hp["logit_scale"]).train()
     args = SimpleNamespace(conf_threshold=hp["conf_threshold"], global_batch=hp["batch_size"],
-                           lambda_reg=hp["lambda_reg"], lambda_align=hp["lambda_align"], align_k=None)
-    return SimpleNamespace(
-        args=args, device=torch.device("cpu"), world=1, rank=0, student=student, model=student,
-        teacher=must.make_teacher(student), fairness=must.FairnessMean(run["num_classes"]),
-        optimizer=train.make_optimizer(student, hp["weight_decay"], hp["layer_decay"], hp["lr"], torch.device("cpu")),
-        scaler=torch.amp.GradScaler("cpu", enabled=False), autocast=torch.autocast("cpu", enabled=False),
-        use_reg=True, use_mim=True, use_align=True, patch_size=hp["patch_size"], step=0,
-        steps_per_epoch=hp["steps_per_epoch"], stop=SimpleNamespace(signum=None), ckpt_path="unused",
-        nonfinite=torch.zeros((), dtype=torch.int64))
+                           lambda_reg=hp["lambda_reg"], lambda_align=hp["lambda_align"], align_k=None, amp="fp32",
+                           no_reg=False, no_mim=False, no_align=False, compile=False)
+    optimizer = train.make_optimizer(student, hp["weight_decay"], hp["layer_decay"], hp["lr"], torch.device("cpu"))
+    return train.step_state(args, student, optimizer, torch.device("cpu"), hp["steps_per_epoch"], world, rank)
 
 
 def key_bias(name, width):
@@ -175,10 +170,7 @@ def release_steps_run(fx, toy_state, mode, accum, rank=0, world=1):
     """train.train_step for the fixture's 3 steps, this process holding rows [rank·B/world, (rank+1)·B/world) of
     each global batch of B, split into `accum` micro-batches. -> (per-step records, student state, teacher state)"""
     hp = fx["hparams"]
-    run = step_run(fx, toy_state, mode)
-    if world > 1:
-        run.model = torch.nn.parallel.DistributedDataParallel(run.student)
-        run.world, run.rank = world, rank
+    run = step_run(fx, toy_state, mode, world, rank)
     B = hp["batch_size"]
     share = B // world
     micro = share // accum
