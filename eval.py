@@ -10,16 +10,7 @@ ImageNet-C corruptions (§4.7, Table 8), natural distribution shift (§4.8, Tabl
     python eval.py --data imagenet-r --data-root /data/shift/imagenet-r --checkpoint out/imagenet-r/checkpoint.pt
     python eval.py --checkpoint out/pets/checkpoint.pt --model ViT-B/16 --figures 8   # + CLIP row and figures
 
-Layouts (besides data.py's for every --data name):
-    imagenet-c   ROOT/<corruption>/<severity 1-5>/<wnid>/*.JPEG  (Hendrycks & Dietterich's release); the 15
-                 benchmark corruptions are scored, missing ones are listed, extra folders are ignored (listed)
-    --shift-root ROOT/<set>/..., <set> any of (case, '-', '_' ignored):
-                 imagenetv2*  (e.g. imagenetv2-matched-frequency-format-val) class-index folders 0..999
-                 imagenet-r | imagenet-rendition        200 wnid folders
-                 imagenet-a | imagenet-adversarial      200 wnid folders
-                 imagenet-sketch | sketch               1000 wnid folders
-                 imagenet (optional)                    val/<wnid>/ (the in-distribution column of Table 9)
-                 a folder holding a single subfolder (e.g. ImageNet-Sketch/sketch/) is entered.
+The layouts it reads besides data.py's (ImageNet-C, --shift-root): docs/usage.md.
 
 A classifier scores a set whose classes it covers: a 1000-way ImageNet head scores ImageNet-R/-A with its
 logits restricted to the 200 present classes (indexed by wnid); a head trained transductively on ImageNet-R
@@ -32,6 +23,7 @@ import json
 import os
 import re
 import time
+from collections import namedtuple
 
 import numpy as np
 import torch
@@ -44,7 +36,7 @@ import figures
 import must
 import prompts
 import toy  # noqa: F401 -- registers --data toy
-from runtime import all_reduce, autocast_for, fail, pick_device
+from runtime import all_reduce, autocast_for, fail, ignore_stop_signals, is_distributed, pick_device
 
 
 # ImageNet-C's 15 benchmark corruptions and AlexNet's error on each, averaged over the 5 severities
@@ -93,11 +85,6 @@ def columns_for(model_ids, set_ids):
 # models: everything is a MUSTModel (CLIP zero-shot = its tower + the zero-shot head as classifier, Fig. 1)
 
 
-def zero_shot_model(clip, classnames, templates, device, cache_dir):
-    head = prompts.zero_shot_head(clip.to(device), classnames, templates, device=device, cache_dir=cache_dir)
-    return must.MUSTModel(clip.visual, head.cpu(), clip.logit_scale.exp().item()).eval()
-
-
 def load_must(path):
     """(student, teacher, run args) of a train.py checkpoint."""
     if not os.path.isfile(path):
@@ -107,9 +94,6 @@ def load_must(path):
         teacher, _ = must.load_checkpoint(path, "teacher")
     except Exception as e:  # torch.load / missing keys / shape mismatch: the file is not what train.py writes
         fail(f"cannot read MUST checkpoint {path} ({clip_model.load_error_detail(e)})")
-    if not run["classnames"] and run.get("data") in data.DATASET_NAMES and run["data"] != "folder" and \
-            not data.is_registered(run["data"]):
-        run["classnames"] = data.dataset_prompts(run["data"])[0]  # a checkpoint without its class list
     if len(run["classnames"]) != student.num_classes:
         fail(f"checkpoint {path} lists {len(run['classnames'])} class names for a {student.num_classes}-way head")
     return student, teacher, run
@@ -119,11 +103,8 @@ def load_must(path):
 # evaluation sets
 
 
-class EvalSet:
-    """A labeled dataset to score: name, kind (a --data name), dataset (ImageList-like), class identities, root."""
-
-    def __init__(self, name, kind, dataset, ids, root):
-        self.name, self.kind, self.dataset, self.ids, self.root = name, kind, dataset, ids, root
+# A labeled dataset to score: its name, kind (a --data name), dataset (ImageList-like), class identities and root.
+EvalSet = namedtuple("EvalSet", "name kind dataset ids root")
 
 
 def _enter_single_subfolder(path):
@@ -169,14 +150,11 @@ def find_shift_sets(root):
 
 
 def build_set(name, kind, root, transform, templates_file=None, classes_file=None):
-    """One named dataset's test split as an EvalSet; data.py's clear errors become one-line CLI errors."""
+    """One named dataset's test split as an EvalSet (--data folder: labeled images root/<class name>/..., names from
+    the classes file); data.py's clear errors become one-line CLI errors."""
     try:
-        if kind == "folder":  # labeled images root/<class name>/..., names from the classes file
-            ds = data.build_dataset("folder", root, "test", transform, classes_file, templates_file, eval_root=root)
-        elif data.is_registered(kind):
-            ds = data.build_dataset(kind, root, "test", transform)
-        else:
-            ds = data.build_dataset(kind, root, "test", transform, templates_file=templates_file)
+        ds = data.build_dataset(kind, root, "test", transform, classes_file if kind == "folder" else None,
+                                templates_file, eval_root=root)
     except (FileNotFoundError, ValueError) as e:
         fail(f"{name}: {e}")
     return EvalSet(name, kind, ds, class_ids(kind, ds.classnames), root)
@@ -220,18 +198,21 @@ def find_corruption_sets(root, transform):
 
 class _Tagged(Dataset):
     """Several datasets behind one loader (no worker restart between ImageNet-C's 75 sets); item = (image,
-    label, set index). `limit` keeps that many evenly spaced images of each set."""
+    label, set index). `limit` keeps that many evenly spaced images of each set; with several processes each
+    holds every world-th item of the whole."""
 
-    def __init__(self, datasets, limit=None):
+    def __init__(self, datasets, limit=None, rank=0, world=1):
         self.datasets = datasets
         self.indices = [np.arange(len(d)) if limit is None or limit >= len(d)
                         else np.unique(np.linspace(0, len(d) - 1, limit).round().astype(int)) for d in datasets]
         self.offsets = np.cumsum([0] + [len(i) for i in self.indices]).tolist()
+        self.positions = range(rank, self.offsets[-1], world)
 
     def __len__(self):
-        return self.offsets[-1]
+        return len(self.positions)
 
     def __getitem__(self, index):
+        index = self.positions[index]
         s = bisect.bisect_right(self.offsets, index) - 1
         image, label = self.datasets[s][int(self.indices[s][index - self.offsets[s]])]
         return image, label, s
@@ -271,18 +252,21 @@ class Counts:
 
 @torch.inference_mode()
 def evaluate(models, sets, columns, device, batch_size=256, num_workers=8, amp_dtype=None, limit=None):
-    """Score every set with every model in one pass over the images.
+    """Score every set with every model in one pass over the images; eval.py and train.py both score with it.
 
     models: {name: module on `device` mapping images (B,3,H,W) -> logits (B,K)}; columns[(set index, name)]: the logit
-    columns of that set (None = all), pairs absent from it are not scored. Returns ({(set index, name): Counts},
-    images per second).
+    columns of that set (None = all), pairs absent from it are not scored. Under torch.distributed each process
+    scores its share of the images and the counts are summed over processes. Returns ({(set index, name): Counts},
+    images per second of this process).
     """
-    loader = DataLoader(_Tagged([s.dataset for s in sets], limit), batch_size=batch_size, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
+    loader = DataLoader(_Tagged([s.dataset for s in sets], limit, rank, world), batch_size=batch_size,
+                        num_workers=num_workers, pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
     counts = {key: Counts(len(sets[key[0]].ids)) for key in columns}
     cols = {key: (None if c is None else c.to(device)) for key, c in columns.items()}
     tic, seen = time.time(), 0
-    for images, labels, set_index in tqdm(loader, desc="eval", dynamic_ncols=True, mininterval=2):
+    for images, labels, set_index in tqdm(loader, desc="eval", dynamic_ncols=True, mininterval=2, disable=rank != 0,
+                                          leave=False):
         images = images.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = {name: m(images).float() for name, m in models.items()}  # (B, K) per model
@@ -301,6 +285,8 @@ def evaluate(models, sets, columns, device, batch_size=256, num_workers=8, amp_d
                 top5 = z.topk(min(5, z.shape[1]), dim=1).indices.cpu().numpy()
                 counts[(s, name)].add(top5, labels_np[set_np == s])
         seen += len(images)
+    for c in counts.values():
+        c.all_reduce(device)
     return counts, seen / max(time.time() - tic, 1e-9)
 
 
@@ -457,19 +443,29 @@ def imagenet_c_report(models, sets, counts, root, missing, ignored):
     return report
 
 
-def report_unreadable(sets):
-    """Print the files each set left out (unlisted links, unreadable images: never scored) -> {set: counts}."""
-    out = {}
-    for s in sets:
-        ds = s.dataset
-        bad = ds.bad_files() if hasattr(ds, "bad_files") else []
-        ignored = getattr(ds, "ignored", [])
-        for _, path, why in bad:
-            print(f"warning: {s.name}: skipped {path}: it {why}")
-        if ignored:
-            print(f"warning: {s.name}: {len(ignored)} entries not listed (e.g. {ignored[0][0]}: {ignored[0][1]})")
-        out[s.name] = {"unreadable": len(bad), "not_listed": len(ignored)}
-    return out
+def report_unreadable(dataset, what, reported, device):
+    """Merge the unreadable-file flags of every process (data.ImageList.bad), warn once per file not in `reported`
+    (on rank 0), and return how many files are unreadable so far (0 for datasets that never fail, like the toy's)."""
+    if not hasattr(dataset, "bad"):
+        return 0
+    merged = all_reduce(dataset.bad.to(torch.int32), device, op=torch.distributed.ReduceOp.MAX)
+    dataset.bad.copy_(merged.to(torch.int8))
+    for index, path, why in dataset.bad_files():
+        if index not in reported:
+            reported.add(index)
+            if not is_distributed() or torch.distributed.get_rank() == 0:
+                tqdm.write(f"warning: skipped {what} image {path}: it {why}")
+    return len(reported)
+
+
+def report_listing(dataset, what):
+    """One line per reason for the entries the listing left out (links, non-files, duplicates) -> how many."""
+    by_reason = {}
+    for path, reason in getattr(dataset, "ignored", []):
+        by_reason.setdefault(reason, []).append(path)
+    for reason, paths in by_reason.items():
+        print(f"warning: {len(paths)} {what} entries not listed: {reason} (e.g. {paths[0]})")
+    return sum(len(paths) for paths in by_reason.values())
 
 
 def save_json(path, report):
@@ -516,7 +512,8 @@ def add_zero_shot(args, models, model_ids, clip, sets, device, out_dir):
             except (FileNotFoundError, ValueError) as e:
                 fail(str(e))
     model_ids["clip"] = class_ids(kind, names)
-    return {"clip": zero_shot_model(clip, names, templates, device, out_dir), **models}
+    head = prompts.zero_shot_head(clip.to(device), names, templates, device=device, cache_dir=out_dir)
+    return {"clip": must.MUSTModel(clip.visual, head.cpu(), clip.logit_scale.exp().item()).eval(), **models}
 
 
 def scorable(sets, models, model_ids):
@@ -573,12 +570,15 @@ def main(argv=None):
         models = add_zero_shot(args, models, model_ids, clip, sets, device, out_dir)
         del clip
     sets, columns, skipped = scorable(sets, models, model_ids)
+    not_listed = {s.name: report_listing(s.dataset, s.name) for s in sets}
     for m in models.values():  # here, not under inference mode: the figures need autograd on these weights
         m.eval().to(device)
     counts, speed = evaluate(models, sets, columns, device, args.batch_size, args.num_workers, amp_dtype,
                              args.limit)
     mpc_sets = {s.name for s in sets if args.mean_per_class or mode in data.MEAN_PER_CLASS}
-    results = results_of(sets, models, counts, report_unreadable(sets), mpc_sets)
+    unread = {s.name: {"unreadable": report_unreadable(s.dataset, s.name, set(), device),
+                       "not_listed": not_listed[s.name]} for s in sets}
+    results = results_of(sets, models, counts, unread, mpc_sets)
     report = {"mode": mode, "checkpoint": args.checkpoint, "clip": clip_name, "trained_on": run.get("data"),
               "models": list(models), "device": str(device), "images_per_s": speed, "limit": args.limit,
               "results": results, "not_scored": skipped}

@@ -1,11 +1,14 @@
 """Run plumbing shared by train.py and eval.py: one-line errors, device and precision, the process group,
-RNG state, atomic checkpoint writes, the out-dir lock and graceful stops on SIGTERM / SIGINT.
+RNG state, content fingerprints, a data order that survives resumes, atomic checkpoint writes, the out-dir lock
+and graceful stops on SIGTERM / SIGINT.
 
 Nothing here knows about MUST; it is what any long multi-process PyTorch run needs to be safe to kill.
 """
 import contextlib
 import errno
 import fcntl
+import hashlib
+import json
 import os
 import random
 import shutil
@@ -18,6 +21,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils.data import Dataset, DistributedSampler
 
 
 def fail(message):
@@ -127,6 +131,41 @@ def set_rng_state(state):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# data order: the same samples and random views at every split and after a resume
+
+class SeededViews(Dataset):
+    """Draws each training image's random views and mask from a seed of (seed, epoch, index) alone, so the global
+    batch of a step is the same whatever the number of processes or workers, and a resumed run sees exactly the
+    views of an uninterrupted one (as long as the augmentations draw from torch's RNG only, as data.py's do)."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        digest = hashlib.blake2b(f"{self.seed}/{self.epoch}/{index}".encode(), digest_size=8).digest()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int.from_bytes(digest, "little") & (2 ** 63 - 1))
+            return self.dataset[index]
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (shuffled, drop_last) that can start inside an epoch: `start` samples of this rank's
+    share are skipped. With drop_last, step k of every rank covers global positions [k·B, (k+1)·B) of the
+    epoch's permutation, so the union over ranks is the one-process batch."""
+
+    start = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.start:])
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
+# ----------------------------------------------------------------------------------------------------------
 # files
 
 def save_atomic(obj, path):
@@ -157,6 +196,19 @@ def save_atomic(obj, path):
         fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
+
+
+def fingerprint(value):
+    """SHA-256 of a state dict's tensors (names, dtypes, shapes, bytes) or of a list of strings (in order)."""
+    h = hashlib.sha256()
+    if isinstance(value, dict):
+        for name in sorted(value):
+            t = value[name].detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    else:
+        h.update(json.dumps(list(value)).encode())
+    return h.hexdigest()
 
 
 class RunLock:

@@ -4,30 +4,14 @@
     python train.py --data imagenet --data-root /data/imagenet --model ViT-B/16
     torchrun --nproc_per_node 8 train.py --data imagenet --data-root /data/imagenet --model ViT-B/16
 
-Top to bottom: config -> optimizer (AdamW, layer-wise lr decay, cosine) -> data -> checkpoints -> one optimizer
-step (exact over the global batch) -> one epoch -> main (processes, model, data, resume, loop, result table).
-Defaults come from the paper's Table 10 (data.hparams); every flag overrides.
+Top to bottom: optimizer (AdamW, layer-wise lr decay, cosine) -> checkpoints -> one optimizer step (exact
+over the global batch) -> one epoch -> the epoch loop -> building a run -> main. The settings are config.py's, with
+defaults from the paper's Table 10 (data.hparams); every flag overrides.
 
-Rank 0 writes into --out-dir (one run at a time: run.lock):
-  log.jsonl      one JSON object per line (a fresh run truncates it, a resumed one appends): {"type": "config", ...all flags},
-                 {"type": "train", "step", "epoch" (fractional), "loss", "loss_cls", "loss_reg", "loss_mim",
-                 "loss_align" (the terms switched on), "lr" (top layer), "ema_mu", "conf_ratio" (share of
-                 confident pseudo-labels), "pseudo_label_acc" (their accuracy against the training labels, only
-                 logged, null when unknown), "images_per_s", "skipped" (unreadable training images so far)} every
-                 --log-freq steps and at each epoch end, and {"type": "eval", "epoch", "step", "student_acc",
-                 "teacher_acc"} (epoch 0 = before training).
-  checkpoint.pt  written atomically at each epoch end, every --save-freq steps, at --max-steps and on SIGTERM /
-                 SIGINT: a dict of student / teacher state dicts, optimizer, scaler, fairness (running p̄ of eq. 3),
-                 step (optimizer steps done), epoch (completed epochs), rng (per rank), evals (the eval records so
-                 far), args (all flags as a plain dict), classnames, fingerprints (SHA-256 of the CLIP weights,
-                 the class list and the templates: what resume and --init compare) and unreadable (indices of the
-                 training images found unreadable); torch.load(..., weights_only=True) reads it and
-                 must.load_checkpoint rebuilds the classifier from it.
-  head-*.pt      the zero-shot head cache (prompts.zero_shot_head).
+Rank 0 writes log.jsonl, checkpoint.pt and the zero-shot head cache into --out-dir (one run at a time: run.lock);
+docs/usage.md describes every field.
 """
-import argparse
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -35,221 +19,25 @@ import random
 import signal
 import sys
 import time
-from collections import namedtuple
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import clip_model
+import config
 import data
-from eval import Counts
+from eval import EvalSet, evaluate, report_listing, report_unreadable
 import must
 import prompts
-import toy  # noqa: F401 -- registers --data toy, the offline demo world
-from runtime import (RunLock, StopRequest, all_reduce, any_process, autocast_for, barrier, fail, ignore_stop_signals,
-                     is_distributed, rank_zero_first, rng_state, save_atomic, set_rng_state, setup_distributed)
+from runtime import (ResumableSampler, RunLock, SeededViews, StopRequest, all_reduce, any_process, autocast_for, barrier,
+                     fail, fingerprint, ignore_stop_signals, is_distributed, rank_zero_first, rng_state, save_atomic,
+                     set_rng_state, setup_distributed)
 
 CHECKPOINT = "checkpoint.pt"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# config
-
-Setting = namedtuple("Setting", "name type default ok domain group defines help")
-_ANY = (lambda v: True, "")
-_AT_LEAST_1, _AT_LEAST_0 = (lambda v: v >= 1, "at least 1"), (lambda v: 0 <= v < math.inf, "0 or more")
-_UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
-
-
-def _s(name, type, default, domain, group, help, defines=True):
-    return Setting(name, type, default, *domain, group, defines, help)
-
-
-# Every setting of a run, in one place. From here each becomes a flag (in its --help group), is checked before any
-# work, fills from Table 10 (data.hparams) when its default is None and the table has it, reaches must_loss
-# (group "loss"), and, when it decides the weights (defines), must be the same to resume a run.
-SETTINGS = [
-    _s("conf_threshold", float, None, (lambda v: 0 <= v < 1, "in [0, 1) (a softmax never exceeds 1)"), "method",
-       "τ: pseudo-label confidence threshold (eq. 2) [Table 10]"),
-    _s("lambda_reg", float, None, _AT_LEAST_0, "loss", "λ_reg: weight of the fairness regularization (eq. 3, 6) "
-       "[Table 10]"),
-    _s("lambda_align", float, None, _AT_LEAST_0, "loss", "λ_align: weight of the global-local alignment (eq. 5, 6) "
-       "[Table 10]"),
-    _s("align_k", int, None, _AT_LEAST_1, "loss", "align [CLS] only with the k nearest [MSK] tokens (Table 6) [all]"),
-    _s("mask_unit", int, None, (lambda v: v >= 1, "at least 1 px"), "method",
-       "s: side in px of the square units masked together (§3.2) [Table 10]"),
-    _s("mask_ratio", float, None, _UNIT, "method", "share of mask units replaced by [MSK], rounded up (§3.2) "
-       "[Table 10]"),
-    _s("ema_mu0", float, None, _UNIT, "method", "µ0: initial EMA decay of the teacher (eq. 1) [Table 10]"),
-    _s("ema_mu_n", int, None, _AT_LEAST_0, "method", "µn: iterations over which µ ramps linearly from µ0 to 0.9998 "
-       "[Table 10]"),
-    _s("strong_view", str, None, (lambda v: v in data.STRONG_VIEWS, f"one of {', '.join(data.STRONG_VIEWS)}"),
-       "method", "the student's augmentation: paper = RandomResizedCrop 0.3-1 + flip + RandAugment (224 px photos); "
-       "light = 10%% translation + flip + brightness/contrast (small images) [paper; toy: light]"),
-    _s("base_lr", float, None, (lambda v: 0 < v < math.inf, "a positive number"), "optimization",
-       "base_lr; lr = base_lr × global_batch / 256 [Table 10]"),
-    _s("base_min_lr", float, 1e-6, _AT_LEAST_0, "optimization", "end of the cosine: min_lr = base_min_lr × "
-       "global_batch / 256"),
-    _s("epochs", int, None, _AT_LEAST_1, "optimization", "training epochs [Table 10]"),
-    _s("global_batch", int, None, _AT_LEAST_1, "optimization", "images per optimizer step over all processes "
-       "[Table 10: 1024 ViT-B, 512 ViT-L]"),
-    _s("weight_decay", float, 0.05, _AT_LEAST_0, "optimization", "AdamW weight decay (none on 1-D params but [MSK])"),
-    _s("layer_decay", float, 0.65, (lambda v: 0 < v <= 1, "in (0, 1]"), "optimization",
-       "layer-wise lr decay: scale layer_decay^(L+1-i) for layer i"),
-    _s("seed", int, 0, _ANY, "optimization", "random seed (augmentations depend only on seed, epoch and image index)"),
-    _s("batch_size_per_gpu", int, None, _AT_LEAST_1, "optimization", "images per forward pass per process; "
-       "gradients are accumulated exactly up to the global batch (eq. 2-3 over the global batch) "
-       "[global/processes]", defines=False),
-    _s("accum_steps", int, None, _AT_LEAST_1, "optimization", "gradient accumulation steps (alternative to "
-       "--batch-size-per-gpu) [1]", defines=False),
-    _s("num_workers", int, min(8, os.cpu_count() or 1), _AT_LEAST_0, "data", "data loader processes per GPU "
-       "[min(8, CPU cores)]", defines=False),
-    _s("eval_freq", int, None, _AT_LEAST_1, "run", "evaluate student and teacher every this many epochs [Table 10]",
-       defines=False),
-    _s("log_freq", int, 10, _AT_LEAST_1, "run", "log every this many optimizer steps", defines=False),
-    _s("save_freq", int, 0, (lambda v: v >= 0, "0 (off) or more"), "run", "also checkpoint every this many steps (0: at epoch ends only)",
-       defines=False),
-    _s("max_steps", int, None, _AT_LEAST_0, "run", "stop (with a checkpoint) after this many optimizer steps in "
-       "total; the lr schedule still spans --epochs", defines=False),
-]
-# the switches that decide the weights besides SETTINGS; the CLIP, classes and templates are compared by content
-RUN_DEFINING = tuple(s.name for s in SETTINGS if s.defines) + ("freeze_classifier", "no_reg", "no_mim", "no_align")
-
-
-class _Help(argparse.HelpFormatter):
-    """Show a flag's default only when it has one (unset Table 10 flags say so in their help)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
-            return action.help
-        return action.help + " (default: %(default)s)"
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="MUST: unsupervised adaptation of a CLIP zero-shot classifier on unlabeled images. "
-                    "Flags marked [Table 10] default to the paper's value for (--data, --model). The classifier's "
-                    "logit scale s is the CLIP checkpoint's own exp(logit_scale) (100 for OpenAI's CLIPs).",
-        formatter_class=_Help)
-    groups = {name: p.add_argument_group(name) for name in ("data", "model", "method", "loss", "optimization", "run")}
-    g = groups["data"]
-    g.add_argument("--data", required=True, help=f"dataset: {', '.join(data.DATASET_NAMES)}")
-    g.add_argument("--data-root", help="dataset directory (layouts: see data.py); not used by toy")
-    g.add_argument("--eval-root", help="labeled test images for --data folder: DIR/<class name>/... (without it a "
-                                        "folder run is not evaluated)")
-    g.add_argument("--classes", help="class names file for --data folder: UTF-8, one name per line, at least 2; "
-                                      "blank lines and lines starting with # are ignored")
-    g.add_argument("--templates", help="prompt templates file, one per line with one {} for the class name "
-                                        "(replaces the published ones); lines starting with # are ignored")
-    g.add_argument("--download", action="store_true", help="let torchvision fetch food101 / dtd / gtsrb / pets / "
-                                                           "caltech101 / sun397 into --data-root")
-    g = groups["model"]
-    g.add_argument("--model", help="CLIP name (ViT-B/16, ViT-L/14, ...) or checkpoint path [ViT-B/16; toy: its "
-                                   "pretrained tiny CLIP]")
-    g.add_argument("--download-root", help="where CLIP checkpoints are cached [~/.cache/clip]")
-    g.add_argument("--init", help="start from this MUST checkpoint's image tower (ImageNet warm-up, §4.4)")
-    g.add_argument("--freeze-classifier", action="store_true",
-                   help="keep the zero-shot classifier W fixed (the ImageNet warm-up of §4.4)")
-    for s in SETTINGS:
-        groups[s.group].add_argument("--" + s.name.replace("_", "-"), type=s.type, default=s.default, help=s.help)
-    g = groups["method"]
-    g.add_argument("--no-reg", action="store_true", help="ablation: drop L_reg (Table 7)")
-    g.add_argument("--no-mim", action="store_true", help="ablation: drop L_mim (Table 5)")
-    g.add_argument("--no-align", action="store_true", help="ablation: drop L_align (Table 5); with --no-mim the "
-                                                           "student sees unmasked images (self-training only)")
-    g = groups["optimization"]
-    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="mixed precision: auto = bf16 on GPUs that support it, fp32 on CPU; fp16 adds a GradScaler")
-    g.add_argument("--device", help="cuda, cuda:N or cpu [cuda if available]")
-    g.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher (the first "
-                                                          "steps are slow while it compiles)")
-    g = groups["run"]
-    g.add_argument("--out-dir", help="log, zero-shot head cache and checkpoint [out/<data>]")
-    g.add_argument("--resume", default="auto", help="checkpoint to resume; auto = out_dir/checkpoint.pt if it "
-                                                    "exists; none = start afresh")
-    return p.parse_args(argv)
-
-
-def check_flags(args):
-    """Every flag in its domain and every named file readable, before any work; one line for the first that is
-    not. Flags Table 10 fills later are valid by construction."""
-    for s in SETTINGS:
-        value = getattr(args, s.name)
-        if value is not None and not s.ok(value):
-            fail(f"--{s.name.replace('_', '-')} {value} is not allowed: it must be {s.domain}")
-    if args.data not in data.DATASET_NAMES:
-        fail(f"unknown dataset {args.data!r}; choose one of: {', '.join(data.DATASET_NAMES)}")
-    if not data.is_registered(args.data) and not args.download and (not args.data_root or not os.path.isdir(args.data_root)
-                                                     or not os.listdir(args.data_root)):
-        fail(f"data root {args.data_root!r} is missing or empty (give --data-root DIR)")
-    for flag, path in (("--init", args.init), ("--eval-root", args.eval_root)):
-        if path and not os.path.exists(path):
-            fail(f"{flag} {path} does not exist")
-    try:
-        if args.classes:
-            data.read_classnames(args.classes)
-        if args.templates:
-            data.read_templates(args.templates)
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e))
-    if args.global_batch is not None:
-        split_batch(args, int(os.environ.get("WORLD_SIZE", 1)))
-    args.out_dir = args.out_dir or os.path.join("out", args.data)
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-    except OSError as e:
-        fail(f"--out-dir {args.out_dir} cannot be created ({e.strerror})")
-    if not os.access(args.out_dir, os.W_OK):
-        fail(f"--out-dir {args.out_dir} is not writable")
-
-
-def model_key(name, visual):
-    """The model name Table 10 knows for a CLIP given by name or path (by its geometry), else the path."""
-    if name in clip_model.available_models():
-        return name
-    by_geometry = {geometry: known for known, geometry in data.MODEL_GEOMETRY.items()}
-    return by_geometry.get((visual.patch_size, visual.input_resolution, visual.width), name)
-
-
-def resolve_config(args, visual):
-    """Fill unset flags from Table 10 (data.hparams) and check the mask geometry against the model."""
-    hp = data.hparams(args.data, model_key(args.model, visual), visual.patch_size, visual.input_resolution)
-    hp["global_batch"] = hp.pop("batch_size")
-    for s in SETTINGS:
-        if getattr(args, s.name) is None and s.name in hp:
-            setattr(args, s.name, hp[s.name])
-    try:
-        masked = data.MaskGenerator(visual.input_resolution, args.mask_unit, visual.patch_size, args.mask_ratio)
-    except ValueError as e:
-        fail(f"{e} ({args.model}: {visual.input_resolution} px input, {visual.patch_size} px patches)")
-    units = masked.units_per_side ** 2
-    if not (args.no_mim and args.no_align) and masked.num_masked in (0, units):
-        what = "no" if masked.num_masked == 0 else "every"
-        fail(f"--mask-ratio {args.mask_ratio} masks {what} one of the {units} mask unit(s) of {args.mask_unit} px "
-             f"on the {visual.input_resolution} px input, so the MIM and alignment terms would be "
-             f"{'0' if what == 'no' else 'meaningless'}: change --mask-ratio, or --mask-unit (a multiple of "
-             f"{visual.patch_size} px that divides {visual.input_resolution}), or pass --no-mim --no-align")
-
-
-def split_batch(args, world_size):
-    """global batch -> (per-process batch, micro-batch per forward pass, accumulation steps)."""
-    if args.global_batch % world_size:
-        fail(f"global batch {args.global_batch} is not divisible by the {world_size} processes")
-    per_process = args.global_batch // world_size
-    if args.batch_size_per_gpu is not None and args.accum_steps is not None:
-        fail("give --batch-size-per-gpu or --accum-steps, not both")
-    accum = args.accum_steps or 1
-    if args.batch_size_per_gpu is not None:
-        if per_process % args.batch_size_per_gpu:
-            fail(f"per-process batch {per_process} is not divisible by --batch-size-per-gpu {args.batch_size_per_gpu}")
-        accum = per_process // args.batch_size_per_gpu
-    if per_process % accum:
-        fail(f"per-process batch {per_process} is not divisible into {accum} accumulation steps")
-    return per_process, per_process // accum, accum
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -303,103 +91,10 @@ def set_lr(optimizer, lr):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# data
-
-class SeededViews(Dataset):
-    """Draws each training image's random views and mask from a seed of (seed, epoch, index) alone, so the global
-    batch of a step is the same whatever the number of processes or workers, and a resumed run sees exactly the
-    views of an uninterrupted one (data.py's augmentations draw from torch's RNG only)."""
-
-    def __init__(self, dataset, seed):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        digest = hashlib.blake2b(f"{self.seed}/{self.epoch}/{index}".encode(), digest_size=8).digest()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int.from_bytes(digest, "little") & (2 ** 63 - 1))
-            return self.dataset[index]
-
-
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler (shuffled, drop_last) that can start inside an epoch: `start` samples of this rank's
-    share are skipped. With drop_last, step k of every rank covers global positions [k·B, (k+1)·B) of the
-    epoch's permutation, so the union over ranks is the one-process batch."""
-
-    start = 0
-
-    def __iter__(self):
-        return iter(list(super().__iter__())[self.start:])
-
-    def __len__(self):
-        return self.num_samples - self.start
-
-
-@torch.no_grad()
-def evaluate(models, loader, device, autocast, mean_per_class):
-    """Accuracy (%) of each model on the test loader, sharded over processes: eval.py's Counts, summed over them."""
-    counts = [Counts(m.num_classes) for m in models]
-    for m in models:
-        m.eval()
-    for images, target in loader:
-        images = images.to(device, non_blocking=True)
-        with autocast:
-            for c, m in zip(counts, models):
-                c.add(m(images).topk(min(5, m.num_classes), dim=1).indices.cpu().numpy(), target.numpy())
-    key = "mean_per_class" if mean_per_class else "top1"
-    return [c.all_reduce(device).metrics()[key] for c in counts]
-
-
-def report_unreadable(dataset, what, reported, device):
-    """Merge the unreadable-file flags of every process (data.ImageList.bad), warn once per new file on rank 0,
-    and return how many files are unreadable so far (0 for datasets that never fail, like the toy's)."""
-    if not hasattr(dataset, "bad"):
-        return 0
-    merged = all_reduce(dataset.bad.to(torch.int32), device, op=torch.distributed.ReduceOp.MAX)
-    dataset.bad.copy_(merged.to(torch.int8))
-    for index, path, why in dataset.bad_files():
-        if index not in reported:
-            reported.add(index)
-            if not is_distributed() or torch.distributed.get_rank() == 0:
-                tqdm.write(f"warning: skipped {what} image {path}: it {why}")
-    return len(reported)
-
-
-def report_listing(dataset, what):
-    """One line per reason for the entries the listing left out (links, non-files, duplicates)."""
-    by_reason = {}
-    for path, reason in getattr(dataset, "ignored", []):
-        by_reason.setdefault(reason, []).append(path)
-    for reason, paths in by_reason.items():
-        print(f"warning: {len(paths)} {what} entries not listed: {reason} (e.g. {paths[0]})")
-
-
-# ----------------------------------------------------------------------------------------------------------
 # checkpoints and the identity of a run
 
-def fingerprint(value):
-    """SHA-256 of a state dict's tensors (names, dtypes, shapes, bytes) or of a list of strings (in order)."""
-    h = hashlib.sha256()
-    if isinstance(value, dict):
-        for name in sorted(value):
-            t = value[name].detach().cpu().contiguous()
-            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    else:
-        h.update(json.dumps(list(value)).encode())
-    return h.hexdigest()
-
-
-_WHAT = {"model": "CLIP weights (--model)", "classes": "class list (names or their order)",
-         "templates": "prompt templates"}
-
-
 def load_checkpoint_for(path, args, fingerprints, resume):
-    """Read a train.py checkpoint and check by content that it belongs to these CLIP weights; when resuming also
-    to this dataset, class list, templates and RUN_DEFINING settings (continuing under others would silently make
-    a hybrid run). `--init` only needs the same CLIP."""
+    """Read a train.py checkpoint that config.check_same_run accepts for this run (resume) or its --init."""
     what = "resume checkpoint" if resume else "--init checkpoint"
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -407,19 +102,7 @@ def load_checkpoint_for(path, args, fingerprints, resume):
         fail(f"cannot read {what} {path} ({clip_model.load_error_detail(e)})")
     if not isinstance(ckpt, dict) or not {"student", "args", "fingerprints"} <= set(ckpt):
         fail(f"{path} is not a MUST checkpoint written by this train.py (no student weights or fingerprints)")
-    keys = ("model", "classes", "templates") if resume else ("model",)
-    differ = [_WHAT[k] for k in keys if ckpt["fingerprints"].get(k) != fingerprints[k]]
-    if differ:
-        fail(f"{what} {path} was made with other {' and other '.join(differ)}; give the same ones, or start anew "
-             f"with another --out-dir or --resume none")
-    theirs = ckpt["args"]
-    if resume and theirs.get("data") != args.data:
-        fail(f"{what} {path} was trained on dataset {theirs.get('data')!r}, not {args.data!r}")
-    changed = [f"--{k.replace('_', '-')} {theirs[k]} -> {getattr(args, k)}" for k in RUN_DEFINING
-               if resume and k in theirs and theirs[k] != getattr(args, k)]
-    if changed:
-        fail(f"{what} {path} was made with other settings ({'; '.join(changed)}); resume with the same flags, "
-             f"or start anew with another --out-dir or --resume none")
+    config.check_same_run(f"{what} {path}", ckpt["args"], ckpt["fingerprints"], args, fingerprints, resume)
     return ckpt
 
 
@@ -505,7 +188,7 @@ def train_step(run, parts):
             loss, terms = must.must_loss(
                 outputs, strong, mask, labels, confident, num_confident, a.global_batch,
                 reg_w if run.use_reg else None, patch_size=run.patch_size, use_mim=run.use_mim,
-                use_align=run.use_align, **{s.name: getattr(a, s.name) for s in SETTINGS if s.group == "loss"})
+                use_align=run.use_align, **{s.name: getattr(a, s.name) for s in config.SETTINGS if s.group == "loss"})
             run.scaler.scale(loss * run.world).backward()  # DDP averages over processes; the shares add up
         run.nonfinite += ~torch.isfinite(loss.detach())
         labeled = confident & (target >= 0)
@@ -599,10 +282,14 @@ def train_one_epoch(run, epoch):
 
 
 def run_eval(run, epoch):
-    if run.test_loader is None:
+    if run.test_set is None:
         return
-    student_acc, teacher_acc = evaluate([run.student, run.teacher], run.test_loader, run.device, run.autocast,
-                                        run.mean_per_class)
+    models = {"student": run.student, "teacher": run.teacher}
+    counts, _ = evaluate(models, [EvalSet("test", run.args.data, run.test_set, run.classnames, None)],
+                         {(0, name): None for name in models}, run.device, run.micro_batch, run.args.num_workers,
+                         run.amp_dtype)
+    key = "mean_per_class" if run.mean_per_class else "top1"
+    student_acc, teacher_acc = (counts[(0, name)].metrics()[key] for name in models)
     report_unreadable(run.test_set, "test", run.reported_test, run.device)
     run.evals.append({"epoch": epoch, "step": run.step, "student_acc": student_acc, "teacher_acc": teacher_acc})
     run.log({"type": "eval", **run.evals[-1]})
@@ -641,7 +328,7 @@ def train(run):
                   f"{run.ckpt_path}")
         if run.evals:
             print_table(run.evals, a.data, run.mean_per_class, "--init model" if a.init else "CLIP zero-shot")
-        elif run.test_loader is None:
+        elif run.test_set is None:
             print("not evaluated: --data folder without --eval-root")
     if why == "signal":
         signum = run.stop.signum or 15
@@ -677,7 +364,7 @@ def load_clip(args, rank):
             clip, _ = clip_model.load(args.model, device="cpu", download_root=args.download_root)
         except (FileNotFoundError, ValueError, RuntimeError) as e:
             fail(str(e))
-    resolve_config(args, clip.visual)
+    config.resolve_config(args, clip.visual)
     return clip
 
 
@@ -720,7 +407,7 @@ def build_student(args, clip, head):
 def build_run(args, rank, world, device, stop):
     """Everything a run holds, as one namespace: model, teacher, optimizer, data, schedule, paths."""
     clip = load_clip(args, rank)
-    per_process, micro_batch, accum = split_batch(args, world)
+    per_process, micro_batch, accum = config.split_batch(args, world)
     train_set, test_set = build_datasets(args, clip.visual, rank)
     fingerprints = {"model": fingerprint(clip.state_dict()), "classes": fingerprint(train_set.classnames),
                     "templates": fingerprint(train_set.templates)}
@@ -751,9 +438,6 @@ def build_run(args, rank, world, device, stop):
         min_lr=min_lr, evals=[], train_set=train_set, test_set=test_set, views=views,
         classnames=list(train_set.classnames),
         sampler=ResumableSampler(views, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True),
-        test_loader=None if test_set is None else DataLoader(
-            Subset(test_set, range(rank, len(test_set), world)), batch_size=micro_batch, num_workers=args.num_workers,
-            pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals),
         mean_per_class=args.data in data.MEAN_PER_CLASS, fingerprints=fingerprints, reported=set(), reported_test=set(),
         log_path=os.path.join(args.out_dir, "log.jsonl"))
     run.log = lambda record: _append_json(run.log_path, record) if rank == 0 else None
@@ -762,7 +446,7 @@ def build_run(args, rank, world, device, stop):
 
 def step_state(args, student, optimizer, device, steps_per_epoch, world=1, rank=0, stop=None, ckpt_path=""):
     """What train_step and check_health read, built in one place for the trainer, bench.py and the tests. args
-    needs conf_threshold, global_batch, the "loss" SETTINGS, amp, no_reg / no_mim / no_align and compile."""
+    needs conf_threshold, global_batch, the "loss" settings (config.SETTINGS), amp, no_reg / no_mim / no_align and compile."""
     amp_dtype, use_scaler = autocast_for(args.amp, device)
     state = SimpleNamespace(
         args=args, rank=rank, world=world, device=device, stop=stop or SimpleNamespace(signum=None),
@@ -811,8 +495,8 @@ def start(run):
 # ----------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    args = parse_args(argv)
-    check_flags(args)  # every flag, before any process group, model or data exists
+    args = config.parse_args(argv)
+    config.check_flags(args)  # every flag, before any process group, model or data exists
     rank, world, device = setup_distributed(args.device)
     lock = RunLock(args.out_dir) if rank == 0 else None
     try:

@@ -13,11 +13,13 @@ import torch
 from PIL import Image
 
 import clip_model
+import config
 import data
 import eval as ev
 import figures
 import must
 import prompts
+import runtime
 import train
 
 WNIDS = prompts.IMAGENET_WNIDS
@@ -59,7 +61,7 @@ def save_checkpoint(path, dataset, classnames, clip_path, data_root):
                 "args": {"data": dataset, "model": str(clip_path), "data_root": str(data_root), "mask_unit": 16,
                          "mask_ratio": 0.5},
                 "classnames": list(classnames),
-                "fingerprints": {"model": train.fingerprint(clip_model.load(str(clip_path))[0].state_dict())}}, path)
+                "fingerprints": {"model": runtime.fingerprint(clip_model.load(str(clip_path))[0].state_dict())}}, path)
     return path
 
 
@@ -351,7 +353,7 @@ def test_cli_errors_are_one_line(world, tmp_path):
 
 def test_every_flag_has_help():
     """--help explains every flag: a flag added without a help text fails here (argparse would list it bare)."""
-    for parser_of in (ev.parse_args, train.parse_args):
+    for parser_of in (ev.parse_args, config.parse_args):
         actions = []
         real = argparse.ArgumentParser.parse_args
         argparse.ArgumentParser.parse_args = lambda self, argv=None: actions.extend(self._actions)

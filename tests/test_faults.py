@@ -136,7 +136,7 @@ def deadline(seconds):
 # ----------------------------------------------------------------------------------------------- flags
 
 # (extra flags, exact fragment of the one-line error); "{tmp}", "{world}" and "{file}" (an existing file) are filled in.
-# Stage "flags": refused by train.check_flags / the device check, before any model, data or lock: the out-dir holds
+# Stage "flags": refused by config.check_flags / the device check, before any model, data or lock: the out-dir holds
 # nothing. Stage "setup": refused after the model is read (mask geometry, batch vs data): no log, no checkpoint.
 FLAG_ERRORS = [
     ("flags", ["--eval-freq", "0"], "--eval-freq 0 is not allowed: it must be at least 1"),
@@ -297,7 +297,7 @@ def test_comment_and_blank_lines_are_ignored_in_class_and_template_files(world, 
                     "--templates", str(tmp_path / "templates.txt"), "--max-steps", "1"))
     c = ckpt(out)
     assert c["classnames"] == CLASSES
-    assert c["fingerprints"]["templates"] == train.fingerprint(["a photo of a {}.", "a {} on a table."])
+    assert c["fingerprints"]["templates"] == runtime.fingerprint(["a photo of a {}.", "a {} on a table."])
 
 
 # ------------------------------------------------------------------------------------- bad image files
@@ -1048,8 +1048,8 @@ def test_eval_py_skips_unreadable_files_and_reports_them(workers, world, tmp_pat
                       "--model", str(world / "tiny.pt"), "--device", "cpu", "--batch-size", "4", "--num-workers",
                       workers, "--out-dir", str(tmp_path / "eval")])
     printed = capsys.readouterr().out
-    assert printed.count(f"warning: folder: skipped {bad}: it {UNDECODABLE}\n") == 1
-    assert f"warning: folder: 1 entries not listed (e.g. {link}: {DANGLING})\n" in printed
+    assert printed.count(f"warning: skipped folder image {bad}: it {UNDECODABLE}\n") == 1
+    assert f"warning: 1 folder entries not listed: {DANGLING} (e.g. {link})\n" in printed
     r = report["results"]["folder"]
     assert (r["images"], r["unreadable"], r["not_listed"]) == (5, 1, 1)
     with open(tmp_path / "eval" / "eval-folder.json") as f:
@@ -1070,7 +1070,7 @@ def test_eval_py_scores_nothing_when_no_image_is_readable(world, tmp_path, capsy
     r = report["results"]["folder"]
     assert (r["images"], r["unreadable"], r["not_listed"]) == (0, 2, 0)
     assert r["models"]["clip"] == {"top1": None, "top5": None, "mean_per_class": None}
-    assert capsys.readouterr().out.count("warning: folder: skipped ") == 2
+    assert capsys.readouterr().out.count("warning: skipped folder image ") == 2
 
 
 def test_unreadable_files_are_warned_once_across_resumes(world, tmp_path, capsys):

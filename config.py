@@ -1,0 +1,231 @@
+"""The configuration of a MUST run: every setting in one table (SETTINGS), the command line built from it,
+checked before any work (check_flags), and filled from the paper's Table 10 (data.hparams) for the dataset and
+model of the run (resolve_config); check_same_run says whether a checkpoint was made by the same run.
+
+A hyperparameter is added in one place, a SETTINGS row: from there it becomes a flag in its --help group, is
+checked against its domain, takes Table 10's value when the flag is not given and the table has one, reaches
+must.must_loss when its group is "loss", and, when it decides the weights (defines), must be the same to resume.
+"""
+import argparse
+import math
+import os
+from collections import namedtuple
+
+import clip_model
+import data
+import toy  # noqa: F401 -- registers --data toy, the offline demo world
+from runtime import fail
+
+Setting = namedtuple("Setting", "name type default ok domain group defines help")
+_ANY = (lambda v: True, "")
+_AT_LEAST_1, _AT_LEAST_0 = (lambda v: v >= 1, "at least 1"), (lambda v: 0 <= v < math.inf, "0 or more")
+_UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
+def _s(name, type, default, domain, group, help, defines=True):
+    return Setting(name, type, default, *domain, group, defines, help)
+
+
+SETTINGS = [
+    _s("conf_threshold", float, None, (lambda v: 0 <= v < 1, "in [0, 1) (a softmax never exceeds 1)"), "method",
+       "τ: pseudo-label confidence threshold (eq. 2) [Table 10]"),
+    _s("lambda_reg", float, None, _AT_LEAST_0, "loss", "λ_reg: weight of the fairness regularization (eq. 3, 6) "
+       "[Table 10]"),
+    _s("lambda_align", float, None, _AT_LEAST_0, "loss", "λ_align: weight of the global-local alignment (eq. 5, 6) "
+       "[Table 10]"),
+    _s("align_k", int, None, _AT_LEAST_1, "loss", "align [CLS] only with the k nearest [MSK] tokens (Table 6) [all]"),
+    _s("mask_unit", int, None, (lambda v: v >= 1, "at least 1 px"), "method",
+       "s: side in px of the square units masked together (§3.2) [Table 10]"),
+    _s("mask_ratio", float, None, _UNIT, "method", "share of mask units replaced by [MSK], rounded up (§3.2) "
+       "[Table 10]"),
+    _s("ema_mu0", float, None, _UNIT, "method", "µ0: initial EMA decay of the teacher (eq. 1) [Table 10]"),
+    _s("ema_mu_n", int, None, _AT_LEAST_0, "method", "µn: iterations over which µ ramps linearly from µ0 to 0.9998 "
+       "[Table 10]"),
+    _s("strong_view", str, None, (lambda v: v in data.STRONG_VIEWS, f"one of {', '.join(data.STRONG_VIEWS)}"),
+       "method", "the student's augmentation: paper = RandomResizedCrop 0.3-1 + flip + RandAugment (224 px photos); "
+       "light = 10%% translation + flip + brightness/contrast (small images) [paper; toy: light]"),
+    _s("base_lr", float, None, (lambda v: 0 < v < math.inf, "a positive number"), "optimization",
+       "base_lr; lr = base_lr × global_batch / 256 [Table 10]"),
+    _s("base_min_lr", float, 1e-6, _AT_LEAST_0, "optimization", "end of the cosine: min_lr = base_min_lr × "
+       "global_batch / 256"),
+    _s("epochs", int, None, _AT_LEAST_1, "optimization", "training epochs [Table 10]"),
+    _s("global_batch", int, None, _AT_LEAST_1, "optimization", "images per optimizer step over all processes "
+       "[Table 10: 1024 ViT-B, 512 ViT-L]"),
+    _s("weight_decay", float, 0.05, _AT_LEAST_0, "optimization", "AdamW weight decay (none on 1-D params but [MSK])"),
+    _s("layer_decay", float, 0.65, (lambda v: 0 < v <= 1, "in (0, 1]"), "optimization",
+       "layer-wise lr decay: scale layer_decay^(L+1-i) for layer i"),
+    _s("seed", int, 0, _ANY, "optimization", "random seed (augmentations depend only on seed, epoch and image index)"),
+    _s("batch_size_per_gpu", int, None, _AT_LEAST_1, "optimization", "images per forward pass per process; "
+       "gradients are accumulated exactly up to the global batch (eq. 2-3 over the global batch) "
+       "[global/processes]", defines=False),
+    _s("accum_steps", int, None, _AT_LEAST_1, "optimization", "gradient accumulation steps (alternative to "
+       "--batch-size-per-gpu) [1]", defines=False),
+    _s("num_workers", int, min(8, os.cpu_count() or 1), _AT_LEAST_0, "data", "data loader processes per GPU "
+       "[min(8, CPU cores)]", defines=False),
+    _s("eval_freq", int, None, _AT_LEAST_1, "run", "evaluate student and teacher every this many epochs [Table 10]",
+       defines=False),
+    _s("log_freq", int, 10, _AT_LEAST_1, "run", "log every this many optimizer steps", defines=False),
+    _s("save_freq", int, 0, (lambda v: v >= 0, "0 (off) or more"), "run", "also checkpoint every this many steps (0: at epoch ends only)",
+       defines=False),
+    _s("max_steps", int, None, _AT_LEAST_0, "run", "stop (with a checkpoint) after this many optimizer steps in "
+       "total; the lr schedule still spans --epochs", defines=False),
+]
+# the switches that decide the weights besides SETTINGS; the CLIP, classes and templates are compared by content
+RUN_DEFINING = tuple(s.name for s in SETTINGS if s.defines) + ("freeze_classifier", "no_reg", "no_mim", "no_align")
+
+
+class _Help(argparse.HelpFormatter):
+    """Show a flag's default only when it has one (unset Table 10 flags say so in their help)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return action.help
+        return action.help + " (default: %(default)s)"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="MUST: unsupervised adaptation of a CLIP zero-shot classifier on unlabeled images. "
+                    "Flags marked [Table 10] default to the paper's value for (--data, --model). The classifier's "
+                    "logit scale s is the CLIP checkpoint's own exp(logit_scale) (100 for OpenAI's CLIPs).",
+        formatter_class=_Help)
+    groups = {name: p.add_argument_group(name) for name in ("data", "model", "method", "loss", "optimization", "run")}
+    g = groups["data"]
+    g.add_argument("--data", required=True, help=f"dataset: {', '.join(data.DATASET_NAMES)}")
+    g.add_argument("--data-root", help="dataset directory (layouts: see data.py); not used by toy")
+    g.add_argument("--eval-root", help="labeled test images for --data folder: DIR/<class name>/... (without it a "
+                                        "folder run is not evaluated)")
+    g.add_argument("--classes", help="class names file for --data folder: UTF-8, one name per line, at least 2; "
+                                      "blank lines and lines starting with # are ignored")
+    g.add_argument("--templates", help="prompt templates file, one per line with one {} for the class name "
+                                        "(replaces the published ones); lines starting with # are ignored")
+    g.add_argument("--download", action="store_true", help="let torchvision fetch food101 / dtd / gtsrb / pets / "
+                                                           "caltech101 / sun397 into --data-root")
+    g = groups["model"]
+    g.add_argument("--model", help="CLIP name (ViT-B/16, ViT-L/14, ...) or checkpoint path [ViT-B/16; toy: its "
+                                   "pretrained tiny CLIP]")
+    g.add_argument("--download-root", help="where CLIP checkpoints are cached [~/.cache/clip]")
+    g.add_argument("--init", help="start from this MUST checkpoint's image tower (ImageNet warm-up, §4.4)")
+    g.add_argument("--freeze-classifier", action="store_true",
+                   help="keep the zero-shot classifier W fixed (the ImageNet warm-up of §4.4)")
+    for s in SETTINGS:
+        groups[s.group].add_argument("--" + s.name.replace("_", "-"), type=s.type, default=s.default, help=s.help)
+    g = groups["method"]
+    g.add_argument("--no-reg", action="store_true", help="ablation: drop L_reg (Table 7)")
+    g.add_argument("--no-mim", action="store_true", help="ablation: drop L_mim (Table 5)")
+    g.add_argument("--no-align", action="store_true", help="ablation: drop L_align (Table 5); with --no-mim the "
+                                                           "student sees unmasked images (self-training only)")
+    g = groups["optimization"]
+    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="mixed precision: auto = bf16 on GPUs that support it, fp32 on CPU; fp16 adds a GradScaler")
+    g.add_argument("--device", help="cuda, cuda:N or cpu [cuda if available]")
+    g.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher (the first "
+                                                          "steps are slow while it compiles)")
+    g = groups["run"]
+    g.add_argument("--out-dir", help="log, zero-shot head cache and checkpoint [out/<data>]")
+    g.add_argument("--resume", default="auto", help="checkpoint to resume; auto = out_dir/checkpoint.pt if it "
+                                                    "exists; none = start afresh")
+    return p.parse_args(argv)
+
+
+def check_flags(args):
+    """Every flag in its domain and every named file readable, before any work; one line for the first that is
+    not. Flags Table 10 fills later are valid by construction."""
+    for s in SETTINGS:
+        value = getattr(args, s.name)
+        if value is not None and not s.ok(value):
+            fail(f"--{s.name.replace('_', '-')} {value} is not allowed: it must be {s.domain}")
+    if args.data not in data.DATASET_NAMES:
+        fail(f"unknown dataset {args.data!r}; choose one of: {', '.join(data.DATASET_NAMES)}")
+    if not data.is_registered(args.data) and not args.download and (not args.data_root or not os.path.isdir(args.data_root)
+                                                     or not os.listdir(args.data_root)):
+        fail(f"data root {args.data_root!r} is missing or empty (give --data-root DIR)")
+    for flag, path in (("--init", args.init), ("--eval-root", args.eval_root)):
+        if path and not os.path.exists(path):
+            fail(f"{flag} {path} does not exist")
+    try:
+        if args.classes:
+            data.read_classnames(args.classes)
+        if args.templates:
+            data.read_templates(args.templates)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    if args.global_batch is not None:
+        split_batch(args, int(os.environ.get("WORLD_SIZE", 1)))
+    args.out_dir = args.out_dir or os.path.join("out", args.data)
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:
+        fail(f"--out-dir {args.out_dir} cannot be created ({e.strerror})")
+    if not os.access(args.out_dir, os.W_OK):
+        fail(f"--out-dir {args.out_dir} is not writable")
+
+
+def model_key(name, visual):
+    """The model name Table 10 knows for a CLIP given by name or path (by its geometry), else the path."""
+    if name in clip_model.available_models():
+        return name
+    by_geometry = {geometry: known for known, geometry in data.MODEL_GEOMETRY.items()}
+    return by_geometry.get((visual.patch_size, visual.input_resolution, visual.width), name)
+
+
+def resolve_config(args, visual):
+    """Fill unset flags from Table 10 (data.hparams) and check the mask geometry against the model."""
+    hp = data.hparams(args.data, model_key(args.model, visual), visual.patch_size, visual.input_resolution)
+    hp["global_batch"] = hp.pop("batch_size")
+    for s in SETTINGS:
+        if getattr(args, s.name) is None and s.name in hp:
+            setattr(args, s.name, hp[s.name])
+    try:
+        masked = data.MaskGenerator(visual.input_resolution, args.mask_unit, visual.patch_size, args.mask_ratio)
+    except ValueError as e:
+        fail(f"{e} ({args.model}: {visual.input_resolution} px input, {visual.patch_size} px patches)")
+    units = masked.units_per_side ** 2
+    if not (args.no_mim and args.no_align) and masked.num_masked in (0, units):
+        what = "no" if masked.num_masked == 0 else "every"
+        fail(f"--mask-ratio {args.mask_ratio} masks {what} one of the {units} mask unit(s) of {args.mask_unit} px "
+             f"on the {visual.input_resolution} px input, so the MIM and alignment terms would be "
+             f"{'0' if what == 'no' else 'meaningless'}: change --mask-ratio, or --mask-unit (a multiple of "
+             f"{visual.patch_size} px that divides {visual.input_resolution}), or pass --no-mim --no-align")
+
+
+def split_batch(args, world_size):
+    """global batch -> (per-process batch, micro-batch per forward pass, accumulation steps)."""
+    if args.global_batch % world_size:
+        fail(f"global batch {args.global_batch} is not divisible by the {world_size} processes")
+    per_process = args.global_batch // world_size
+    if args.batch_size_per_gpu is not None and args.accum_steps is not None:
+        fail("give --batch-size-per-gpu or --accum-steps, not both")
+    accum = args.accum_steps or 1
+    if args.batch_size_per_gpu is not None:
+        if per_process % args.batch_size_per_gpu:
+            fail(f"per-process batch {per_process} is not divisible by --batch-size-per-gpu {args.batch_size_per_gpu}")
+        accum = per_process // args.batch_size_per_gpu
+    if per_process % accum:
+        fail(f"per-process batch {per_process} is not divisible into {accum} accumulation steps")
+    return per_process, per_process // accum, accum
+
+
+
+_WHAT = {"model": "CLIP weights (--model)", "classes": "class list (names or their order)",
+         "templates": "prompt templates"}
+
+
+def check_same_run(what, theirs, their_fingerprints, args, fingerprints, resume):
+    """A checkpoint's run (its flags and content fingerprints) against this one: --init needs the same CLIP weights;
+    resuming also needs the same dataset, class list, templates and RUN_DEFINING settings (continuing under others
+    would silently make a hybrid run). One line saying what differs."""
+    keys = ("model", "classes", "templates") if resume else ("model",)
+    differ = [_WHAT[k] for k in keys if their_fingerprints.get(k) != fingerprints[k]]
+    if differ:
+        fail(f"{what} was made with other {' and other '.join(differ)}; give the same ones, or start anew with "
+             f"another --out-dir or --resume none")
+    if not resume:
+        return
+    if theirs.get("data") != args.data:
+        fail(f"{what} was trained on dataset {theirs.get('data')!r}, not {args.data!r}")
+    changed = [f"--{k.replace('_', '-')} {theirs[k]} -> {getattr(args, k)}" for k in RUN_DEFINING
+               if k in theirs and theirs[k] != getattr(args, k)]
+    if changed:
+        fail(f"{what} was made with other settings ({'; '.join(changed)}); resume with the same flags, or start "
+             f"anew with another --out-dir or --resume none")
