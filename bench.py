@@ -5,15 +5,14 @@
     python bench.py --model ViT-S/16 --batch 16 --device cpu --amp fp32
     python bench.py --pipeline --model ViT-B/16 --workers 8 --step-images-per-s 900
 
-Step mode times train.train_step (teacher forward on the weak views, masked student forward + backward of every
-accumulation micro-batch, the extra no-grad student forward that exact accumulation needs for eq. 3's p̄, AdamW
-over train.param_groups) plus must.ema_update: all of an optimizer step but the data loader. The weights are random
-(architectures by name, nothing is downloaded; --model PATH loads a CLIP checkpoint), the head a random
-(embed_dim, K) matrix, the inputs random tensors made once and kept on the device, the masks from
-data.MaskGenerator with Table 10's ImageNet settings (mask unit 32 px snapped for the model, ratio 0.3; the toy
-world's for --model tiny), and τ = 0 makes every sample confident. Printed: images/s, ms per step, achieved
-TFLOP/s from the analytic count below, utilization of a known peak (or --peak-tflops), and peak memory
-(torch.cuda.max_memory_allocated on a GPU; on CPU the process's max RSS, Python and torch included).
+Step mode times train.train_step plus must.ema_update: all of an optimizer step (the passes counted below, and
+AdamW over train.param_groups) but the data loader. The weights are random (architectures by name, nothing is
+downloaded; --model PATH loads a CLIP checkpoint), the head a random (embed_dim, K) matrix, the inputs random
+tensors made once and kept on the device, the masks from data.MaskGenerator with Table 10's ImageNet settings
+(mask unit 32 px snapped for the model, ratio 0.3; the toy world's for --model tiny), and τ = 0 makes every
+sample confident. Printed: images/s, ms per step, achieved TFLOP/s from the analytic count below, utilization of
+a known peak (or --peak-tflops), and peak memory (torch.cuda.max_memory_allocated on a GPU; on CPU the process's
+max RSS, Python and torch included).
 
 Pipeline mode (--pipeline) times data.TrainTransform (decode + weak view + the paper's strong view with
 RandAugment + mask) on generated photo-sized JPEGs, on one core in this process and with --workers DataLoader
@@ -89,28 +88,27 @@ def train_flops_per_image(size, patch, width, layers, embed_dim, num_classes, ac
 
 
 def build_tower(args):
-    """-> (VisionTransformer with random weights or a checkpoint's, description)."""
+    """-> (VisionTransformer with random weights or a checkpoint's, description, Table 10's ImageNet settings for it
+    (the toy world's for --model tiny), its data.MaskGenerator)."""
     if args.model in SHAPES:
-        size, patch, width, layers, embed = SHAPES[args.model]
-        size, patch, width = args.size or size, args.patch or patch, args.width or width
-        layers, embed = args.layers or layers, args.embed or embed
-        if size % patch:
-            fail(f"--size {size} is not a multiple of the patch size {patch}")
         torch.manual_seed(0)
-        visual = clip_model.VisionTransformer(size, patch, width, layers, embed)
+        visual = clip_model.VisionTransformer(*SHAPES[args.model])
         visual.transformer.init_weights()  # CLIP's init (the constructor leaves the blocks' weights empty)
-        return visual, f"{args.model} (random weights)"
-    try:
-        clip, _ = clip_model.load(args.model)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        fail(str(e))
-    return clip.visual, args.model
-
-
-def make_run(visual, args, device):
-    """The namespace train.train_step reads (see train.build_run), one process, Table 10's ImageNet losses."""
+        what = f"{args.model} (random weights)"
+    else:
+        try:
+            visual, what = clip_model.load(args.model)[0].visual, args.model
+        except (FileNotFoundError, ValueError, RuntimeError) as e:
+            fail(str(e))
     hp = data.hparams("toy" if args.model == "tiny" else "imagenet", train.model_key(args.model, visual),
                       visual.patch_size, visual.input_resolution)
+    gen = data.MaskGenerator(visual.input_resolution, hp["mask_unit"], visual.patch_size, hp["mask_ratio"])
+    return visual, what, hp, gen
+
+
+def make_run(args, device):
+    """-> (the state train.train_step reads, for one process; its accumulation micro-batches; the description)."""
+    visual, what, hp, gen = build_tower(args)
     torch.manual_seed(0)
     head = torch.nn.functional.normalize(torch.randn(visual.output_dim, args.classes), dim=0)  # unit, as CLIP's
     # random unit vectors have cosines of std 1/√D: CLIP's s = 100 gives logits of std ≈ 5 from D ≈ 400 on, but at
@@ -122,42 +120,11 @@ def make_run(visual, args, device):
                                no_mim=False, no_align=False, compile=args.compile)
     optimizer = train.make_optimizer(student, 0.05, 0.65, hp["base_lr"] * args.batch / 256, device)
     run = train.step_state(run_args, student, optimizer, device, steps_per_epoch=10 ** 9)
-    gen = data.MaskGenerator(visual.input_resolution, hp["mask_unit"], visual.patch_size, hp["mask_ratio"])
     micro, size = args.batch // args.accum, visual.input_resolution
     parts = [((torch.randn(micro, 3, size, size, device=device), torch.randn(micro, 3, size, size, device=device),
                torch.stack([gen() for _ in range(micro)]).to(device)), torch.full((micro,), -1, device=device))
              for _ in range(args.accum)]
-    return run, parts
-
-
-def time_steps(run, parts, warmup, steps):
-    """-> (seconds of the warm-up, wall seconds of each timed step, this process's CPU seconds over them). Every
-    step ends synchronized: train_step itself never waits for the device, so on a GPU the clock is read after
-    torch.cuda.synchronize (CPU kernels are synchronous)."""
-    def step():
-        train.train_step(run, parts)
-        must.ema_update(run.teacher, run.student, 0.999)  # eq. 1 is part of every optimizer step
-        run.step += 1
-        if run.device.type == "cuda":
-            torch.cuda.synchronize(run.device)
-
-    tic = time.perf_counter()
-    for _ in range(warmup):  # first steps: allocator, kernel autotuning, compilation
-        step()
-    warmup_s = time.perf_counter() - tic
-    times, cpu = [], time.process_time()
-    for _ in range(steps):
-        tic = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - tic)
-    return warmup_s, times, time.process_time() - cpu
-
-
-def peak_memory(device):
-    """-> (GiB, what it is)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30, "torch.cuda.max_memory_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "process max RSS"  # Linux reports KiB
+    return run, parts, what
 
 
 def bench_step(args):
@@ -169,20 +136,33 @@ def bench_step(args):
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    visual, what = build_tower(args)
-    run, parts = make_run(visual, args, device)
+    run, parts, what = make_run(args, device)
     v = run.student.visual
     size, patch, width, layers = v.input_resolution, v.patch_size, v.width, len(v.transformer.resblocks)
     flops = train_flops_per_image(size, patch, width, layers, v.output_dim, args.classes, args.accum)
-    warmup_s, times, cpu_s = time_steps(run, parts, args.warmup, args.steps)
+    wall, cpu = [], []  # seconds of each step; the first --warmup: allocator, kernel autotuning, compilation
+    for _ in range(args.warmup + args.steps):
+        tic, cpu_tic = time.perf_counter(), time.process_time()
+        train.train_step(run, parts)
+        must.ema_update(run.teacher, run.student, 0.999)  # eq. 1 is part of every optimizer step
+        run.step += 1
+        if device.type == "cuda":  # train_step never waits for the device: the clock is read once it is done
+            torch.cuda.synchronize(device)
+        wall.append(time.perf_counter() - tic)
+        cpu.append(time.process_time() - cpu_tic)  # this process's, all threads
+    warmup_s, times = sum(wall[:args.warmup]), wall[args.warmup:]
     seconds = sum(times) / len(times)
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    if device.type == "cuda":
+        gpu, memory_kind = torch.cuda.get_device_name(device), "torch.cuda.max_memory_allocated"
+        memory = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    else:
+        gpu, memory_kind = None, "process max RSS"
+        memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
     peak = args.peak_tflops or next((p for key, p in PEAK_TFLOPS if gpu and key in gpu), None)
-    memory, memory_kind = peak_memory(device)
     tflops = flops[0] * args.batch / seconds / 1e12
     res = {"images_per_s": args.batch / seconds, "ms_per_step": 1e3 * seconds, "tflops": tflops,
            "utilization": tflops / peak if peak else None, "peak_memory_gib": memory, "warmup_s": warmup_s,
-           "gflop_per_image": flops[0] / 1e9, "cpu_s_per_step": cpu_s / args.steps}
+           "gflop_per_image": flops[0] / 1e9, "cpu_s_per_step": sum(cpu[args.warmup:]) / args.steps}
     where = f"{device} {gpu}" if gpu else f"{device}, {torch.get_num_threads()} threads"
     print(f"model          {what}: {size} px, patch {patch}, width {width}, {layers} layers, "
           f"{v.transformer.resblocks[0].attn.heads} heads, embed {v.output_dim}, {args.classes} classes")
@@ -222,46 +202,34 @@ def make_jpegs(folder, count, width, height, seed=0):
     return paths
 
 
-def images_per_s_one_core(dataset, count):
-    """The transform in this process on one thread (the setting of a DataLoader worker). -> (images per wall
-    second, images per CPU second: the cost of an image on a core, whatever else the machine runs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        dataset[0]  # first call: lazy imports and allocations
-        tic, cpu = time.perf_counter(), time.process_time()
-        for i in range(count):
-            dataset[i]
-        return count / (time.perf_counter() - tic), count / (time.process_time() - cpu)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def images_per_s_loader(dataset, workers, batch_size):
-    """Through a DataLoader with `workers` processes, timed from the first batch on (worker start-up left out)."""
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    batches = iter(loader)
-    next(batches)
-    tic, seen = time.perf_counter(), 0
-    for (weak, _, _), _ in batches:
-        seen += len(weak)
-    return seen / (time.perf_counter() - tic) if seen else float("nan")
-
-
 def bench_pipeline(args):
     """Decode + weak view + strong view + mask per image: on one core, with --workers, and the cores a step needs."""
-    visual, what = build_tower(args)
-    size, patch = visual.input_resolution, visual.patch_size
-    hp = data.hparams("toy" if args.model == "tiny" else "imagenet", train.model_key(args.model, visual), patch, size)
-    transform = data.TrainTransform(size, data.MaskGenerator(size, hp["mask_unit"], patch, hp["mask_ratio"]), "paper")
+    visual, what, hp, gen = build_tower(args)
+    size = visual.input_resolution
     width, height = (int(v) for v in args.jpeg_size.lower().split("x"))
     with tempfile.TemporaryDirectory() as folder:
         paths = make_jpegs(folder, args.jpeg_count, width, height)
         kib = sum(os.path.getsize(p) for p in paths) / len(paths) / 1024
-        dataset = data.ImageList([(paths[i % len(paths)], -1) for i in range(args.images)], [], [], transform)
+        dataset = data.ImageList([(paths[i % len(paths)], -1) for i in range(args.images)], [], [],
+                                 data.TrainTransform(size, gen, "paper"))
         torch.manual_seed(0)
-        wall, one_core = images_per_s_one_core(dataset, args.images)
-        loader = images_per_s_loader(dataset, args.workers, args.loader_batch) if args.workers else None
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # in this process on one thread, as in a DataLoader worker
+        dataset[0]  # first call: lazy imports and allocations
+        tic, cpu = time.perf_counter(), time.process_time()
+        for i in range(args.images):
+            dataset[i]
+        wall = args.images / (time.perf_counter() - tic)
+        one_core = args.images / (time.process_time() - cpu)  # the cost of an image on a core, whatever else runs
+        torch.set_num_threads(threads)
+        loader = None
+        if args.workers:  # timed from the first batch on (worker start-up left out)
+            batches = iter(DataLoader(dataset, batch_size=args.loader_batch, num_workers=args.workers))
+            next(batches)
+            tic, seen = time.perf_counter(), 0
+            for (weak, _, _), _ in batches:
+                seen += len(weak)
+            loader = seen / (time.perf_counter() - tic) if seen else float("nan")
     print(f"pipeline       {what}: {size} px views, paper strong view (RandAugment), mask unit {hp['mask_unit']}, "
           f"{args.images} images from {len(paths)} JPEGs of {width}x{height} ({kib:.0f} KiB on average, page-cached)")
     print(f"one core       {one_core:.1f} images per CPU second ({wall:.1f} per wall second)")
@@ -274,8 +242,8 @@ def bench_pipeline(args):
         step = bench_step(args)["images_per_s"]
     cores = step / one_core
     print(f"cores/GPU      {cores:.3g} to feed {step:.4g} images/s (at the one-core rate per CPU second)")
-    return {"one_core_images_per_s": one_core, "one_core_wall_images_per_s": wall, "loader_images_per_s": loader, "step_images_per_s": step,
-            "cores_per_gpu": cores, "jpeg_kib": kib}
+    return {"one_core_images_per_s": one_core, "one_core_wall_images_per_s": wall, "loader_images_per_s": loader,
+            "step_images_per_s": step, "cores_per_gpu": cores, "jpeg_kib": kib}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -285,11 +253,6 @@ def parse_args(argv=None):
                                             "its data pipeline). See the docstring of bench.py.")
     p.add_argument("--model", default="ViT-B/16", help=f"{', '.join(SHAPES)} (random weights) or a CLIP "
                                                        "checkpoint path (default: %(default)s)")
-    p.add_argument("--size", type=int, help="override the named shape's input px")
-    p.add_argument("--patch", type=int, help="override its patch size")
-    p.add_argument("--width", type=int, help="override its width (heads = width // 64)")
-    p.add_argument("--layers", type=int, help="override its number of blocks")
-    p.add_argument("--embed", type=int, help="override its embedding dimension")
     p.add_argument("--classes", type=int, default=1000, help="K, the classifier's classes (default: %(default)s)")
     p.add_argument("--batch", type=int, default=128, help="images per optimizer step (default: %(default)s)")
     p.add_argument("--accum", type=int, default=1, help="exact accumulation micro-batches (default: %(default)s)")

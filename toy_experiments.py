@@ -21,38 +21,54 @@ import must
 import prompts
 import toy
 import train
+from runtime import fail
 
 # ----------------------------------------------------------------------------------------------
 # Measurements: why adaptation helps (or not)
 
 
+def load(path, which="teacher"):
+    """-> (MUSTModel in eval mode, whether it is a train.py checkpoint): that checkpoint's `which` weights, or a CLIP
+    with the toy world's zero-shot head as its classifier, as train.py starts from it."""
+    if "student" in torch.load(path, map_location="cpu", weights_only=True, mmap=True):  # no optimizer read
+        return must.load_checkpoint(path, which)[0], True
+    clip, _ = clip_model.load(path)
+    head = prompts.zero_shot_head(clip, toy.SHAPES, toy.TEMPLATES)
+    return must.MUSTModel(clip.visual, head, clip.logit_scale.exp().item()).eval(), False
+
+
 @torch.no_grad()
-def image_features(visual, images, batch_size=500):
-    """L2-normalized image embeddings (n, D) of uint8 images."""
-    out = [F.normalize(visual(toy.to_tensor(images[i:i + batch_size])), dim=-1)
-           for i in range(0, len(images), batch_size)]
-    return torch.cat(out)
+def embed(model, images, masks=None, batch_size=500):
+    """-> (L2-normalized image embeddings (n, D), logits (n, K)) of a MUSTModel on uint8 images; on masked views
+    (the student's input in training, with its own [MSK]) where masks (n, N) is True."""
+    v = torch.cat([model.visual.forward_must(toy.to_tensor(images[i:i + batch_size]),
+                                             None if masks is None else masks[i:i + batch_size])[0]
+                   for i in range(0, len(images), batch_size)])
+    return v, model.classify(v)
 
 
-def probe(visual, head, logit_scale, n_train=5000, taus=(0.5, 0.7, 0.9)):
-    """Accuracy of the classifier `head` (the zero-shot head for a CLIP, the trained W for a MUST checkpoint)
-    on source and target, and how much the target features know with labels.
+def accuracy(model, images, labels):
+    """Top-1 (%) of a MUSTModel on labeled uint8 images."""
+    return _acc(embed(model, images)[1].argmax(1), labels)
+
+
+def probe(path, which="teacher", mask_ratio=None, n_train=5000, taus=(0.5, 0.7, 0.9)):
+    """Accuracy of the classifier (the zero-shot head of a CLIP, the trained W of a train.py checkpoint's `which`
+    weights) on source and target, and how much the target features know with labels.
 
     kNN (k=10, cosine) and a linear probe are fit on labeled target-train features and scored on the
     target test split: they bound what adapting the classifier alone could reach. Confidence stats say
-    how many pseudo-labels a threshold τ would pass, and how accurate those are."""
-    visual = visual.eval()
-    r = {}
-    xs, ys = toy.render_split("source", 2000)
-    r["head_source"] = _acc((image_features(visual, xs) @ head).argmax(1), ys)
+    how many pseudo-labels a threshold τ would pass, and how accurate those are. A train.py checkpoint is also
+    scored on masked test views (toy.HPARAMS' mask unit, mask_ratio or toy.HPARAMS', one fixed draw of masks)."""
+    model, trained = load(path, which)
+    r = {"head_source": accuracy(model, *toy.render_split("source", 2000))}
     xtr, ytr = toy.render_split("train", min(n_train, toy.SPLIT_SIZES["train"]))
     xte, yte = toy.render_split("test")
     ytr, yte = torch.from_numpy(ytr), torch.from_numpy(yte)
-    ftr, fte = image_features(visual, xtr), image_features(visual, xte)
-    prob = (logit_scale * fte @ head).softmax(1)
-    conf, pred = prob.max(1)
+    (ftr, _), (fte, logits) = embed(model, xtr), embed(model, xte)
+    conf, pred = logits.softmax(1).max(1)
     r["head_target"] = _acc(pred, yte)
-    r["predicted_class_share"] = _shares(pred, head.shape[1])
+    r["predicted_class_share"] = _shares(pred)
     for tau in taus:
         m = conf > tau
         r[f"pass_{tau}"] = m.float().mean().item() * 100
@@ -60,14 +76,20 @@ def probe(visual, head, logit_scale, n_train=5000, taus=(0.5, 0.7, 0.9)):
     nn_idx = (fte @ ftr.T).topk(10, dim=1).indices
     r["knn10_target"] = _acc(torch.mode(ytr[nn_idx], dim=1).values, yte)
     torch.manual_seed(0)
-    linear = torch.nn.Linear(ftr.shape[1], head.shape[1])
+    linear = torch.nn.Linear(ftr.shape[1], model.num_classes)
     opt = torch.optim.Adam(linear.parameters(), lr=1e-2)
     for _ in range(300):
-        loss = F.cross_entropy(linear(ftr * logit_scale), ytr)
+        loss = F.cross_entropy(linear(ftr * model.logit_scale), ytr)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    r["linear_probe_target"] = _acc(linear(fte * logit_scale).argmax(1), yte)
+    r["linear_probe_target"] = _acc(linear(fte * model.logit_scale).argmax(1), yte)
+    if trained:
+        ratio = toy.HPARAMS["mask_ratio"] if mask_ratio is None else mask_ratio
+        gen = data.MaskGenerator(toy.IMAGE_SIZE, toy.HPARAMS["mask_unit"], model.visual.patch_size, ratio)
+        torch.manual_seed(0)
+        pred = embed(model, xte, torch.stack([gen() for _ in range(len(xte))]))[1].argmax(1)
+        r["head_target_masked"], r["masked_class_share"] = _acc(pred, yte), _shares(pred)
     return r
 
 
@@ -75,61 +97,9 @@ def _acc(pred, labels):
     return (torch.as_tensor(pred) == torch.as_tensor(labels)).float().mean().item() * 100
 
 
-def _shares(pred, num_classes):
+def _shares(pred):
     """Share of predictions per class (a list summing to 1)."""
-    return (torch.bincount(pred, minlength=num_classes).float() / len(pred)).tolist()
-
-
-def probe_clip(path):
-    """probe() for a tiny CLIP checkpoint: its zero-shot head and learned temperature."""
-    model, _ = clip_model.load(path)
-    head = prompts.zero_shot_head(model, toy.SHAPES, toy.TEMPLATES)
-    return probe(model.visual, head, model.logit_scale.exp().item())
-
-
-def probe_must(checkpoint, which="teacher", mask_ratio=None):
-    """probe() for a MUST checkpoint written by train.py (its trained classifier and image tower), plus its
-    accuracy on masked views."""
-    model, _ = must.load_checkpoint(checkpoint, which)
-    model.eval()
-    head = model.classifier.weight.detach().t()  # as MUSTModel uses it: s · normalize(v) @ W
-    r = probe(model.visual, head, float(model.logit_scale))
-    r.update(masked_view_accuracy(model, mask_ratio))
-    return r
-
-
-@torch.no_grad()
-def masked_view_accuracy(model, mask_ratio=None, batch_size=500, seed=0):
-    """Target test accuracy and class shares of a MUSTModel on masked views: the student's input in training
-    (toy.HPARAMS' mask unit, mask_ratio or toy.HPARAMS', its own [MSK]; one fixed draw of masks from `seed`),
-    without augmentation."""
-    xte, yte = toy.render_split("test")
-    ratio = toy.HPARAMS["mask_ratio"] if mask_ratio is None else mask_ratio
-    gen = data.MaskGenerator(toy.IMAGE_SIZE, toy.HPARAMS["mask_unit"], model.visual.patch_size, ratio)
-    torch.manual_seed(seed)
-    masks = torch.stack([gen() for _ in range(len(xte))])  # (n, N) bool
-    pred = torch.cat([model(toy.to_tensor(xte[i:i + batch_size]), masks[i:i + batch_size])[0].argmax(1)
-                      for i in range(0, len(xte), batch_size)])
-    return {"head_target_masked": _acc(pred, yte),
-            "masked_class_share": _shares(pred, len(toy.SHAPES))}
-
-
-@torch.no_grad()
-def zero_shot_accuracy(images, labels):
-    """Top-1 (%) of the committed tiny CLIP's zero-shot head on labeled images."""
-    model, _ = clip_model.load(toy.WEIGHTS)
-    head = prompts.zero_shot_head(model, toy.SHAPES, toy.TEMPLATES)
-    return _acc((image_features(model.visual, images) @ head).argmax(1), labels)
-
-
-@torch.no_grad()
-def checkpoint_accuracy(checkpoint, images, labels):
-    """Top-1 (%) of a train.py checkpoint's (student, teacher) on labeled images."""
-    accs = []
-    for which in ("student", "teacher"):
-        model, _ = must.load_checkpoint(checkpoint, which)
-        accs.append(_acc(model.classify(image_features(model.visual, images)).argmax(1), labels))  # = model(x)
-    return tuple(accs)
+    return (torch.bincount(pred, minlength=len(toy.SHAPES)).float() / len(pred)).tolist()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,8 +125,9 @@ def ablation(seeds, out_dir, extra=()):
             evals = train.main(["--data", "toy", "--out-dir", run_dir, "--seed", str(seed), *flags, *extra])
             test.setdefault(name, []).append((evals[-1]["student_acc"], evals[-1]["teacher_acc"]))
             checkpoint = os.path.join(run_dir, train.CHECKPOINT)
-            val.setdefault(name, []).append(checkpoint_accuracy(checkpoint, val_images, val_labels))
-    zero_shot = {"test": evals[0]["student_acc"], "val": zero_shot_accuracy(val_images, val_labels)}
+            val.setdefault(name, []).append([accuracy(load(checkpoint, which)[0], val_images, val_labels)
+                                             for which in ("student", "teacher")])
+    zero_shot = {"test": evals[0]["student_acc"], "val": accuracy(load(toy.WEIGHTS)[0], val_images, val_labels)}
     lines = []
     for split, rows in (("test", test), ("val", val)):
         lines += [f"toy world, target {split} top-1 (%), final epoch, mean ± std over seeds {list(seeds)}",
@@ -197,7 +168,7 @@ def world_grid(per_class=2, seed=123, scale=3):
 # ----------------------------------------------------------------------------------------------
 # Command line
 
-def parse_args(argv):
+def main(argv=None):
     p = argparse.ArgumentParser(description="The toy world's experiments: probes, the ablation, a picture.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("probe", help="zero-shot, kNN and linear-probe accuracy of a tiny CLIP or MUST "
@@ -216,17 +187,11 @@ def parse_args(argv):
     c.add_argument("--num-workers", default="2", help="data loader processes per run [2]")
     c = sub.add_parser("show", help="save a grid of source and target images")
     c.add_argument("--out", default="toy_world.png", help="PNG path [toy_world.png]")
-    return p.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
+    args = p.parse_args(argv)
     if args.command == "probe":
         if not os.path.isfile(args.path):
-            raise SystemExit(f"error: no file {args.path}")
-        keys = torch.load(args.path, map_location="cpu", weights_only=True, mmap=True).keys()  # no optimizer read
-        r = probe_must(args.path, args.which, args.mask_ratio) if "student" in keys else probe_clip(args.path)
-        for k, v in r.items():
+            fail(f"no file {args.path}")
+        for k, v in probe(args.path, args.which, args.mask_ratio).items():
             print(f"{k:24s} {' '.join(f'{x:.2f}' for x in v) if isinstance(v, list) else f'{v:.1f}'}")
     elif args.command == "ablation":
         ablation(args.seeds, args.out_dir, extra=["--num-workers", args.num_workers])

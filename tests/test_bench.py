@@ -78,8 +78,7 @@ def counted(fn):
 @pytest.mark.parametrize("accum", [1, 2])
 def test_flop_formulas_match_the_flop_counter(accum):
     args = bench.parse_args(STEP + ["--accum", str(accum)])
-    visual, _ = bench.build_tower(args)
-    run, parts = bench.make_run(visual, args, torch.device("cpu"))
+    run, parts, _ = bench.make_run(args, torch.device("cpu"))
     (weak, strong, mask), _ = parts[0]
     micro = 8 // accum
     with torch.no_grad():

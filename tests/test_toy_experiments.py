@@ -15,16 +15,18 @@ def test_probes_agree_with_train(tiny_world, tmp_path):
     checkpoint = str(out / "checkpoint.pt")
     images, labels = toy.render_split("test")
     # the ablation's val scores come from these functions: on test they must give what train.py reported
-    student, teacher = experiments.checkpoint_accuracy(checkpoint, images, labels)
+    student, teacher = (experiments.accuracy(experiments.load(checkpoint, which)[0], images, labels)
+                        for which in ("student", "teacher"))
     assert (student, teacher) == pytest.approx((evals[-1]["student_acc"], evals[-1]["teacher_acc"]))
-    assert experiments.zero_shot_accuracy(images, labels) == pytest.approx(evals[0]["student_acc"])
-    r = experiments.probe_must(checkpoint, "teacher")
+    assert experiments.accuracy(experiments.load(toy.WEIGHTS)[0], images, labels) == pytest.approx(
+        evals[0]["student_acc"])
+    r = experiments.probe(checkpoint, "teacher")
     assert r["head_target"] == pytest.approx(teacher)  # the probe's own path to the same classifier
     assert {"head_source", "knn10_target", "linear_probe_target", "head_target_masked"} <= r.keys()
     assert sum(r["masked_class_share"]) == pytest.approx(1) and len(r["masked_class_share"]) == len(toy.SHAPES)
     assert r["pass_0.5"] >= r["pass_0.7"] >= r["pass_0.9"]  # a higher threshold passes a subset
-    r = experiments.probe_clip(toy.WEIGHTS)
-    assert r["head_target"] == pytest.approx(evals[0]["student_acc"])
+    r = experiments.probe(toy.WEIGHTS)
+    assert r["head_target"] == pytest.approx(evals[0]["student_acc"]) and "head_target_masked" not in r
 
 
 def test_ablation_table(tiny_world, tmp_path):
