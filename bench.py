@@ -50,6 +50,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import clip_model
+import config
 import data
 import must
 import train
@@ -100,7 +101,7 @@ def build_tower(args):
             visual, what = clip_model.load(args.model)[0].visual, args.model
         except (FileNotFoundError, ValueError, RuntimeError) as e:
             fail(str(e))
-    hp = data.hparams("toy" if args.model == "tiny" else "imagenet", train.model_key(args.model, visual),
+    hp = data.hparams("toy" if args.model == "tiny" else "imagenet", config.model_key(args.model, visual),
                       visual.patch_size, visual.input_resolution)
     gen = data.MaskGenerator(visual.input_resolution, hp["mask_unit"], visual.patch_size, hp["mask_ratio"])
     return visual, what, hp, gen

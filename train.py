@@ -382,8 +382,6 @@ def build_datasets(args, visual, rank):
                 args.eval_root, download=args.download)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
-    if len(train_set.classnames) < 2:
-        fail(f"{args.data} has {len(train_set.classnames)} class(es); a classifier needs at least 2")
     if rank == 0:
         report_listing(train_set, "training")
         if test_set is not None:
