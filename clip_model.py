@@ -12,16 +12,12 @@ Parameter names and shapes are those of OpenAI's checkpoints, so a released stat
 matching; the architecture is read from the state dict. Tokens are batch-first (B, L, C) throughout.
 """
 
-import ast
 import gzip
 import hashlib
 import html
 import os
 import pickle
-import sys
-import tempfile
 import urllib.error
-import urllib.request
 import warnings
 import zipfile
 from collections import OrderedDict
@@ -33,7 +29,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision import transforms
-from tqdm import tqdm
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -274,11 +269,10 @@ def _load_strict(module, state_dict):
 def build_model(state_dict):
     """A CLIP whose architecture is read from an OpenAI-format state dict, loaded with strict key matching."""
     sd = {k: v for k, v in state_dict.items() if k not in _NON_PARAMETER_KEYS}
+    v = _vision_config(sd, "visual.")  # first, so a ResNet checkpoint gets its own message
     for key in ("text_projection", "positional_embedding", "token_embedding.weight", "ln_final.weight"):
         if key not in sd:
-            _vision_config(sd, "visual.")  # a ResNet checkpoint gets its own message first
             raise ValueError(f"not a CLIP checkpoint: missing key '{key}'")
-    v = _vision_config(sd, "visual.")
     model = CLIP(
         embed_dim=sd["text_projection"].shape[1], image_resolution=v["input_resolution"],
         vision_layers=v["layers"], vision_width=v["width"], vision_patch_size=v["patch_size"],
@@ -294,14 +288,6 @@ def build_visual(state_dict):
     return _load_strict(VisionTransformer(**_vision_config(state_dict)), state_dict)
 
 
-def tiny_clip(**overrides):
-    """A small randomly initialized CLIP for tests and toy experiments; it uses the real tokenizer's vocabulary."""
-    config = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
-                  context_length=77, vocab_size=49408, transformer_width=64, transformer_layers=2)
-    config.update(overrides)
-    return CLIP(**config)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Loading checkpoints
 
@@ -310,22 +296,20 @@ def available_models():
     return list(_MODELS)
 
 
-def _default_root():
-    # OpenAI's cache location, so weights the `clip` package already downloaded are reused.
-    return os.environ.get("CLIP_DOWNLOAD_ROOT", os.path.expanduser("~/.cache/clip"))
-
-
-def _sha256(path):
+def _sha256(file):
+    """SHA-256 of a file given by its path, or open in binary mode (then read from where it stands)."""
+    if isinstance(file, (str, os.PathLike)):
+        with open(file, "rb") as f:
+            return _sha256(f)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for chunk in iter(lambda: file.read(1 << 20), b""):
+        h.update(chunk)
     return h.hexdigest()
 
 
 def _download(url, root):
-    """Download `url` into `root`, verifying the SHA-256 its address carries. A file appears under its final
-    name only once its checksum has passed, so a killed download never leaves a file that looks complete."""
+    """Download `url` into `root` with torch.hub, which checks the SHA-256 the address carries and gives the file its
+    final name only once that has passed, so a killed or corrupt download never leaves a file that looks complete."""
     os.makedirs(root, exist_ok=True)
     expected = url.split("/")[-2]
     target = os.path.join(root, os.path.basename(url))
@@ -334,27 +318,15 @@ def _download(url, root):
             raise RuntimeError(f"{target} does not match its published SHA-256 {expected}: the file is corrupt; "
                                "delete it and run again to download it anew")
         return target
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=os.path.basename(url) + ".", suffix=".part")
     try:
-        h = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url) as src:
-            total = int(src.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(url)) as bar:
-                for chunk in iter(lambda: src.read(1 << 20), b""):
-                    out.write(chunk)
-                    h.update(chunk)
-                    bar.update(len(chunk))
-        if h.hexdigest() != expected:
-            raise RuntimeError(f"downloaded {url} but its SHA-256 {h.hexdigest()} is not the published {expected}; "
-                               f"nothing was saved to {root}. Run again; if it repeats, download the file yourself "
-                               "and pass its path to load()")
-        os.replace(tmp, target)
+        torch.hub.download_url_to_file(url, target, hash_prefix=expected)
     except urllib.error.URLError as e:
         raise RuntimeError(f"could not download {url} ({e.reason}). Without internet, copy the file to {target} "
                            "or pass a local checkpoint path") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    except RuntimeError as e:  # torch.hub's checksum mismatch, which names both SHA-256s
+        raise RuntimeError(f"downloaded {url} but its SHA-256 is not the published one ({e}); nothing was saved "
+                           f"to {root}. Run again; if it repeats, download the file yourself and pass its path to "
+                           "load()") from None
     return target
 
 
@@ -362,186 +334,33 @@ def _download(url, root):
 # Reading checkpoints without running code from them
 #
 # A TorchScript archive is a program: torch.jit.load runs its code (a scripted __setstate__ can write any file,
-# e.g. with torch.from_file). So only OpenAI's own files, recognised by their published SHA-256, are opened with
-# it; any other archive gives up its tensors through a pickle reader that knows only tensors, plain containers
-# and inert stand-ins for TorchScript objects, with parameter and buffer names read from its code/ as text.
+# e.g. with torch.from_file). So only OpenAI's own archives, recognised by their published SHA-256, are opened
+# with it, and any other archive is refused; everything else is read with torch.load(weights_only=True).
 
 
 class UnsafeFileError(ValueError):
     """A checkpoint that could only be read by running code from it."""
 
 
-_STORAGE_DTYPES = {
-    "DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
-}
-_MAX_MODULE_DEPTH = 64
+def _is_torchscript(path):
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:  # torch.load's own test: a <name>/constants.pkl record
+        return any(n.count("/") == 1 and n.endswith("/constants.pkl") for n in archive.namelist())
 
 
-class _ScriptObject:
-    """Inert stand-in for an object of a TorchScript class: it keeps the pickled state and runs nothing."""
-    qualname, state = None, None
-
-    def __setstate__(self, state):
-        self.state = state
-
-
-def _rebuild_tensor(storage, offset, size, stride, requires_grad, hooks, *metadata):
-    """torch._utils._rebuild_tensor_v2's part that a state dict needs: a checked strided view of a storage."""
-    ok = (torch.is_tensor(storage) and isinstance(offset, int) and isinstance(size, tuple) and isinstance(stride, tuple)
-          and len(size) == len(stride) and all(isinstance(n, int) and n >= 0 for n in (offset, *size, *stride))
-          and isinstance(requires_grad, bool) and isinstance(hooks, dict) and not hooks and len(metadata) <= 1)
-    if not ok:
-        raise UnsafeFileError("a tensor record is malformed")
-    last = offset + sum((n - 1) * s for n, s in zip(size, stride))
-    if all(n > 0 for n in size) and last >= storage.numel():
-        raise UnsafeFileError("a tensor reaches past the end of its storage")
-    return storage.as_strided(size, stride, offset)
-
-
-class _ScriptDataUnpickler(pickle.Unpickler):
-    """Unpickles a TorchScript data.pkl into tensors, dicts and _ScriptObjects; any other global is refused."""
-
-    def __init__(self, file, read_storage):
-        super().__init__(file)
-        self._read_storage = read_storage
-        self._classes = {}
-
-    def find_class(self, module, name):
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return _rebuild_tensor
-        if (module, name) == ("collections", "OrderedDict"):
-            return OrderedDict
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _STORAGE_DTYPES[name]
-        if module == "__torch__" or module.startswith("__torch__."):
-            qualname = f"{module}.{name}"
-            if qualname not in self._classes:  # a class per name because pickle's NEWOBJ wants a class
-                self._classes[qualname] = type("ScriptObject", (_ScriptObject,), {"qualname": qualname})
-            return self._classes[qualname]
-        raise UnsafeFileError(f"its data asks for {module}.{name}")
-
-    def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)
-                and isinstance(pid[2], str) and isinstance(pid[4], int) and pid[4] >= 0):
-            raise UnsafeFileError(f"its data refers to an unknown record {str(pid)[:80]}")
-        return self._read_storage(pid[2], pid[1], pid[4])
-
-
-def _storage_reader(archive, prefix):
-    """(key, dtype, numel) -> flat tensor of <prefix>/data/<key>, each record read once."""
-    cache = {}
-
-    def read(key, dtype, numel):
-        if key not in cache:
-            try:
-                raw = archive.read(f"{prefix}/data/{key}")
-            except KeyError:
-                raise UnsafeFileError(f"its tensor record data/{key} is missing") from None
-            nbytes = numel * torch.empty((), dtype=dtype).element_size()
-            if len(raw) < nbytes:
-                raise UnsafeFileError(f"its tensor record data/{key} is shorter than its {numel} elements")
-            flat = torch.frombuffer(bytearray(raw[:nbytes]), dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
-            cache[key] = flat
-        if cache[key].dtype != dtype or cache[key].numel() != numel:
-            raise UnsafeFileError(f"its tensor record data/{key} is used with two types")
-        return cache[key]
-    return read
-
-
-def _class_info(node):
-    """(is a Module, parameter names, buffer names, has its own __setstate__) of a TorchScript class definition."""
-    is_module = any(isinstance(b, ast.Name) and b.id == "Module" for b in node.bases)
-    names = {}
-    for stmt in node.body:
-        if (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)
-                and stmt.targets[0].id in ("__parameters__", "__buffers__")):
-            value = ast.literal_eval(stmt.value)  # a literal only: evaluates no code
-            if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-                raise UnsafeFileError(f"class {node.name} has a malformed {stmt.targets[0].id}")
-            names[stmt.targets[0].id] = value
-    if is_module and len(names) != 2:
-        raise UnsafeFileError(f"module class {node.name} does not list its parameters and buffers")
-    has_setstate = any(isinstance(s, ast.FunctionDef) and s.name == "__setstate__" for s in node.body)
-    return is_module, names.get("__parameters__", []), names.get("__buffers__", []), has_setstate
-
-
-def _class_reader(archive, prefix):
-    """qualname -> _class_info, from the class's source in <prefix>/code/, parsed as text and never run."""
-    files = {}
-
-    def lookup(qualname):
-        module, _, name = qualname.rpartition(".")
-        if module not in files:
-            try:
-                source = archive.read(f"{prefix}/code/{module.replace('.', '/')}.py").decode("utf-8")
-            except KeyError:
-                raise UnsafeFileError(f"it has no code defining {qualname}") from None
-            files[module] = {n.name: n for n in ast.parse(source).body if isinstance(n, ast.ClassDef)}
-        if name not in files[module]:
-            raise UnsafeFileError(f"it has no code defining {qualname}")
-        return _class_info(files[module][name])
-    return lookup
-
-
-def _module_tensors(obj, classes, out, prefix="", depth=0):
-    """Add obj's parameters and buffers, then its submodules', under torch.nn.Module.state_dict's names."""
-    if depth > _MAX_MODULE_DEPTH:
-        raise UnsafeFileError("its modules nest too deep")
-    is_module, parameters, buffers, has_setstate = classes(obj.qualname)
-    if not is_module:
-        raise UnsafeFileError(f"{obj.qualname} is not a module")
-    if has_setstate or not isinstance(obj.state, dict):
-        raise UnsafeFileError(f"{obj.qualname} restores itself with its own __setstate__ code")
-    for name in parameters + buffers:
-        value = obj.state.get(name)
-        if value is not None and not torch.is_tensor(value):
-            raise UnsafeFileError(f"{obj.qualname}.{name} is not a tensor")
-        if value is not None:
-            out[prefix + name] = value
-    for name, value in obj.state.items():
-        if isinstance(value, _ScriptObject) and classes(value.qualname)[0]:
-            _module_tensors(value, classes, out, f"{prefix}{name}.", depth + 1)
-    return out
-
-
-def _script_state_dict(archive, prefix):
-    """torch.jit.load(archive).state_dict(), read from the archive's records without running any of its code."""
-    names = set(archive.namelist())
-    byteorder = archive.read(f"{prefix}/byteorder").decode().strip() if f"{prefix}/byteorder" in names else "little"
-    if byteorder != sys.byteorder:
-        raise UnsafeFileError(f"its tensors are {byteorder}-endian")
-    with archive.open(f"{prefix}/data.pkl") as f:
-        root = _ScriptDataUnpickler(f, _storage_reader(archive, prefix)).load()
-    if not isinstance(root, _ScriptObject):
-        raise UnsafeFileError("its data is not a module")
-    return _module_tensors(root, _class_reader(archive, prefix), OrderedDict())
-
-
-def _published_checksums():
-    return {url.split("/")[-2] for url in _MODELS.values()}
-
-
-def _read_torchscript(path, archive, prefix):
-    """OpenAI's published archives through torch.jit.load; any other archive through _script_state_dict."""
+def _read_torchscript(path):
+    """The state dict of one of OpenAI's published archives, through torch.jit.load; any other is refused."""
     with open(path, "rb") as f:
-        h = hashlib.sha256()
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-        if h.hexdigest() in _published_checksums():
-            f.seek(0)  # the bytes just hashed are the bytes loaded, even if the path is replaced meanwhile
-            with warnings.catch_warnings():  # torch >= 2.9 deprecates TorchScript, OpenAI's release format
-                warnings.simplefilter("ignore", FutureWarning)
-                return torch.jit.load(f, map_location="cpu").state_dict()
-    try:
-        return _script_state_dict(archive, prefix)
-    except Exception as e:  # malformed or hostile alike: nothing was run, the file is refused
-        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise UnsafeFileError(
-            f"{path} is a TorchScript archive that cannot be read without running its code ({reason}); loading "
-            "never runs code from a file. If you trust the file, convert it once with: python -c \"import torch; "
-            f"torch.save(torch.jit.load({path!r}).state_dict(), 'clip.pt')\" and pass clip.pt") from None
+        if _sha256(f) not in {url.split("/")[-2] for url in _MODELS.values()}:
+            raise UnsafeFileError(
+                f"{path} is a TorchScript archive (a program) that is not one of OpenAI's published files; loading "
+                "never runs code from a file. If you trust the file, convert it once with: python -c \"import torch; "
+                f"torch.save(torch.jit.load({path!r}).state_dict(), 'clip.pt')\" and pass clip.pt")
+        f.seek(0)  # the bytes just hashed are the bytes loaded, even if the path is replaced meanwhile
+        with warnings.catch_warnings():  # torch >= 2.9 deprecates TorchScript, OpenAI's release format
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(f, map_location="cpu").state_dict()
 
 
 def load_error_detail(e):
@@ -580,15 +399,11 @@ def _read_state_dict(path):
     """A state dict from a TorchScript archive (OpenAI's release format) or a file saved with torch.save.
 
     Nothing in the file is run: see _read_torchscript; everything else goes through weights_only=True."""
-    archive = None
     try:
-        if zipfile.is_zipfile(path):
-            archive = zipfile.ZipFile(path)
-            prefixes = [n.split("/")[0] for n in archive.namelist()
-                        if n.count("/") == 1 and n.endswith("/constants.pkl")]  # torch.load's own test
-            if prefixes:
-                return _read_torchscript(path, archive, prefixes[0])
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        if _is_torchscript(path):
+            sd = _read_torchscript(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     except UnsafeFileError:
         raise
     except pickle.UnpicklingError as e:
@@ -596,9 +411,6 @@ def _read_state_dict(path):
     except Exception as e:
         raise RuntimeError(f"could not read {path}: it is truncated or not a checkpoint ({type(e).__name__}). "
                            "If it was downloaded, delete it and download it again") from None
-    finally:
-        if archive is not None:
-            archive.close()
     if isinstance(sd, dict):
         sd = _expand_sparse_rows({k: v for k, v in sd.items() if not isinstance(v, str)})
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
@@ -634,15 +446,17 @@ def load(name_or_path, device="cpu", download_root=None):
     The cache directory is `download_root`, else $CLIP_DOWNLOAD_ROOT, else ~/.cache/clip.
 
     A checkpoint is a TorchScript archive or a state dict saved with torch.save; loading never runs code from
-    it. Only OpenAI's released archives (known by their published SHA-256) go through torch.jit.load; other
-    archives are read as data and refused (UnsafeFileError) where that is not possible, and state dicts are read
-    with torch.load(weights_only=True). A state dict may store an embedding table by the rows it uses:
+    it. Only OpenAI's released archives (known by their published SHA-256) go through torch.jit.load; any other
+    TorchScript archive is refused (UnsafeFileError) with the command that turns it into a state dict, and state
+    dicts are read with torch.load(weights_only=True). A state dict may store an embedding table by the rows it uses:
     `<name>.ids` (K token ids), `<name>.rows` (K x width) and `<name>.vocab_size` (an int) stand for
     `<name>.weight` with zeros in the rows not listed (toy.py's toy_clip.pt is stored so); string entries are
     notes (such as toy.py's `recipe`) and are ignored.
     """
     if name_or_path in _MODELS:
-        path = _download(_MODELS[name_or_path], download_root or _default_root())
+        # OpenAI's cache location by default, so weights the `clip` package already downloaded are reused
+        root = download_root or os.environ.get("CLIP_DOWNLOAD_ROOT", os.path.expanduser("~/.cache/clip"))
+        path = _download(_MODELS[name_or_path], root)
     elif os.path.isfile(os.path.expanduser(name_or_path)):
         path = os.path.expanduser(name_or_path)
     elif _looks_like_path(name_or_path):
@@ -661,7 +475,6 @@ def load(name_or_path, device="cpu", download_root=None):
 # Tokenizer: CLIP's byte-level BPE
 
 
-@lru_cache()
 def _byte_alphabet():
     """Bytes -> printable unicode characters, in the order that fixes the first 256 vocabulary ids.
 
@@ -707,14 +520,12 @@ class _Tokenizer:
             best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
             if best not in self.ranks:
                 break
-            merged, i = [], 0
-            while i < len(word):
-                if i < len(word) - 1 and (word[i], word[i + 1]) == best:
-                    merged.append(word[i] + word[i + 1])
-                    i += 2
+            merged = []
+            for piece in word:  # a merged piece is longer than best[0], so this pass never merges it again
+                if merged and (merged[-1], piece) == best:
+                    merged[-1] += piece
                 else:
-                    merged.append(word[i])
-                    i += 1
+                    merged.append(piece)
             word = tuple(merged)
         self.cache[token] = word
         return word

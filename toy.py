@@ -249,7 +249,7 @@ def pretrain(out_path=None):
     cfg = PRETRAIN
     steps, batch_size, seed = cfg["steps"], cfg["batch_size"], cfg["seed"]
     torch.manual_seed(seed)
-    model = clip_model.tiny_clip(**cfg["model"])
+    model = clip_model.CLIP(**cfg["model"])
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},

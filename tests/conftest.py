@@ -6,7 +6,17 @@ import pytest
 # The project is a flat folder of modules; tests import them from the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import clip_model  # noqa: E402
 import toy  # noqa: E402
+
+
+def tiny_clip(**overrides):
+    """A small randomly initialized CLIP for tests; it uses the real tokenizer's vocabulary."""
+    config = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
+                  context_length=77, vocab_size=49408, transformer_width=64, transformer_layers=2)
+    config.update(overrides)
+    return clip_model.CLIP(**config)
+
 
 # A 3-step pretraining recipe of a smaller tiny CLIP (tests/test_toy.py pretrains with it)
 TINY_PRETRAIN = dict(toy.PRETRAIN, model=dict(toy.PRETRAIN["model"], vision_width=32, vision_layers=1, embed_dim=16,

@@ -225,9 +225,9 @@ def forward_fixture(R):
 
 def tiny_state_dict(vision_layers, seed=SEED):
     """A random OpenAI-format CLIP state dict: 12 blocks give two-digit block numbers in the names."""
-    import clip_model
+    from conftest import tiny_clip
     torch.manual_seed(seed)
-    return clip_model.tiny_clip(vision_layers=vision_layers).state_dict()
+    return tiny_clip(vision_layers=vision_layers).state_dict()
 
 
 def groups_fixture(R, model, weight_decay, layer_decay):

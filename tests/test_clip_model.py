@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import clip_model
+from conftest import tiny_clip
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 FP16 = os.path.join(DATA, "ref_clip_fp16.pt")
@@ -57,7 +58,10 @@ def test_load_fp16_state_dict(ref_model):
     assert ref_model.visual.output_dim == arch["embed_dim"]
 
 
-def test_load_torchscript_archive():
+def test_load_published_torchscript_archive(monkeypatch):
+    """OpenAI's release format: read with torch.jit.load, which only archives with a published SHA-256 get."""
+    sha = hashlib.sha256(open(JIT, "rb").read()).hexdigest()
+    monkeypatch.setitem(clip_model._MODELS, "Fake-1", f"file:///nowhere/{sha}/Fake-1.pt")
     model, preprocess = clip_model.load(JIT)
     _check_against_reference(model)
     archive_keys = set(torch.jit.load(JIT, map_location="cpu").state_dict())
@@ -188,7 +192,7 @@ def test_build_model_round_trips_must_heads(must_model, tmp_path):
 
 def test_tiny_clip_works_with_real_tokenizer():
     torch.manual_seed(0)
-    model = clip_model.tiny_clip().eval()
+    model = tiny_clip().eval()
     assert model.visual.input_resolution == 32 and model.visual.grid_size == 4
     with torch.no_grad():
         logits, _ = model(torch.randn(2, 3, 32, 32), clip_model.tokenize(["a photo of a dog.", "a cat"]))

@@ -9,6 +9,7 @@ from PIL import Image
 import data
 import must
 import train
+from conftest import tiny_clip
 from test_train import argv, ckpt, records, world  # noqa: F401 -- the tiny world fixture
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -29,8 +30,7 @@ def test_step_on_gpu(world, tmp_path, amp):  # noqa: F811
 def test_ddp_over_a_one_process_nccl_group(tmp_path):
     dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
-        import clip_model
-        clip = clip_model.tiny_clip().cuda()
+        clip = tiny_clip().cuda()
         student = must.MUSTModel(clip.visual, torch.randn(32, 3), 100.0).cuda()
         model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[0])
         x, mask = torch.randn(4, 3, 32, 32, device="cuda"), torch.zeros(4, 16, dtype=torch.bool, device="cuda")

@@ -21,6 +21,7 @@ import must
 import prompts
 import runtime
 import train
+from conftest import tiny_clip
 
 WNIDS = prompts.IMAGENET_WNIDS
 R_WNIDS, A_WNIDS = prompts.IMAGENET_R_WNIDS, prompts.IMAGENET_A_WNIDS
@@ -50,7 +51,7 @@ class ColorOracle(torch.nn.Module):
 
 def tiny_must(num_classes, seed):
     torch.manual_seed(seed)
-    clip = clip_model.tiny_clip()
+    clip = tiny_clip()
     head = torch.nn.functional.normalize(torch.randn(clip.visual.output_dim, num_classes), dim=0)
     return must.MUSTModel(clip.visual, head, 100.0)
 
@@ -69,7 +70,7 @@ def save_checkpoint(path, dataset, classnames, clip_path, data_root):
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_world")
     torch.manual_seed(0)
-    torch.save(clip_model.tiny_clip().state_dict(), root / "clip.pt")
+    torch.save(tiny_clip().state_dict(), root / "clip.pt")
     (root / "templates.txt").write_text("a photo of a {}.\n")
     imagenet_classes = prompts.DATASETS["imagenet"]["classes"]
     r_classes = data.dataset_prompts("imagenet-r")[0]

@@ -22,12 +22,12 @@ import pytest
 import torch
 from PIL import Image
 
-import clip_model
 import data
 import eval as ev
 import must
 import runtime
 import train
+from conftest import tiny_clip
 
 # tiny models: one thread is several times faster than two on a shared 2-core machine, and as deterministic
 torch.set_num_threads(1)
@@ -62,9 +62,9 @@ def world(tmp_path_factory):
         folder.mkdir(parents=True, exist_ok=True)
         _png(folder / f"{i}.png", seed=100 + i)
     torch.manual_seed(0)
-    torch.save(clip_model.tiny_clip().state_dict(), root / "tiny.pt")
+    torch.save(tiny_clip().state_dict(), root / "tiny.pt")
     torch.manual_seed(1)
-    torch.save(clip_model.tiny_clip().state_dict(), root / "other.pt")
+    torch.save(tiny_clip().state_dict(), root / "other.pt")
     return root
 
 

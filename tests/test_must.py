@@ -7,13 +7,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import clip_model
 import must
+from conftest import tiny_clip
 
 
 def tiny_must(num_classes=5, seed=0, **kw):
     torch.manual_seed(seed)
-    clip = clip_model.tiny_clip()
+    clip = tiny_clip()
     head = F.normalize(torch.randn(clip.visual.output_dim, num_classes), dim=0)
     return must.MUSTModel(clip.visual, head, clip.logit_scale.exp().item(), **kw), head, clip
 

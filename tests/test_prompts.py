@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 import clip_model
 import prompts
+from conftest import tiny_clip
 
 EXPECTED = {  # (classes, templates) as published
     "imagenet": (1000, 80), "sun397": (397, 2), "food101": (101, 1), "gtsrb": (43, 3),
@@ -14,7 +15,7 @@ EXPECTED = {  # (classes, templates) as published
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return clip_model.tiny_clip().eval()
+    return tiny_clip().eval()
 
 
 def test_published_prompt_data():
@@ -56,7 +57,7 @@ def test_head_cache_is_reused_and_keyed_by_weights(model, tmp_path, monkeypatch)
     assert torch.equal(prompts.zero_shot_head(model, classes, templates, cache_dir=tmp_path), first)
     monkeypatch.undo()
 
-    other = clip_model.tiny_clip().eval()  # other weights must not hit the same cache entry
+    other = tiny_clip().eval()  # other weights must not hit the same cache entry
     second = prompts.zero_shot_head(other, classes, templates, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("head-*.pt"))) == 2 and not torch.equal(first, second)
 

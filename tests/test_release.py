@@ -19,6 +19,7 @@ import must
 import prompts
 import toy
 import train
+from conftest import tiny_clip
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 REMAKE = "toy_clip.pt changed since the release fixtures were made: rerun tests/make_release_fixtures.py"
@@ -96,7 +97,7 @@ def test_param_groups_match_release(release, toy_state, which):
     if which == "toy":
         model = toy_must_model(toy_state, release["forward"]["extra"], release["logit_scale"])
     else:  # 12 blocks: two-digit block numbers
-        clip = clip_model.tiny_clip(vision_layers=12)
+        clip = tiny_clip(vision_layers=12)
         model = must.MUSTModel(clip.visual, torch.zeros(clip.visual.output_dim, 3), 100.0)
     L = len(model.visual.transformer.resblocks)
     assert L == fx["num_layers"]

@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-import clip_model
 import config
 import must
 import runtime
 import train
+from conftest import tiny_clip
 
 # tiny models: one thread is several times faster than two on a shared 2-core machine, and as deterministic
 torch.set_num_threads(1)
@@ -36,9 +36,9 @@ def world(tmp_path_factory):
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     torch.manual_seed(0)
-    torch.save(clip_model.tiny_clip().state_dict(), root / "tiny.pt")
+    torch.save(tiny_clip().state_dict(), root / "tiny.pt")
     torch.manual_seed(1)
-    torch.save(clip_model.tiny_clip().state_dict(), root / "other.pt")
+    torch.save(tiny_clip().state_dict(), root / "other.pt")
     return root
 
 
@@ -70,7 +70,7 @@ def error_of(argv_list):
 
 def test_layer_decay_and_cosine_lr_of_every_group():
     torch.manual_seed(0)
-    clip = clip_model.tiny_clip(vision_layers=3)
+    clip = tiny_clip(vision_layers=3)
     model = must.MUSTModel(clip.visual, torch.randn(32, 4), 100.0)
     groups = train.param_groups(model, weight_decay=0.05, layer_decay=0.65)
     L = 3
@@ -97,7 +97,7 @@ def test_layer_decay_and_cosine_lr_of_every_group():
         train.set_lr(optimizer, train.cosine_lr(step, total, lr, min_lr))
         for g in optimizer.param_groups:
             assert g["lr"] == pytest.approx(expect * g["lr_scale"], rel=1e-5)
-    frozen = must.MUSTModel(clip_model.tiny_clip().visual, torch.randn(32, 4), 100.0, freeze_classifier=True)
+    frozen = must.MUSTModel(tiny_clip().visual, torch.randn(32, 4), 100.0, freeze_classifier=True)
     assert all(p is not frozen.classifier.weight for g in train.param_groups(frozen, 0.05, 0.65) for p in g["params"])
 
 
@@ -391,7 +391,7 @@ def test_compile_gives_the_eager_loss_and_gradients():
     logits and reconstruction, L_cls + L_mim and every gradient agree with eager to 1e-4 (the compiled kernels
     fuse and reorder float operations, so they agree to rounding, not bit for bit)."""
     torch.manual_seed(0)
-    model = must.MUSTModel(clip_model.tiny_clip().visual, torch.randn(32, 3), 100.0)
+    model = must.MUSTModel(tiny_clip().visual, torch.randn(32, 3), 100.0)
     x, mask = torch.randn(4, 3, 32, 32), torch.zeros(4, 16, dtype=torch.bool)
     mask[:, :4] = True
     labels, confident = must.pseudo_labels(torch.randn(4, 3) * 5, 0.0)

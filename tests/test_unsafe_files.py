@@ -1,6 +1,7 @@
 """Loading never runs code from a file: crafted TorchScript archives and pickles, each first shown to write a
 marker file when loaded the unsafe way, go through clip_model.load, must.load_checkpoint, train.py (--model,
---resume, --init) and eval.py (--checkpoint); the marker never appears and each gives a one-line error."""
+--resume, --init) and eval.py (--checkpoint); the marker never appears and each gives a one-line error. Only
+TorchScript archives with one of OpenAI's published SHA-256s are opened with torch.jit.load; any other is refused."""
 import builtins
 import io
 import os
@@ -114,6 +115,12 @@ def _one_line(e):
     return message
 
 
+def _assert_unpublished_archive_message(message, path):
+    assert "TorchScript archive (a program)" in message and "not one of OpenAI's published files" in message
+    assert "never runs code from a file" in message
+    assert f"torch.save(torch.jit.load({path!r}).state_dict(), 'clip.pt')" in message  # converts a trusted file
+
+
 @pytest.mark.parametrize("kind", CRAFTED)
 def test_clip_model_load_runs_nothing(kind, tmp_path):
     marker = tmp_path / "marker"
@@ -122,12 +129,10 @@ def test_clip_model_load_runs_nothing(kind, tmp_path):
         clip_model.load(path)
     message = _one_line(e.value)
     assert path in message and not os.path.exists(marker)
-    if kind != "pickle_reduce":  # the plain pickle stops at its framing, before any global
-        assert "refused" in message or "without running its code" in message
-    if kind == "hostile_data_pkl":
-        assert f"{builtins.open.__module__}.open" in message  # the global it asked for
-    if kind == "scripted_setstate":
-        assert "torch.jit.load" in message and "state_dict()" in message  # how to convert a file one trusts
+    if kind == "torch_save_reduce":
+        assert "refused" in message and f"{builtins.open.__module__}.open" in message  # the global it asked for
+    if kind in ("scripted_setstate", "hostile_data_pkl"):
+        _assert_unpublished_archive_message(message, path)
 
 
 @pytest.mark.parametrize("kind", CRAFTED)
@@ -155,31 +160,37 @@ def test_resume_error_names_the_refusal(world, tmp_path):  # noqa: F811
     assert "weights_only` set to `False`" not in message  # torch's advice to load unsafely is not passed on
 
 
-@pytest.mark.parametrize("replace, reason", [
-    ({"data/0": b"\0" * 8}, "data/0 is shorter"),
-    ({"byteorder": b"big"}, "big-endian"),
-    ({"code/__torch__/clip/model.py": b"class Other(Module):\n  pass\n"}, "no code defining __torch__.clip.model"),
-])
-def test_malformed_archive_is_refused_in_one_line(replace, reason, tmp_path):
-    path = _rewritten_jit(tmp_path, "malformed.pt", replace)
-    with pytest.raises(clip_model.UnsafeFileError, match=reason) as e:
+def _benign_scripted(tmp_path):
+    path = tmp_path / "benign.pt"
+    _quiet(torch.jit.save, _quiet(torch.jit.script, torch.nn.Linear(2, 3)), str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("make", [
+    lambda tmp_path: JIT,  # laid out like OpenAI's files, but not one of them
+    _benign_scripted,
+    lambda tmp_path: _rewritten_jit(tmp_path, "malformed.pt", {"data/0": b"\0" * 8}),
+], ids=["reference", "scripted_linear", "malformed"])
+def test_unpublished_archive_is_refused_in_one_line(make, tmp_path, monkeypatch):
+    path = make(tmp_path)
+    calls = []
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **kw: calls.append(a))
+    with pytest.raises(clip_model.UnsafeFileError) as e:
         clip_model.load(path)
-    assert "torch.save(torch.jit.load(" in _one_line(e.value)
+    _assert_unpublished_archive_message(_one_line(e.value), path)
+    assert calls == []
 
 
-def test_archive_is_read_as_data_unless_published(tmp_path, monkeypatch):
-    """The reference archive's checksum is not OpenAI's, so torch.jit.load is never called for it; once its
-    SHA-256 is among the published ones, it is."""
+def test_published_archive_goes_through_torch_jit_load(tmp_path, monkeypatch):
+    """Once the reference archive's SHA-256 is among the published ones, torch.jit.load reads it, from the very
+    file object that was hashed."""
     reference = _quiet(torch.jit.load, JIT, map_location="cpu").state_dict()
     real_jit_load, calls = torch.jit.load, []
     monkeypatch.setattr(torch.jit, "load", lambda f, **kw: calls.append(f) or real_jit_load(f, **kw))
+    sha = clip_model._sha256(JIT)
+    monkeypatch.setitem(clip_model._MODELS, "Fake-1", f"file:///nowhere/{sha}/Fake-1.pt")
     sd = clip_model._read_state_dict(JIT)
-    assert calls == []
+    assert len(calls) == 1 and isinstance(calls[0], io.BufferedReader)
     assert list(sd) == list(reference)  # parameters and buffers, in state_dict()'s order
     for k, v in reference.items():
         assert sd[k].dtype == v.dtype and sd[k].shape == v.shape and torch.equal(sd[k], v), k
-    sha = clip_model._sha256(JIT)
-    monkeypatch.setitem(clip_model._MODELS, "Fake-1", f"file:///nowhere/{sha}/Fake-1.pt")
-    via_jit = clip_model._read_state_dict(JIT)
-    assert len(calls) == 1 and isinstance(calls[0], io.BufferedReader)
-    assert list(via_jit) == list(reference) and all(torch.equal(via_jit[k], v) for k, v in reference.items())
