@@ -36,7 +36,7 @@ import figures
 import must
 import prompts
 import toy  # noqa: F401 -- registers --data toy
-from runtime import all_reduce, autocast_for, fail, ignore_stop_signals, is_distributed, pick_device
+from runtime import all_reduce, autocast_for, fail, ignore_stop_signals, is_distributed, pick_device, save_atomic
 
 
 # ImageNet-C's 15 benchmark corruptions and AlexNet's error on each, averaged over the 5 severities
@@ -469,11 +469,7 @@ def report_listing(dataset, what):
 
 
 def save_json(path, report):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp, path)
+    save_atomic(report, path, write=lambda obj, f: f.write(json.dumps(obj, indent=1).encode()))
     print(f"wrote {path}")
 
 

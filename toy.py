@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 import clip_model
 import data
+from runtime import save_atomic
 
 SHAPES = ["circle", "square", "triangle", "diamond", "star", "cross", "ring", "heart", "crescent", "arrow"]
 # name -> RGB in [0, 1], the colours captions talk about
@@ -274,12 +275,7 @@ def pretrain(out_path=None):
         bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{model.logit_scale.exp().item():.1f}", refresh=False)
     state = stored_state(model)
     if out_path:
-        # into a file object: torch then names the archive inside 'archive' (after the file, for a path), so the
-        # bytes depend only on the weights; renamed into place, so that a killed run leaves no half-written file
-        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        with open(f"{out_path}.tmp", "wb") as f:
-            torch.save(state, f)
-        os.replace(f"{out_path}.tmp", out_path)
+        save_atomic(state, out_path)
     return state
 
 
