@@ -19,7 +19,9 @@ Layouts accepted by build_dataset (root = --data-root):
     folder          root/**/* unlabeled images + a class-names file; split "test" reads eval_root/<class>/*
 """
 
+import collections
 import csv
+import functools
 import json
 import math
 import os
@@ -165,20 +167,19 @@ def name_key(name):
     return re.sub(r"[^0-9a-z]", "", name.lower())
 
 
-def _wnids(dataset):
-    return {"imagenet": prompts.IMAGENET_WNIDS, "imagenet-sketch": prompts.IMAGENET_WNIDS,
-            "imagenet-v2": prompts.IMAGENET_WNIDS, "imagenet-r": prompts.IMAGENET_R_WNIDS,
-            "imagenet-a": prompts.IMAGENET_A_WNIDS}.get(dataset, [])
+# The wnids of the ImageNets, in label order.
+_WNIDS = {"imagenet": prompts.IMAGENET_WNIDS, "imagenet-sketch": prompts.IMAGENET_WNIDS,
+          "imagenet-v2": prompts.IMAGENET_WNIDS, "imagenet-r": prompts.IMAGENET_R_WNIDS,
+          "imagenet-a": prompts.IMAGENET_A_WNIDS}
 
 
 def dataset_prompts(dataset):
     """(classnames, templates) of a named dataset, in label order."""
-    if dataset in ("imagenet-r", "imagenet-a"):
-        imagenet = prompts.DATASETS["imagenet"]
-        index = {w: i for i, w in enumerate(prompts.IMAGENET_WNIDS)}
-        return [imagenet["classes"][index[w]] for w in _wnids(dataset)], list(imagenet["templates"])
     entry = prompts.DATASETS["imagenet" if dataset in _SHIFTED_IMAGENETS else dataset]
-    return list(entry["classes"]), list(entry["templates"])
+    classes = list(entry["classes"])
+    if dataset in ("imagenet-r", "imagenet-a"):  # 200-class subsets of ImageNet, in their own label order
+        classes = [classes[prompts.IMAGENET_WNIDS.index(w)] for w in _WNIDS[dataset]]
+    return classes, list(entry["templates"])
 
 
 def map_class_names(dataset, names, classnames):
@@ -186,17 +187,12 @@ def map_class_names(dataset, names, classnames):
     match no class. A name matches a wnid of the dataset, a class index (gtsrb, imagenet-v2), or a class
     name / known alias up to spelling (name_key). Names that two classes share (ImageNet's two 'missile's
     and 'sunglasses') only resolve through wnids."""
-    by_key, ambiguous = {}, set()
-    for i, c in enumerate(classnames):
-        k = name_key(c)
-        if k in by_key:
-            ambiguous.add(k)
-        by_key[k] = i
-    for k in ambiguous:
-        del by_key[k]
+    keys = collections.Counter(name_key(c) for c in classnames)
+    ambiguous = {k for k, n in keys.items() if n > 1}
+    by_key = {name_key(c): i for i, c in enumerate(classnames) if keys[name_key(c)] == 1}
     for alias, target in _ALIASES.get(dataset, {}).items():
         by_key[name_key(alias)] = by_key[name_key(target)]
-    by_wnid = {w: i for i, w in enumerate(_wnids(dataset))}
+    by_wnid = {w: i for i, w in enumerate(_WNIDS.get(dataset, []))}
     labels, unknown = [], []
     for name in names:
         if name in by_wnid:
@@ -232,6 +228,7 @@ def map_class_names(dataset, names, classnames):
 MAX_ASPECT = 4
 _READ_ERRORS = {1: "cannot be decoded (truncated, empty or not an image)", 2: "is larger than PIL's "
                 "decompression-bomb limit", 3: "cannot be read (permission denied)", 4: "has vanished"}
+_ERROR_CODES = {Image.DecompressionBombError: 2, PermissionError: 3, FileNotFoundError: 4}  # any other error: 1
 
 
 def read_image(path):
@@ -245,16 +242,6 @@ def read_image(path):
         left, top = (w - cw) // 2, (h - ch) // 2
         img = img.crop((left, top, left + cw, top + ch))
     return img
-
-
-def _error_code(e):
-    if isinstance(e, Image.DecompressionBombError):
-        return 2
-    if isinstance(e, PermissionError):
-        return 3
-    if isinstance(e, FileNotFoundError):
-        return 4
-    return 1
 
 
 class UnreadableDataset(RuntimeError):
@@ -293,7 +280,7 @@ class ImageList(Dataset):
             try:
                 img = read_image(path)
             except Exception as e:  # any decoder error, bomb, permission or vanished file
-                self.bad[j] = _error_code(e)
+                self.bad[j] = next((code for cls, code in _ERROR_CODES.items() if isinstance(e, cls)), 1)
                 continue
             return (self.transform(img) if self.transform is not None else img), label
         if self.on_error == "skip":
@@ -368,17 +355,12 @@ def _split_dir(root, split):
     return None
 
 
-def _is_holdout(path, base):
-    """Deterministic ~20% test split for datasets without an official one (torchvision's SUN397, Caltech101):
-    a hash of the relative path, so the split is the same on every machine and file-system order."""
-    rel = os.path.relpath(path, base).replace(os.sep, "/")
-    return zlib.crc32(rel.encode()) % 5 == 0
-
-
-def _holdout_split(paths, names, labels, base, split):
-    """(paths, names, labels) of split 'test' (the _is_holdout files) or 'train' (the others)."""
-    keep = [_is_holdout(p, base) == (split == "test") for p in paths]
-    return [p for p, k in zip(paths, keep) if k], names, [y for y, k in zip(labels, keep) if k]
+def _holdout_split(samples, base, split):
+    """Split 'test' (~20% of the samples) or 'train' (the others) of a dataset without an official test split
+    (torchvision's SUN397, Caltech101). Deterministic: a hash of each path relative to base decides, so the split
+    is the same on every machine and file-system order."""
+    rel = [os.path.relpath(path, base).replace(os.sep, "/") for path, _ in samples]
+    return [s for s, r in zip(samples, rel) if (zlib.crc32(r.encode()) % 5 == 0) == (split == "test")]
 
 
 def _layout_dir(*parts):
@@ -390,31 +372,22 @@ def _layout_dir(*parts):
     return path
 
 
-def _indices(names, classes):
-    """Index in names of each of classes."""
-    index = {c: i for i, c in enumerate(names)}
-    return [index[c] for c in classes]
-
-
+# Each reader of a torchvision layout returns (class names as torchvision spells them, [(path, its class name)]).
 def _food101(root, split):
     base = os.path.join(root, "food-101")
     images, meta = _layout_dir(base, "images"), _layout_dir(base, "meta")
     with open(os.path.join(meta, f"{split}.json"), encoding="utf-8") as f:
         files = json.load(f)  # {class: ["class/id", ...]}, in the file's order
-    classes = [c for c, ids in files.items() for _ in ids]
-    paths = [os.path.join(images, *f"{i}.jpg".split("/")) for ids in files.values() for i in ids]
-    names = sorted(files)
-    return paths, names, _indices(names, classes)
+    samples = [(os.path.join(images, *f"{i}.jpg".split("/")), c) for c, ids in files.items() for i in ids]
+    return sorted(files), samples
 
 
 def _dtd(root, split):  # the paper's 3,760 training images are DTD's train + val (partition 1)
     base = _layout_dir(root, "dtd", "dtd")
-    lines = [line for s in (("train", "val") if split == "train" else ("test",))
+    lines = [line for s in (("train", "val") if split == "train" else ("test",))  # each '<class>/<file>'
              for _, line in _read_lines(os.path.join(base, "labels", f"{s}1.txt"), "DTD split file")]
-    paths = [os.path.join(base, "images", *line.split("/")) for line in lines]  # line: <class>/<file>
-    classes = [line.split("/")[0] for line in lines]
-    names = sorted(set(classes))
-    return paths, names, _indices(names, classes)
+    samples = [(os.path.join(base, "images", *line.split("/")), line.split("/")[0]) for line in lines]
+    return sorted({c for _, c in samples}), samples
 
 
 def _gtsrb(root, split):
@@ -424,18 +397,17 @@ def _gtsrb(root, split):
         images = _layout_dir(base, "GTSRB", "Final_Test", "Images")
         with open(os.path.join(base, "GT-final_test.csv"), newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f, delimiter=";", skipinitialspace=True))
-        return [os.path.join(images, r["Filename"]) for r in rows], names, [int(r["ClassId"]) for r in rows]
+        return names, [(os.path.join(images, r["Filename"]), str(int(r["ClassId"]))) for r in rows]
     train = _layout_dir(base, "GTSRB", "Training")
-    paths, labels = [], []
+    samples = []
     for folder in sorted(e.name for e in os.scandir(train) if e.is_dir() and not e.name.startswith(".")):
         if not (folder.isdigit() and int(folder) < len(names)):
             raise ValueError(f"GTSRB class folder {os.path.join(train, folder)!r} is not a class number "
                              "00000..00042")
         # the class folders also hold a GT-<class>.csv of boxes: only the .ppm files are images
         ppm = [p for p in _list_images(os.path.join(train, folder)) if p.lower().endswith(".ppm")]
-        paths += ppm
-        labels += [int(folder)] * len(ppm)
-    return paths, names, labels
+        samples += [(p, str(int(folder))) for p in ppm]
+    return names, samples
 
 
 def _pets(root, split):
@@ -447,23 +419,21 @@ def _pets(root, split):
     # as torchvision does ('american_pit_bull_terrier' -> 'American Pit Bull Terrier')
     raw = {int(r[1]): r[0].rsplit("_", 1)[0] for r in rows}
     spelt = {i: " ".join(part.title() for part in raw[i].split("_")) for i in raw}
-    paths = [os.path.join(images, f"{r[0]}.jpg") for r in rows]
     names = [spelt[i] for i in sorted(raw)]
-    return paths, names, _indices(names, [spelt[int(r[1])] for r in rows])
+    return names, [(os.path.join(images, f"{r[0]}.jpg"), spelt[int(r[1])]) for r in rows]
 
 
 def _sun397(root, split):
     base = _layout_dir(root, "SUN397")
     lines = [line for _, line in _read_lines(os.path.join(base, "ClassName.txt"), "SUN397 class list")]
-    paths, labels = [], []
-    for label, line in enumerate(lines):  # line: '/a/apartment_building/outdoor', the class's folder
+    names = [line[3:] for line in lines]  # torchvision's spelling drops the '/a/' letter folder
+    samples = []
+    for line, name in zip(lines, names):  # line: '/a/apartment_building/outdoor', the class's folder
         folder = os.path.join(base, *line.strip("/").split("/"))
         files = sorted(f for f in os.listdir(folder) if f.startswith("sun_") and f.endswith(".jpg")
                        ) if os.path.isdir(folder) else []
-        paths += [os.path.join(folder, f) for f in files]
-        labels += [label] * len(files)
-    names = [line[3:] for line in lines]  # torchvision's spelling drops the '/a/' letter folder
-    return _holdout_split(paths, names, labels, base, split)
+        samples += [(os.path.join(folder, f), name) for f in files]
+    return names, _holdout_split(samples, base, split)
 
 
 def _caltech101(root, split):
@@ -472,39 +442,39 @@ def _caltech101(root, split):
     # last, after torchvision's sorted categories)
     names = sorted((e.name for e in os.scandir(base) if e.is_dir() and not e.name.startswith(".")),
                    key=lambda n: (n == "BACKGROUND_Google", n))
-    paths, labels = [], []
-    for label, name in enumerate(names):
-        files = _list_images(os.path.join(base, name))
-        paths += files
-        labels += [label] * len(files)
-    return _holdout_split(paths, names, labels, base, split)
+    samples = [(path, name) for name in names for path in _list_images(os.path.join(base, name))]
+    return names, _holdout_split(samples, base, split)
 
 
-# Each torchvision dataset's public constructor, used only to fetch and verify its files (--download).
-_FETCH = {
-    "food101": lambda root, split: tv_datasets.Food101(root, split=split, download=True),
-    "dtd": lambda root, split: tv_datasets.DTD(root, download=True),  # one archive holds every split
-    "gtsrb": lambda root, split: tv_datasets.GTSRB(root, split=split, download=True),
-    "pets": lambda root, split: tv_datasets.OxfordIIITPet(root, download=True),
-    "sun397": lambda root, split: tv_datasets.SUN397(root, download=True),
-    "caltech101": lambda root, split: tv_datasets.Caltech101(root, download=True),
+# name: (reader, torchvision's layout (for messages), the public torchvision class that fetches and verifies the
+# files under --download, whether that class is passed the split: DTD's, Pets', SUN397's, Caltech101's one
+# archive holds every split)
+_TORCHVISION = {
+    "food101": (_food101, "root/food-101/", "Food101", True),
+    "dtd": (_dtd, "root/dtd/dtd/", "DTD", False),
+    "gtsrb": (_gtsrb, "root/gtsrb/GTSRB/", "GTSRB", True),
+    "pets": (_pets, "root/oxford-iiit-pet/", "OxfordIIITPet", False),
+    "sun397": (_sun397, "root/SUN397/", "SUN397", False),
+    "caltech101": (_caltech101, "root/caltech101/", "Caltech101", False),
 }
-_LAYOUT_READERS = {"food101": _food101, "dtd": _dtd, "gtsrb": _gtsrb, "pets": _pets, "sun397": _sun397,
-                   "caltech101": _caltech101}
 
 
-def _torchvision_samples(name, root, split, download):
-    """(paths, class names as torchvision spells them, labels indexing those names) of torchvision's on-disk copy
-    of a dataset. The files are read here, not through torchvision's datasets, whose private attributes change
-    between releases; download=True first lets torchvision's public constructor fetch and verify them."""
-    root = os.path.expanduser(root)  # torchvision downloads to the expanded path
-    if download:
-        _FETCH[name](root, split)
-    return _LAYOUT_READERS[name](root, split)
-
-
-_TORCHVISION_LAYOUT = {"food101": "root/food-101/", "dtd": "root/dtd/dtd/", "gtsrb": "root/gtsrb/GTSRB/",
-                       "pets": "root/oxford-iiit-pet/", "sun397": "root/SUN397/", "caltech101": "root/caltech101/"}
+def _torchvision_samples(name, root, split, download, classnames):
+    """Samples of torchvision's on-disk copy of a dataset, its class names mapped by name. The files are read here,
+    not through torchvision's datasets, whose private attributes change between releases; download=True first
+    lets torchvision's public constructor fetch and verify them."""
+    read, layout, fetch, takes_split = _TORCHVISION[name]
+    tv_root = os.path.expanduser(root)  # torchvision downloads to the expanded path
+    try:
+        if download:
+            getattr(tv_datasets, fetch)(tv_root, download=True, **({"split": split} if takes_split else {}))
+        names, samples = read(tv_root, split)
+    except RuntimeError as e:  # torchvision's "Dataset not found ...", or _layout_dir's
+        raise FileNotFoundError(
+            f"no {name} under {root!r}: expected {root}/train/<class>/... and {root}/test/<class>/..., or "
+            f"torchvision's layout {layout.replace('root', root)} (pass --download to fetch it) [{e}]") from None
+    to_prompt = dict(zip(names, map_class_names(name, names, classnames)))
+    return [(path, to_prompt[c]) for path, c in samples]
 
 
 def _read_lines(path, what):
@@ -529,8 +499,8 @@ def read_classnames(path):
     if len(names) < 2:
         raise ValueError(f"class names file {path!r} lists {len(names)} class(es); a classifier needs at least 2 "
                          "(one name per line)")
-    keys = [name_key(n) for n in names]
-    dup = sorted({n for n, k in zip(names, keys) if keys.count(k) > 1})
+    keys = collections.Counter(name_key(n) for n in names)
+    dup = sorted({n for n in names if keys[name_key(n)] > 1})
     if dup:
         raise ValueError(f"class names file {path!r} repeats class names (up to case/punctuation): {dup}")
     return names, [i for i, _ in lines]
@@ -573,33 +543,13 @@ def check_prompt_lengths(classnames, templates, classes_at=None, templates_at=No
                              + (f" ({'; '.join(where)})" if where else ""))
 
 
-def _folder_dataset(root, split, classes_file, templates_file, eval_root, ignored):
-    """(samples, classnames, templates) of --data folder: unlabeled images for 'train', eval_root for 'test'."""
-    if classes_file is None:
-        raise ValueError("dataset 'folder' needs a class names file (--classes FILE, one class name per line)")
-    classnames, class_lines = read_classnames(classes_file)
-    templates, template_lines = read_templates(templates_file) if templates_file else (list(DEFAULT_TEMPLATES), None)
-    check_prompt_lengths(classnames, templates, (classes_file, class_lines),
-                         (templates_file, template_lines) if templates_file else None)
-    if split == "train":
-        _require_dir(root, "dataset root")
-        paths = _list_images(root, ignored=ignored)
-        if not paths:
-            raise FileNotFoundError(f"no images ({'/'.join(IMG_EXTENSIONS)}) found under {root!r}")
-        return [(p, -1) for p in paths], classnames, templates  # unlabeled
-    if eval_root is None:
-        raise ValueError("split 'test' of dataset 'folder' needs --eval-root DIR: labeled images in "
-                         "DIR/<class name>/..., one folder per name in the classes file")
-    _require_dir(eval_root, "eval root")
-    return scan_class_folders(eval_root, "folder", classnames, ignored), classnames, templates
-
-
 def build_dataset(name, root, split, transform, classes_file=None, templates_file=None, eval_root=None,
                   download=False):
     """Dataset of (transform(img), label) with .classnames (prompt order) and .templates.
 
     split: 'train' (unlabeled adaptation images) or 'test'. templates_file replaces the published templates;
-    classes_file and eval_root are for name='folder'; download lets torchvision fetch its datasets.
+    classes_file and eval_root are for name='folder'; download lets torchvision fetch its datasets. Training
+    substitutes unreadable images, evaluation skips them (ImageList).
     """
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
@@ -607,48 +557,53 @@ def build_dataset(name, root, split, transform, classes_file=None, templates_fil
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if name in _REGISTERED:
         return _REGISTERED[name][0](root, split, transform)
-    ignored = []
     if name == "folder":
-        samples, classnames, templates = _folder_dataset(root, split, classes_file, templates_file, eval_root, ignored)
-        return _image_list(samples, classnames, templates, transform, split, ignored)
-    if classes_file is not None:
+        if classes_file is None:
+            raise ValueError("dataset 'folder' needs a class names file (--classes FILE, one class name per line)")
+        classnames, class_lines = read_classnames(classes_file)
+        templates, classes_at = list(DEFAULT_TEMPLATES), (classes_file, class_lines)
+    elif classes_file is not None:
         raise ValueError(f"--classes is only for dataset 'folder'; {name!r} uses the published class names")
-    classnames, templates = dataset_prompts(name)
+    else:
+        classnames, templates = dataset_prompts(name)
+        classes_at = None  # the published prompts fit CLIP's context
+    templates_at = None
     if templates_file:
         templates, lines = read_templates(templates_file)
-        check_prompt_lengths(classnames, templates, None, (templates_file, lines))
-    if not (download and name in _TORCHVISION_LAYOUT):
+        templates_at = (templates_file, lines)
+    if classes_at or templates_at:
+        check_prompt_lengths(classnames, templates, classes_at, templates_at)
+    if name == "folder" and split == "test":
+        if eval_root is None:
+            raise ValueError("split 'test' of dataset 'folder' needs --eval-root DIR: labeled images in "
+                             "DIR/<class name>/..., one folder per name in the classes file")
+        _require_dir(eval_root, "eval root")
+    elif not (download and name in _TORCHVISION):
         _require_dir(root, "dataset root")
 
-    split_dir = _split_dir(root, split) if os.path.isdir(root) else None
-    folder_layout = os.path.isdir(root) and any(_split_dir(root, s) for s in ("train", "test"))
-    if name in _SHIFTED_IMAGENETS:  # transductive: both splits are the (unlabeled) test images
-        samples = scan_class_folders(split_dir or _split_dir(root, "test") or root, name, classnames, ignored)
-    elif folder_layout:
+    ignored = []
+    if name == "folder" and split == "test":
+        samples = scan_class_folders(eval_root, "folder", classnames, ignored)
+    elif name == "folder":
+        samples = [(p, -1) for p in _list_images(root, ignored=ignored)]  # unlabeled
+        if not samples:
+            raise FileNotFoundError(f"no images ({'/'.join(IMG_EXTENSIONS)}) found under {root!r}")
+    elif name in _SHIFTED_IMAGENETS:  # transductive: both splits are the (unlabeled) test images
+        images = _split_dir(root, split) or _split_dir(root, "test") or root
+        samples = scan_class_folders(images, name, classnames, ignored)
+    elif any(_split_dir(root, s) for s in ("train", "test")):
+        split_dir = _split_dir(root, split)
         if split_dir is None:
             want = "train" if split == "train" else "test (or val)"
             raise FileNotFoundError(f"{root!r} has no {want} folder of class folders for split {split!r}")
         samples = scan_class_folders(split_dir, name, classnames, ignored)
-    elif name in _TORCHVISION_LAYOUT:
-        try:
-            paths, tv_names, tv_labels = _torchvision_samples(name, root, split, download)
-        except RuntimeError as e:  # torchvision's "Dataset not found ..."
-            raise FileNotFoundError(
-                f"no {name} under {root!r}: expected {root}/train/<class>/... and {root}/test/<class>/..., or "
-                f"torchvision's layout {_TORCHVISION_LAYOUT[name].replace('root', root)} (pass --download to "
-                f"fetch it) [{e}]") from None
-        to_prompt = map_class_names(name, list(tv_names), classnames)
-        samples = [(str(p), to_prompt[y]) for p, y in zip(paths, tv_labels)]
+    elif name in _TORCHVISION:
+        samples = _torchvision_samples(name, root, split, download, classnames)
     else:
         what = "<wnid>/*.JPEG and val/<wnid>" if name == "imagenet" else "<ActionName>/**/*.jpg and test/<ActionName>"
         raise FileNotFoundError(f"no {name} under {root!r}: expected {root}/train/{what}/...")
     if not samples:
         raise FileNotFoundError(f"no {split} images of {name} found under {root!r}")
-    return _image_list(samples, classnames, templates, transform, split, ignored)
-
-
-def _image_list(samples, classnames, templates, transform, split, ignored):
-    """Training substitutes unreadable images, evaluation skips them (ImageList)."""
     return ImageList(samples, classnames, templates, transform, "substitute" if split == "train" else "skip", ignored)
 
 
@@ -656,13 +611,8 @@ def _image_list(samples, classnames, templates, transform, split, ignored):
 # Views and mask (paper §3: teacher sees the weak view, student the strong view with masked patches)
 
 
-def _normalize():
-    return T.Normalize(CLIP_MEAN, CLIP_STD)
-
-
-def test_transform(input_size):
-    """CLIP's evaluation preprocessing: bicubic resize of the shorter side, center crop, normalize."""
-    return clip_model.image_transform(input_size)
+# CLIP's evaluation preprocessing: bicubic resize of the shorter side, center crop, normalize.
+test_transform = clip_model.image_transform
 
 
 # RandAugment as the release runs it: timm 0.4.12's rand_augment_transform('rand-m9-mstd0.5-inc1', hparams) with
@@ -677,111 +627,76 @@ _FILL = tuple(min(255, round(255 * m)) for m in CLIP_MEAN)  # pixels a geometric
 _RESAMPLE = Image.BICUBIC
 
 
-def _signed(value, negate):
+def _level(magnitude, top, negate=False):
+    """An op's parameter at this magnitude: magnitude / 10 of its value at magnitude 10, negated on a sign draw."""
+    value = magnitude / _MAX_MAGNITUDE * top
     return -value if negate else value
-
-
-def _affine(img, coeffs):
-    # PIL's affine maps output pixel (x, y) to input (a·x + b·y + c, d·x + e·y + f): shears pivot on the
-    # top-left corner, not the centre, and translations may be fractional (then bicubic-resampled)
-    return img.transform(img.size, Image.AFFINE, coeffs, resample=_RESAMPLE, fillcolor=_FILL)
 
 
 def _lut(img, table):
     return img.point(table * len(img.getbands()))
 
 
-def _autocontrast(img, magnitude, negate):
-    return ImageOps.autocontrast(img)
-
-
-def _equalize(img, magnitude, negate):
-    return ImageOps.equalize(img)
-
-
-def _invert(img, magnitude, negate):
-    return ImageOps.invert(img)
+def _unparameterized(op, img, magnitude, negate):  # AutoContrast, Equalize, Invert
+    return op(img)
 
 
 def _rotate(img, magnitude, negate):
     # about the centre, same canvas, up to ±30°
-    return img.rotate(_signed(magnitude / _MAX_MAGNITUDE * 30.0, negate), resample=_RESAMPLE, fillcolor=_FILL)
+    return img.rotate(_level(magnitude, 30.0, negate), resample=_RESAMPLE, fillcolor=_FILL)
 
 
 def _posterize_increasing(img, magnitude, negate):
     # keeps 4 bits at magnitude 0 down to 0 bits (a black image) at 10. Our own table, not ImageOps.posterize:
     # Pillow of the release's era accepted 0 bits, current Pillow raises on it.
-    bits = 4 - int(magnitude / _MAX_MAGNITUDE * 4)
+    bits = 4 - int(_level(magnitude, 4))
     keep = 0xFF & ~(2 ** (8 - bits) - 1)
     return _lut(img, [i & keep for i in range(256)])
 
 
 def _solarize_increasing(img, magnitude, negate):
     # inverts values >= threshold; the threshold falls from 256 (no-op) to 0 (full inversion)
-    return ImageOps.solarize(img, 256 - int(magnitude / _MAX_MAGNITUDE * 256))
+    return ImageOps.solarize(img, 256 - int(_level(magnitude, 256)))
 
 
 def _solarize_add(img, magnitude, negate):
-    add = int(magnitude / _MAX_MAGNITUDE * 110)
+    add = int(_level(magnitude, 110))
     return _lut(img, [min(255, i + add) if i < 128 else i for i in range(256)])
 
 
-def _enhance_factor(magnitude, negate):
+def _enhance(enhancer, img, magnitude, negate):  # an ImageEnhance class: Color, Contrast, Brightness, Sharpness
     # 1 is the identity; the distortion grows with magnitude towards 0.1 or 1.9
-    return 1.0 + _signed(magnitude / _MAX_MAGNITUDE * 0.9, negate)
+    return enhancer(img).enhance(1.0 + _level(magnitude, 0.9, negate))
 
 
-def _color(img, magnitude, negate):
-    return ImageEnhance.Color(img).enhance(_enhance_factor(magnitude, negate))
-
-
-def _contrast(img, magnitude, negate):
-    return ImageEnhance.Contrast(img).enhance(_enhance_factor(magnitude, negate))
-
-
-def _brightness(img, magnitude, negate):
-    return ImageEnhance.Brightness(img).enhance(_enhance_factor(magnitude, negate))
-
-
-def _sharpness(img, magnitude, negate):
-    return ImageEnhance.Sharpness(img).enhance(_enhance_factor(magnitude, negate))
-
-
-def _shear_x(img, magnitude, negate):
-    return _affine(img, (1, _signed(magnitude / _MAX_MAGNITUDE * 0.3, negate), 0, 0, 1, 0))
-
-
-def _shear_y(img, magnitude, negate):
-    return _affine(img, (1, 0, 0, _signed(magnitude / _MAX_MAGNITUDE * 0.3, negate), 1, 0))
-
-
-def _translate_x_rel(img, magnitude, negate):
-    pct = _signed(magnitude / _MAX_MAGNITUDE * 0.45, negate)  # up to 45% of the width
-    return _affine(img, (1, 0, pct * img.size[0], 0, 1, 0))
-
-
-def _translate_y_rel(img, magnitude, negate):
-    pct = _signed(magnitude / _MAX_MAGNITUDE * 0.45, negate)
-    return _affine(img, (1, 0, 0, 0, 1, pct * img.size[1]))
+def _affine(name, img, magnitude, negate):
+    # PIL's affine maps output pixel (x, y) to input (a·x + b·y + c, d·x + e·y + f): shears pivot on the
+    # top-left corner, not the centre, and translations (up to 45% of the side) may be fractional (then
+    # bicubic-resampled)
+    shear, shift = _level(magnitude, 0.3, negate), _level(magnitude, 0.45, negate)
+    coeffs = {"ShearX": (1, shear, 0, 0, 1, 0), "ShearY": (1, 0, 0, shear, 1, 0),
+              "TranslateXRel": (1, 0, shift * img.size[0], 0, 1, 0),
+              "TranslateYRel": (1, 0, 0, 0, 1, shift * img.size[1])}[name]
+    return img.transform(img.size, Image.AFFINE, coeffs, resample=_RESAMPLE, fillcolor=_FILL)
 
 
 # timm's 'inc1' op list, in its order (the order matters: the op index is a random draw)
 _RANDAUG_OPS = {
-    "AutoContrast": _autocontrast,
-    "Equalize": _equalize,
-    "Invert": _invert,
+    "AutoContrast": functools.partial(_unparameterized, ImageOps.autocontrast),
+    "Equalize": functools.partial(_unparameterized, ImageOps.equalize),
+    "Invert": functools.partial(_unparameterized, ImageOps.invert),
     "Rotate": _rotate,
     "PosterizeIncreasing": _posterize_increasing,
     "SolarizeIncreasing": _solarize_increasing,
     "SolarizeAdd": _solarize_add,
-    "ColorIncreasing": _color,
-    "ContrastIncreasing": _contrast,
-    "BrightnessIncreasing": _brightness,
-    "SharpnessIncreasing": _sharpness,
-    "ShearX": _shear_x,
-    "ShearY": _shear_y,
-    "TranslateXRel": _translate_x_rel,
-    "TranslateYRel": _translate_y_rel,
+    "ColorIncreasing": functools.partial(_enhance, ImageEnhance.Color),
+    "ContrastIncreasing": functools.partial(_enhance, ImageEnhance.Contrast),
+    "BrightnessIncreasing": functools.partial(_enhance, ImageEnhance.Brightness),
+    "SharpnessIncreasing": functools.partial(_enhance, ImageEnhance.Sharpness),
+    "ShearX": functools.partial(_affine, "ShearX"),
+    "ShearY": functools.partial(_affine, "ShearY"),
+    "TranslateXRel": functools.partial(_affine, "TranslateXRel"),
+    "TranslateYRel": functools.partial(_affine, "TranslateYRel"),
 }
 # ops whose parameter has a random sign; only these consume a sign draw (as in timm)
 _SIGNED_OPS = frozenset({"Rotate", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
@@ -875,8 +790,8 @@ class TrainTransform:
     def __init__(self, input_size, mask_generator, strong="paper"):
         self.weak = T.Compose([
             T.Resize(input_size, interpolation=InterpolationMode.BICUBIC), T.RandomCrop(input_size),
-            T.ToTensor(), _normalize()])
-        self.strong = T.Compose([strong_view(input_size, strong), T.ToTensor(), _normalize()])
+            T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+        self.strong = T.Compose([strong_view(input_size, strong), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
         self.mask_generator = mask_generator
 
     def __call__(self, img):

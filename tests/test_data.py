@@ -552,7 +552,7 @@ def test_torchvision_layouts_are_read_without_torchvision(tmp_path, monkeypatch,
     for split in ("train", "test"):
         assert len(data.build_dataset(name, str(tmp_path / "full"), split, transform=None)) > 0
     os.makedirs(tmp_path / "empty")
-    layout = data._TORCHVISION_LAYOUT[name].replace("root", str(tmp_path / "empty"))
+    layout = data._TORCHVISION[name][1].replace("root", str(tmp_path / "empty"))
     for split in ("train", "test"):  # a missing layout: the message names it and --download
         with pytest.raises(FileNotFoundError, match=f"torchvision's layout {layout} \\(pass --download"):
             data.build_dataset(name, str(tmp_path / "empty"), split, transform=None)
