@@ -65,8 +65,8 @@ SETTINGS = [
     _s("eval_freq", int, None, _AT_LEAST_1, "run", "evaluate student and teacher every this many epochs [Table 10]",
        defines=False),
     _s("log_freq", int, 10, _AT_LEAST_1, "run", "log every this many optimizer steps", defines=False),
-    _s("save_freq", int, 0, (lambda v: v >= 0, "0 (off) or more"), "run", "also checkpoint every this many steps (0: at epoch ends only)",
-       defines=False),
+    _s("save_freq", int, 0, (lambda v: v >= 0, "0 (off) or more"), "run",
+       "also checkpoint every this many steps (0: at epoch ends only)", defines=False),
     _s("max_steps", int, None, _AT_LEAST_0, "run", "stop (with a checkpoint) after this many optimizer steps in "
        "total; the lr schedule still spans --epochs", defines=False),
 ]
@@ -137,9 +137,9 @@ def check_flags(args):
             fail(f"--{s.name.replace('_', '-')} {value} is not allowed: it must be {s.domain}")
     if args.data not in data.DATASET_NAMES:
         fail(f"unknown dataset {args.data!r}; choose one of: {', '.join(data.DATASET_NAMES)}")
-    if not data.is_registered(args.data) and not args.download and (not args.data_root or not os.path.isdir(args.data_root)
-                                                     or not os.listdir(args.data_root)):
-        fail(f"data root {args.data_root!r} is missing or empty (give --data-root DIR)")
+    if not data.is_registered(args.data) and not args.download:
+        if not args.data_root or not os.path.isdir(args.data_root) or not os.listdir(args.data_root):
+            fail(f"data root {args.data_root!r} is missing or empty (give --data-root DIR)")
     for flag, path in (("--init", args.init), ("--eval-root", args.eval_root)):
         if path and not os.path.exists(path):
             fail(f"{flag} {path} does not exist")

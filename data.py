@@ -1,6 +1,7 @@
 """
 Data for MUST: per-dataset hyperparameters (paper Table 10), datasets with labels in the published prompt
-order, the two augmented views + patch mask of one training image (paper §3), and seeding for loaders.
+order, the two augmented views + patch mask of one training image (paper §3), and the shifted ImageNets that
+eval.py --shift finds under one folder (find_shift_sets; docs/usage.md gives that layout).
 
 Label order is always the order of prompts.DATASETS[...]["classes"] (the authors' prepared copies, i.e.
 sorted folder names). Every loader maps its own class names to that order BY NAME, never by position.
@@ -167,10 +168,10 @@ def name_key(name):
     return re.sub(r"[^0-9a-z]", "", name.lower())
 
 
-# The wnids of the ImageNets, in label order.
-_WNIDS = {"imagenet": prompts.IMAGENET_WNIDS, "imagenet-sketch": prompts.IMAGENET_WNIDS,
-          "imagenet-v2": prompts.IMAGENET_WNIDS, "imagenet-r": prompts.IMAGENET_R_WNIDS,
-          "imagenet-a": prompts.IMAGENET_A_WNIDS}
+# The wnids of the ImageNets, in label order: their class identities (names repeat there: two 'missile's).
+WNIDS = {"imagenet": prompts.IMAGENET_WNIDS, "imagenet-sketch": prompts.IMAGENET_WNIDS,
+         "imagenet-v2": prompts.IMAGENET_WNIDS, "imagenet-c": prompts.IMAGENET_WNIDS,
+         "imagenet-r": prompts.IMAGENET_R_WNIDS, "imagenet-a": prompts.IMAGENET_A_WNIDS}
 
 
 def dataset_prompts(dataset):
@@ -178,7 +179,7 @@ def dataset_prompts(dataset):
     entry = prompts.DATASETS["imagenet" if dataset in _SHIFTED_IMAGENETS else dataset]
     classes = list(entry["classes"])
     if dataset in ("imagenet-r", "imagenet-a"):  # 200-class subsets of ImageNet, in their own label order
-        classes = [classes[prompts.IMAGENET_WNIDS.index(w)] for w in _WNIDS[dataset]]
+        classes = [classes[prompts.IMAGENET_WNIDS.index(w)] for w in WNIDS[dataset]]
     return classes, list(entry["templates"])
 
 
@@ -192,7 +193,7 @@ def map_class_names(dataset, names, classnames):
     by_key = {name_key(c): i for i, c in enumerate(classnames) if keys[name_key(c)] == 1}
     for alias, target in _ALIASES.get(dataset, {}).items():
         by_key[name_key(alias)] = by_key[name_key(target)]
-    by_wnid = {w: i for i, w in enumerate(_WNIDS.get(dataset, []))}
+    by_wnid = {w: i for i, w in enumerate(WNIDS.get(dataset, []))}
     labels, unknown = [], []
     for name in names:
         if name in by_wnid:
@@ -345,6 +346,50 @@ def scan_class_folders(split_dir, dataset, classnames, ignored=None):
     if not samples:
         raise FileNotFoundError(f"no images ({'/'.join(IMG_EXTENSIONS)}) in the class folders of {split_dir!r}")
     return samples
+
+
+def _enter_single_subfolder(path):
+    """ImageNet-Sketch/sketch/<wnid>, imagenetv2/<variant>/<index>: a folder whose only entry is a folder
+    that is not itself a class folder is entered."""
+    while True:
+        entries = [e for e in os.scandir(path) if not e.name.startswith(".")]
+        if len(entries) != 1 or not entries[0].is_dir():
+            return path
+        name = entries[0].name
+        if name.isdigit() or re.fullmatch(r"n\d{8}", name) or name in ("test", "val", "train"):
+            return path
+        path = entries[0].path
+
+
+def shift_kind(folder):
+    """The shifted ImageNet a folder name stands for, or None."""
+    k = name_key(folder)
+    if k.startswith("imagenetv2"):
+        return "imagenet-v2"
+    return {"imagenetr": "imagenet-r", "imagenetrendition": "imagenet-r", "imageneta": "imagenet-a",
+            "imagenetadversarial": "imagenet-a", "imagenetsketch": "imagenet-sketch", "sketch": "imagenet-sketch",
+            "imagenet": "imagenet"}.get(k)
+
+
+_SHIFT_ORDER = ("imagenet", "imagenet-v2", "imagenet-r", "imagenet-a", "imagenet-sketch")  # Table 9's
+
+
+def find_shift_sets(root):
+    """[(set name, kind, path)] of the shifted ImageNets under root (eval.py --shift-root), in Table 9's order."""
+    _require_dir(root, "shift root")
+    found = []
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        kind = shift_kind(entry.name) if entry.is_dir() else None
+        if kind is not None:
+            found.append((kind, entry.name, _enter_single_subfolder(entry.path)))
+    if not found:
+        folders = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        raise FileNotFoundError(f"no shifted ImageNet under {root!r} (folders: {folders[:10]}); expected subfolders "
+                                "named imagenetv2-*, imagenet-r, imagenet-a, imagenet-sketch (or imagenet with val/)")
+    n_v2 = sum(kind == "imagenet-v2" for kind, _, _ in found)
+    found.sort(key=lambda f: _SHIFT_ORDER.index(f[0]))
+    return [(kind if kind != "imagenet-v2" or n_v2 == 1 else f"imagenet-v2 ({folder})", kind, path)
+            for kind, folder, path in found]
 
 
 def _split_dir(root, split):

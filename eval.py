@@ -21,7 +21,6 @@ import argparse
 import bisect
 import json
 import os
-import re
 import time
 from collections import namedtuple
 
@@ -49,8 +48,6 @@ ALEXNET_ERR = {
 }
 SEVERITIES = (1, 2, 3, 4, 5)
 PAPER_MCE = "CLIP 70.7, self-training 55.2, MUST 53.4, MAE+supervised 51.7"  # the paper's Table 8, ViT-B/16
-SHIFT_ORDER = ("imagenet", "imagenet-v2", "imagenet-r", "imagenet-a", "imagenet-sketch")
-IMAGENET_FAMILY = ("imagenet", "imagenet-v2", "imagenet-sketch", "imagenet-r", "imagenet-a", "imagenet-c")
 
 
 
@@ -59,10 +56,8 @@ IMAGENET_FAMILY = ("imagenet", "imagenet-v2", "imagenet-sketch", "imagenet-r", "
 
 
 def class_ids(dataset, classnames):
-    """Identities of a label space: wnids for the ImageNet family (names repeat there: two 'missile's),
-    spelling-insensitive names otherwise."""
-    wnids = {"imagenet-r": prompts.IMAGENET_R_WNIDS, "imagenet-a": prompts.IMAGENET_A_WNIDS}.get(
-        dataset, prompts.IMAGENET_WNIDS if dataset in IMAGENET_FAMILY else None)
+    """Identities of a label space: wnids for the ImageNets (data.WNIDS), spelling-insensitive names otherwise."""
+    wnids = data.WNIDS.get(dataset)
     if wnids is not None and len(wnids) == len(classnames):
         return list(wnids)
     return [data.name_key(c) for c in classnames]
@@ -82,71 +77,11 @@ def columns_for(model_ids, set_ids):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# models: everything is a MUSTModel (CLIP zero-shot = its tower + the zero-shot head as classifier, Fig. 1)
-
-
-def load_must(path):
-    """(student, teacher, run args) of a train.py checkpoint."""
-    if not os.path.isfile(path):
-        fail(f"no checkpoint file at {path}")
-    try:
-        student, run = must.load_checkpoint(path, "student")
-        teacher, _ = must.load_checkpoint(path, "teacher")
-    except Exception as e:  # torch.load / missing keys / shape mismatch: the file is not what train.py writes
-        fail(f"cannot read MUST checkpoint {path} ({clip_model.load_error_detail(e)})")
-    if len(run["classnames"]) != student.num_classes:
-        fail(f"checkpoint {path} lists {len(run['classnames'])} class names for a {student.num_classes}-way head")
-    return student, teacher, run
-
-
-# ----------------------------------------------------------------------------------------------------------
 # evaluation sets
 
 
 # A labeled dataset to score: its name, kind (a --data name), dataset (ImageList-like), class identities and root.
 EvalSet = namedtuple("EvalSet", "name kind dataset ids root")
-
-
-def _enter_single_subfolder(path):
-    """ImageNet-Sketch/sketch/<wnid>, imagenetv2/<variant>/<index>: a folder whose only entry is a folder
-    that is not itself a class folder is entered."""
-    while True:
-        entries = [e for e in os.scandir(path) if not e.name.startswith(".")]
-        if len(entries) != 1 or not entries[0].is_dir():
-            return path
-        name = entries[0].name
-        if name.isdigit() or re.fullmatch(r"n\d{8}", name) or name in ("test", "val", "train"):
-            return path
-        path = entries[0].path
-
-
-def shift_kind(folder):
-    """The shifted ImageNet a folder name stands for, or None."""
-    k = data.name_key(folder)
-    if k.startswith("imagenetv2"):
-        return "imagenet-v2"
-    return {"imagenetr": "imagenet-r", "imagenetrendition": "imagenet-r", "imageneta": "imagenet-a",
-            "imagenetadversarial": "imagenet-a", "imagenetsketch": "imagenet-sketch", "sketch": "imagenet-sketch",
-            "imagenet": "imagenet"}.get(k)
-
-
-def find_shift_sets(root):
-    """[(set name, kind, path)] of the shifted ImageNets under root, in Table 9's order."""
-    if not os.path.isdir(root):
-        fail(f"shift root {root!r} does not exist or is not a directory")
-    found = []
-    for entry in sorted(os.scandir(root), key=lambda e: e.name):
-        kind = shift_kind(entry.name) if entry.is_dir() else None
-        if kind is not None:
-            found.append((kind, entry.name, _enter_single_subfolder(entry.path)))
-    if not found:
-        folders = sorted(e.name for e in os.scandir(root) if e.is_dir())
-        fail(f"no shifted ImageNet under {root!r} (folders: {folders[:10]}); expected subfolders named "
-             "imagenetv2-*, imagenet-r, imagenet-a, imagenet-sketch (or imagenet with val/)")
-    n_v2 = sum(kind == "imagenet-v2" for kind, _, _ in found)
-    found.sort(key=lambda f: SHIFT_ORDER.index(f[0]))
-    return [(kind if kind != "imagenet-v2" or n_v2 == 1 else f"imagenet-v2 ({folder})", kind, path)
-            for kind, folder, path in found]
 
 
 def build_set(name, kind, root, transform, templates_file=None, classes_file=None):
@@ -406,7 +341,11 @@ def resolve_sets(args, run, transform):
         root = args.shift_root or args.data_root
         if root is None:
             fail("--shift needs --shift-root DIR (a folder with imagenetv2*/imagenet-r/imagenet-a/imagenet-sketch)")
-        return "shift", [build_set(n, k, p, transform, args.templates) for n, k, p in find_shift_sets(root)], None
+        try:
+            found = data.find_shift_sets(root)
+        except FileNotFoundError as e:
+            fail(str(e))
+        return "shift", [build_set(n, k, p, transform, args.templates) for n, k, p in found], None
     mode = args.data or run.get("data")
     if mode is None:
         fail("give --data NAME (and --data-root DIR), --shift, or a --checkpoint whose dataset is evaluated")
@@ -478,7 +417,16 @@ def load_models(args):
     or None, its name). Everything is a MUSTModel; CLIP zero-shot becomes one once its head is built."""
     models, run, model_ids = {}, {}, {}
     if args.checkpoint:
-        student, teacher, run = load_must(args.checkpoint)
+        if not os.path.isfile(args.checkpoint):
+            fail(f"no checkpoint file at {args.checkpoint}")
+        try:
+            student, run = must.load_checkpoint(args.checkpoint, "student")
+            teacher, _ = must.load_checkpoint(args.checkpoint, "teacher")
+        except Exception as e:  # torch.load / missing keys / shape mismatch: the file is not what train.py writes
+            fail(f"cannot read MUST checkpoint {args.checkpoint} ({clip_model.load_error_detail(e)})")
+        if len(run["classnames"]) != student.num_classes:
+            fail(f"checkpoint {args.checkpoint} lists {len(run['classnames'])} class names for a "
+                 f"{student.num_classes}-way head")
         ids = class_ids(run.get("data"), run["classnames"])
         models.update(student=student, teacher=teacher)
         model_ids.update(student=ids, teacher=ids)

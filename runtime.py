@@ -168,15 +168,16 @@ class ResumableSampler(DistributedSampler):
 # ----------------------------------------------------------------------------------------------------------
 # files
 
-def save_atomic(obj, path, write=torch.save):
-    """write(obj, binary file) to path.tmp, fsync, rename: a kill or a full disk leaves the previous file intact and
-    no partial temp file behind. A failed write is a one-line error that says why. torch.save into a file object
-    names the archive inside 'archive' (after the file, for a path), so the bytes depend only on obj."""
+def save_atomic(obj, path, write=None):
+    """write(obj, binary file) (torch.save by default) to path.tmp, fsync, rename: a kill or a full disk leaves the
+    previous file intact and no partial temp file behind. A failed write is a one-line error that says why.
+    torch.save into a file object names the archive inside 'archive' (after the file, for a path), so the bytes
+    depend only on obj."""
     tmp = path + ".tmp"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
         with open(tmp, "wb") as f:
-            write(obj, f)
+            (write or torch.save)(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

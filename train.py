@@ -33,9 +33,9 @@ import data
 from eval import EvalSet, evaluate, report_listing, report_unreadable
 import must
 import prompts
-from runtime import (ResumableSampler, RunLock, SeededViews, StopRequest, all_reduce, any_process, autocast_for, barrier,
-                     fail, fingerprint, ignore_stop_signals, is_distributed, rank_zero_first, rng_state, save_atomic,
-                     set_rng_state, setup_distributed)
+from runtime import (ResumableSampler, RunLock, SeededViews, StopRequest, all_reduce, any_process, autocast_for,
+                     barrier, fail, fingerprint, ignore_stop_signals, is_distributed, rank_zero_first, rng_state,
+                     save_atomic, set_rng_state, setup_distributed)
 
 CHECKPOINT = "checkpoint.pt"
 

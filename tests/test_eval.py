@@ -137,7 +137,7 @@ def test_columns_restrict_imagenet_head_to_r_and_a_by_wnid():
 
 def test_every_shift_layout_maps_labels_right(world):
     """An oracle that is always right must score 100% on every layout iff folders and logits are mapped right."""
-    found = ev.find_shift_sets(str(world["shift"]))
+    found = data.find_shift_sets(str(world["shift"]))
     assert [(n, k) for n, k, _ in found] == [("imagenet-v2", "imagenet-v2"), ("imagenet-r", "imagenet-r"),
                                              ("imagenet-a", "imagenet-a"), ("imagenet-sketch", "imagenet-sketch")]
     transform = data.test_transform(32)
