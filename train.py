@@ -66,12 +66,13 @@ def param_groups(model, weight_decay, layer_decay):
         # The release decays every param that is not 1-D; its [MSK] is stored as (1, 1, width), so it is decayed
         # although ours is (width,).
         decay = param.ndim > 1 or name.removeprefix("module.") == "visual.mask_token"
-        key = f"layer_{i}_{'decay' if decay else 'no_decay'}"
+        key = (i, not decay)  # in sorted order: by layer, the decayed group first
         if key not in groups:
-            groups[key] = {"name": key, "params": [], "weight_decay": weight_decay if decay else 0.0,
+            groups[key] = {"name": f"layer_{i}_{'decay' if decay else 'no_decay'}", "params": [],
+                           "weight_decay": weight_decay if decay else 0.0,
                            "lr_scale": layer_decay ** (num_layers + 1 - i)}
         groups[key]["params"].append(param)
-    return [groups[k] for k in sorted(groups, key=lambda k: (int(k.split("_")[1]), k))]
+    return [groups[k] for k in sorted(groups)]
 
 
 def make_optimizer(model, weight_decay, layer_decay, lr, device):
@@ -110,17 +111,16 @@ def save_checkpoint(run):
     """Collective: checks that no non-finite update is in the weights, gathers every rank's RNG state; rank 0
     writes OUT/checkpoint.pt atomically."""
     check_health(run)
-    states = [None] * run.world
+    states = [rng_state()] * run.world  # with several processes, all_gather_object puts in every rank's own
     if is_distributed():
-        torch.distributed.all_gather_object(states, rng_state())
-    else:
-        states = [rng_state()]
+        torch.distributed.all_gather_object(states, states[0])
     if run.rank == 0:
         save_atomic({"student": run.student.state_dict(), "teacher": run.teacher.state_dict(),
                      "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
                      "fairness": run.fairness.state_dict(), "step": run.step, "epoch": run.step // run.steps_per_epoch,
-                     "rng": states, "evals": run.evals, "args": vars(run.args), "classnames": run.classnames,
-                     "fingerprints": run.fingerprints, "unreadable": sorted(run.reported)}, run.ckpt_path)
+                     "rng": states, "evals": run.evals, "args": vars(run.args),
+                     "classnames": list(run.train_set.classnames), "fingerprints": run.fingerprints,
+                     "unreadable": sorted(run.reported)}, run.ckpt_path)
     barrier()
 
 
@@ -137,12 +137,14 @@ def resume(run, path):
     run.step, run.evals = ckpt["step"], list(ckpt["evals"])
     run.checked = run.step
     run.reported = set(ckpt.get("unreadable", []))  # warned about already: the warning and count go on from there
-    if run.reported and hasattr(run.train_set, "bad"):
+    if run.reported:  # only a dataset that flags unreadable files (data.ImageList.bad) ever reports one
         run.train_set.bad[sorted(run.reported)] = 1
     states = ckpt["rng"]
     set_rng_state(states[run.rank] if len(states) == run.world else states[0])
     if run.rank == 0:
         print(f"resumed from {path} at step {run.step} (epoch {run.step // run.steps_per_epoch})")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # one optimizer step, exact over the global batch
 
@@ -163,14 +165,15 @@ def train_step(run, parts):
     loss is counted in run.nonfinite and acted on by check_health)."""
     a, dev, masked = run.args, run.device, run.use_mim or run.use_align
     first_of_epoch = run.step % run.steps_per_epoch == 0
+    autocast = torch.autocast(dev.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None)
     with torch.no_grad():  # pseudo-labels from the weak view, no mask (§3.1)
         targets = []
         for (weak, _, _), _ in parts:
-            with run.autocast:
+            with autocast:
                 targets.append(must.pseudo_labels(run.teacher(weak.to(dev, non_blocking=True)), a.conf_threshold))
         num_confident = all_reduce(sum(confident.sum() for _, confident in targets), dev)
         if run.use_reg and len(parts) > 1:
-            with run.autocast:
+            with autocast:
                 probs = sum(len(s) * must.mean_probs(forward_student(run.student, s.to(dev), m.to(dev), masked)[0])
                             for (_, s, m), _ in parts)
             reg_w, l_reg = must.fairness_weights(all_reduce(probs, dev) / a.global_batch, run.fairness, first_of_epoch)
@@ -179,7 +182,7 @@ def train_step(run, parts):
         strong, mask, target = (t.to(dev, non_blocking=True) for t in (strong, mask, target))
         labels, confident = targets[i]
         with contextlib.nullcontext() if i == len(parts) - 1 or run.world == 1 else run.model.no_sync():
-            with run.autocast:
+            with autocast:
                 outputs = forward_student(run.model, strong, mask, masked)
             if run.use_reg and len(parts) == 1:  # the batch is this pass's: its p̄ costs no extra forward
                 probs = len(strong) * must.mean_probs(outputs[0].detach())
@@ -215,6 +218,13 @@ def check_health(run):
     run.checked = run.step
 
 
+def log(run, record):
+    """Rank 0 appends one record to OUT/log.jsonl."""
+    if run.rank == 0:
+        with open(run.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
 def log_train(run, stats, mu, images_per_s):
     """Rank 0 appends one "train" record for the step just done (the terms switched on, summed over processes)."""
     total = dict(zip(STATS, all_reduce(stats, run.device).tolist()))
@@ -222,26 +232,26 @@ def log_train(run, stats, mu, images_per_s):
     if len(run.train_set) - skipped < run.args.global_batch:
         fail(f"only {len(run.train_set) - skipped} of the {len(run.train_set)} training images can be read: fewer "
              f"than one global batch of {run.args.global_batch} (see the warnings above)")
-    on = {"loss_cls": True, "loss_reg": run.use_reg, "loss_mim": run.use_mim, "loss_align": run.use_align}
     weights = {"loss_cls": 1.0, "loss_reg": run.args.lambda_reg, "loss_mim": 1.0, "loss_align": run.args.lambda_align}
+    on = [k for k, used in zip(weights, (True, run.use_reg, run.use_mim, run.use_align)) if used]
     record = {"type": "train", "step": run.step, "epoch": run.step / run.steps_per_epoch,
-              "loss": sum(weights[k] * total[k] for k in on if on[k])}
-    record.update({k: total[k] for k in on if on[k]})
-    record.update(lr=run.optimizer.param_groups[-1]["lr"], ema_mu=mu, conf_ratio=total["confident"] / total["images"],
-                  pseudo_label_acc=total["correct"] / total["labeled"] if total["labeled"] else None,
-                  images_per_s=images_per_s, skipped=skipped)
-    run.log(record)
+              "loss": sum(weights[k] * total[k] for k in on), **{k: total[k] for k in on},
+              "lr": run.optimizer.param_groups[-1]["lr"], "ema_mu": mu,
+              "conf_ratio": total["confident"] / total["images"],
+              "pseudo_label_acc": total["correct"] / total["labeled"] if total["labeled"] else None,
+              "images_per_s": images_per_s, "skipped": skipped}
+    log(run, record)
     return record
 
 
-def train_one_epoch(run, epoch):
-    """The steps of one epoch not done yet (all of them unless resumed inside it).
+def train_one_epoch(run):
+    """The steps not done yet of the epoch run.step is in (all of them unless resumed inside it).
     -> why it ended: "epoch", "max-steps" or "signal" (a process was asked to stop: the step in flight finished)."""
     a = run.args
-    first = run.step - epoch * run.steps_per_epoch
+    epoch, first = divmod(run.step, run.steps_per_epoch)
     run.views.epoch = epoch
     run.sampler.set_epoch(epoch)
-    run.sampler.start = first * run.per_process
+    run.sampler.start = first * run.accum * run.micro_batch  # this process's samples per step
     loader = DataLoader(run.views, batch_size=run.micro_batch, sampler=run.sampler, num_workers=a.num_workers,
                         pin_memory=run.device.type == "cuda", drop_last=True, worker_init_fn=ignore_stop_signals)
     batches = iter(loader)
@@ -281,48 +291,44 @@ def train_one_epoch(run, epoch):
         getattr(batches, "_shutdown_workers", lambda: None)()
 
 
-def run_eval(run, epoch):
-    if run.test_set is None:
+def run_eval(run):
+    """Score student and teacher at the start of an epoch where that is due: before training, every --eval-freq
+    epochs and after the last; each epoch once."""
+    epoch, into_epoch = divmod(run.step, run.steps_per_epoch)
+    due = epoch == 0 or epoch % run.args.eval_freq == 0 or epoch == run.args.epochs
+    if run.test_set is None or into_epoch or not due or any(e["epoch"] == epoch for e in run.evals):
         return
     models = {"student": run.student, "teacher": run.teacher}
-    counts, _ = evaluate(models, [EvalSet("test", run.args.data, run.test_set, run.classnames, None)],
+    counts, _ = evaluate(models, [EvalSet("test", run.args.data, run.test_set, run.train_set.classnames, None)],
                          {(0, name): None for name in models}, run.device, run.micro_batch, run.args.num_workers,
                          run.amp_dtype)
     key = "mean_per_class" if run.mean_per_class else "top1"
     student_acc, teacher_acc = (counts[(0, name)].metrics()[key] for name in models)
     report_unreadable(run.test_set, "test", run.reported_test, run.device)
     run.evals.append({"epoch": epoch, "step": run.step, "student_acc": student_acc, "teacher_acc": teacher_acc})
-    run.log({"type": "eval", **run.evals[-1]})
+    log(run, {"type": "eval", **run.evals[-1]})
     if run.rank == 0:
         tqdm.write(f"epoch {epoch}: student {student_acc:.2f}%  teacher {teacher_acc:.2f}%")
 
 
-def eval_due(run, epoch):
-    """Evaluate before training, every --eval-freq epochs and after the last; each epoch once."""
-    due = epoch == 0 or epoch % run.args.eval_freq == 0 or epoch == run.args.epochs
-    return due and all(e["epoch"] != epoch for e in run.evals)
-
-
 def train(run):
     """The epoch loop and its one place for stopping: the end, --max-steps, or a signal. -> the eval records."""
-    a, spe = run.args, run.steps_per_epoch
-    if run.step % spe == 0 and eval_due(run, run.step // spe):
-        run_eval(run, run.step // spe)  # zero-shot (or --init) before training, or one a signal cut short
+    a = run.args
+    run_eval(run)  # zero-shot (or --init) before training, or one a signal cut short
     why = "epoch"
-    for epoch in range(run.step // spe, a.epochs):
-        why = train_one_epoch(run, epoch)
-        if why == "epoch" and eval_due(run, epoch + 1):
-            run_eval(run, epoch + 1)
+    while run.step < run.total_steps:
+        why = train_one_epoch(run)
+        if why == "epoch":
+            run_eval(run)
+            if a.max_steps is not None and run.step >= a.max_steps:
+                why = "max-steps"
         save_checkpoint(run)
-        if why == "epoch" and a.max_steps is not None and run.step >= a.max_steps:
-            why = "max-steps"
         if why != "epoch":
             break
     if run.rank == 0:
-        skipped = len(run.reported)
-        if skipped:
-            print(f"skipped {skipped} unreadable training image(s) (named above); each was replaced by the next "
-                  f"readable one")
+        if run.reported:
+            print(f"skipped {len(run.reported)} unreadable training image(s) (named above); each was replaced by "
+                  f"the next readable one")
         if why == "max-steps":
             print(f"stopped after step {run.step} of {run.total_steps} (--max-steps); rerun to resume from "
                   f"{run.ckpt_path}")
@@ -333,10 +339,11 @@ def train(run):
     if why == "signal":
         signum = run.stop.signum or 15
         if run.rank == 0:
-            print(f"stopped by {signal.Signals(signum).name} after step {run.step}: checkpoint {run.ckpt_path} written; "
-                  f"run the same command again to resume", file=sys.stderr)
+            print(f"stopped by {signal.Signals(signum).name} after step {run.step}: checkpoint {run.ckpt_path} "
+                  f"written; run the same command again to resume", file=sys.stderr)
         raise SystemExit(128 + signum)
     return run.evals
+
 
 def print_table(evals, dataset, mean_per_class, start_name):
     """Zero-shot vs MUST student vs EMA teacher (last evaluation), plus the release's best-on-test selection."""
@@ -354,19 +361,6 @@ def print_table(evals, dataset, mean_per_class, start_name):
 
 # ----------------------------------------------------------------------------------------------------------
 # building a run
-
-def load_clip(args, rank):
-    """The CLIP of --model (rank 0 downloads first) and the run's Table 10 config for it."""
-    with rank_zero_first(rank):
-        if args.model is None:
-            args.model = data.default_model(args.data, args.data_root)
-        try:
-            clip, _ = clip_model.load(args.model, device="cpu", download_root=args.download_root)
-        except (FileNotFoundError, ValueError, RuntimeError) as e:
-            fail(str(e))
-    config.resolve_config(args, clip.visual)
-    return clip
-
 
 def build_datasets(args, visual, rank):
     """(unlabeled training set with its views and masks, labeled test set or None for a folder without --eval-root)"""
@@ -390,8 +384,8 @@ def build_datasets(args, visual, rank):
 
 
 def build_student(args, clip, head):
-    """MUSTModel: CLIP's image tower + the zero-shot head as a trainable classifier (Fig. 1), the MIM heads, and
-    --init's tower; heads without a loss stay frozen, so DDP sees no unused parameters."""
+    """MUSTModel: CLIP's image tower + the zero-shot head as a trainable classifier (Fig. 1) and the MIM heads;
+    heads without a loss stay frozen, so DDP sees no unused parameters."""
     torch.manual_seed(args.seed)  # same [MSK] / decoder init on every rank (and as with one process)
     student = must.MUSTModel(clip.visual, head, clip.logit_scale.exp().item(), freeze_classifier=args.freeze_classifier)
     if args.no_mim:
@@ -404,8 +398,15 @@ def build_student(args, clip, head):
 
 def build_run(args, rank, world, device, stop):
     """Everything a run holds, as one namespace: model, teacher, optimizer, data, schedule, paths."""
-    clip = load_clip(args, rank)
-    per_process, micro_batch, accum = config.split_batch(args, world)
+    with rank_zero_first(rank):  # the CLIP of --model: rank 0 downloads it first
+        if args.model is None:
+            args.model = data.default_model(args.data, args.data_root)
+        try:
+            clip, _ = clip_model.load(args.model, device="cpu", download_root=args.download_root)
+        except (FileNotFoundError, ValueError, RuntimeError) as e:
+            fail(str(e))
+    config.resolve_config(args, clip.visual)  # Table 10's values for this CLIP where no flag was given
+    _, micro_batch, accum = config.split_batch(args, world)
     train_set, test_set = build_datasets(args, clip.visual, rank)
     fingerprints = {"model": fingerprint(clip.state_dict()), "classes": fingerprint(train_set.classnames),
                     "templates": fingerprint(train_set.templates)}
@@ -429,43 +430,34 @@ def build_run(args, rank, world, device, stop):
         fail(f"{len(train_set)} training images are fewer than one global batch of {args.global_batch}")
     lr, min_lr = args.base_lr * args.global_batch / 256, args.base_min_lr * args.global_batch / 256
     views = SeededViews(train_set, args.seed)
-    run = step_state(args, student, make_optimizer(student, args.weight_decay, args.layer_decay, lr, device), device,
-                     spe, world, rank, stop, os.path.join(args.out_dir, CHECKPOINT))
-    vars(run).update(
-        per_process=per_process, micro_batch=micro_batch, accum=accum, total_steps=args.epochs * spe, lr=lr,
-        min_lr=min_lr, evals=[], train_set=train_set, test_set=test_set, views=views,
-        classnames=list(train_set.classnames),
-        sampler=ResumableSampler(views, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True),
-        mean_per_class=args.data in data.MEAN_PER_CLASS, fingerprints=fingerprints, reported=set(), reported_test=set(),
-        log_path=os.path.join(args.out_dir, "log.jsonl"))
-    run.log = lambda record: _append_json(run.log_path, record) if rank == 0 else None
-    return run
+    sampler = ResumableSampler(views, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    return step_state(
+        args, student, make_optimizer(student, args.weight_decay, args.layer_decay, lr, device), device, spe, world,
+        rank, stop=stop, ckpt_path=os.path.join(args.out_dir, CHECKPOINT), micro_batch=micro_batch, accum=accum,
+        total_steps=args.epochs * spe, lr=lr, min_lr=min_lr, evals=[], train_set=train_set, test_set=test_set,
+        views=views, sampler=sampler, mean_per_class=args.data in data.MEAN_PER_CLASS, fingerprints=fingerprints,
+        reported=set(), reported_test=set(), log_path=os.path.join(args.out_dir, "log.jsonl"))
 
 
-def step_state(args, student, optimizer, device, steps_per_epoch, world=1, rank=0, stop=None, ckpt_path=""):
-    """What train_step and check_health read, built in one place for the trainer, bench.py and the tests. args
-    needs conf_threshold, global_batch, the "loss" settings (config.SETTINGS), amp, no_reg / no_mim / no_align and compile."""
+def step_state(args, student, optimizer, device, steps_per_epoch, world=1, rank=0, **trainer):
+    """What train_step reads, built in one place for the trainer, bench.py and the tests; the trainer passes the
+    rest of its run (data, schedule, paths) as keywords. args needs conf_threshold, global_batch, the "loss"
+    settings (config.SETTINGS), amp, no_reg / no_mim / no_align and compile."""
     amp_dtype, use_scaler = autocast_for(args.amp, device)
     state = SimpleNamespace(
-        args=args, rank=rank, world=world, device=device, stop=stop or SimpleNamespace(signum=None),
+        args=args, rank=rank, world=world, device=device,
         student=student, teacher=must.make_teacher(student),  # Δ = θ at the start (eq. 1)
         model=DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
         if world > 1 else student,
         optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=use_scaler),
         fairness=must.FairnessMean(student.num_classes), amp_dtype=amp_dtype,
-        autocast=torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None),
         use_reg=not args.no_reg, use_mim=not args.no_mim, use_align=not args.no_align,
         patch_size=student.visual.patch_size, steps_per_epoch=steps_per_epoch, step=0,
-        nonfinite=torch.zeros((), dtype=torch.int64, device=device), checked=0, ckpt_path=ckpt_path)
+        nonfinite=torch.zeros((), dtype=torch.int64, device=device), checked=0, **trainer)
     if args.compile:  # in place: the state dict keeps its names, so checkpoints do not depend on the flag
         state.student.compile()
         state.teacher.compile()
     return state
-
-
-def _append_json(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def start(run):
@@ -481,13 +473,13 @@ def start(run):
     random.seed(a.seed + run.rank)
     if path is not None:
         resume(run, path)
+    elif run.rank == 0:  # a fresh run starts a fresh log; a resumed one appends
+        open(run.log_path, "w").close()
     if run.rank == 0:
-        if path is None:  # a fresh run starts a fresh log; a resumed one appends
-            open(run.log_path, "w").close()
         print(f"MUST on {a.data}: {len(run.train_set)} images, {run.student.num_classes} classes, {run.world} "
               f"process(es), global batch {a.global_batch} = {run.world} x {run.accum} x {run.micro_batch}, "
               f"{run.total_steps} steps, lr {run.lr:.3g}, s = {run.student.logit_scale.item():.4g}")
-        run.log({"type": "config", **vars(a), "world_size": run.world, "steps_per_epoch": run.steps_per_epoch})
+        log(run, {"type": "config", **vars(a), "world_size": run.world, "steps_per_epoch": run.steps_per_epoch})
 
 
 # ----------------------------------------------------------------------------------------------------------
