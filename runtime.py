@@ -258,7 +258,7 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
-            raise SystemExit("error: interrupted twice: aborted without a checkpoint (the last one is intact)")
+            fail("interrupted twice: aborted without a checkpoint (the last one is intact)")
         if self.signum is None:
             print(f"\n{signal.Signals(signum).name}: stopping after the current step with a checkpoint "
                   f"(Ctrl-C again to abort at once)", file=sys.stderr, flush=True)
