@@ -466,8 +466,7 @@ def load(name_or_path, device="cpu", download_root=None):
         raise ValueError(f"unknown model '{name_or_path}'; available models are {available_models()}, "
                          "or pass the path of a checkpoint file")
     sd = _read_state_dict(path)
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
-    model = build_model(sd).to(device).eval()
+    model = build_model(sd).to(device).eval()  # built in fp32: load_state_dict casts fp16 weights as it copies them
     return model, image_transform(model.visual.input_resolution)
 
 

@@ -16,15 +16,11 @@ import data
 import toy  # noqa: F401 -- registers --data toy, the offline demo world
 from runtime import fail
 
-Setting = namedtuple("Setting", "name type default ok domain group defines help")
+# One row of SETTINGS; domain = (the test a given value must pass, what it must be, as the error message says).
+_s = namedtuple("Setting", "name type default domain group help defines", defaults=(True,))
 _ANY = (lambda v: True, "")
 _AT_LEAST_1, _AT_LEAST_0 = (lambda v: v >= 1, "at least 1"), (lambda v: 0 <= v < math.inf, "0 or more")
 _UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
-
-
-def _s(name, type, default, domain, group, help, defines=True):
-    return Setting(name, type, default, *domain, group, defines, help)
-
 
 SETTINGS = [
     _s("conf_threshold", float, None, (lambda v: 0 <= v < 1, "in [0, 1) (a softmax never exceeds 1)"), "method",
@@ -132,9 +128,10 @@ def check_flags(args):
     """Every flag in its domain and every named file readable, before any work; one line for the first that is
     not. Flags Table 10 fills later are valid by construction."""
     for s in SETTINGS:
+        ok, must = s.domain
         value = getattr(args, s.name)
-        if value is not None and not s.ok(value):
-            fail(f"--{s.name.replace('_', '-')} {value} is not allowed: it must be {s.domain}")
+        if value is not None and not ok(value):
+            fail(f"--{s.name.replace('_', '-')} {value} is not allowed: it must be {must}")
     if args.data not in data.DATASET_NAMES:
         fail(f"unknown dataset {args.data!r}; choose one of: {', '.join(data.DATASET_NAMES)}")
     if not data.is_registered(args.data) and not args.download:
@@ -204,7 +201,6 @@ def split_batch(args, world_size):
     if per_process % accum:
         fail(f"per-process batch {per_process} is not divisible into {accum} accumulation steps")
     return per_process, per_process // accum, accum
-
 
 
 _WHAT = {"model": "CLIP weights (--model)", "classes": "class list (names or their order)",

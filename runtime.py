@@ -7,6 +7,7 @@ Nothing here knows about MUST; it is what any long multi-process PyTorch run nee
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -91,15 +92,15 @@ def any_process(flag):
     NCCL), so it costs no wait for the GPU's queue and can be asked every step."""
     if not is_distributed():
         return bool(flag)
-    world = dist.group.WORLD
-    if id(world) not in _HOST_GROUPS:  # every rank reaches the first call at the same step
-        _HOST_GROUPS[id(world)] = dist.new_group(backend="gloo") if dist.get_backend() == "nccl" else world
     t = torch.tensor(float(flag))
-    dist.all_reduce(t, group=_HOST_GROUPS[id(world)])
+    dist.all_reduce(t, group=_host_group(dist.group.WORLD))
     return t.item() > 0
 
 
-_HOST_GROUPS = {}
+@functools.cache
+def _host_group(world):
+    """A gloo group over `world` when that is NCCL, made once (every rank reaches the first call at the same step)."""
+    return dist.new_group(backend="gloo") if dist.get_backend(world) == "nccl" else world
 
 
 @contextlib.contextmanager
@@ -113,20 +114,19 @@ def rank_zero_first(rank):
 
 
 def rng_state():
-    np_state = np.random.get_state()
+    name, keys, *rest = np.random.get_state()
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
+            "numpy": [name, keys.tolist(), *rest],  # torch.load(weights_only=True) reads no ndarray
+            "python": random.getstate()}
 
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    version, internal, gauss = state["python"]
+    np.random.set_state(state["numpy"])  # the key table as a list, or a tensor in earlier checkpoints
+    version, internal, gauss = state["python"]  # a tuple; a list in checkpoints of earlier versions
     random.setstate((version, tuple(internal), gauss))
 
 
@@ -258,7 +258,7 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
-            raise SystemExit("error: interrupted twice: aborted without a checkpoint (the last one is intact)")
+            fail("interrupted twice: aborted without a checkpoint (the last one is intact)")
         if self.signum is None:
             print(f"\n{signal.Signals(signum).name}: stopping after the current step with a checkpoint "
                   f"(Ctrl-C again to abort at once)", file=sys.stderr, flush=True)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchvision.transforms.functional import normalize
 from tqdm import tqdm
 
 import clip_model
@@ -236,14 +237,12 @@ PRETRAIN = dict(  # ~7.5 min on 2 CPU cores (0.8M-param image tower, 17 tokens p
 def to_tensor(images):
     """uint8 (n, H, W, 3) -> CLIP-normalized float (n, 3, H, W), as clip_model's preprocess would give."""
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255)
-    mean = torch.tensor(clip_model.CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(clip_model.CLIP_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return normalize(x, clip_model.CLIP_MEAN, clip_model.CLIP_STD, inplace=True)
 
 
-def pretrain(out_path=None):
+def pretrain(out_path):
     """Contrastive pretraining (symmetric InfoNCE, learnable temperature) of a tiny CLIP on freshly rendered source
-    image-caption batches with the PRETRAIN recipe; returns its stored_state(), also written to out_path if given.
+    image-caption batches with the PRETRAIN recipe; writes its stored_state() to out_path.
 
     Deterministic: batch s is drawn from seed [1000 + PRETRAIN['seed'], s] (no overlap with the splits).
     AdamW, linear warmup, cosine decay, CLIP's clamp of the temperature at 100."""
@@ -273,10 +272,7 @@ def pretrain(out_path=None):
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))  # CLIP's clamp
         bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{model.logit_scale.exp().item():.1f}", refresh=False)
-    state = stored_state(model)
-    if out_path:
-        save_atomic(state, out_path)
-    return state
+    save_atomic(stored_state(model), out_path)
 
 
 def toy_token_ids(context_length):
@@ -293,10 +289,9 @@ def stored_state(model):
     """The tiny CLIP's state dict as toy_clip.pt stores it, which clip_model.load reads as it is: the token
     embedding by the rows toy texts use (`.ids`, `.rows`, `.vocab_size`: the other rows are most of the
     parameters and never get a gradient), and RECIPE as a note."""
-    state = model.state_dict()
-    weight = state["token_embedding.weight"]
+    out = dict(model.state_dict())  # a plain dict, as the committed file
+    weight = out.pop("token_embedding.weight")
     ids = toy_token_ids(model.context_length)
-    out = {k: v for k, v in state.items() if k != "token_embedding.weight"}  # a plain dict, as the committed file
     out.update({"token_embedding.ids": ids, "token_embedding.rows": weight[ids],
                 "token_embedding.vocab_size": weight.shape[0], "recipe": RECIPE})
     return out
