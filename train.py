@@ -191,7 +191,7 @@ def train_step(run, parts):
             loss, terms = must.must_loss(
                 outputs, strong, mask, labels, confident, num_confident, a.global_batch,
                 reg_w if run.use_reg else None, patch_size=run.patch_size, use_mim=run.use_mim,
-                use_align=run.use_align, **{s.name: getattr(a, s.name) for s in config.SETTINGS if s.group == "loss"})
+                use_align=run.use_align, **run.loss_settings)
             run.scaler.scale(loss * run.world).backward()  # DDP averages over processes; the shares add up
         run.nonfinite += ~torch.isfinite(loss.detach())
         labeled = confident & (target >= 0)
@@ -210,7 +210,9 @@ def train_step(run, parts):
 def check_health(run):
     """The non-finite losses the device counted since the last check, over all processes, read once (a host
     sync): any stops the run before those updates reach a checkpoint. Called at log steps and before every
-    checkpoint."""
+    checkpoint; a second call at the same step has nothing new to read (run.step is the same on every process)."""
+    if run.checked == run.step:
+        return
     if all_reduce(run.nonfinite.clone(), run.device).item():
         kept = f"the last good checkpoint {run.ckpt_path} is intact" if os.path.isfile(run.ckpt_path) else \
             "no checkpoint was written yet"
@@ -452,6 +454,7 @@ def step_state(args, student, optimizer, device, steps_per_epoch, world=1, rank=
         optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=use_scaler),
         fairness=must.FairnessMean(student.num_classes), amp_dtype=amp_dtype,
         use_reg=not args.no_reg, use_mim=not args.no_mim, use_align=not args.no_align,
+        loss_settings={s.name: getattr(args, s.name) for s in config.SETTINGS if s.group == "loss"},  # must_loss's
         patch_size=student.visual.patch_size, steps_per_epoch=steps_per_epoch, step=0,
         nonfinite=torch.zeros((), dtype=torch.int64, device=device), checked=0, **trainer)
     if args.compile:  # in place: the state dict keeps its names, so checkpoints do not depend on the flag
