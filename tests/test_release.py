@@ -3,8 +3,11 @@
 tests/make_release_fixtures.py ran the release's own code (its clip_classifier, create_optimizer,
 cosine_scheduler, train_one_epoch's EMA ramp and MaskGenerator) and stored what it computed in
 tests/data/release_forward.pt; the release commit is in the file. Nothing of the release is imported here.
-Float tolerances are stated at each comparison: the two towers compute the same function with different
-kernels (nn.MultiheadAttention vs scaled_dot_product_attention), so fp32 outputs agree to rounding only.
+Float tolerances are stated at each comparison, relative to the compared values' scale: the two towers compute
+the same function with different kernels (nn.MultiheadAttention vs scaled_dot_product_attention), and the fixtures
+were made on another CPU, so fp32 outputs agree to rounding only. The training-step tolerances were checked to
+hold on Intel Xeon and AMD EPYC, and to fail when any of these is broken: the epoch reset of the running p̄, the
+global confident count, the × world scaling of the backward, the global p̄ (docs/verification.md).
 """
 import hashlib
 import os
@@ -169,9 +172,18 @@ def key_bias(name, width):
 
 def release_steps_run(fx, toy_state, mode, accum, rank=0, world=1):
     """train.train_step for the fixture's 3 steps, this process holding rows [rank·B/world, (rank+1)·B/world) of
-    each global batch of B, split into `accum` micro-batches. -> (per-step records, student state, teacher state)"""
+    each global batch of B, split into `accum` micro-batches.
+    -> (per-step records, student state, teacher state, the gradient the optimizer received at the first step)"""
     hp = fx["hparams"]
     run = step_run(fx, toy_state, mode, world, rank)
+    first_grads = {}
+    optimizer_step = run.optimizer.step
+
+    def step_and_keep_first_grads(*args, **kwargs):
+        if not first_grads:
+            first_grads.update({n: p.grad.clone() for n, p in run.student.named_parameters() if p.grad is not None})
+        return optimizer_step(*args, **kwargs)
+    run.optimizer.step = step_and_keep_first_grads
     B = hp["batch_size"]
     share = B // world
     micro = share // accum
@@ -188,36 +200,43 @@ def release_steps_run(fx, toy_state, mode, accum, rank=0, world=1):
         stats = train.all_reduce(stats, run.device)
         records.append({**dict(zip(train.STATS, stats.tolist())), "nonfinite": int(run.nonfinite), "mu": mu,
                         "lr": run.optimizer.param_groups[-1]["lr"]})
-    return records, run.student.state_dict(), run.teacher.state_dict()
+    return records, run.student.state_dict(), run.teacher.state_dict(), first_grads
 
 
 def check_against_release(fx, toy_state, mode, records, states):
     hp, ref = fx["hparams"], fx["runs"][mode]
     for s, got in enumerate(records):
         assert got["nonfinite"] == 0
-        # loss terms: fp32 sums over 8 images, to 5e-5 (the two towers differ by kernel rounding)
+        # Loss terms (0.7 to 50): fp32 sums over 8 images after up to 2 updates, to 5e-5 of their value. Seen: 6.3e-6
+        # on AMD EPYC; the mutations in the module docstring move them by 9e-2 or more.
         for ours, theirs in (("loss_cls", "loss_st"), ("loss_reg", "loss_fair"), ("loss_mim", "loss_mim"),
                              ("loss_align", "loss_align")):
-            assert got[ours] == pytest.approx(ref["steps"][theirs][s].item(), abs=5e-5), (s, ours)
+            assert got[ours] == pytest.approx(ref["steps"][theirs][s].item(), rel=5e-5), (s, ours)
         assert got["confident"] / got["images"] == pytest.approx(ref["steps"]["conf_ratio"][s].item(), abs=1e-12)
         assert got["mu"] == pytest.approx(ref["steps"]["ema_mu"][s].item(), rel=1e-12)
         assert got["lr"] == pytest.approx(ref["steps"]["lr"][s].item(), rel=1e-12)
     init = toy_must_model(toy_state, {**fx["init_extra"], "classifier.weight": ref["init_classifier"]},
                           hp["logit_scale"]).state_dict()
     width = init["visual.class_embedding"].shape[0]
+    # Weights after 3 steps, to 2% of the lr: the scale of what differs is one Adam update (about lr per step), and
+    # Adam's m / (sqrt(v) + eps) turns the rounding noise of a near-zero gradient into up to that much. Seen: 0.44%
+    # of the lr on AMD EPYC; the mutations in the module docstring move weights by 70% of the lr or more, except
+    # the x world scaling, which Adam hides (test_every_split_hands_the_optimizer_the_same_gradient catches it).
+    atol = 0.02 * hp["lr"]
     for which, state in zip(("student", "teacher"), states):
-        for name, value in ref[which]["full"].items():  # weights after 3 steps, to 1e-5
+        for name, value in ref[which]["full"].items():
             mine, theirs = state[name].clone(), value.clone()
             if key_bias(name, width):
                 mine[key_bias(name, width)] = theirs[key_bias(name, width)] = 0
-            torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5, msg=f"{which} {name}")
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=atol, msg=f"{which} {name}")
         for name, sample in ref[which]["sampled"].items():
-            torch.testing.assert_close(state[name].flatten()[ref["index"][name]], sample["value"], rtol=0, atol=1e-5,
+            torch.testing.assert_close(state[name].flatten()[ref["index"][name]], sample["value"], rtol=0, atol=atol,
                                        msg=f"{which} {name}")
+            # The updates of a whole tensor, to 2e-4 of their summed size: seen 2.4e-5, mutations 2.4e-3 or more.
             delta = (state[name] - init[name]).double()
-            assert delta.sum().item() == pytest.approx(float(sample["delta_sum"]),
-                                                       abs=1e-4 * float(sample["delta_abs_sum"])), (which, name)
-            assert delta.abs().sum().item() == pytest.approx(float(sample["delta_abs_sum"]), rel=1e-4), (which, name)
+            scale = float(sample["delta_abs_sum"])
+            assert delta.sum().item() == pytest.approx(float(sample["delta_sum"]), abs=2e-4 * scale), (which, name)
+            assert delta.abs().sum().item() == pytest.approx(scale, rel=2e-4), (which, name)
     assert not torch.equal(states[0]["visual.mask_token"], fx["init_extra"]["visual.mask_token"])
 
 
@@ -227,7 +246,7 @@ def test_training_steps_match_release(release_steps, toy_state, mode, accum):
     """3 AdamW steps of train.train_step against the release's train_one_epoch, in both fairness modes (steps 0-1
     are epoch 0, step 2 starts epoch 1: the running mean restarts there), with the batch of 8 split into 1, 2 or
     4 accumulation micro-batches: exact accumulation gives the release's global-batch step every time."""
-    records, student, teacher = release_steps_run(release_steps, toy_state, mode, accum)
+    records, student, teacher, _ = release_steps_run(release_steps, toy_state, mode, accum)
     check_against_release(release_steps, toy_state, mode, records, (student, teacher))
 
 
@@ -249,7 +268,30 @@ def test_training_steps_match_release_on_two_processes(release_steps, toy_state,
     out = tmp_path / "results.pt"
     torch.multiprocessing.spawn(_two_process_worker, args=(str(tmp_path / "rendezvous"), str(out)), nprocs=2)
     results = torch.load(out, weights_only=True)
-    for (mode, accum), (records, student, teacher) in results.items():
+    for (mode, accum), (records, student, teacher, _) in results.items():
         check_against_release(release_steps, toy_state, mode, records, (student, teacher))
+    for mode in ("batch", "running"):  # the gradient of the whole batch, summed by DDP over the processes
+        whole = release_steps_run(release_steps, toy_state, mode, 1)[3]
+        for accum in (1, 2, 4):
+            assert_same_gradient(results[(mode, accum)][3], whole, f"2 processes, {mode}, accum {accum}")
+
+
+def assert_same_gradient(got, whole, what):
+    """Each tensor's gradient to 1e-4 of its norm: only the order of float sums differs (seen: 2.1e-6 at most);
+    the mutations in the module docstring are off by half the norm or more."""
+    assert got.keys() == whole.keys()
+    for name, grad in whole.items():
+        assert (got[name] - grad).norm() <= 1e-4 * grad.norm() + 1e-12, (what, name)
+
+
+@pytest.mark.parametrize("mode", ["batch", "running"])
+def test_every_split_hands_the_optimizer_the_same_gradient(release_steps, toy_state, mode):
+    """The first step's gradient, as the optimizer receives it, is the whole batch's whatever the accumulation
+    split. The weights after Adam cannot show a uniform scale error of the gradient (Adam divides it out); this
+    can. Both sides run here, on this CPU, so only the order of float sums differs."""
+    whole = release_steps_run(release_steps, toy_state, mode, 1)[3]
+    assert len(whole) > 10
+    for accum in (2, 4):
+        assert_same_gradient(release_steps_run(release_steps, toy_state, mode, accum)[3], whole, f"accum {accum}")
 
 
