@@ -11,6 +11,8 @@ import math
 import os
 from collections import namedtuple
 
+import torch
+
 import clip_model
 import data
 import toy  # noqa: F401 -- registers --data toy, the offline demo world
@@ -18,7 +20,6 @@ from runtime import fail
 
 # One row of SETTINGS; domain = (the test a given value must pass, what it must be, as the error message says).
 _s = namedtuple("Setting", "name type default domain group help defines", defaults=(True,))
-_ANY = (lambda v: True, "")
 _AT_LEAST_1, _AT_LEAST_0 = (lambda v: v >= 1, "at least 1"), (lambda v: 0 <= v < math.inf, "0 or more")
 _UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
 
@@ -50,7 +51,8 @@ SETTINGS = [
     _s("weight_decay", float, 0.05, _AT_LEAST_0, "optimization", "AdamW weight decay (none on 1-D params but [MSK])"),
     _s("layer_decay", float, 0.65, (lambda v: 0 < v <= 1, "in (0, 1]"), "optimization",
        "layer-wise lr decay: scale layer_decay^(L+1-i) for layer i"),
-    _s("seed", int, 0, _ANY, "optimization", "random seed (augmentations depend only on seed, epoch and image index)"),
+    _s("seed", int, 0, (lambda v: 0 <= v < 2 ** 32, "in [0, 2^32)"), "optimization",
+       "random seed (augmentations depend only on seed, epoch and image index)"),
     _s("batch_size_per_gpu", int, None, _AT_LEAST_1, "optimization", "images per forward pass per process; "
        "gradients are accumulated exactly up to the global batch (eq. 2-3 over the global batch) "
        "[global/processes]", defines=False),
@@ -173,6 +175,7 @@ def resolve_config(args, visual):
     for s in SETTINGS:
         if getattr(args, s.name) is None and s.name in hp:
             setattr(args, s.name, hp[s.name])
+    check_lr(args)
     try:
         masked = data.MaskGenerator(visual.input_resolution, args.mask_unit, visual.patch_size, args.mask_ratio)
     except ValueError as e:
@@ -184,6 +187,18 @@ def resolve_config(args, visual):
              f"on the {visual.input_resolution} px input, so the MIM and alignment terms would be "
              f"{'0' if what == 'no' else 'meaningless'}: change --mask-ratio, or --mask-unit (a multiple of "
              f"{visual.patch_size} px that divides {visual.input_resolution}), or pass --no-mim --no-align")
+
+
+def check_lr(args):
+    """The learning rates, once Table 10 has filled --base-lr and --global-batch: the cosine decays (min_lr <= lr),
+    and AdamW's first step size, lr / (1 - β1) = 10 lr, is a float32 number, which is what AdamW computes with."""
+    lr, min_lr = (x * args.global_batch / 256 for x in (args.base_lr, args.base_min_lr))
+    if min_lr > lr:
+        fail(f"--base-min-lr {args.base_min_lr:g} is above --base-lr {args.base_lr:g}: the cosine schedule would "
+             f"rise from lr to min_lr; give a --base-min-lr below --base-lr")
+    if 10 * lr > torch.finfo(torch.float32).max:
+        fail(f"lr = --base-lr {args.base_lr:g} x {args.global_batch} / 256 = {lr:.3g} overflows float32 in AdamW's "
+             f"first step (10 lr > {torch.finfo(torch.float32).max:.3g}); give a smaller --base-lr")
 
 
 def split_batch(args, world_size):
@@ -208,9 +223,10 @@ _WHAT = {"model": "CLIP weights (--model)", "classes": "class list (names or the
 
 
 def check_same_run(what, theirs, their_fingerprints, args, fingerprints, resume):
-    """A checkpoint's run (its flags and content fingerprints) against this one: --init needs the same CLIP weights;
-    resuming also needs the same dataset, class list, templates and RUN_DEFINING settings (continuing under others
-    would silently make a hybrid run). One line saying what differs."""
+    """A checkpoint's run (its flags and content fingerprints) against this one: --init needs the same CLIP weights
+    (and takes any dataset: the ImageNet warm-up of §4.4 moves to another); resuming also needs the same dataset,
+    training images, class list, templates and RUN_DEFINING settings (continuing under others would silently make
+    a hybrid run). One line saying what differs."""
     keys = ("model", "classes", "templates") if resume else ("model",)
     differ = [_WHAT[k] for k in keys if their_fingerprints.get(k) != fingerprints[k]]
     if differ:
@@ -220,6 +236,11 @@ def check_same_run(what, theirs, their_fingerprints, args, fingerprints, resume)
         return
     if theirs.get("data") != args.data:
         fail(f"{what} was trained on dataset {theirs.get('data')!r}, not {args.data!r}")
+    if their_fingerprints.get("train_listing", fingerprints["train_listing"]) != fingerprints["train_listing"]:
+        n, m = their_fingerprints["train_images"], fingerprints["train_images"]
+        change = f"{n} -> {m} images" if n != m else f"the same number of images ({n}), other files"
+        fail(f"{what} was trained on other training images ({change} under --data-root); resume on the same "
+             f"images, or start anew with another --out-dir or --resume none")
     changed = [f"--{k.replace('_', '-')} {theirs[k]} -> {getattr(args, k)}" for k in RUN_DEFINING
                if k in theirs and theirs[k] != getattr(args, k)]
     if changed:

@@ -20,6 +20,7 @@ Outputs: a table on stdout, a JSON file with every number, PNG figures with --fi
 import argparse
 import bisect
 import json
+import math
 import os
 import time
 from collections import namedtuple
@@ -35,7 +36,8 @@ import figures
 import must
 import prompts
 import toy  # noqa: F401 -- registers --data toy
-from runtime import all_reduce, autocast_for, fail, ignore_stop_signals, is_distributed, pick_device, save_atomic
+from runtime import (all_reduce, any_process, autocast_for, fail, ignore_stop_signals,
+                     is_distributed, pick_device, save_atomic)
 
 
 # ImageNet-C's 15 benchmark corruptions and AlexNet's error on each, averaged over the 5 severities
@@ -186,43 +188,58 @@ class Counts:
 
 
 @torch.inference_mode()
-def evaluate(models, sets, columns, device, batch_size=256, num_workers=8, amp_dtype=None, limit=None):
+def evaluate(models, sets, columns, device, batch_size=256, num_workers=8, amp_dtype=None, limit=None,
+             stop=None):
     """Score every set with every model in one pass over the images; eval.py and train.py both score with it.
 
     models: {name: module on `device` mapping images (B,3,H,W) -> logits (B,K)}; columns[(set index, name)]: the logit
     columns of that set (None = all), pairs absent from it are not scored. Under torch.distributed each process
-    scores its share of the images and the counts are summed over processes. Returns ({(set index, name): Counts},
-    images per second of this process).
+    scores its share of the images and the counts are summed over processes. stop: a runtime.StopRequest, asked
+    before every batch (all processes agree); a requested stop ends the evaluation at once.
+    Returns ({(set index, name): Counts}, images per second of this process), or (None, 0.0) when stopped.
     """
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
-    loader = DataLoader(_Tagged([s.dataset for s in sets], limit, rank, world), batch_size=batch_size,
-                        num_workers=num_workers, pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
+    tagged = _Tagged([s.dataset for s in sets], limit, rank, world)
+    loader = DataLoader(tagged, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda",
+                        worker_init_fn=ignore_stop_signals)
     counts = {key: Counts(len(sets[key[0]].ids)) for key in columns}
     cols = {key: (None if c is None else c.to(device)) for key, c in columns.items()}
+    # Rank 0 holds the most images, so every process goes round this often and asks about a stop each time,
+    # including one whose own share ran out a batch earlier.
+    rounds = math.ceil(len(range(0, tagged.offsets[-1], world)) / batch_size)
+    batches = iter(loader)
     tic, seen = time.time(), 0
-    for images, labels, set_index in tqdm(loader, desc="eval", dynamic_ncols=True, mininterval=2, disable=rank != 0,
-                                          leave=False):
-        images = images.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = {name: m(images).float() for name, m in models.items()}  # (B, K) per model
-        labels_np, set_np = labels.numpy(), set_index.numpy()
-        for s in np.unique(set_np).tolist():
-            rows = torch.from_numpy(np.flatnonzero(set_np == s)).to(device)
-            for name in models:
-                if (s, name) not in cols:
-                    continue
-                z = logits[name][rows]
-                if cols[(s, name)] is not None:
-                    z = z[:, cols[(s, name)]]  # (b, K_set): only the set's classes compete
-                if z.shape[1] != len(sets[s].ids):
-                    raise ValueError(f"{name} gives {z.shape[1]} logits for the {len(sets[s].ids)} classes of "
-                                     f"{sets[s].name}")
-                top5 = z.topk(min(5, z.shape[1]), dim=1).indices.cpu().numpy()
-                counts[(s, name)].add(top5, labels_np[set_np == s])
-        seen += len(images)
+    for _ in tqdm(range(rounds), desc="eval", dynamic_ncols=True, mininterval=2, disable=rank != 0, leave=False):
+        if stop is not None and any_process(stop.signum is not None):
+            return None, 0.0
+        batch = next(batches, None)
+        if batch is not None:
+            score_batch(models, sets, cols, counts, *batch, device, amp_dtype)
+            seen += len(batch[0])
     for c in counts.values():
         c.all_reduce(device)
     return counts, seen / max(time.time() - tic, 1e-9)
+
+
+def score_batch(models, sets, cols, counts, images, labels, set_index, device, amp_dtype):
+    """Every model's logits on one batch of images, added to the Counts of each (set, model) it scores."""
+    images = images.to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        logits = {name: m(images).float() for name, m in models.items()}  # (B, K) per model
+    labels_np, set_np = labels.numpy(), set_index.numpy()
+    for s in np.unique(set_np).tolist():
+        rows = torch.from_numpy(np.flatnonzero(set_np == s)).to(device)
+        for name in models:
+            if (s, name) not in cols:
+                continue
+            z = logits[name][rows]
+            if cols[(s, name)] is not None:
+                z = z[:, cols[(s, name)]]  # (b, K_set): only the set's classes compete
+            if z.shape[1] != len(sets[s].ids):
+                raise ValueError(f"{name} gives {z.shape[1]} logits for the {len(sets[s].ids)} classes of "
+                                 f"{sets[s].name}")
+            top5 = z.topk(min(5, z.shape[1]), dim=1).indices.cpu().numpy()
+            counts[(s, name)].add(top5, labels_np[set_np == s])
 
 
 def corruption_errors(errors):

@@ -1,6 +1,6 @@
 """Run plumbing shared by train.py and eval.py: one-line errors, device and precision, the process group,
 RNG state, content fingerprints, a data order that survives resumes, atomic checkpoint writes, the out-dir lock
-and graceful stops on SIGTERM / SIGINT.
+and graceful stops on SIGTERM / SIGINT / SIGHUP.
 
 Nothing here knows about MUST; it is what any long multi-process PyTorch run needs to be safe to kill.
 """
@@ -15,6 +15,7 @@ import random
 import shutil
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -246,22 +247,25 @@ class RunLock:
 # graceful stop
 
 class StopRequest:
-    """SIGTERM (schedulers, torchrun) and SIGINT (Ctrl-C) ask the run to stop after the step in flight; the
-    trainer checkpoints and exits. A second SIGINT aborts at once. Use as a context manager: the previous
-    handlers are restored on exit."""
+    """SIGTERM (schedulers, torchrun), SIGINT (Ctrl-C) and SIGHUP (a closed terminal or ssh session) ask the run to
+    stop after the step in flight; the trainer checkpoints and exits. A second SIGINT aborts at once. Use as a
+    context manager: the previous handlers are restored on exit."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
     def __init__(self):
         self.signum = None
         self._previous = {}
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGHUP:
+            _leave_closed_terminal()
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             fail("interrupted twice: aborted without a checkpoint (the last one is intact)")
         if self.signum is None:
-            print(f"\n{signal.Signals(signum).name}: stopping after the current step with a checkpoint "
-                  f"(Ctrl-C again to abort at once)", file=sys.stderr, flush=True)
+            with contextlib.suppress(OSError):
+                print(f"\n{signal.Signals(signum).name}: stopping after the current step with a checkpoint "
+                      f"(Ctrl-C again to abort at once)", file=sys.stderr, flush=True)
             self.signum = signum
 
     def __enter__(self):
@@ -274,6 +278,19 @@ class StopRequest:
     def __exit__(self, *exc):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+
+def _leave_closed_terminal():
+    """After a hangup the terminal is gone, and every write to it fails (EIO): stdout and stderr that were that
+    terminal now go to /dev/null, so that printing cannot stop the run before its checkpoint. A terminal is a
+    character device (os.isatty no longer says so once it is hung up); files and pipes are left as they are, and
+    log.jsonl keeps the record either way."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):
+            if stat.S_ISCHR(os.fstat(fd).st_mode):
+                os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def ignore_stop_signals(_worker_id=None):

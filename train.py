@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -38,6 +39,7 @@ from runtime import (ResumableSampler, RunLock, SeededViews, StopRequest, all_re
                      save_atomic, set_rng_state, setup_distributed)
 
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS = "checkpoint.prev.pt"  # the checkpoint before, kept until the newest is known good
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -108,20 +110,42 @@ def load_checkpoint_for(path, args, fingerprints, resume):
 
 
 def save_checkpoint(run):
-    """Collective: checks that no non-finite update is in the weights, gathers every rank's RNG state; rank 0
-    writes OUT/checkpoint.pt atomically."""
-    check_health(run)
+    """Collective: checks that the steps since the last check and the weights are healthy, gathers every rank's RNG
+    state; rank 0 writes OUT/checkpoint.pt atomically. The checkpoint it replaces is kept as checkpoint.prev.pt until
+    a healthy step after the new one shows that the new one is good. Nothing is written when the checkpoint on disk
+    already holds this step and these evaluations."""
+    if run.saved == (run.step, len(run.evals)):
+        return
+    check_health(run, weights=True)
     states = [rng_state()] * run.world  # with several processes, all_gather_object puts in every rank's own
     if is_distributed():
         torch.distributed.all_gather_object(states, states[0])
     if run.rank == 0:
+        if run.step > run.saved[0]:  # new weights: the ones on disk stay until these are known good
+            keep_previous(run.ckpt_path, run.prev_path)
         save_atomic({"student": run.student.state_dict(), "teacher": run.teacher.state_dict(),
                      "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
                      "fairness": run.fairness.state_dict(), "step": run.step, "epoch": run.step // run.steps_per_epoch,
                      "rng": states, "evals": run.evals, "args": vars(run.args),
                      "classnames": list(run.train_set.classnames), "fingerprints": run.fingerprints,
                      "unreadable": sorted(run.reported)}, run.ckpt_path)
+    run.saved = (run.step, len(run.evals))
     barrier()
+
+
+def keep_previous(path, previous):
+    """previous = the file at path, as a second name for the same bytes (a hard link: no copy, no space), or a
+    copy where the file system has no hard links; nothing when there is no file at path yet."""
+    if not os.path.isfile(path):
+        return
+    tmp = previous + ".tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(tmp)
+    try:
+        os.link(path, tmp)
+    except OSError:
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, previous)
 
 
 def resume(run, path):
@@ -136,6 +160,7 @@ def resume(run, path):
     run.fairness.load_state_dict(ckpt["fairness"])
     run.step, run.evals = ckpt["step"], list(ckpt["evals"])
     run.checked = run.step
+    run.saved = (run.step, len(run.evals))
     run.reported = set(ckpt.get("unreadable", []))  # warned about already: the warning and count go on from there
     if run.reported:  # only a dataset that flags unreadable files (data.ImageList.bad) ever reports one
         run.train_set.bad[sorted(run.reported)] = 1
@@ -143,6 +168,10 @@ def resume(run, path):
     set_rng_state(states[run.rank] if len(states) == run.world else states[0])
     if run.rank == 0:
         print(f"resumed from {path} at step {run.step} (epoch {run.step // run.steps_per_epoch})")
+        if len(states) != run.world:
+            print(f"note: the checkpoint was written by {len(states)} process(es) and this run has {run.world}: "
+                  f"the images, global batch and steps are the same, but sums over processes run in another "
+                  f"order, so the weights will not be bit-identical to an uninterrupted run's")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -207,24 +236,54 @@ def train_step(run, parts):
     return stats
 
 
-def check_health(run):
+def check_health(run, weights=False):
     """The non-finite losses the device counted since the last check, over all processes, read once (a host
-    sync): any stops the run before those updates reach a checkpoint. Called at log steps and before every
-    checkpoint; a second call at the same step has nothing new to read (run.step is the same on every process)."""
-    if run.checked == run.step:
+    sync): any stops the run before those updates reach a checkpoint. With weights=True (before every checkpoint)
+    the student's and teacher's weights must be finite too: a loss can still be finite when an update overflows.
+    Called at log steps and before every checkpoint; a loss check at the step already checked has nothing new to
+    read (run.step is the same on every process). A check that passes after the newest checkpoint shows that
+    checkpoint good: the one kept before it (checkpoint.prev.pt) is removed."""
+    if run.checked == run.step and not weights:
         return
-    if all_reduce(run.nonfinite.clone(), run.device).item():
-        kept = f"the last good checkpoint {run.ckpt_path} is intact" if os.path.isfile(run.ckpt_path) else \
-            "no checkpoint was written yet"
-        fail(f"non-finite loss in optimizer step(s) {run.checked + 1}-{run.step}; their updates are not saved; {kept}")
+    bad = [run.nonfinite.clone().double()]
+    if weights:
+        tensors = [t for m in (run.student, run.teacher) for t in m.state_dict().values() if t.is_floating_point()]
+        bad.append(sum((~torch.isfinite(t)).sum() for t in tensors).double())
+    bad_losses, *bad_weights = all_reduce(torch.stack(bad), run.device).tolist()
+    if bad_losses:
+        fail(f"non-finite loss in optimizer step(s) {run.checked + 1}-{run.step}; their updates are not saved; "
+             f"{checkpoints_kept(run)}")
+    if bad_weights and bad_weights[0]:
+        fail(f"non-finite weights after optimizer step {run.step} although every loss was finite (an update "
+             f"overflowed: lower --base-lr); they are not saved; {checkpoints_kept(run)}")
     run.checked = run.step
+    if run.rank == 0 and run.saved[0] < run.checked:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(run.prev_path)
+
+
+def checkpoints_kept(run):
+    """What the error of a failed health check says about the checkpoints on disk."""
+    if not os.path.isfile(run.ckpt_path):
+        return "no checkpoint was written yet"
+    if run.saved[0] < run.checked:  # a healthy step was taken from its weights
+        return f"the last good checkpoint {run.ckpt_path} (step {run.saved[0]}) is intact"
+    kept = f"the last checkpoint {run.ckpt_path} (step {run.saved[0]}) holds the weights these steps started from"
+    if os.path.isfile(run.prev_path):
+        return (f"{kept}, and {run.prev_path} the last known good ones; resuming repeats the same steps, so to go "
+                f"on with other settings (a lower --base-lr), start a new run from one of them with --init")
+    return (f"{kept}, and no earlier checkpoint is kept; resuming repeats the same steps, so start again with other "
+            f"settings (a lower --base-lr), or start a new run from it with --init")
 
 
 def log(run, record):
     """Rank 0 appends one record to OUT/log.jsonl."""
     if run.rank == 0:
-        with open(run.log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(run.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            fail(f"cannot append to {run.log_path} ({e.strerror}); was --out-dir {run.args.out_dir} removed?")
 
 
 def log_train(run, stats, mu, images_per_s):
@@ -275,7 +334,7 @@ def train_one_epoch(run):
             must.ema_update(run.teacher, run.student, mu)  # eq. 1
             run.step += 1
             seen += a.global_batch
-            stop = any_process(run.stop.signum is not None)  # every rank ends at the same step
+            stop = stop_requested(run)  # every rank ends at the same step
             if run.step % a.log_freq == 0 or run.step % run.steps_per_epoch == 0 or stop:
                 check_health(run)
                 record = log_train(run, stats, mu, seen / (time.time() - tic))
@@ -293,72 +352,100 @@ def train_one_epoch(run):
         getattr(batches, "_shutdown_workers", lambda: None)()
 
 
+def stop_requested(run):
+    """Whether a process was asked to stop (runtime.StopRequest); all processes get the same answer."""
+    return any_process(run.stop.signum is not None)
+
+
 def run_eval(run):
     """Score student and teacher at the start of an epoch where that is due: before training, every --eval-freq
-    epochs and after the last; each epoch once."""
+    epochs and after the last; each epoch once. -> False when a stop was requested, before or during it (a stopped
+    evaluation is dropped: a resumed run evaluates again)."""
     epoch, into_epoch = divmod(run.step, run.steps_per_epoch)
     due = epoch == 0 or epoch % run.args.eval_freq == 0 or epoch == run.args.epochs
     if run.test_set is None or into_epoch or not due or any(e["epoch"] == epoch for e in run.evals):
-        return
+        return not stop_requested(run)
     models = {"student": run.student, "teacher": run.teacher}
     counts, _ = evaluate(models, [EvalSet("test", run.args.data, run.test_set, run.train_set.classnames, None)],
                          {(0, name): None for name in models}, run.device, run.micro_batch, run.args.num_workers,
-                         run.amp_dtype)
+                         run.amp_dtype, stop=run.stop)
+    if counts is None:
+        return False
     key = "mean_per_class" if run.mean_per_class else "top1"
-    student_acc, teacher_acc = (counts[(0, name)].metrics()[key] for name in models)
+    student, teacher = (counts[(0, name)].metrics() for name in models)
     report_unreadable(run.test_set, "test", run.reported_test, run.device)
-    run.evals.append({"epoch": epoch, "step": run.step, "student_acc": student_acc, "teacher_acc": teacher_acc})
+    run.evals.append({"epoch": epoch, "step": run.step, "student_acc": student[key], "teacher_acc": teacher[key],
+                      "images": student["images"]})
     log(run, {"type": "eval", **run.evals[-1]})
     if run.rank == 0:
-        tqdm.write(f"epoch {epoch}: student {student_acc:.2f}%  teacher {teacher_acc:.2f}%")
+        tqdm.write(f"epoch {epoch}: student {student[key]:.2f}%  teacher {teacher[key]:.2f}%  "
+                   f"({student['images']} images)")
+    return not stop_requested(run)
 
 
 def train(run):
-    """The epoch loop and its one place for stopping: the end, --max-steps, or a signal. -> the eval records."""
+    """The epoch loop and its one place for stopping: the end, --max-steps, or a signal. -> the eval records.
+    Each epoch's steps are checkpointed before its evaluation, so a stop or a kill during a long evaluation loses
+    no training."""
     a = run.args
-    run_eval(run)  # zero-shot (or --init) before training, or one a signal cut short
-    why = "epoch"
-    while run.step < run.total_steps:
+    why = "epoch" if run_eval(run) else "signal"  # zero-shot (or --init) before training, or one a stop cut short
+    while why == "epoch" and run.step < run.total_steps:
         why = train_one_epoch(run)
-        if why == "epoch":
-            run_eval(run)
-            if a.max_steps is not None and run.step >= a.max_steps:
-                why = "max-steps"
         save_checkpoint(run)
-        if why != "epoch":
-            break
+        if why == "epoch" and not run_eval(run):
+            why = "signal"
+        if why == "epoch" and a.max_steps is not None and run.step >= a.max_steps:
+            why = "max-steps"
+    save_checkpoint(run)  # the last evaluation joins the checkpoint
     if run.rank == 0:
-        if run.reported:
-            print(f"skipped {len(run.reported)} unreadable training image(s) (named above); each was replaced by "
-                  f"the next readable one")
-        if why == "max-steps":
-            print(f"stopped after step {run.step} of {run.total_steps} (--max-steps); rerun to resume from "
-                  f"{run.ckpt_path}")
-        if run.evals:
-            print_table(run.evals, a.data, run.mean_per_class, "--init model" if a.init else "CLIP zero-shot")
-        elif run.test_set is None:
-            print("not evaluated: --data folder without --eval-root")
+        if run.step == run.total_steps:  # the run is over: its last checkpoint is its result, no step will test it
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(run.prev_path)
+        report_end(run, why)
     if why == "signal":
-        signum = run.stop.signum or 15
+        signum = run.stop.signum or signal.SIGTERM
         if run.rank == 0:
-            print(f"stopped by {signal.Signals(signum).name} after step {run.step}: checkpoint {run.ckpt_path} "
-                  f"written; run the same command again to resume", file=sys.stderr)
+            done = f"checkpoint {run.ckpt_path} written" if os.path.isfile(run.ckpt_path) else "nothing to save"
+            print(f"stopped by {signal.Signals(signum).name} after step {run.step}: {done}; run the same command "
+                  f"again to {'resume' if run.step else 'start'}", file=sys.stderr)
         raise SystemExit(128 + signum)
     return run.evals
 
 
+def report_end(run, why):
+    """Rank 0's closing lines: unreadable images, a --max-steps stop, the results table."""
+    a = run.args
+    if run.reported:
+        print(f"skipped {len(run.reported)} unreadable training image(s) (named above); each was replaced by "
+              f"the next readable one")
+    if why == "max-steps":
+        print(f"stopped after step {run.step} of {run.total_steps} (--max-steps); rerun to resume from "
+              f"{run.ckpt_path}")
+    if run.evals:
+        print_table(run.evals, a.data, run.mean_per_class, "--init model" if a.init else "CLIP zero-shot")
+    elif run.test_set is None:
+        print("not evaluated: --data folder without --eval-root")
+
+
 def print_table(evals, dataset, mean_per_class, start_name):
-    """Zero-shot vs MUST student vs EMA teacher (last evaluation), plus the release's best-on-test selection."""
+    """Zero-shot vs MUST student vs EMA teacher (last evaluation), plus the release's best-on-test selection. When
+    the evaluations scored different numbers of images (test files vanished or became unreadable during the run),
+    each row says how many, and the best student is chosen among those that scored as many as the last."""
     first, last = evals[0], evals[-1]
-    best = max(evals[1:] or evals, key=lambda e: e["student_acc"])
-    rows = [(start_name, first["student_acc"], first["epoch"]), ("MUST student", last["student_acc"], last["epoch"]),
-            ("MUST teacher (EMA)", last["teacher_acc"], last["epoch"]),
-            ("best student", best["student_acc"], f"{best['epoch']} (chosen on test, as the release)")]
+    same = [e for e in evals[1:] or evals if e.get("images") == last.get("images")] or [last]
+    best = max(same, key=lambda e: e["student_acc"])
+    rows = [(start_name, first), ("MUST student", last), ("MUST teacher (EMA)", last), ("best student", best)]
     if len(evals) == 1:  # stopped before the first evaluation after training
         rows = rows[:1]
+    differ = len({e["images"] for _, e in rows if "images" in e}) > 1  # older checkpoints' evals have no count
     print(f"\n{dataset}: {'mean per-class accuracy' if mean_per_class else 'top-1'} (%)")
-    for name, acc, epoch in rows:
-        print(f"  {name:20} {acc:6.2f}   epoch {epoch}")
+    for name, e in rows:
+        acc = e["teacher_acc"] if name == "MUST teacher (EMA)" else e["student_acc"]
+        when = f"{e['epoch']} (chosen on test, as the release)" if name == "best student" else e["epoch"]
+        print(f"  {name:20} {acc:6.2f}   epoch {when}" + (f"   on {e.get('images')} images" if differ else ""))
+    if differ:
+        print("  warning: these rows scored different numbers of test images (see the warnings above), so their "
+              "accuracies are not comparable")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -383,6 +470,16 @@ def build_datasets(args, visual, rank):
         if test_set is not None:
             report_listing(test_set, "test")
     return train_set, test_set
+
+
+def listing(dataset, root):
+    """The training images as a run knows them: their paths relative to the data root, in order (a dataset that
+    lists no files, like the toy world's, by its size). Resuming on another listing would shift every index."""
+    samples = getattr(dataset, "samples", None)
+    if samples is None:
+        return [f"{len(dataset)} items"]
+    prefix = os.path.join(root, "") if root else ""
+    return [path[len(prefix):] if path.startswith(prefix) else path for path, _ in samples]
 
 
 def build_student(args, clip, head):
@@ -411,7 +508,8 @@ def build_run(args, rank, world, device, stop):
     _, micro_batch, accum = config.split_batch(args, world)
     train_set, test_set = build_datasets(args, clip.visual, rank)
     fingerprints = {"model": fingerprint(clip.state_dict()), "classes": fingerprint(train_set.classnames),
-                    "templates": fingerprint(train_set.templates)}
+                    "templates": fingerprint(train_set.templates),
+                    "train_images": len(train_set), "train_listing": fingerprint(listing(train_set, args.data_root))}
     with rank_zero_first(rank):
         head = prompts.zero_shot_head(clip.to(device), train_set.classnames, train_set.templates, device=device,
                                       cache_dir=args.out_dir).cpu()
@@ -435,7 +533,8 @@ def build_run(args, rank, world, device, stop):
     sampler = ResumableSampler(views, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     return step_state(
         args, student, make_optimizer(student, args.weight_decay, args.layer_decay, lr, device), device, spe, world,
-        rank, stop=stop, ckpt_path=os.path.join(args.out_dir, CHECKPOINT), micro_batch=micro_batch, accum=accum,
+        rank, stop=stop, ckpt_path=os.path.join(args.out_dir, CHECKPOINT),
+        prev_path=os.path.join(args.out_dir, PREVIOUS), saved=(0, 0), micro_batch=micro_batch, accum=accum,
         total_steps=args.epochs * spe, lr=lr, min_lr=min_lr, evals=[], train_set=train_set, test_set=test_set,
         views=views, sampler=sampler, mean_per_class=args.data in data.MEAN_PER_CLASS, fingerprints=fingerprints,
         reported=set(), reported_test=set(), log_path=os.path.join(args.out_dir, "log.jsonl"))
@@ -463,6 +562,34 @@ def step_state(args, student, optimizer, device, steps_per_epoch, world=1, rank=
     return state
 
 
+def check_out_dir(run):
+    """What would otherwise fail only at the first log line or checkpoint, checked on rank 0 before any work: the
+    files the run writes are not folders, and the disk has room for two checkpoints (the newest, and the one before
+    it until the newest is known good)."""
+    problem = None
+    if run.rank == 0:
+        for path in (run.log_path, run.ckpt_path, run.prev_path):
+            if os.path.isdir(path):
+                problem = f"{path} is a folder, where the run writes a file: move it away or use another --out-dir"
+        size = checkpoint_bytes(run)
+        on_disk = sum(os.path.getsize(p) for p in (run.ckpt_path, run.prev_path) if os.path.isfile(p))
+        free = shutil.disk_usage(run.args.out_dir).free
+        if problem is None and free + on_disk < 2 * size:
+            problem = (f"--out-dir {run.args.out_dir} has {free / 2 ** 30:.2f} GiB free, and this run needs about "
+                       f"{(2 * size - on_disk) / 2 ** 30:.2f} GiB more for its checkpoints ({size / 2 ** 30:.2f} GiB "
+                       f"each; the newest and the one before it are kept): free space or use another --out-dir")
+    if any_process(problem is not None):
+        fail(problem or "rank 0 cannot write its checkpoints (see its message)")
+
+
+def checkpoint_bytes(run):
+    """About the size of this run's checkpoint: student and teacher weights, and AdamW's two moments per trained
+    weight."""
+    weights = sum(t.numel() * t.element_size() for t in run.student.state_dict().values())
+    moments = sum(2 * p.numel() * p.element_size() for p in run.student.parameters() if p.requires_grad)
+    return 2 * weights + moments
+
+
 def start(run):
     """Resume (--resume auto: OUT/checkpoint.pt if present) or start a fresh log; seed per-rank RNGs."""
     a = run.args
@@ -471,9 +598,11 @@ def start(run):
         path = None
     elif path is not None and not os.path.isfile(path):
         fail(f"no checkpoint at {path}")
-    torch.manual_seed(a.seed + run.rank)  # per-rank RNG for anything else
-    np.random.seed(a.seed + run.rank)
-    random.seed(a.seed + run.rank)
+    check_out_dir(run)
+    seed = (a.seed + run.rank) % 2 ** 32  # per-rank RNG for anything else; numpy takes seeds below 2^32
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
     if path is not None:
         resume(run, path)
     elif run.rank == 0:  # a fresh run starts a fresh log; a resumed one appends

@@ -191,7 +191,8 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(world, tmp_path, 
     before = open(path, "rb").read()
     monkeypatch.setattr(must, "loss_mim", lambda *a, **k: torch.tensor(float("nan")))
     message = error_of(argv(world, out))
-    assert "non-finite loss in optimizer step(s) 2-2; their updates are not saved; the last good checkpoint" in message
+    assert (f"non-finite loss in optimizer step(s) 2-2; their updates are not saved; the last checkpoint {path} "
+            f"(step 1) holds the weights these steps started from, and no earlier checkpoint is kept") in message
     assert open(path, "rb").read() == before
 
 
