@@ -437,15 +437,15 @@ def print_table(evals, dataset, mean_per_class, start_name):
     rows = [(start_name, first), ("MUST student", last), ("MUST teacher (EMA)", last), ("best student", best)]
     if len(evals) == 1:  # stopped before the first evaluation after training
         rows = rows[:1]
-    differ = len({e["images"] for _, e in rows if "images" in e}) > 1  # older checkpoints' evals have no count
+    differ = len({e["images"] for e in evals if "images" in e}) > 1  # older checkpoints' evals have no count
     print(f"\n{dataset}: {'mean per-class accuracy' if mean_per_class else 'top-1'} (%)")
     for name, e in rows:
         acc = e["teacher_acc"] if name == "MUST teacher (EMA)" else e["student_acc"]
         when = f"{e['epoch']} (chosen on test, as the release)" if name == "best student" else e["epoch"]
         print(f"  {name:20} {acc:6.2f}   epoch {when}" + (f"   on {e.get('images')} images" if differ else ""))
     if differ:
-        print("  warning: these rows scored different numbers of test images (see the warnings above), so their "
-              "accuracies are not comparable")
+        print("  warning: the evaluations scored different numbers of test images (see the warnings above), so "
+              "their accuracies are not comparable")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -197,6 +197,12 @@ FLAG_ERRORS = [
     ("setup", ["--resume", "{tmp}/absent.pt"], "no checkpoint at {tmp}/absent.pt"),
     pytest.param("setup", ["--amp", "fp16"], "--amp fp16 needs a GPU (use bf16 or fp32 on CPU)",
                  marks=pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU"), id="amp-fp16-on-cpu"),
+    ("flags", ["--seed", "-1"], "--seed -1 is not allowed: it must be in [0, 2^32)"),
+    ("flags", ["--seed", "4294967296"], "--seed 4294967296 is not allowed: it must be in [0, 2^32)"),
+    ("setup", ["--base-min-lr", "0.01"], "--base-min-lr 0.01 is above --base-lr 0.001: the cosine schedule would "
+                                         "rise from lr to min_lr"),
+    ("setup", ["--base-lr", "1e40"], "lr = --base-lr 1e+40 x 4 / 256 = 1.56e+38 overflows float32 in AdamW's "
+                                     "first step"),
 ]
 
 
@@ -733,6 +739,18 @@ def _clip_state_dict(world, tmp, ck):
     return []
 
 
+def _other_images(n, rename=False):
+    """Resume with --data-root on a copy of the training images: n of them, and with one renamed if asked."""
+    def mutate(world, tmp, ck):
+        folder = copy_good(world, tmp / "images", n=min(n, 8))
+        if n > 8:
+            _png(folder / "extra.png", seed=99)
+        if rename:
+            os.rename(folder / "0.png", folder / "renamed.png")
+        return ["--data-root", str(folder)]
+    return mutate
+
+
 def _init_from(mutate_ck):
     """--init a copy of the base checkpoint (changed by mutate_ck) into a fresh out-dir."""
     def mutate(world, tmp, ck):
@@ -770,6 +788,11 @@ CHECKPOINT_REFUSALS = [
                                                                                  "templates"),
     ("other-dataset", _resave(_other_dataset), "resume checkpoint {ck} was trained on dataset 'imagenet', not "
                                                "'folder'"),
+    ("fewer-training-images", _other_images(7), "resume checkpoint {ck} was trained on other training images "
+                                                 "(8 -> 7 images under --data-root); resume on the same images"),
+    ("more-training-images", _other_images(9), "was trained on other training images (8 -> 9 images"),
+    ("other-training-files", _other_images(8, rename=True), "was trained on other training images (the same "
+                                                            "number of images (8), other files under --data-root)"),
     ("other-seed", _flags("--seed", "1"), "resume checkpoint {ck} was made with other settings (--seed 0 -> 1)"),
     ("other-lr", _flags("--base-lr", "2e-3"), "was made with other settings (--base-lr 0.001 -> 0.002)"),
     ("student-missing-a-tensor", _resave(_student_without_proj), "resume checkpoint {ck} does not fit this run ("),
@@ -823,6 +846,7 @@ CHECKPOINT_ACCEPTED = [
     ("default-templates-as-a-file", _default_templates_as_file),
     ("stale-tmp-file-from-a-killed-write", _stale_tmp),
     ("other-workers-and-log-freq", _other_workers_and_log_freq),
+    ("same-images-copied-elsewhere", _other_images(8)),
 ]
 
 
@@ -914,6 +938,66 @@ def test_lock_is_released_when_a_run_fails(world, tmp_path, monkeypatch, capsys)
     assert "taking over" not in capsys.readouterr().out
 
 
+# ------------------------------------------------------------------------------------------- the out-dir
+
+def _folder_named(name):
+    def make(out, monkeypatch):
+        (out / name).mkdir(parents=True)
+        return f"{out / name} is a folder, where the run writes a file: move it away or use another --out-dir"
+    return make
+
+
+def _little_disk(out, monkeypatch):
+    """A disk with 1 MiB free: the tiny model's checkpoint is about 0.8 MiB, and two are kept."""
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=1 << 20))
+    return f"--out-dir {out} has 0.00 GiB free, and this run needs about 0.00 GiB more for its checkpoints"
+
+
+# (id, make(out dir, monkeypatch) -> the message); refused after the model is built, before any evaluation or step
+OUT_DIR_PROBLEMS = [
+    ("checkpoint-is-a-folder", _folder_named(train.CHECKPOINT)),
+    ("previous-checkpoint-is-a-folder", _folder_named(train.PREVIOUS)),
+    ("log-is-a-folder", _folder_named("log.jsonl")),
+    ("no-room-for-two-checkpoints", _little_disk),
+]
+
+
+@pytest.mark.parametrize("kind,make", with_ids(OUT_DIR_PROBLEMS))
+def test_out_dir_problems_are_found_before_any_work(kind, make, world, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    message = make(out, monkeypatch)
+    assert message in train_error(argv(world, world / "good", out))
+    assert not os.path.isfile(out / "log.jsonl") and not os.path.isfile(out / train.CHECKPOINT)
+
+
+def test_checkpoint_size_estimate_is_close(world, tmp_path):
+    """check_out_dir's estimate of a checkpoint's size, against the file a run writes (within 5%)."""
+    out = tmp_path / "out"
+    run = {}
+    real_start = train.start
+
+    def start(r):
+        run["bytes"] = train.checkpoint_bytes(r)
+        return real_start(r)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(train, "start", start)
+        train.main(argv(world, world / "good", out, "--max-steps", "1"))
+    assert os.path.getsize(out / train.CHECKPOINT) == pytest.approx(run["bytes"], rel=0.05)
+
+
+def test_out_dir_removed_during_a_run_is_one_line(world, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    real = must.ema_update
+
+    def remove_out_dir(*a, **k):
+        real(*a, **k)
+        shutil.rmtree(out)
+    monkeypatch.setattr(must, "ema_update", remove_out_dir)
+    assert (f"cannot append to {out / 'log.jsonl'} (No such file or directory); was --out-dir {out} removed?"
+            in train_error(argv(world, world / "good", out)))
+
+
 # ------------------------------------------------------------------------------------------- full disk
 
 def _make_disk_full(out):
@@ -986,6 +1070,58 @@ def test_non_finite_loss_never_reaches_a_checkpoint(term, value, with_checkpoint
     else:
         assert message.endswith("no checkpoint was written yet") and not os.path.exists(ck)
     assert [r["step"] for r in records(out, "train")] == ([1] if with_checkpoint else [])
+
+
+def _nan_from_call(n):
+    """A loss_mim that is NaN from its n-th call on (one call per step here): steps before it are healthy."""
+    real, calls = must.loss_mim, [0]
+
+    def loss_mim(*a, **k):
+        calls[0] += 1
+        return real(*a, **k) if calls[0] < n else torch.tensor(float("nan"))
+    return loss_mim
+
+
+def test_a_checkpoint_is_good_once_a_healthy_step_followed_it(world, tmp_path, monkeypatch):
+    """Checkpoint at step 2, step 3 healthy (checked at its log line), step 4 NaN: the checkpoint of step 2 is the
+    last good one, and the one it replaced is gone."""
+    out = tmp_path / "out"
+    monkeypatch.setattr(must, "loss_mim", _nan_from_call(4))
+    message = train_error(argv(world, world / "good", out, "--epochs", "2"))
+    ck = out / train.CHECKPOINT
+    assert message.endswith(f"non-finite loss in optimizer step(s) 4-4; their updates are not saved; the last good "
+                            f"checkpoint {ck} (step 2) is intact"), message
+    assert ckpt(out)["step"] == 2 and not os.path.exists(out / train.PREVIOUS)
+
+
+def test_the_checkpoint_before_is_kept_until_the_newest_is_known_good(world, tmp_path, monkeypatch):
+    """Checkpoints at steps 1 and 2, step 3 NaN: nothing has shown the weights of step 2 good, so the checkpoint
+    of step 1 is still on disk as checkpoint.prev.pt, and the message says which is which."""
+    out = tmp_path / "out"
+    monkeypatch.setattr(must, "loss_mim", _nan_from_call(3))
+    message = train_error(argv(world, world / "good", out, "--epochs", "2", "--save-freq", "1"))
+    ck, prev = out / train.CHECKPOINT, out / train.PREVIOUS
+    assert (f"the last checkpoint {ck} (step 2) holds the weights these steps started from, and {prev} the last "
+            f"known good ones; resuming repeats the same steps") in message
+    assert ckpt(out)["step"] == 2
+    assert torch.load(prev, map_location="cpu", weights_only=True)["step"] == 1
+
+
+def test_non_finite_weights_after_finite_losses_never_reach_a_checkpoint(world, tmp_path, monkeypatch):
+    """An update that overflows leaves a finite loss: the weights themselves are checked before every checkpoint.
+    Here the teacher's projection becomes inf after step 1 (its pseudo-labels would then just stop being
+    confident, with a loss of 0)."""
+    out = tmp_path / "out"
+    real = must.ema_update
+
+    def overflowing(teacher, student, mu):
+        real(teacher, student, mu)
+        teacher.visual.proj.data[0, 0] = float("inf")
+    monkeypatch.setattr(must, "ema_update", overflowing)
+    message = train_error(argv(world, world / "good", out, "--max-steps", "1"))
+    assert ("non-finite weights after optimizer step 1 although every loss was finite (an update overflowed: lower "
+            "--base-lr); they are not saved; no checkpoint was written yet") in message
+    assert not os.path.exists(out / train.CHECKPOINT)
 
 
 @pytest.mark.parametrize("tensor,message", [

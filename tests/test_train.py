@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -131,6 +132,8 @@ def test_few_steps_end_to_end(full_run):
         assert r["pseudo_label_acc"] is None  # folder training images are unlabeled
     assert any(r["conf_ratio"] > 0 for r in steps)  # L_cls was active
     assert [e["epoch"] for e in records(out, "eval")] == [0, 1, 2] == [e["epoch"] for e in evals]
+    assert [e["images"] for e in records(out, "eval")] == [9, 9, 9]  # what each evaluation scored
+    assert not os.path.exists(os.path.join(out, train.PREVIOUS))  # a finished run keeps only its last checkpoint
     c = ckpt(out)
     assert c["step"] == 6 and c["epoch"] == 2 and c["classnames"] == CLASSES
     assert c["args"]["data"] == "folder" and c["args"]["conf_threshold"] == 0.34
@@ -182,6 +185,40 @@ def test_two_process_torchrun_equals_one_process(world, tmp_path):
     assert lb["loss"] == pytest.approx(la["loss"], rel=1e-5)
     assert lb["conf_ratio"] == la["conf_ratio"]
     assert records(one, "eval")[0]["student_acc"] == pytest.approx(records(two, "eval")[0]["student_acc"])
+
+
+def test_resume_on_another_process_count_says_it_is_not_bit_exact(world, tmp_path, capsys):
+    """A checkpoint of 1 process resumed by 2 (torchrun): accepted, with one line saying why the weights will not
+    be bit-identical to an uninterrupted run's; a resume on the same count says nothing of the kind."""
+    out = tmp_path / "out"
+    train.main(argv(world, out, "--max-steps", "1"))
+    train.main(argv(world, out, "--max-steps", "2"))
+    assert "note: the checkpoint was written by" not in capsys.readouterr().out
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             os.path.join(ROOT, "train.py"), *argv(world, out, "--max-steps", "3")], cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("note: the checkpoint was written by 1 process(es) and this run has 2: the images, global batch and steps "
+            "are the same, but sums over processes run in another order, so the weights will not be bit-identical "
+            "to an uninterrupted run's") in result.stdout
+    assert ckpt(out)["step"] == 3 and len(ckpt(out)["rng"]) == 2
+
+
+def test_table_marks_evaluations_of_different_image_counts(capsys):
+    """When test images vanish during a run, the rows say how many images each scored, the best student is chosen
+    among the evaluations that scored as many as the last, and a warning says the rows are not comparable."""
+    evals = [{"epoch": 0, "student_acc": 50.0, "teacher_acc": 50.0, "images": 4},
+             {"epoch": 1, "student_acc": 100.0, "teacher_acc": 100.0, "images": 2},
+             {"epoch": 2, "student_acc": 75.0, "teacher_acc": 75.0, "images": 4},
+             {"epoch": 3, "student_acc": 70.0, "teacher_acc": 72.0, "images": 4}]
+    train.print_table(evals, "folder", False, "CLIP zero-shot")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == "  CLIP zero-shot        50.00   epoch 0   on 4 images"
+    assert lines[5] == "  best student          75.00   epoch 2 (chosen on test, as the release)   on 4 images"
+    assert lines[6].startswith("  warning: the evaluations scored different numbers of test images")
+    train.print_table([dict(e, images=4) for e in evals], "folder", False, "CLIP zero-shot")
+    printed = capsys.readouterr().out
+    assert "images" not in printed and "best student         100.00   epoch 1" in printed
 
 
 def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(world, tmp_path, monkeypatch):
@@ -383,6 +420,133 @@ def test_sigterm_on_one_of_two_processes_resumes_bit_exact(world, tmp_path):
     for key in ("student", "teacher"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), (key, name)
+
+
+def eval_signal_wrapper(tmp_path, evaluation, seconds_per_batch, rank=None):
+    """A train.py entry point that sends itself SIGTERM in the first batch of its n-th evaluation (1 = zero-shot,
+    2 = after epoch 1), whose batches from then on take seconds_per_batch each, as a large test set's would; it
+    touches tmp_path/signalled when it sends the signal."""
+    path = tmp_path / "eval_signalled_train.py"
+    path.write_text(f"""import os, signal, sys, time
+sys.path.insert(0, {ROOT!r})
+import eval, train
+real_evaluate, real_score, calls, batches = train.evaluate, eval.score_batch, [0], [0]
+def evaluate(*a, **k):
+    calls[0] += 1
+    return real_evaluate(*a, **k)
+def score_batch(*a, **k):
+    if calls[0] == {evaluation} and batches[0] == 0 and {rank!r} in (None, int(os.environ.get("RANK", 0))):
+        batches[0] += 1
+        open({str(tmp_path / "signalled")!r}, "w").close()
+        os.kill(os.getpid(), signal.SIGTERM)
+    if calls[0] >= {evaluation}:
+        time.sleep({seconds_per_batch})
+    return real_score(*a, **k)
+train.evaluate, eval.score_batch = evaluate, score_batch
+train.main(sys.argv[1:])
+""")
+    return str(path)
+
+
+def test_preemption_during_the_epoch_end_evaluation_loses_no_step(world, full_run, tmp_path):
+    """A scheduler's preemption: SIGTERM as the evaluation after epoch 1 starts (a 30 s batch: a long evaluation),
+    SIGKILL 3 s later. The epoch's 3 steps were checkpointed before the evaluation, so they survive the kill; rerun,
+    the evaluation runs again and the final weights equal an uninterrupted run's bit for bit."""
+    out = tmp_path / "preempted"
+    cmd = [sys.executable, eval_signal_wrapper(tmp_path, 2, 30), *argv(world, out, "--batch-size-per-gpu", "4")]
+    run = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.time() + 240
+        while not os.path.exists(tmp_path / "signalled") and run.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(3)  # the grace period: the batch in flight has not ended
+        run.kill()
+        _, stderr = run.communicate(timeout=60)
+    finally:
+        run.kill()
+    assert run.returncode == -signal.SIGKILL, stderr[-2000:]
+    assert ckpt(out)["step"] == 3 and [e["epoch"] for e in ckpt(out)["evals"]] == [0]
+    train.main(argv(world, out, "--batch-size-per-gpu", "4"))
+    a, b = ckpt(full_run[0]), ckpt(out)
+    for key in ("student", "teacher"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    assert [e["epoch"] for e in b["evals"]] == [0, 1, 2]
+    assert [e["student_acc"] for e in b["evals"]] == [e["student_acc"] for e in a["evals"]]
+
+
+@pytest.mark.parametrize("evaluation,step,done", [(2, 3, "checkpoint {ck} written; run the same command again to "
+                                                         "resume"),
+                                                  (1, 0, "nothing to save; run the same command again to start")],
+                         ids=["after-epoch-1", "zero-shot"])
+def test_sigterm_ends_an_evaluation_at_once(world, tmp_path, evaluation, step, done):
+    """A stop request is asked before every evaluation batch (here 2 s each, 3 batches): the evaluation is dropped
+    after the batch in flight and no step is started after it; the zero-shot evaluation leaves nothing to save."""
+    out = tmp_path / "stopped"
+    result = subprocess.run([sys.executable, eval_signal_wrapper(tmp_path, evaluation, 2),
+                             *argv(world, out, "--batch-size-per-gpu", "4")], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
+    message = f"stopped by SIGTERM after step {step}: " + done.format(ck=out / train.CHECKPOINT)
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert [r["step"] for r in records(out, "train")] == list(range(1, step + 1))
+    assert [r["epoch"] for r in records(out, "eval")] == ([0] if step else [])
+    assert os.path.exists(out / train.CHECKPOINT) == bool(step)
+
+
+def test_sigterm_during_evaluation_on_one_of_two_processes(world, tmp_path):
+    """torchrun, 2 gloo processes holding 5 and 4 of the 9 test images (2 and 1 batches of 4): rank 1 is asked to
+    stop as the evaluation after epoch 1 starts; both ranks agree before every batch, so neither waits for the
+    other, and both exit with the checkpoint of step 3."""
+    out = tmp_path / "two"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             eval_signal_wrapper(tmp_path, 2, 1, rank=1), *argv(world, out)], cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "stopped by SIGTERM after step 3: checkpoint" in result.stderr, \
+        result.stderr[-3000:]
+    assert ckpt(out)["step"] == 3 and len(ckpt(out)["rng"]) == 2
+    assert [r["epoch"] for r in records(out, "eval")] == [0]
+
+
+def test_sighup_stops_like_sigterm(world, tmp_path):
+    """A closed ssh session sends SIGHUP: the step in flight finishes, a checkpoint is written, exit 128 + 1."""
+    out = tmp_path / "hup"
+    result = subprocess.run([sys.executable, signal_wrapper(tmp_path, [(1, "SIGHUP", "self", None)]),
+                             *argv(world, out)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 128 + signal.SIGHUP, result.stderr[-2000:]
+    assert "stopped by SIGHUP after step 1: checkpoint" in result.stderr
+    assert ckpt(out)["step"] == 1
+
+
+def test_output_to_a_hung_up_terminal_cannot_stop_the_run(tmp_path):
+    """After SIGHUP the terminal is gone and writing to it raises EIO; runtime.StopRequest sends stdout and stderr
+    to /dev/null instead. A child process prints to a pseudo-terminal whose other end was closed: with the handler
+    it finishes, without the redirect it dies of the first print."""
+    script = tmp_path / "hangup.py"
+    script.write_text(f"""import os, pty, signal, sys
+sys.path.insert(0, {ROOT!r})
+import runtime
+if sys.argv[2] == "without-redirect":
+    runtime._leave_closed_terminal = lambda: None
+master, terminal = pty.openpty()
+os.dup2(terminal, 1)
+os.dup2(terminal, 2)
+with runtime.StopRequest() as stop:
+    os.close(master)
+    os.kill(os.getpid(), signal.SIGHUP)
+    for i in range(1000):
+        print("still training", i)
+    sys.stdout.flush()
+    open(sys.argv[1], "w").write(signal.Signals(stop.signum).name)
+""")
+    done = tmp_path / "done"
+    assert subprocess.run([sys.executable, str(script), str(done), "with-redirect"], timeout=60).returncode == 0
+    assert done.read_text() == "SIGHUP"
+    done.unlink()
+    assert subprocess.run([sys.executable, str(script), str(done), "without-redirect"], timeout=60).returncode != 0
+    assert not done.exists()
 
 
 # ---------------------------------------------------------------------------------------------- --compile
