@@ -90,43 +90,107 @@ def build_set(name, kind, root, transform, templates_file=None, classes_file=Non
     """One named dataset's test split as an EvalSet (--data folder: labeled images root/<class name>/..., names from
     the classes file); data.py's clear errors become one-line CLI errors."""
     try:
-        ds = data.build_dataset(kind, root, "test", transform, classes_file if kind == "folder" else None,
-                                templates_file, eval_root=root)
-    except (FileNotFoundError, ValueError) as e:
+        return make_set(name, kind, root, transform, templates_file, classes_file)
+    except (OSError, ValueError) as e:
         fail(f"{name}: {e}")
+
+
+def make_set(name, kind, root, transform, templates_file=None, classes_file=None):
+    """build_set that raises data.py's errors (OSError, ValueError) instead of exiting."""
+    classes = classes_file if kind == "folder" else None
+    ds = data.build_dataset(kind, root, "test", transform, classes, templates_file, eval_root=root)
     return EvalSet(name, kind, ds, class_ids(kind, ds.classnames), root)
 
 
+ABSENT = "absent"  # the reason recorded for a missing part that has no folder at all
+
+
+def leave_out(name, why, missing, what=""):
+    """Record a set that cannot be read in `missing` ({name: why}) and say so at once, before the
+    evaluation: one bad folder must not cost the scores of the others."""
+    missing[name] = why
+    print(f"warning: {what}{name} is left out, the other sets are scored: {why}")
+
+
+def nothing_to_score(what, root, missing):
+    """Fail when every set found under root was left out: the first reason, and how many more."""
+    unusable = [(name, why) for name, why in missing.items() if why != ABSENT]
+    more = f" (and {len(unusable) - 1} more, named above)" if len(unusable) > 1 else ""
+    fail(f"nothing to score under {what} {root!r}: {unusable[0][0]}: {unusable[0][1]}{more}")
+
+
+def _subfolders(path):
+    """{name_key: name} of the folders in path, hidden ones left out."""
+    entries = [e for e in os.scandir(path) if e.is_dir() and not e.name.startswith(".")]
+    return {data.name_key(e.name): e.name for e in entries}
+
+
+def severity_sets(root, corruption, folder, transform, missing, ignored):
+    """The EvalSets '<corruption>/<1..5>' of one corruption folder. Absent or unreadable severities
+    go to `missing`, other folders to `ignored` (as '<folder>/<name>')."""
+    classnames = prompts.DATASETS["imagenet"]["classes"]
+    templates = prompts.DATASETS["imagenet"]["templates"]
+    try:
+        present = set(_subfolders(os.path.join(root, folder)).values())
+    except OSError as e:
+        leave_out(corruption, f"its folder cannot be listed ({e.strerror})", missing, "ImageNet-C ")
+        return []
+    ignored += [f"{folder}/{name}" for name in sorted(present - set(map(str, SEVERITIES)))]
+    sets = []
+    for s in SEVERITIES:
+        name, path = f"{corruption}/{s}", os.path.join(root, folder, str(s))
+        if str(s) not in present:
+            missing[name] = ABSENT
+            continue
+        listing = []
+        try:
+            samples = data.scan_class_folders(path, "imagenet", classnames, listing)
+        except (OSError, ValueError) as e:  # no class folders, no images, folders that are no wnid
+            leave_out(name, str(e), missing, "ImageNet-C ")
+            continue
+        ds = data.ImageList(samples, classnames, templates, transform, "skip", listing)
+        sets.append(EvalSet(name, "imagenet-c", ds, list(prompts.IMAGENET_WNIDS), path))
+    return sets
+
+
 def find_corruption_sets(root, transform):
-    """ImageNet-C: EvalSets named '<corruption>/<severity>' for the 15 benchmark corruptions present, the
-    missing '<corruption>' or '<corruption>/<severity>' entries, and the ignored extra folders."""
+    """ImageNet-C: EvalSets named '<corruption>/<severity>' for the 15 benchmark corruptions
+    present, the missing parts {'<corruption>' or '<corruption>/<severity>': why} and the ignored
+    folders (other corruptions, severities outside 1..5). Fails only when nothing can be scored."""
     if not os.path.isdir(root):
         fail(f"ImageNet-C root {root!r} does not exist or is not a directory")
-    folders = {data.name_key(e.name): e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")}
-    classnames = prompts.DATASETS["imagenet"]["classes"]
-    sets, missing = [], []
+    folders = _subfolders(root)
+    sets, missing, ignored = [], {}, []
     for corruption in ALEXNET_ERR:
         folder = folders.pop(data.name_key(corruption), None)
         if folder is None:
-            missing.append(corruption)
-            continue
-        for s in SEVERITIES:
-            path = os.path.join(root, folder, str(s))
-            if not os.path.isdir(path):
-                missing.append(f"{corruption}/{s}")
-                continue
-            ignored = []
-            try:
-                samples = data.scan_class_folders(path, "imagenet", classnames, ignored)
-            except (FileNotFoundError, ValueError) as e:
-                fail(f"ImageNet-C {corruption}/{s}: {e}")
-            ds = data.ImageList(samples, classnames, prompts.DATASETS["imagenet"]["templates"], transform, "skip",
-                                ignored)
-            sets.append(EvalSet(f"{corruption}/{s}", "imagenet-c", ds, list(prompts.IMAGENET_WNIDS), path))
+            missing[corruption] = ABSENT
+        else:
+            sets += severity_sets(root, corruption, folder, transform, missing, ignored)
+    if not sets and any(why != ABSENT for why in missing.values()):
+        nothing_to_score("ImageNet-C root", root, missing)
     if not sets:
         fail(f"no ImageNet-C corruption under {root!r}: expected {root}/<corruption>/<1..5>/<wnid>/*.JPEG with "
              f"<corruption> among {', '.join(ALEXNET_ERR)}")
-    return sets, missing, sorted(folders.values())
+    return sets, missing, sorted(folders.values()) + ignored
+
+
+def find_shifted_sets(root, transform, templates):
+    """--shift: the EvalSets of the shifted ImageNets under root, and {name: why} of those that
+    cannot be read. Fails only when none can."""
+    try:
+        found = data.find_shift_sets(root)
+    except FileNotFoundError as e:
+        fail(str(e))
+    sets, missing = [], {}
+    for name, kind, path in found:
+        try:
+            sets.append(make_set(name, kind, path, transform, templates))
+        except (OSError, ValueError) as e:  # no class folders, no images, folders that are no class
+            leave_out(name, str(e), missing)
+    if not sets:
+        nothing_to_score("--shift-root", root, missing)
+    return sets, missing
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -349,20 +413,61 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _make_folder(flag, path, folder):
+    """Create `folder`, where `flag`'s output goes, now: a path that cannot hold the output is then
+    refused before any model is loaded, not after the whole evaluation."""
+    where = "" if path == folder else f": its folder {folder}"
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        fail(f"{flag} {path}{where} cannot be created ({e.strerror})")
+    if not os.access(folder, os.W_OK):
+        fail(f"{flag} {path}{where} is not writable")
+
+
+def check_flags(args):
+    """Every flag and file that can be checked without a model, one line each. Sets args.out_dir to
+    the folder the outputs go to, made here as train.py makes its own."""
+    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--limit", args.limit, 1),
+                               ("--num-workers", args.num_workers, 0),
+                               ("--figures", args.figures, 0)):
+        if value is not None and value < least:
+            bound = "at least 1" if least else "0 or more"
+            fail(f"{flag} {value} is not allowed: it must be {bound}")
+    for flag, root in (("--data-root", args.data_root), ("--shift-root", args.shift_root)):
+        if root and not os.path.isdir(root):
+            fail(f"{flag} {root!r} does not exist or is not a directory")
+    try:
+        if args.classes:
+            data.read_classnames(args.classes)
+        if args.templates:
+            data.read_templates(args.templates)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    if args.checkpoint and not os.path.isfile(args.checkpoint):
+        fail(f"no checkpoint file at {args.checkpoint}")
+    if args.json and os.path.isdir(args.json):
+        fail(f"--json {args.json} is a folder: give the name of the JSON file to write")
+    if args.out_dir is None:  # the checkpoint's folder, now known to exist, or out/eval
+        args.out_dir = os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint else \
+            os.path.join("out", "eval")
+    _make_folder("--out-dir", args.out_dir, args.out_dir)
+    if args.json:
+        _make_folder("--json", args.json, os.path.dirname(os.path.abspath(args.json)))
+
+
 def resolve_sets(args, run, transform):
-    """-> (mode, [EvalSet], (missing, ignored) for imagenet-c else None). --data and --data-root default to the
-    checkpoint's own (for --data folder: its --eval-root, --classes and --templates)."""
+    """-> (mode, [EvalSet], found): found = (root, missing {name: why}, ignored) for imagenet-c,
+    (root, missing, None) for --shift, else None. --data and --data-root default to the checkpoint's
+    own (for --data folder: its --eval-root, --classes and --templates)."""
     if args.shift and args.data:
         fail("give --data or --shift, not both")
     if args.shift:
         root = args.shift_root or args.data_root
         if root is None:
             fail("--shift needs --shift-root DIR (a folder with imagenetv2*/imagenet-r/imagenet-a/imagenet-sketch)")
-        try:
-            found = data.find_shift_sets(root)
-        except FileNotFoundError as e:
-            fail(str(e))
-        return "shift", [build_set(n, k, p, transform, args.templates) for n, k, p in found], None
+        sets, missing = find_shifted_sets(root, transform, args.templates)
+        return "shift", sets, (root, missing, None)
     mode = args.data or run.get("data")
     if mode is None:
         fail("give --data NAME (and --data-root DIR), --shift, or a --checkpoint whose dataset is evaluated")
@@ -388,15 +493,24 @@ def imagenet_c_report(models, sets, counts, root, missing, ignored):
         for i, s in enumerate(sets):
             if (i, name) in counts:
                 corruption, severity = s.name.split("/")
-                errors.setdefault(corruption, {})[int(severity)] = 100.0 - counts[(i, name)].metrics()["top1"]
+                top1 = counts[(i, name)].metrics()["top1"]  # None: no image of it was readable
+                error = None if top1 is None else 100.0 - top1
+                errors.setdefault(corruption, {})[int(severity)] = error
         summary = corruption_errors(errors)
         report[name] = {"error": {c: {str(k): v for k, v in e.items()} for c, e in errors.items()}, **summary}
         print(corruption_table(name, errors, summary) + "\n")
-    if missing:
-        print(f"missing from {root}: {', '.join(missing)}")
+    print_missing(root, missing)
     if ignored:
-        print(f"ignored folders (not among the 15 benchmark corruptions): {', '.join(ignored)}")
+        print("ignored folders (not a benchmark corruption, or a severity outside 1-5): "
+              + ", ".join(ignored))
     return report
+
+
+def print_missing(root, missing):
+    """One line naming the parts of root not scored: absent ones by name, the others with why."""
+    parts = [name if why == ABSENT else f"{name} ({why})" for name, why in missing.items()]
+    if parts:
+        print(f"missing from {root}: {', '.join(parts)}")
 
 
 def report_unreadable(dataset, what, reported, device):
@@ -429,13 +543,34 @@ def save_json(path, report):
     print(f"wrote {path}")
 
 
+def check_is_must_checkpoint(path):
+    """Refuse a file that is not a train.py checkpoint in one line that says what it is, before
+    must.load_checkpoint fails on a missing key. The file is mapped (mmap), not read: quick."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch.load's own: truncated, not a checkpoint, unsafe to load
+        fail(f"cannot read MUST checkpoint {path} ({clip_model.load_error_detail(e)})")
+    is_dict = isinstance(ckpt, dict)
+    if is_dict and all(isinstance(ckpt.get(k), dict) for k in ("student", "teacher")):
+        return
+    if is_dict and "text_projection" in ckpt:  # a CLIP has a text tower, a MUST model has none
+        fail(f"{path} holds a CLIP's weights, not a checkpoint written by train.py: give it as "
+             f"--model {path} to score it zero-shot")
+    if is_dict and ckpt:
+        more = ", ..." if len(ckpt) > 5 else ""
+        what = f"its entries: {', '.join(map(str, list(ckpt)[:5]))}{more}"
+    else:
+        what = f"it holds {'an empty dict' if is_dict else 'a ' + type(ckpt).__name__}"
+    fail(f"{path} is not a MUST checkpoint written by train.py: it does not hold both 'student' "
+         f"and 'teacher' weights ({what})")
+
+
 def load_models(args):
     """-> (models {name: MUSTModel}, their class identities, the checkpoint's run args, the CLIP to score zero-shot
     or None, its name). Everything is a MUSTModel; CLIP zero-shot becomes one once its head is built."""
     models, run, model_ids = {}, {}, {}
     if args.checkpoint:
-        if not os.path.isfile(args.checkpoint):
-            fail(f"no checkpoint file at {args.checkpoint}")
+        check_is_must_checkpoint(args.checkpoint)
         try:
             student, run = must.load_checkpoint(args.checkpoint, "student")
             teacher, _ = must.load_checkpoint(args.checkpoint, "teacher")
@@ -510,23 +645,34 @@ def results_of(sets, models, counts, unread, mpc_sets):
     return results
 
 
+def check_scored(results):
+    """Warn about each set that scored no image while others did -> None. When no set scored any:
+    the one-line error to fail with, once main has written the report (its counts say why)."""
+    def why(r):
+        n = r["unreadable"]
+        return f"all {n} images read were unreadable" if n else "none of its images has a label"
+    empty = {name: r for name, r in results.items() if r["images"] == 0}
+    if len(empty) < len(results):
+        for name, r in empty.items():
+            print(f"warning: scored no image of {name}: {why(r)} (see the warnings above)")
+        return None
+    if len(empty) == 1:
+        name, r = next(iter(empty.items()))
+        return f"scored no image of {name}: {why(r)} (see the warnings above)"
+    n = sum(r["unreadable"] for r in empty.values())
+    return (f"scored no image of any of the {len(empty)} sets: all {n} images read were unreadable "
+            "(see the warnings above)")
+
+
 def main(argv=None):
     args = parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        fail("--limit must be at least 1")
-    if args.figures < 0:
-        fail("--figures must be at least 0")
-    for flag, root in (("--data-root", args.data_root), ("--shift-root", args.shift_root)):
-        if root and not os.path.isdir(root):  # checked before any model is loaded or downloaded
-            fail(f"{flag} {root!r} does not exist or is not a directory")
+    check_flags(args)
     device = pick_device(args.device)
     amp_dtype, _ = autocast_for(args.amp, device)  # eval runs no backward: no GradScaler
     models, model_ids, run, clip, clip_name = load_models(args)
     visual = (models["student"] if models else clip).visual
-    mode, sets, corruption_info = resolve_sets(args, run, data.test_transform(visual.input_resolution))
-    out_dir = args.out_dir or (os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint
-                               else os.path.join("out", "eval"))
-    os.makedirs(out_dir, exist_ok=True)
+    mode, sets, found = resolve_sets(args, run, data.test_transform(visual.input_resolution))
+    out_dir = args.out_dir  # made by check_flags
     if clip is not None:
         models = add_zero_shot(args, models, model_ids, clip, sets, device, out_dir)
         del clip
@@ -540,20 +686,27 @@ def main(argv=None):
     unread = {s.name: {"unreadable": report_unreadable(s.dataset, s.name, set(), device),
                        "not_listed": not_listed[s.name]} for s in sets}
     results = results_of(sets, models, counts, unread, mpc_sets)
+    nothing_scored = check_scored(results)
     report = {"mode": mode, "checkpoint": args.checkpoint, "clip": clip_name, "trained_on": run.get("data"),
               "models": list(models), "device": str(device), "images_per_s": speed, "limit": args.limit,
               "results": results, "not_scored": skipped}
     if mode == "imagenet-c":
-        report["imagenet_c"] = imagenet_c_report(models, sets, counts, *corruption_info)
+        report["imagenet_c"] = imagenet_c_report(models, sets, counts, *found)
     else:
         print(accuracy_table(results, list(models), mpc_sets))
+    if mode == "shift":
+        report["missing"] = found[1]
+        print_missing(*found[:2])
     print(f"{sum(r['images'] for r in results.values())} images, {speed:.1f} images/s on {device}")
     json_path = args.json or os.path.join(out_dir, f"eval-{mode}.json")
     save_json(json_path, report)
+    if nothing_scored:  # after the report: its counts say what was unreadable
+        fail(nothing_scored)
     if args.figures:
         report["figures"] = figures.make_figures(args, run, sets, models, columns, visual, os.path.join(out_dir, mode),
                                                  device)
-        print("figures: " + ", ".join(report["figures"]))
+        if report["figures"]:
+            print("figures: " + ", ".join(report["figures"]))
         save_json(json_path, report)
     return report
 

@@ -93,6 +93,35 @@ def compose_grid(rows, header, cell):
     return canvas
 
 
+def evenly_spaced(indices, n):
+    """Up to n evenly spaced entries of the list indices, its first and last included."""
+    at = np.linspace(0, len(indices) - 1, min(n, len(indices))).round().astype(int)
+    return [indices[i] for i in np.unique(at)]
+
+
+def readable_picks(ds, n, name):
+    """Up to n evenly spaced readable images of ds -> (indices, items). A file found unreadable
+    (flagged in ds.bad by data.ImageList, while scoring or here) is passed over and the picks are
+    spaced again over the others: a figure must not show the blank placeholder of a skipped file."""
+    bad = getattr(ds, "bad", None)  # datasets without it (the toy's) never fail
+    known = 0 if bad is None else int(bad.count_nonzero())
+    items = {}
+    while True:
+        readable = range(len(ds)) if bad is None else torch.nonzero(bad == 0).flatten().tolist()
+        picks = evenly_spaced(readable, n)
+        for i in picks:
+            if i not in items:
+                items[i] = ds[i]
+        if bad is None or not any(bad[i] for i in picks):
+            break
+    if bad is not None and int(bad.count_nonzero()) > known:  # with --limit: files not scored
+        print(f"warning: figures: passed over {int(bad.count_nonzero()) - known} more unreadable "
+              f"image(s) of {name}")
+    if not picks:
+        print(f"warning: no figures: none of the {len(ds)} images of {name} can be read")
+    return picks, [items[i] for i in picks]
+
+
 def make_figures(args, run, sets, models, columns, visual, prefix, device):
     """PNG files of args.figures images of the first set that the most models score: <prefix>-attention.png
     (image | each model's GradCAM, captioned with its prediction) and, for a MUST checkpoint,
@@ -103,8 +132,10 @@ def make_figures(args, run, sets, models, columns, visual, prefix, device):
     if len(sets) > 1:
         prefix += "-" + re.sub(r"[^0-9A-Za-z.-]+", "_", sets[first].name)
     ds = sets[first].dataset
-    picks = np.unique(np.linspace(0, len(ds) - 1, min(args.figures, len(ds))).round().astype(int))
-    images, labels = zip(*(ds[int(i)] for i in picks))
+    picks, items = readable_picks(ds, args.figures, sets[first].name)
+    if not picks:
+        return []
+    images, labels = zip(*items)
     images = torch.stack(images).to(device)
     names, cell = ds.classnames, max(images.shape[-1], 128)
     cams = {n: attention_cam(m, images, columns[(first, n)]) for n, m in models.items()}

@@ -24,7 +24,9 @@ from PIL import Image
 
 import data
 import eval as ev
+import figures
 import must
+import prompts
 import runtime
 import train
 from conftest import tiny_clip
@@ -1197,14 +1199,17 @@ def test_eval_py_skips_unreadable_files_and_reports_them(workers, world, tmp_pat
 
 
 def test_eval_py_scores_nothing_when_no_image_is_readable(world, tmp_path, capsys):
+    """Nothing scored is an error, raised once the JSON report is written: its counts say why."""
     for i, name in enumerate(CLASSES[:2]):
         (tmp_path / "test" / name).mkdir(parents=True)
         open(tmp_path / "test" / name / f"{i}.png", "w").write("not an image" * i)  # empty, then text
-    report = ev.main(["--data", "folder", "--data-root", str(tmp_path / "test"),
-                      "--classes", str(world / "classes.txt"),
-                      "--model", str(world / "tiny.pt"), "--device", "cpu", "--num-workers", "0",
-                      "--out-dir", str(tmp_path / "eval")])
-    r = report["results"]["folder"]
+    argv_list = ["--data", "folder", "--data-root", str(tmp_path / "test"),
+                 "--classes", str(world / "classes.txt"), "--model", str(world / "tiny.pt"),
+                 "--device", "cpu", "--num-workers", "0", "--out-dir", str(tmp_path / "eval")]
+    assert error_of(ev.main, argv_list) == ("error: scored no image of folder: all 2 images read "
+                                            "were unreadable (see the warnings above)")
+    with open(tmp_path / "eval" / "eval-folder.json") as f:
+        r = json.load(f)["results"]["folder"]
     assert (r["images"], r["unreadable"], r["not_listed"]) == (0, 2, 0)
     assert r["models"]["clip"] == {"top1": None, "top5": None, "mean_per_class": None}
     assert capsys.readouterr().out.count("warning: skipped folder image ") == 2
@@ -1224,3 +1229,278 @@ def test_unreadable_files_are_warned_once_across_resumes(world, tmp_path, capsys
     assert (captured.out + captured.err).count(f"warning: skipped training image {folder / '0.png'}") == 1
     assert [r["skipped"] for r in records(out, "train")] == [1, 1]
     assert ckpt(out)["unreadable"] == [0]
+
+
+# ---- eval.py inputs and partial results
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INET = prompts.DATASETS["imagenet"]["classes"]
+
+
+def eval_argv(world, tmp, data_root, *extra):
+    """eval.py on a --data folder, the tiny CLIP zero-shot; JSON and figures go to tmp/eval."""
+    return ["--data", "folder", "--data-root", str(data_root),
+            "--classes", str(world / "classes.txt"), "--model", str(world / "tiny.pt"),
+            "--device", "cpu", "--num-workers", "0", "--out-dir", str(tmp / "eval"), *extra]
+
+
+def ckpt_argv(ckpt_path, tmp, *extra):
+    """eval.py scoring a MUST checkpoint (no zero-shot head to build); outputs go to tmp/eval."""
+    return ["--checkpoint", str(ckpt_path), "--device", "cpu", "--num-workers", "0",
+            "--batch-size", "4", "--out-dir", str(tmp / "eval"), *extra]
+
+
+@pytest.fixture(scope="module")
+def imagenet_ckpt(world):
+    """A checkpoint laid out as train.py writes it, of a tiny 1000-way ImageNet model: it scores
+    ImageNet-C and the shifted ImageNets without building a zero-shot head over 1000 classes."""
+    torch.manual_seed(2)
+    clip = tiny_clip()
+    head = torch.nn.functional.normalize(torch.randn(clip.visual.output_dim, len(INET)), dim=0)
+    state = must.MUSTModel(clip.visual, head, 100.0).state_dict()
+    path = world / "imagenet-must.pt"
+    torch.save({"student": state, "teacher": state, "classnames": INET,
+                "args": {"data": "imagenet", "mask_unit": 16, "mask_ratio": 0.5}}, path)
+    return path
+
+
+def _class_images(folder, wnids, n=1):
+    """folder/<wnid>/<j>.png: n random 40x40 PNGs per wnid."""
+    for k, w in enumerate(wnids):
+        os.makedirs(folder / w, exist_ok=True)
+        for j in range(n):
+            _png(folder / w / f"{j}.png", seed=10 * k + j)
+
+
+# Flags and files eval.py refuses before any model is loaded: (flags, exact one-line error);
+# "{tmp}" and "{file}" (an existing file) are filled in.
+EVAL_FLAG_ERRORS = [
+    (["--batch-size", "0"], "--batch-size 0 is not allowed: it must be at least 1"),
+    (["--batch-size", "-4"], "--batch-size -4 is not allowed: it must be at least 1"),
+    (["--num-workers", "-1"], "--num-workers -1 is not allowed: it must be 0 or more"),
+    (["--limit", "0"], "--limit 0 is not allowed: it must be at least 1"),
+    (["--figures", "-1"], "--figures -1 is not allowed: it must be 0 or more"),
+    (["--out-dir", "{file}"], "--out-dir {file} cannot be created (File exists)"),
+    (["--out-dir", "{file}/sub"], "--out-dir {file}/sub cannot be created (Not a directory)"),
+    (["--json", "{tmp}"], "--json {tmp} is a folder: give the name of the JSON file to write"),
+    (["--json", "{file}/eval.json"],
+     "--json {file}/eval.json: its folder {file} cannot be created (File exists)"),
+    (["--json", "{file}/sub/eval.json"],
+     "--json {file}/sub/eval.json: its folder {file}/sub cannot be created (Not a directory)"),
+    (["--checkpoint", "{tmp}/absent.pt"], "no checkpoint file at {tmp}/absent.pt"),
+    (["--templates", "{tmp}/absent.txt"], "templates file '{tmp}/absent.txt' does not exist"),
+]
+
+
+@pytest.mark.parametrize("flags,message",
+                         with_ids(EVAL_FLAG_ERRORS, lambda row: "_".join(row[0])))
+def test_eval_py_bad_flag_is_one_line_before_any_model(flags, message, world, tmp_path,
+                                                       monkeypatch):
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setattr(ev, "load_models", lambda args: pytest.fail("a model was loaded"))
+    flags = [_fill(f, world, tmp_path) for f in flags]
+    assert error_of(ev.main, eval_argv(world, tmp_path, world / "test", *flags)) == \
+        "error: " + _fill(message, world, tmp_path)
+    assert (tmp_path / "a-file").read_text() == "not a folder"
+
+
+def _saved(tmp_path, obj):
+    torch.save(obj, tmp_path / "file.pt")
+    return str(tmp_path / "file.pt")
+
+
+CLIP_NOT_MUST = ("{path} holds a CLIP's weights, not a checkpoint written by train.py: give it "
+                 "as --model {path} to score it zero-shot")
+NOT_MUST = ("{path} is not a MUST checkpoint written by train.py: it does not hold both 'student' "
+            "and 'teacher' weights")
+# (kind, what --checkpoint is given, exact one-line error): files that are no train.py checkpoint.
+EVAL_CHECKPOINT_ERRORS = [
+    ("toy_clip", lambda world, tmp: os.path.join(REPO, "toy_clip.pt"), CLIP_NOT_MUST),
+    ("tiny_clip", lambda world, tmp: str(world / "tiny.pt"), CLIP_NOT_MUST),
+    ("other_dict", lambda world, tmp: _saved(tmp, {"step": 3, "epoch": 1}),
+     NOT_MUST + " (its entries: step, epoch)"),
+    ("student_only", lambda world, tmp: _saved(tmp, {"student": {}}),
+     NOT_MUST + " (its entries: student)"),
+    ("many_entries", lambda world, tmp: _saved(tmp, {f"k{i}": i for i in range(7)}),
+     NOT_MUST + " (its entries: k0, k1, k2, k3, k4, ...)"),
+    ("empty_dict", lambda world, tmp: _saved(tmp, {}), NOT_MUST + " (it holds an empty dict)"),
+    ("tensor", lambda world, tmp: _saved(tmp, torch.zeros(3)), NOT_MUST + " (it holds a Tensor)"),
+]
+
+
+@pytest.mark.parametrize("kind,make,message", with_ids(EVAL_CHECKPOINT_ERRORS))
+def test_eval_py_checkpoint_that_is_no_must_checkpoint(kind, make, message, world, tmp_path):
+    path = make(world, tmp_path)
+    assert error_of(ev.main, ckpt_argv(path, tmp_path)) == "error: " + message.format(path=path)
+
+
+def _shift_root(tmp_path, broken=(), unreadable=()):
+    """shift/imagenet-r and shift/imagenet-a, 2 wnids of one image each; a set in `broken` is an
+    empty folder, one in `unreadable` holds zero-byte files only."""
+    root = tmp_path / "shift"
+    for name, wnids in (("imagenet-r", prompts.IMAGENET_R_WNIDS[:2]),
+                        ("imagenet-a", prompts.IMAGENET_A_WNIDS[:2])):
+        (root / name).mkdir(parents=True)
+        if name not in broken:
+            _class_images(root / name, wnids)
+        if name in unreadable:
+            for path in (root / name).glob("*/*.png"):
+                path.write_bytes(b"")
+    return root
+
+
+def _shift(imagenet_ckpt, tmp_path, root, *extra):
+    return ckpt_argv(imagenet_ckpt, tmp_path, "--shift", "--shift-root", str(root), *extra)
+
+
+def test_eval_py_set_with_no_readable_image_is_a_warning(world, imagenet_ckpt, tmp_path, capsys):
+    """One set scores nothing, the other scores: a warning, exit 0."""
+    root = _shift_root(tmp_path, unreadable=["imagenet-a"])
+    capsys.readouterr()
+    res = ev.main(_shift(imagenet_ckpt, tmp_path, root))["results"]
+    out = capsys.readouterr().out
+    assert ("warning: scored no image of imagenet-a: all 2 images read were unreadable "
+            "(see the warnings above)\n") in out
+    a, r = res["imagenet-a"], res["imagenet-r"]
+    assert (r["images"], a["images"], a["unreadable"]) == (2, 0, 2)
+    assert a["models"]["student"]["top1"] is None
+
+
+def test_eval_py_no_set_scored_is_an_error_after_the_report(world, imagenet_ckpt, tmp_path):
+    root = _shift_root(tmp_path, unreadable=["imagenet-r", "imagenet-a"])
+    assert error_of(ev.main, _shift(imagenet_ckpt, tmp_path, root)) == (
+        "error: scored no image of any of the 2 sets: all 4 images read were unreadable "
+        "(see the warnings above)")
+    with open(tmp_path / "eval" / "eval-shift.json") as f:
+        res = json.load(f)["results"]
+    assert [(r["images"], r["unreadable"]) for r in res.values()] == [(0, 2), (0, 2)]
+
+
+def _no_class_folders(folder):
+    return f"no class folders in '{folder}': expected {folder}/<class name>/<images>"
+
+
+def test_eval_py_empty_shifted_set_is_listed_and_the_others_scored(world, imagenet_ckpt,
+                                                                   tmp_path, capsys):
+    root = _shift_root(tmp_path, broken=["imagenet-a"])
+    why = _no_class_folders(root / "imagenet-a")
+    capsys.readouterr()
+    report = ev.main(_shift(imagenet_ckpt, tmp_path, root))
+    out = capsys.readouterr().out
+    assert f"warning: imagenet-a is left out, the other sets are scored: {why}\n" in out
+    assert f"missing from {root}: imagenet-a ({why})\n" in out
+    assert list(report["results"]) == ["imagenet-r"]
+    assert report["results"]["imagenet-r"]["images"] == 2
+    assert report["missing"] == {"imagenet-a": why}
+    with open(tmp_path / "eval" / "eval-shift.json") as f:
+        assert json.load(f)["missing"] == {"imagenet-a": why}
+
+
+def test_eval_py_shift_root_with_no_usable_set(world, imagenet_ckpt, tmp_path):
+    root = _shift_root(tmp_path, broken=["imagenet-r", "imagenet-a"])
+    assert error_of(ev.main, _shift(imagenet_ckpt, tmp_path, root)) == (
+        f"error: nothing to score under --shift-root '{root}': imagenet-r: "
+        f"{_no_class_folders(root / 'imagenet-r')} (and 1 more, named above)")
+
+
+def _imagenet_c_root(tmp_path):
+    """fog/1 scorable, fog/2 zero-byte files only, fog/3 empty, fog/4 a class folder without images,
+    fog/7 (no severity), snow/1 a folder that is no wnid, speckle_noise (no benchmark corruption);
+    the rest absent."""
+    root = tmp_path / "imagenet-c"
+    wnids = prompts.IMAGENET_WNIDS[:2]
+    for s in ("1", "2", "7"):
+        _class_images(root / "fog" / s, wnids)
+    for path in (root / "fog" / "2").glob("*/*.png"):
+        path.write_bytes(b"")
+    (root / "fog" / "3").mkdir()
+    (root / "fog" / "4" / wnids[0]).mkdir(parents=True)
+    _class_images(root / "snow" / "1", ["cat"])
+    _class_images(root / "speckle_noise" / "1", wnids)
+    return root
+
+
+def test_eval_py_imagenet_c_lists_unusable_parts_and_scores_the_rest(world, imagenet_ckpt,
+                                                                     tmp_path, capsys):
+    root = _imagenet_c_root(tmp_path)
+    capsys.readouterr()
+    report = ev.main(ckpt_argv(imagenet_ckpt, tmp_path, "--data", "imagenet-c",
+                               "--data-root", str(root)))
+    out = capsys.readouterr().out
+    missing, fog3 = report["imagenet_c"]["missing"], _no_class_folders(root / "fog" / "3")
+    assert missing["fog/3"] == fog3
+    assert missing["fog/4"].startswith("no images (")
+    assert f"'{root / 'fog' / '4'}'" in missing["fog/4"]
+    assert "match no class" in missing["snow/1"]
+    assert missing["fog/5"] == missing["brightness"] == missing["snow/2"] == "absent"
+    assert len(missing) == 13 + 3 + 5  # 13 corruptions absent, fog/3..5, snow/1..5
+    assert report["imagenet_c"]["ignored_folders"] == ["speckle_noise", "fog/7"]
+    res, error = report["results"], report["imagenet_c"]["student"]["error"]["fog"]
+    assert [(name, r["images"]) for name, r in res.items()] == [("fog/1", 2), ("fog/2", 0)]
+    assert error["2"] is None and error["1"] is not None
+    assert f"warning: ImageNet-C fog/3 is left out, the other sets are scored: {fog3}\n" in out
+    assert ("warning: scored no image of fog/2: all 2 images read were unreadable "
+            "(see the warnings above)\n") in out
+    missing_line = next(line for line in out.splitlines() if line.startswith("missing from "))
+    assert "brightness, " in missing_line and f"fog/3 ({fog3})" in missing_line
+    assert ("ignored folders (not a benchmark corruption, or a severity outside 1-5): "
+            "speckle_noise, fog/7\n") in out
+
+
+def test_eval_py_imagenet_c_with_nothing_usable(world, imagenet_ckpt, tmp_path):
+    root = tmp_path / "imagenet-c"
+    (root / "fog" / "3").mkdir(parents=True)
+    message = error_of(ev.main, ckpt_argv(imagenet_ckpt, tmp_path, "--data", "imagenet-c",
+                                          "--data-root", str(root)))
+    assert message == (f"error: nothing to score under ImageNet-C root '{root}': fog/3: "
+                       f"{_no_class_folders(root / 'fog' / '3')}")
+
+
+def _figure_rows(path):
+    """Rows of a figures.compose_grid image: 128 px cells, 16 px captions, 4 px padding."""
+    with Image.open(path) as img:
+        rows, rest = divmod(img.height - 16 - 4, 128 + 16 + 4)
+    assert rest == 0
+    return rows
+
+
+# (--figures N and flags, the test images made unreadable, rows drawn, the warning printed or None)
+EVAL_FIGURES = [
+    (["--figures", "3"], [], 3, None),
+    (["--figures", "3"], ["blue circle/1.png", "red square/3.png"], 3, None),  # first, last pick
+    (["--figures", "6"], ["blue circle/1.png", "red square/3.png"], 4, None),  # fewer than asked
+    (["--figures", "3", "--limit", "1"], ["red square/3.png"], 3,  # a file scoring did not read
+     "warning: figures: passed over 1 more unreadable image(s) of folder"),
+]
+
+
+@pytest.mark.parametrize("flags,broken,rows,warning", with_ids(
+    EVAL_FIGURES, lambda row: "_".join(row[0]) + f"-{len(row[1])}-unreadable"))
+def test_eval_py_figures_show_only_readable_images(flags, broken, rows, warning, world, tmp_path,
+                                                   monkeypatch, capsys):
+    shutil.copytree(world / "test", tmp_path / "test")
+    for name in broken:
+        (tmp_path / "test" / name).write_bytes(b"")
+    drawn, real = [], figures.attention_cam
+    monkeypatch.setattr(figures, "attention_cam",
+                        lambda model, images, c: drawn.append(images) or real(model, images, c))
+    capsys.readouterr()
+    report = ev.main(eval_argv(world, tmp_path, tmp_path / "test", *flags))
+    out = capsys.readouterr().out
+    assert _figure_rows(report["figures"][0]) == rows
+    blank = data.test_transform(32)(Image.new("RGB", (1, 1)))  # a skipped file's placeholder
+    assert not any(torch.equal(image, blank) for image in drawn[0])
+    assert (warning in out) if warning else "warning: figures" not in out
+
+
+def test_eval_py_no_figures_when_their_set_has_no_readable_image(world, imagenet_ckpt, tmp_path,
+                                                                  capsys):
+    """The figures' set (the first that most models score: imagenet-r) has no readable image: a
+    warning, no figures; the other set is scored."""
+    root = _shift_root(tmp_path, unreadable=["imagenet-r"])
+    capsys.readouterr()
+    report = ev.main(_shift(imagenet_ckpt, tmp_path, root, "--figures", "2"))
+    out = capsys.readouterr().out
+    assert "warning: no figures: none of the 2 images of imagenet-r can be read\n" in out
+    assert report["figures"] == [] and "\nfigures: " not in out
+    assert report["results"]["imagenet-a"]["images"] == 2
