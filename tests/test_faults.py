@@ -4,12 +4,14 @@ each reported once and counted, runs stay bit-reproducible, also across DataLoad
 FIFOs and loops, too few readable images, checkpoints that are broken or belong to another model / class list /
 templates / dataset, the out-dir lock, a full disk (a real ENOSPC from /dev/full), non-finite losses and heads,
 --data folder without --eval-root, and eval.py skipping unreadable files. Every error is checked as the exact
-one-line message (fragment) train.main / eval.main exits with, and where it matters, that nothing was written."""
+one-line message (fragment) train.main / eval.main exits with, and where it matters, that nothing
+was written. Last: --model files that are no CLIP ViT."""
 import contextlib
 import errno
 import json
 import multiprocessing
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -1087,3 +1089,111 @@ def test_unreadable_files_are_warned_once_across_resumes(world, tmp_path, capsys
     assert (captured.out + captured.err).count(f"warning: skipped training image {folder / '0.png'}") == 1
     assert [r["skipped"] for r in records(out, "train")] == [1, 1]
     assert ckpt(out)["unreadable"] == [0]
+
+
+# ------------------------------------------------------------- loading, listing and the head cache
+
+class Program:
+    """Unpickling this would call print: code from the file."""
+
+    def __reduce__(self):
+        return print, ("code from the file ran",)
+
+
+def _bytes_file(content):
+    def make(world, tmp):
+        (tmp / "x.bin").write_bytes(content)
+        return tmp / "x.bin"
+    return make
+
+
+def _pickled(protocol):
+    def make(world, tmp):
+        (tmp / "x.pkl").write_bytes(pickle.dumps({"visual.proj": Program()}, protocol))
+        return tmp / "x.pkl"
+    return make
+
+
+def _state_dict(change):
+    """A state dict made from tiny.pt's by change(sd) -> sd, saved with torch.save."""
+    def make(world, tmp):
+        sd = change(torch.load(world / "tiny.pt", weights_only=True))
+        torch.save(sd, tmp / "sd.pt")
+        return tmp / "sd.pt"
+    return make
+
+
+def _drop(*keys, **added):
+    def change(sd):
+        return {**{k: v for k, v in sd.items() if k not in keys}, **added}
+    return change
+
+
+def _resnet(sd):
+    return {**_drop(*[k for k in sd if k.startswith("visual.")])(sd),
+            "visual.conv1.weight": torch.zeros(8, 3, 3, 3),
+            "visual.layer1.0.conv1.weight": torch.zeros(8)}
+
+
+def _reshaped(sd):
+    return {**sd, "visual.ln_post.weight": torch.zeros(3)}
+
+
+def _linear(world, tmp):
+    torch.save(torch.nn.Linear(2, 3).state_dict(), tmp / "sd.pt")
+    return tmp / "sd.pt"
+
+
+REFUSED = ("refused: it holds more than the tensors and plain values that can be read without "
+           "running code from the file")
+NOT_A_VIT = "{path}: not a CLIP ViT checkpoint: missing key"
+DOES_NOT_FIT = "{path}: the state dict does not fit the CLIP its tensors describe:"
+
+# (id, make(world, tmp) -> the file given as --model, fragment of the one-line error; "{path}" is
+# the file). Stage "setup": nothing is written. Only a file that names code is called 'refused'.
+LOAD_ERRORS = [
+    ("random-bytes", _bytes_file(np.random.default_rng(0).bytes(4096)),
+     "could not read {path}: it is truncated or not a checkpoint (torch.load: Unsupported "
+     "operand "),
+    ("empty-file", _bytes_file(b""), "could not read {path}: it is truncated or not a checkpoint "
+     "(EOFError). If it was downloaded, delete it and download it again"),
+    ("pickle-protocol-2-names-code", _pickled(2), "could not read {path}: " + REFUSED
+     + " (Unsupported global: GLOBAL print was not an allowed global by default)"),
+    ("pickle-protocol-5-names-code", _pickled(5), "could not read {path}: " + REFUSED
+     + " (it names builtins.print)"),
+    ("nn-linear", _linear, NOT_A_VIT + " 'visual.conv1.weight' (it holds 2 tensor(s): 'weight', "
+     "'bias')"),
+    ("vit-without-visual-proj", _state_dict(_drop("visual.proj")),
+     NOT_A_VIT + " 'visual.proj' (it holds "),
+    ("resnet-keys", _state_dict(_resnet), "{path}: ResNet CLIP checkpoints (RN50, RN101, ...) are "
+     "not supported: MUST needs a ViT image tower"),
+    ("missing-and-unexpected-keys", _state_dict(_drop("visual.ln_post.bias", "ln_final.bias",
+                                                      **{"extra.weight": torch.zeros(1)})),
+     DOES_NOT_FIT + " 2 key(s) missing ('visual.ln_post.bias', 'ln_final.bias'), 1 unexpected "
+     "('extra.weight')"),
+    ("a-tensor-of-another-shape", _state_dict(_reshaped),
+     DOES_NOT_FIT + " 0 key(s) missing, 0 unexpected, 1 of another shape ('visual.ln_post.weight': "
+     "(3,) in the file, (64,) in the model)"),
+]
+
+
+def _eval_argv(world, out, *extra):
+    return ["--data", "folder", "--data-root", str(world / "test"), "--classes",
+            str(world / "classes.txt"), "--device", "cpu", "--num-workers", "0",
+            "--out-dir", str(out), *extra]
+
+
+@pytest.mark.parametrize("tool", ["train", "eval"])
+@pytest.mark.parametrize("kind,make,message", with_ids(LOAD_ERRORS))
+def test_model_file_error_says_what_the_file_is(kind, make, message, tool, world, tmp_path, capsys):
+    path = make(world, tmp_path)
+    out = tmp_path / "out"
+    if tool == "train":
+        got = train_error(argv(world, world / "good", out, "--model", str(path)))
+    else:
+        got = error_of(ev.main, _eval_argv(world, out, "--model", str(path)))
+    assert message.format(path=path) in got, got
+    assert ("refused" in got) == ("refused" in message), got
+    assert "code from the file ran" not in capsys.readouterr().out
+    left = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    assert "log.jsonl" not in left and train.CHECKPOINT not in left, left
