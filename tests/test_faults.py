@@ -5,9 +5,10 @@ FIFOs and loops, too few readable images, checkpoints that are broken or belong 
 templates / dataset, the out-dir lock, a full disk (a real ENOSPC from /dev/full), non-finite losses and heads,
 --data folder without --eval-root, and eval.py skipping unreadable files. Every error is checked as the exact
 one-line message (fragment) train.main / eval.main exits with, and where it matters, that nothing
-was written. Last: --model files that are no CLIP ViT."""
+was written. Last: --model files that are no CLIP ViT, a damaged zero-shot head cache."""
 import contextlib
 import errno
+import io
 import json
 import multiprocessing
 import os
@@ -1197,3 +1198,79 @@ def test_model_file_error_says_what_the_file_is(kind, make, message, tool, world
     assert "code from the file ran" not in capsys.readouterr().out
     left = sorted(os.listdir(out)) if os.path.isdir(out) else []
     assert "log.jsonl" not in left and train.CHECKPOINT not in left, left
+
+
+# The zero-shot head cache: out/head-<key>.pt, written and read like a checkpoint.
+
+def _head_file(out):
+    heads = [name for name in os.listdir(out) if name.startswith("head-")]
+    assert len(heads) == 1, heads
+    return heads[0]
+
+
+@pytest.fixture(scope="module")
+def fresh_head(world, tmp_path_factory):
+    """A 1-step run that computed its head: (out-dir, the head file's name)."""
+    out = tmp_path_factory.mktemp("fresh-head")
+    train.main(argv(world, world / "good", out, "--max-steps", "1"))
+    assert _head_file(out).endswith(".pt")
+    return out, _head_file(out)
+
+
+def _truncated_head(good):
+    return good[:len(good) // 2]
+
+
+def _garbage_head(good):
+    return np.random.default_rng(1).bytes(len(good))
+
+
+def _head_of_another_shape(good):
+    buffer = io.BytesIO()
+    torch.save(torch.zeros(3, 3), buffer)
+    return buffer.getvalue()
+
+
+# (id, bad cache content from the good one, the reason in the warning, or None: torch's own words)
+BAD_HEADS = [
+    ("truncated", _truncated_head, None),
+    ("garbage", _garbage_head,
+     "it is truncated or not a checkpoint, torch.load: Unsupported operand "),
+    ("another-shape", _head_of_another_shape,
+     "it holds a torch.float32 tensor of shape (3, 3), not a float32 tensor of shape (32, 3)"),
+]
+
+
+@pytest.mark.parametrize("kind,damage,why", with_ids(BAD_HEADS))
+def test_unreadable_head_cache_is_computed_again(kind, damage, why, world, tmp_path, capsys,
+                                                 fresh_head):
+    fresh, name = fresh_head
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_bytes(damage((fresh / name).read_bytes()))
+    capsys.readouterr()
+    train.main(argv(world, world / "good", out, "--max-steps", "1"))
+    printed = capsys.readouterr().out
+    warning = f"warning: the cached zero-shot head {out / name} is unreadable ("
+    assert printed.count(warning) == 1, printed
+    line = printed[printed.index(warning):].split("\n")[0]
+    assert line.endswith("); computing it again") and (why is None or why in line), line
+    rebuilt, computed = (torch.load(d / name, weights_only=True) for d in (out, fresh))
+    assert torch.equal(rebuilt, computed)
+    assert same_weights(ckpt(out), ckpt(fresh)) and not os.path.lexists(out / (name + ".tmp"))
+    capsys.readouterr()
+    train.main(argv(world, world / "good", tmp_path / "again", "--max-steps", "1"))
+    assert "cached zero-shot head" not in capsys.readouterr().out
+
+
+@needs_dev_full
+def test_full_disk_while_writing_the_head_cache(world, tmp_path, fresh_head):
+    _, name = fresh_head
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink("/dev/full", out / (name + ".tmp"))
+    message = train_error(argv(world, world / "good", out, "--max-steps", "1"))
+    assert message == (f"error: could not write {out / name} (the disk is full); no earlier one "
+                       "exists")
+    assert not os.path.lexists(out / (name + ".tmp")) and not os.path.lexists(out / name)
+    assert "log.jsonl" not in os.listdir(out) and train.CHECKPOINT not in os.listdir(out)
