@@ -5,7 +5,8 @@ FIFOs and loops, too few readable images, checkpoints that are broken or belong 
 templates / dataset, the out-dir lock, a full disk (a real ENOSPC from /dev/full), non-finite losses and heads,
 --data folder without --eval-root, and eval.py skipping unreadable files. Every error is checked as the exact
 one-line message (fragment) train.main / eval.main exits with, and where it matters, that nothing
-was written. Last: --model files that are no CLIP ViT, a damaged zero-shot head cache."""
+was written. Last: --model files that are no CLIP ViT, a damaged zero-shot head cache, folders that
+cannot be listed."""
 import contextlib
 import errno
 import io
@@ -1274,3 +1275,90 @@ def test_full_disk_while_writing_the_head_cache(world, tmp_path, fresh_head):
                        "exists")
     assert not os.path.lexists(out / (name + ".tmp")) and not os.path.lexists(out / name)
     assert "log.jsonl" not in os.listdir(out) and train.CHECKPOINT not in os.listdir(out)
+
+
+# Folders that cannot be listed: os.walk leaves them out silently unless asked to report them.
+
+FOLDER_DENIED = "folder cannot be read (permission denied)"
+
+
+def _patch_unreadable_folders(monkeypatch, *names):
+    """As root chmod 000 does not stop listing: deny listing the folders of these names as the
+    kernel would (os.walk and scan_class_folders list with os.scandir)."""
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.path.basename(os.fspath(path)) in names:
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_unreadable_training_subfolder_is_reported(world, tmp_path, monkeypatch, capsys):
+    d = copy_good(world, tmp_path / "train", 8)
+    copy_good(world, d / "locked", 2)
+    _patch_unreadable_folders(monkeypatch, "locked")
+    capsys.readouterr()
+    train.main(argv(world, d, tmp_path / "out", "--max-steps", "1"))
+    printed = capsys.readouterr().out
+    warning = f"warning: 1 training entries not listed: {FOLDER_DENIED} (e.g. {d / 'locked'})\n"
+    assert warning in printed
+    assert "MUST on folder: 8 images," in printed
+
+
+def test_unreadable_class_folder_is_reported_by_train_and_eval(world, tmp_path, monkeypatch,
+                                                               capsys):
+    test = tmp_path / "test"
+    shutil.copytree(world / "test", test)
+    _patch_unreadable_folders(monkeypatch, CLASSES[2])
+    capsys.readouterr()
+    train.main(argv(world, world / "good", tmp_path / "out", "--eval-root", str(test),
+                    "--max-steps", "1"))
+    reason = f"entries not listed: {FOLDER_DENIED} (e.g. {test / CLASSES[2]})\n"
+    assert capsys.readouterr().out.count(f"warning: 1 test {reason}") == 1
+    report = ev.main(_eval_argv(world, tmp_path / "eval", "--model", str(world / "tiny.pt"),
+                                "--data-root", str(test)))
+    assert f"warning: 1 folder {reason}" in capsys.readouterr().out
+    r = report["results"]["folder"]
+    assert (r["images"], r["unreadable"], r["not_listed"]) == (4, 0, 1)
+
+
+def test_no_readable_class_folder_is_one_line(world, tmp_path, monkeypatch):
+    test = tmp_path / "test"
+    shutil.copytree(world / "test", test)
+    _patch_unreadable_folders(monkeypatch, *CLASSES)
+    message = train_error(argv(world, world / "good", tmp_path / "out", "--eval-root", str(test)))
+    assert message.endswith(f"in the class folders of {str(test)!r}; 3 entries left out, e.g. "
+                            f"{test / CLASSES[1]}: {FOLDER_DENIED}"), message
+    _patch_unreadable_folders(monkeypatch, "test")  # the eval root itself
+    message = train_error(argv(world, world / "good", tmp_path / "out", "--eval-root", str(test)))
+    assert message == f"error: cannot list the class folders of {str(test)!r} (permission denied)"
+
+
+def test_unreadable_training_root_is_named_in_the_error(world, tmp_path, monkeypatch):
+    d = copy_good(world, tmp_path / "train", 8)
+    _patch_unreadable_folders(monkeypatch, "train")
+    with pytest.raises(FileNotFoundError) as e:
+        data.build_dataset("folder", str(d), "train", None, str(world / "classes.txt"))
+    assert str(e.value).endswith(f"found under {str(d)!r}; 1 entries left out, e.g. {d}: "
+                                 f"{FOLDER_DENIED}")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root lists a chmod 000 folder (simulated above)")
+def test_chmod_000_folders_are_reported(world, tmp_path):
+    d = copy_good(world, tmp_path / "train", 2)
+    copy_good(world, d / "sub", 2)
+    test = tmp_path / "test"
+    shutil.copytree(world / "test", test)
+    os.chmod(d / "sub", 0)
+    os.chmod(test / CLASSES[0], 0)
+    try:
+        ignored = []
+        assert data._list_images(str(d), ignored=ignored) == [str(d / "0.png"), str(d / "1.png")]
+        assert ignored == [(str(d / "sub"), FOLDER_DENIED)]
+        ignored = []
+        samples = data.scan_class_folders(str(test), "folder", CLASSES, ignored)
+        assert len(samples) == 4 and ignored == [(str(test / CLASSES[0]), FOLDER_DENIED)]
+    finally:
+        os.chmod(d / "sub", 0o755)
+        os.chmod(test / CLASSES[0], 0o755)
