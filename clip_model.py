@@ -15,8 +15,9 @@ matching; the architecture is read from the state dict. Tokens are batch-first (
 import gzip
 import hashlib
 import html
+import io
 import os
-import pickle
+import pickletools
 import urllib.error
 import warnings
 import zipfile
@@ -245,23 +246,54 @@ def _count_blocks(state_dict, prefix):
                 if k.startswith(prefix) and k.endswith(".attn.in_proj_weight")})
 
 
+def _examples(keys, n=2):
+    """The first n keys of a list, for one-line messages: 'a', 'b' or e.g. 'a', 'b' (of more)."""
+    return ("e.g. " if len(keys) > n else "") + ", ".join(f"'{k}'" for k in keys[:n])
+
+
 def _vision_config(sd, prefix=""):
     """Architecture of the image tower read from a state dict whose keys start with `prefix`."""
-    if prefix + "proj" not in sd or any(k.startswith(prefix + "layer1.") for k in sd):
+    # Only ResNet keys make it a ResNet CLIP: any other state dict without a ViT's keys (a plain
+    # nn.Linear, a text model) is not a CLIP ViT, and the message names what it lacks and holds.
+    if any(k.startswith((prefix + "layer1.", prefix + "attnpool.")) for k in sd):
         raise ValueError("ResNet CLIP checkpoints (RN50, RN101, ...) are not supported: MUST needs a ViT "
                          f"image tower; use one of {available_models()}")
-    for key in ("conv1.weight", "positional_embedding", "class_embedding"):
+    for key in ("conv1.weight", "positional_embedding", "class_embedding", "proj"):
         if prefix + key not in sd:
-            raise ValueError(f"not a CLIP ViT checkpoint: missing key '{prefix + key}'")
+            raise ValueError(f"not a CLIP ViT checkpoint: missing key '{prefix + key}' (it holds "
+                             f"{len(sd)} tensor(s): {_examples(list(sd)) or 'none'})")
     width, _, patch, _ = sd[prefix + "conv1.weight"].shape
     grid = round((sd[prefix + "positional_embedding"].shape[0] - 1) ** 0.5)
     return dict(input_resolution=patch * grid, patch_size=patch, width=width,
                 layers=_count_blocks(sd, prefix + "transformer.resblocks."), output_dim=sd[prefix + "proj"].shape[1])
 
 
+def _mismatch(module, state_dict):
+    """One line on how the keys of a state dict miss those of `module`, or None when they match."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    reshaped = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    if not (missing or unexpected or reshaped):
+        return None
+    found = [f"{len(missing)} key(s) missing" + (f" ({_examples(missing)})" if missing else ""),
+             f"{len(unexpected)} unexpected"
+             + (f" ({_examples(unexpected)})" if unexpected else "")]
+    if reshaped:
+        k = reshaped[0]
+        found.append(f"{len(reshaped)} of another shape ('{k}': {tuple(state_dict[k].shape)} in "
+                     f"the file, {tuple(expected[k].shape)} in the model)")
+    return (f"the state dict does not fit the {type(module).__name__} its tensors describe: "
+            + ", ".join(found))
+
+
 def _load_strict(module, state_dict):
     if "mask_token" in {k.split(".")[-1] for k in state_dict}:
         (module.visual if isinstance(module, CLIP) else module).add_must_heads()
+    # Checked first: load_state_dict's own error lists every key, on lines of their own.
+    mismatch = _mismatch(module, state_dict)
+    if mismatch:
+        raise RuntimeError(mismatch)
     module.load_state_dict(state_dict, strict=True)
     return module
 
@@ -363,17 +395,104 @@ def _read_torchscript(path):
             return torch.jit.load(f, map_location="cpu").state_dict()
 
 
-def load_error_detail(e):
-    """One line saying why torch.load(..., weights_only=True) failed, without torch's advice to load unsafely."""
+def _weights_only_refusal(e):
+    """torch's own line in an error of torch.load(..., weights_only=True), such as 'Unsupported
+    operand 108' or 'Unsupported global: GLOBAL io.open was not an allowed global by default';
+    None for other errors."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines or not lines[0].startswith("Weights only load failed"):
+        return None
+    # torch's wording varies between versions; its specific line names the global or opcode refused
+    specific = [line.split("WeightsUnpickler error:")[-1].strip().split(". ")[0]
+                for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return specific[0][:200] if specific else ""
+
+
+# Pickle opcodes that push a string, that memoize the top of the stack, that push a memoized object.
+_STRING_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE",
+               "SHORT_BINUNICODE", "BINUNICODE8"}
+_PUT_OPS, _GET_OPS = {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"}, {"GET", "BINGET", "LONG_BINGET"}
+
+
+def _globals_of(ops):
+    """module.name of each global a pickle's opcodes name: GLOBAL and INST carry it, STACK_GLOBAL
+    takes the two strings pushed before it, which protocol 4 often fetches from the memo."""
+    named, pushed, memo = [], [], {}
+    for op, arg, _ in ops:
+        if op.name in _PUT_OPS:
+            memo[len(memo) if arg is None else arg] = pushed[-1] if pushed else None
+            continue
+        if op.name in ("GLOBAL", "INST"):
+            named.append(arg.replace(" ", "."))
+        elif op.name == "STACK_GLOBAL":
+            named.append(".".join(str(s) for s in pushed[-2:]))
+        if op.name not in ("PROTO", "FRAME"):
+            pushed.append(arg if op.name in _STRING_OPS
+                          else memo.get(arg) if op.name in _GET_OPS else None)
+    return named
+
+
+def _pickle_bytes(path):
+    """What torch.load unpickles: a zip archive's data.pkl, else the file (its first 64 MiB). In
+    memory, so that a length field of random bytes makes pickletools allocate nothing."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
+            return io.BytesIO(archive.read(names[0]) if names else b"")
+    with open(path, "rb") as f:
+        return io.BytesIO(f.read(64 << 20))
+
+
+def _unsafe_globals(path):
+    """The globals outside torch.load's allowlist that the pickle in `path` names, decoded with
+    pickletools, which runs nothing; None when the bytes are no whole pickle (random bytes, a
+    truncated file): such a file is never called a program."""
+    try:
+        stream = _pickle_bytes(path)
+    except Exception:  # unreadable, or a damaged archive: no pickle to judge
+        return None
+    named, whole = [], 0
+    for _ in range(4):  # torch's legacy format: magic number, protocol, system info, then the data
+        try:
+            named += _globals_of(pickletools.genops(stream))
+        except Exception:  # not an opcode, or the bytes end before STOP: no (further) pickle
+            break
+        whole += 1
+    try:  # private, and only used to word the error: without it every global counts as unsafe
+        from torch._weights_only_unpickler import _get_allowed_globals
+        allowed = set(_get_allowed_globals())
+    except Exception:
+        allowed = set()
+    return [name for name in named if name not in allowed] if whole else None
+
+
+def _code_named(refusal, path=None):
+    """What a weights_only refusal shows the file would run: torch's line when it names a global,
+    else (given the path) the first global its pickle names outside torch's allowlist; None when it
+    names none, as for random bytes, which torch refuses as well (for an unknown opcode)."""
+    if "GLOBAL" in refusal:
+        return refusal
+    unsafe = _unsafe_globals(path) if path else None
+    return f"it names {unsafe[0]}" if unsafe else None
+
+
+def _refused(code):
+    return ("refused: it holds more than the tensors and plain values that can be read without "
+            f"running code from the file ({code})")
+
+
+def load_error_detail(e, path=None):
+    """One line saying why torch.load(path, ..., weights_only=True) failed, without torch's advice
+    to load unsafely. Given the path, a refused file is called code only if it is a pickle that
+    names code."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     if not lines:
         return type(e).__name__
-    if lines[0].startswith("Weights only load failed"):
-        # torch's wording varies between versions; its specific line names the global or opcode it refused
-        specific = [line.split("WeightsUnpickler error:")[-1].strip().split(". ")[0] for line in lines[1:]
-                    if "GLOBAL" in line or "Unsupported" in line]
-        return ("refused: it holds more than the tensors and plain values that can be read without running code "
-                "from the file" + (f" ({specific[0][:200]})" if specific else ""))
+    refusal = _weights_only_refusal(e)
+    if refusal is not None:
+        code = _code_named(refusal, path)
+        return _refused(code) if code else ("it is truncated or not a checkpoint, torch.load: "
+                                            + (refusal or lines[-1][:200]))
     if "TorchScript" in lines[0] and "weights_only" in lines[0]:
         return "refused: it is a TorchScript archive (a program), not a file of tensors"
     return f"{type(e).__name__}: {lines[0][:200]}"
@@ -395,6 +514,9 @@ def _expand_sparse_rows(sd):
     return sd
 
 
+_GET_IT_AGAIN = "If it was downloaded, delete it and download it again"
+
+
 def _read_state_dict(path):
     """A state dict from a TorchScript archive (OpenAI's release format) or a file saved with torch.save.
 
@@ -406,11 +528,14 @@ def _read_state_dict(path):
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except UnsafeFileError:
         raise
-    except pickle.UnpicklingError as e:
-        raise UnsafeFileError(f"could not read {path}: {load_error_detail(e)}") from None
     except Exception as e:
-        raise RuntimeError(f"could not read {path}: it is truncated or not a checkpoint ({type(e).__name__}). "
-                           "If it was downloaded, delete it and download it again") from None
+        refusal = _weights_only_refusal(e)
+        code = _code_named(refusal, path) if refusal is not None else None
+        if code:
+            raise UnsafeFileError(f"could not read {path}: {_refused(code)}") from None
+        why = f"torch.load: {refusal}" if refusal else type(e).__name__
+        raise RuntimeError(f"could not read {path}: it is truncated or not a checkpoint ({why}). "
+                           f"{_GET_IT_AGAIN}") from None
     if isinstance(sd, dict):
         sd = _expand_sparse_rows({k: v for k, v in sd.items() if not isinstance(v, str)})
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
@@ -466,7 +591,11 @@ def load(name_or_path, device="cpu", download_root=None):
         raise ValueError(f"unknown model '{name_or_path}'; available models are {available_models()}, "
                          "or pass the path of a checkpoint file")
     sd = _read_state_dict(path)
-    model = build_model(sd).to(device).eval()  # built in fp32: load_state_dict casts fp16 weights as it copies them
+    try:
+        model = build_model(sd)  # in fp32: load_state_dict casts fp16 weights as it copies them
+    except (ValueError, RuntimeError) as e:  # named after the file, as errors in reading it are
+        raise (ValueError if isinstance(e, ValueError) else RuntimeError)(f"{path}: {e}") from None
+    model = model.to(device).eval()
     return model, image_transform(model.visual.input_resolution)
 
 

@@ -298,11 +298,18 @@ class ImageList(Dataset):
 def _list_images(root, seen=None, ignored=None):
     """Image files under root at any depth, sorted (hidden files and folders skipped). Symbolic links are followed
     without loops, each real file is listed once (`seen`: (device, inode) pairs shared across calls), and only
-    regular files are kept; what is left out is appended to `ignored` as (path, reason)."""
+    regular files are kept; what is left out is appended to `ignored` as (path, reason).
+
+    A folder that cannot be listed is left out so too, not silently (os.walk's default)."""
     seen = set() if seen is None else seen
     ignored = [] if ignored is None else ignored
     visited_dirs, paths = set(), []
-    for folder, dirs, files in os.walk(root, followlinks=True):
+
+    def unreadable(e):  # os.walk leaves out a folder it cannot list, silently unless told
+        why = (e.strerror or type(e).__name__).lower()
+        ignored.append((e.filename or root, f"folder cannot be read ({why})"))
+
+    for folder, dirs, files in os.walk(root, onerror=unreadable, followlinks=True):
         st = os.stat(folder)
         if (st.st_dev, st.st_ino) in visited_dirs:  # a link back up the tree: walk it once
             ignored.append((folder, "folder already listed (a symbolic link to it, or a link loop)"))
@@ -337,15 +344,30 @@ def _require_dir(path, what):
 def scan_class_folders(split_dir, dataset, classnames, ignored=None):
     """Samples of an ImageFolder layout split_dir/<class>/**/<image>, labels mapped by name; entries the listing
     leaves out are appended to `ignored` (see _list_images)."""
-    folders = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    try:
+        entries = list(os.scandir(split_dir))
+    except OSError as e:  # as FileNotFoundError, which the command lines turn into one line
+        raise FileNotFoundError(f"cannot list the class folders of {split_dir!r} "
+                                f"({(e.strerror or type(e).__name__).lower()})") from None
+    folders = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
     if not folders:
         raise FileNotFoundError(f"no class folders in {split_dir!r}: expected {split_dir}/<class name>/<images>")
-    samples, seen = [], set()
+    samples, seen, ignored = [], set(), [] if ignored is None else ignored
     for folder, label in zip(folders, map_class_names(dataset, folders, classnames)):
         samples += [(p, label) for p in _list_images(os.path.join(split_dir, folder), seen, ignored)]
     if not samples:
-        raise FileNotFoundError(f"no images ({'/'.join(IMG_EXTENSIONS)}) in the class folders of {split_dir!r}")
+        raise FileNotFoundError(f"no images ({'/'.join(IMG_EXTENSIONS)}) in the class folders of "
+                                f"{split_dir!r}{_left_out(ignored)}")
     return samples
+
+
+def _left_out(ignored):
+    """'; 3 entries left out, e.g. PATH: REASON' if the listing left some out: for the 'no images'
+    errors, which come before the listing's warnings would be printed."""
+    if not ignored:
+        return ""
+    path, reason = ignored[0]
+    return f"; {len(ignored)} entries left out, e.g. {path}: {reason}"
 
 
 def _enter_single_subfolder(path):
@@ -632,7 +654,8 @@ def build_dataset(name, root, split, transform, classes_file=None, templates_fil
     elif name == "folder":
         samples = [(p, -1) for p in _list_images(root, ignored=ignored)]  # unlabeled
         if not samples:
-            raise FileNotFoundError(f"no images ({'/'.join(IMG_EXTENSIONS)}) found under {root!r}")
+            raise FileNotFoundError(f"no images ({'/'.join(IMG_EXTENSIONS)}) found under {root!r}"
+                                    f"{_left_out(ignored)}")
     elif name in _SHIFTED_IMAGENETS:  # transductive: both splits are the (unlabeled) test images
         images = _split_dir(root, split) or _split_dir(root, "test") or root
         samples = scan_class_folders(images, name, classnames, ignored)

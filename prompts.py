@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import clip_model
+import runtime
 
 with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts.json"), encoding="utf-8") as _f:
     _DATA = json.load(_f)
@@ -33,18 +34,38 @@ def _cache_key(model, classnames, templates):
     return h.hexdigest()[:32]
 
 
+def _read_cached_head(path, shape, device):
+    """The head cached at path if it is a float32 tensor of `shape`; else None, with a warning."""
+    try:
+        head = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        why = clip_model.load_error_detail(e, path)
+    else:
+        if torch.is_tensor(head) and head.dtype == torch.float32 and tuple(head.shape) == shape:
+            return head
+        what = f"a {head.dtype} tensor of shape {tuple(head.shape)}" if torch.is_tensor(head) else (
+            f"a {type(head).__name__}")
+        why = f"it holds {what}, not a float32 tensor of shape {shape}"
+    print(f"warning: the cached zero-shot head {path} is unreadable ({why}); computing it again")
+    return None
+
+
 @torch.inference_mode()
 def zero_shot_head(model, classnames, templates, device="cpu", batch_size=1000, cache_dir=None):
     """Zero-shot classifier weight (embed_dim, K): for each class, every template's text embedding is
     L2-normalized, the embeddings are averaged and the mean is renormalized (CLIP's prompt ensemble).
 
     With cache_dir, the head is stored there under a key of the text weights and prompts; a rerun is instant.
+    A cached head that cannot be read (truncated, damaged, of another shape) is computed again.
     """
     if cache_dir is not None:
         cache_dir = os.path.expanduser(cache_dir)
         path = os.path.join(cache_dir, f"head-{_cache_key(model, classnames, templates)}.pt")
         if os.path.isfile(path):
-            return torch.load(path, map_location=device, weights_only=True)
+            shape = (model.text_projection.shape[1], len(classnames))
+            head = _read_cached_head(path, shape, device)
+            if head is not None:
+                return head
     texts = [t.format(c) for c in classnames for t in templates]  # class-major: (K*T,)
     features = []
     for i in tqdm(range(0, len(texts), batch_size), desc="zero-shot head", disable=len(texts) <= batch_size):
@@ -53,9 +74,6 @@ def zero_shot_head(model, classnames, templates, device="cpu", batch_size=1000, 
         features.append(F.normalize(model.encode_text(tokens).float(), dim=-1))  # fp32: the head decides labels
     features = torch.cat(features).view(len(classnames), len(templates), -1)  # (K, T, D)
     head = F.normalize(features.mean(dim=1), dim=-1).t().contiguous()  # (D, K)
-    if cache_dir is not None:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = path + ".part"
-        torch.save(head.cpu(), tmp)
-        os.replace(tmp, path)
+    if cache_dir is not None:  # as a checkpoint is: a kill or a full disk leaves no partial file
+        runtime.save_atomic(head.cpu(), path)
     return head

@@ -1,11 +1,14 @@
 """clip_model against OpenAI's reference CLIP: a tiny random ViT CLIP saved in both release formats and
 OpenAI's fp32 outputs on fixed inputs (tests/data/, made by tests/make_reference.py); the MUST patch of
 the image tower; and the loader's errors."""
+import collections
 import hashlib
 import re
 import os
+import pickle
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -318,3 +321,111 @@ def test_malformed_sparse_rows_are_refused(change, tmp_path):
     torch.save({**sd, **change}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="token_embedding.ids/.rows/.vocab_size"):
         clip_model.load(str(tmp_path / "bad.pt"))
+
+
+# ------------------------------------------------------------------------------------------------
+# What a file that is no CLIP ViT is called
+
+
+class Program:
+    """Unpickling this would call print: code, which torch.load(weights_only=True) refuses."""
+
+    def __reduce__(self):
+        return print, ("code from the file ran",)
+
+
+class Measure:
+    def __reduce__(self):
+        return len, ("ab",)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_bytes_are_not_called_a_program(seed, tmp_path):
+    """torch refuses random bytes as it refuses code (an unknown opcode); they are not a pickle."""
+    path = tmp_path / "x.bin"
+    path.write_bytes(np.random.default_rng(seed).bytes(4096))
+    with pytest.raises(RuntimeError) as e:
+        clip_model.load(str(path))
+    message = str(e.value)
+    assert not isinstance(e.value, clip_model.UnsafeFileError) and "\n" not in message
+    assert message.startswith(f"could not read {path}: it is truncated or not a checkpoint ("), (
+        message)
+    assert "refused" not in message and "running code" not in message
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_pickle_naming_code_is_refused_at_any_protocol(protocol, tmp_path, capsys):
+    """Protocols 4 and 5 are refused by torch for their FRAME opcode before it reaches the global:
+    pickletools then finds the global the file names."""
+    path = tmp_path / "program.pkl"
+    path.write_bytes(pickle.dumps({"visual.proj": Program()}, protocol))
+    with pytest.raises(clip_model.UnsafeFileError) as e:
+        clip_model.load(str(path))
+    message = str(e.value)
+    assert message.startswith(f"could not read {path}: refused: it holds more than the tensors and "
+                              "plain values that can be read without running code from the file (")
+    assert "print" in message and "\n" not in message
+    assert "code from the file ran" not in capsys.readouterr().out
+
+
+def test_pickled_globals_are_read_without_unpickling(tmp_path):
+    """STACK_GLOBAL's module name comes from the memo when repeated; torch's allowlisted globals
+    are not counted."""
+    path = tmp_path / "p.pkl"
+    path.write_bytes(pickle.dumps([Program(), collections.OrderedDict(), Measure()], 5))
+    assert clip_model._unsafe_globals(str(path)) == ["builtins.print", "builtins.len"]
+    path.write_bytes(b"\x80\x05" + b"\x00" * 10)  # a protocol header, then no opcode
+    assert clip_model._unsafe_globals(str(path)) is None
+    torch.save({"w": torch.zeros(2)}, path, pickle_protocol=4)  # torch's own globals: allowed
+    assert clip_model._unsafe_globals(str(path)) == []
+
+
+def test_load_error_detail_with_and_without_the_path(tmp_path):
+    path = tmp_path / "program.pkl"
+    path.write_bytes(pickle.dumps(Program(), 5))
+    with pytest.raises(Exception) as e:
+        torch.load(path, weights_only=True)
+    assert clip_model.load_error_detail(e.value, str(path)).endswith("(it names builtins.print)")
+    # without the path only torch's line is known, and it names an opcode, not code
+    assert clip_model.load_error_detail(e.value).startswith("it is truncated or not a checkpoint, "
+                                                            "torch.load: ")
+
+
+@pytest.mark.parametrize("sd,message", [
+    ({"weight": torch.zeros(3, 2), "bias": torch.zeros(3)},
+     "not a CLIP ViT checkpoint: missing key 'visual.conv1.weight' (it holds 2 tensor(s): "
+     "'weight', 'bias')"),
+    ({}, "not a CLIP ViT checkpoint: missing key 'visual.conv1.weight' (it holds 0 tensor(s): "
+         "none)"),
+    ({f"k{i}": torch.zeros(1) for i in range(5)},
+     "not a CLIP ViT checkpoint: missing key 'visual.conv1.weight' (it holds 5 tensor(s): e.g. "
+     "'k0', 'k1')"),
+], ids=["nn-linear", "empty", "five-keys"])
+def test_a_state_dict_without_vit_keys_is_not_called_resnet(sd, message, tmp_path):
+    torch.save(sd, tmp_path / "sd.pt")
+    with pytest.raises(ValueError) as e:
+        clip_model.load(str(tmp_path / "sd.pt"))
+    assert str(e.value) == f"{tmp_path / 'sd.pt'}: {message}" and "ResNet" not in str(e.value)
+
+
+def test_vit_without_proj_is_not_called_resnet():
+    sd = torch.load(FP16, weights_only=True)
+    del sd["visual.proj"]
+    with pytest.raises(ValueError, match=r"^not a CLIP ViT checkpoint: missing key 'visual.proj' "):
+        clip_model.build_model(sd)
+
+
+def test_key_mismatch_is_one_line_with_counts_and_examples():
+    sd = torch.load(FP16, weights_only=True)
+    for key in ("visual.ln_post.bias", "visual.ln_post.weight", "ln_final.bias"):
+        del sd[key]
+    sd.update({"extra.a": torch.zeros(1), "extra.b": torch.zeros(1)})
+    sd["visual.class_embedding"] = sd["visual.class_embedding"][:-1]
+    with pytest.raises(RuntimeError) as e:
+        clip_model.build_model(sd)
+    width = sd["visual.conv1.weight"].shape[0]
+    assert str(e.value) == (
+        "the state dict does not fit the CLIP its tensors describe: 3 key(s) missing (e.g. "
+        "'visual.ln_post.weight', 'visual.ln_post.bias'), 2 unexpected ('extra.a', 'extra.b'), "
+        f"1 of another shape ('visual.class_embedding': ({width - 1},) in the file, ({width},) in "
+        "the model)")

@@ -4,12 +4,16 @@ each reported once and counted, runs stay bit-reproducible, also across DataLoad
 FIFOs and loops, too few readable images, checkpoints that are broken or belong to another model / class list /
 templates / dataset, the out-dir lock, a full disk (a real ENOSPC from /dev/full), non-finite losses and heads,
 --data folder without --eval-root, and eval.py skipping unreadable files. Every error is checked as the exact
-one-line message (fragment) train.main / eval.main exits with, and where it matters, that nothing was written."""
+one-line message (fragment) train.main / eval.main exits with, and where it matters, that nothing
+was written. Last: --model files that are no CLIP ViT, a damaged zero-shot head cache, folders that
+cannot be listed."""
 import contextlib
 import errno
+import io
 import json
 import multiprocessing
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -1504,3 +1508,273 @@ def test_eval_py_no_figures_when_their_set_has_no_readable_image(world, imagenet
     assert "warning: no figures: none of the 2 images of imagenet-r can be read\n" in out
     assert report["figures"] == [] and "\nfigures: " not in out
     assert report["results"]["imagenet-a"]["images"] == 2
+
+# ------------------------------------------------------------- loading, listing and the head cache
+
+class Program:
+    """Unpickling this would call print: code from the file."""
+
+    def __reduce__(self):
+        return print, ("code from the file ran",)
+
+
+def _bytes_file(content):
+    def make(world, tmp):
+        (tmp / "x.bin").write_bytes(content)
+        return tmp / "x.bin"
+    return make
+
+
+def _pickled(protocol):
+    def make(world, tmp):
+        (tmp / "x.pkl").write_bytes(pickle.dumps({"visual.proj": Program()}, protocol))
+        return tmp / "x.pkl"
+    return make
+
+
+def _state_dict(change):
+    """A state dict made from tiny.pt's by change(sd) -> sd, saved with torch.save."""
+    def make(world, tmp):
+        sd = change(torch.load(world / "tiny.pt", weights_only=True))
+        torch.save(sd, tmp / "sd.pt")
+        return tmp / "sd.pt"
+    return make
+
+
+def _drop(*keys, **added):
+    def change(sd):
+        return {**{k: v for k, v in sd.items() if k not in keys}, **added}
+    return change
+
+
+def _resnet(sd):
+    return {**_drop(*[k for k in sd if k.startswith("visual.")])(sd),
+            "visual.conv1.weight": torch.zeros(8, 3, 3, 3),
+            "visual.layer1.0.conv1.weight": torch.zeros(8)}
+
+
+def _reshaped(sd):
+    return {**sd, "visual.ln_post.weight": torch.zeros(3)}
+
+
+def _linear(world, tmp):
+    torch.save(torch.nn.Linear(2, 3).state_dict(), tmp / "sd.pt")
+    return tmp / "sd.pt"
+
+
+REFUSED = ("refused: it holds more than the tensors and plain values that can be read without "
+           "running code from the file")
+NOT_A_VIT = "{path}: not a CLIP ViT checkpoint: missing key"
+DOES_NOT_FIT = "{path}: the state dict does not fit the CLIP its tensors describe:"
+
+# (id, make(world, tmp) -> the file given as --model, fragment of the one-line error; "{path}" is
+# the file). Stage "setup": nothing is written. Only a file that names code is called 'refused'.
+LOAD_ERRORS = [
+    ("random-bytes", _bytes_file(np.random.default_rng(0).bytes(4096)),
+     "could not read {path}: it is truncated or not a checkpoint (torch.load: Unsupported "
+     "operand "),
+    ("empty-file", _bytes_file(b""), "could not read {path}: it is truncated or not a checkpoint "
+     "(EOFError). If it was downloaded, delete it and download it again"),
+    ("pickle-protocol-2-names-code", _pickled(2), "could not read {path}: " + REFUSED
+     + " (Unsupported global: GLOBAL print was not an allowed global by default)"),
+    ("pickle-protocol-5-names-code", _pickled(5), "could not read {path}: " + REFUSED
+     + " (it names builtins.print)"),
+    ("nn-linear", _linear, NOT_A_VIT + " 'visual.conv1.weight' (it holds 2 tensor(s): 'weight', "
+     "'bias')"),
+    ("vit-without-visual-proj", _state_dict(_drop("visual.proj")),
+     NOT_A_VIT + " 'visual.proj' (it holds "),
+    ("resnet-keys", _state_dict(_resnet), "{path}: ResNet CLIP checkpoints (RN50, RN101, ...) are "
+     "not supported: MUST needs a ViT image tower"),
+    ("missing-and-unexpected-keys", _state_dict(_drop("visual.ln_post.bias", "ln_final.bias",
+                                                      **{"extra.weight": torch.zeros(1)})),
+     DOES_NOT_FIT + " 2 key(s) missing ('visual.ln_post.bias', 'ln_final.bias'), 1 unexpected "
+     "('extra.weight')"),
+    ("a-tensor-of-another-shape", _state_dict(_reshaped),
+     DOES_NOT_FIT + " 0 key(s) missing, 0 unexpected, 1 of another shape ('visual.ln_post.weight': "
+     "(3,) in the file, (64,) in the model)"),
+]
+
+
+def _eval_argv(world, out, *extra):
+    return ["--data", "folder", "--data-root", str(world / "test"), "--classes",
+            str(world / "classes.txt"), "--device", "cpu", "--num-workers", "0",
+            "--out-dir", str(out), *extra]
+
+
+@pytest.mark.parametrize("tool", ["train", "eval"])
+@pytest.mark.parametrize("kind,make,message", with_ids(LOAD_ERRORS))
+def test_model_file_error_says_what_the_file_is(kind, make, message, tool, world, tmp_path, capsys):
+    path = make(world, tmp_path)
+    out = tmp_path / "out"
+    if tool == "train":
+        got = train_error(argv(world, world / "good", out, "--model", str(path)))
+    else:
+        got = error_of(ev.main, _eval_argv(world, out, "--model", str(path)))
+    assert message.format(path=path) in got, got
+    assert ("refused" in got) == ("refused" in message), got
+    assert "code from the file ran" not in capsys.readouterr().out
+    left = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    assert "log.jsonl" not in left and train.CHECKPOINT not in left, left
+
+
+# The zero-shot head cache: out/head-<key>.pt, written and read like a checkpoint.
+
+def _head_file(out):
+    heads = [name for name in os.listdir(out) if name.startswith("head-")]
+    assert len(heads) == 1, heads
+    return heads[0]
+
+
+@pytest.fixture(scope="module")
+def fresh_head(world, tmp_path_factory):
+    """A 1-step run that computed its head: (out-dir, the head file's name)."""
+    out = tmp_path_factory.mktemp("fresh-head")
+    train.main(argv(world, world / "good", out, "--max-steps", "1"))
+    assert _head_file(out).endswith(".pt")
+    return out, _head_file(out)
+
+
+def _truncated_head(good):
+    return good[:len(good) // 2]
+
+
+def _garbage_head(good):
+    return np.random.default_rng(1).bytes(len(good))
+
+
+def _head_of_another_shape(good):
+    buffer = io.BytesIO()
+    torch.save(torch.zeros(3, 3), buffer)
+    return buffer.getvalue()
+
+
+# (id, bad cache content from the good one, the reason in the warning, or None: torch's own words)
+BAD_HEADS = [
+    ("truncated", _truncated_head, None),
+    ("garbage", _garbage_head,
+     "it is truncated or not a checkpoint, torch.load: Unsupported operand "),
+    ("another-shape", _head_of_another_shape,
+     "it holds a torch.float32 tensor of shape (3, 3), not a float32 tensor of shape (32, 3)"),
+]
+
+
+@pytest.mark.parametrize("kind,damage,why", with_ids(BAD_HEADS))
+def test_unreadable_head_cache_is_computed_again(kind, damage, why, world, tmp_path, capsys,
+                                                 fresh_head):
+    fresh, name = fresh_head
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_bytes(damage((fresh / name).read_bytes()))
+    capsys.readouterr()
+    train.main(argv(world, world / "good", out, "--max-steps", "1"))
+    printed = capsys.readouterr().out
+    warning = f"warning: the cached zero-shot head {out / name} is unreadable ("
+    assert printed.count(warning) == 1, printed
+    line = printed[printed.index(warning):].split("\n")[0]
+    assert line.endswith("); computing it again") and (why is None or why in line), line
+    rebuilt, computed = (torch.load(d / name, weights_only=True) for d in (out, fresh))
+    assert torch.equal(rebuilt, computed)
+    assert same_weights(ckpt(out), ckpt(fresh)) and not os.path.lexists(out / (name + ".tmp"))
+    capsys.readouterr()
+    train.main(argv(world, world / "good", tmp_path / "again", "--max-steps", "1"))
+    assert "cached zero-shot head" not in capsys.readouterr().out
+
+
+@needs_dev_full
+def test_full_disk_while_writing_the_head_cache(world, tmp_path, fresh_head):
+    _, name = fresh_head
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink("/dev/full", out / (name + ".tmp"))
+    message = train_error(argv(world, world / "good", out, "--max-steps", "1"))
+    assert message == (f"error: could not write {out / name} (the disk is full); no earlier one "
+                       "exists")
+    assert not os.path.lexists(out / (name + ".tmp")) and not os.path.lexists(out / name)
+    assert "log.jsonl" not in os.listdir(out) and train.CHECKPOINT not in os.listdir(out)
+
+
+# Folders that cannot be listed: os.walk leaves them out silently unless asked to report them.
+
+FOLDER_DENIED = "folder cannot be read (permission denied)"
+
+
+def _patch_unreadable_folders(monkeypatch, *names):
+    """As root chmod 000 does not stop listing: deny listing the folders of these names as the
+    kernel would (os.walk and scan_class_folders list with os.scandir)."""
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.path.basename(os.fspath(path)) in names:
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_unreadable_training_subfolder_is_reported(world, tmp_path, monkeypatch, capsys):
+    d = copy_good(world, tmp_path / "train", 8)
+    copy_good(world, d / "locked", 2)
+    _patch_unreadable_folders(monkeypatch, "locked")
+    capsys.readouterr()
+    train.main(argv(world, d, tmp_path / "out", "--max-steps", "1"))
+    printed = capsys.readouterr().out
+    warning = f"warning: 1 training entries not listed: {FOLDER_DENIED} (e.g. {d / 'locked'})\n"
+    assert warning in printed
+    assert "MUST on folder: 8 images," in printed
+
+
+def test_unreadable_class_folder_is_reported_by_train_and_eval(world, tmp_path, monkeypatch,
+                                                               capsys):
+    test = tmp_path / "test"
+    shutil.copytree(world / "test", test)
+    _patch_unreadable_folders(monkeypatch, CLASSES[2])
+    capsys.readouterr()
+    train.main(argv(world, world / "good", tmp_path / "out", "--eval-root", str(test),
+                    "--max-steps", "1"))
+    reason = f"entries not listed: {FOLDER_DENIED} (e.g. {test / CLASSES[2]})\n"
+    assert capsys.readouterr().out.count(f"warning: 1 test {reason}") == 1
+    report = ev.main(_eval_argv(world, tmp_path / "eval", "--model", str(world / "tiny.pt"),
+                                "--data-root", str(test)))
+    assert f"warning: 1 folder {reason}" in capsys.readouterr().out
+    r = report["results"]["folder"]
+    assert (r["images"], r["unreadable"], r["not_listed"]) == (4, 0, 1)
+
+
+def test_no_readable_class_folder_is_one_line(world, tmp_path, monkeypatch):
+    test = tmp_path / "test"
+    shutil.copytree(world / "test", test)
+    _patch_unreadable_folders(monkeypatch, *CLASSES)
+    message = train_error(argv(world, world / "good", tmp_path / "out", "--eval-root", str(test)))
+    assert message.endswith(f"in the class folders of {str(test)!r}; 3 entries left out, e.g. "
+                            f"{test / CLASSES[1]}: {FOLDER_DENIED}"), message
+    _patch_unreadable_folders(monkeypatch, "test")  # the eval root itself
+    message = train_error(argv(world, world / "good", tmp_path / "out", "--eval-root", str(test)))
+    assert message == f"error: cannot list the class folders of {str(test)!r} (permission denied)"
+
+
+def test_unreadable_training_root_is_named_in_the_error(world, tmp_path, monkeypatch):
+    d = copy_good(world, tmp_path / "train", 8)
+    _patch_unreadable_folders(monkeypatch, "train")
+    with pytest.raises(FileNotFoundError) as e:
+        data.build_dataset("folder", str(d), "train", None, str(world / "classes.txt"))
+    assert str(e.value).endswith(f"found under {str(d)!r}; 1 entries left out, e.g. {d}: "
+                                 f"{FOLDER_DENIED}")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root lists a chmod 000 folder (simulated above)")
+def test_chmod_000_folders_are_reported(world, tmp_path):
+    d = copy_good(world, tmp_path / "train", 2)
+    copy_good(world, d / "sub", 2)
+    test = tmp_path / "test"
+    shutil.copytree(world / "test", test)
+    os.chmod(d / "sub", 0)
+    os.chmod(test / CLASSES[0], 0)
+    try:
+        ignored = []
+        assert data._list_images(str(d), ignored=ignored) == [str(d / "0.png"), str(d / "1.png")]
+        assert ignored == [(str(d / "sub"), FOLDER_DENIED)]
+        ignored = []
+        samples = data.scan_class_folders(str(test), "folder", CLASSES, ignored)
+        assert len(samples) == 4 and ignored == [(str(test / CLASSES[0]), FOLDER_DENIED)]
+    finally:
+        os.chmod(d / "sub", 0o755)
+        os.chmod(test / CLASSES[0], 0o755)
