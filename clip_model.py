@@ -15,9 +15,7 @@ matching; the architecture is read from the state dict. Tokens are batch-first (
 import gzip
 import hashlib
 import html
-import io
 import os
-import pickletools
 import urllib.error
 import warnings
 import zipfile
@@ -405,97 +403,35 @@ def _weights_only_refusal(e):
     # torch's wording varies between versions; its specific line names the global or opcode refused
     specific = [line.split("WeightsUnpickler error:")[-1].strip().split(". ")[0]
                 for line in lines if "GLOBAL" in line or "Unsupported" in line]
-    return specific[0][:200] if specific else ""
+    return specific[0][:200] if specific else lines[0][:200]
 
 
-# Pickle opcodes that push a string, that memoize the top of the stack, that push a memoized object.
-_STRING_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE",
-               "SHORT_BINUNICODE", "BINUNICODE8"}
-_PUT_OPS, _GET_OPS = {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"}, {"GET", "BINGET", "LONG_BINGET"}
-
-
-def _globals_of(ops):
-    """module.name of each global a pickle's opcodes name: GLOBAL and INST carry it, STACK_GLOBAL
-    takes the two strings pushed before it, which protocol 4 often fetches from the memo."""
-    named, pushed, memo = [], [], {}
-    for op, arg, _ in ops:
-        if op.name in _PUT_OPS:
-            memo[len(memo) if arg is None else arg] = pushed[-1] if pushed else None
-            continue
-        if op.name in ("GLOBAL", "INST"):
-            named.append(arg.replace(" ", "."))
-        elif op.name == "STACK_GLOBAL":
-            named.append(".".join(str(s) for s in pushed[-2:]))
-        if op.name not in ("PROTO", "FRAME"):
-            pushed.append(arg if op.name in _STRING_OPS
-                          else memo.get(arg) if op.name in _GET_OPS else None)
-    return named
-
-
-def _pickle_bytes(path):
-    """What torch.load unpickles: a zip archive's data.pkl, else the file (its first 64 MiB). In
-    memory, so that a length field of random bytes makes pickletools allocate nothing."""
+def _is_pickle(path):
+    """Whether a file is what torch.save writes (a zip archive) or a pickle (from protocol 2 on it
+    starts with the PROTO opcode, and every pickle ends with STOP): torch's safe reader refuses
+    random bytes as it refuses code, and only these can hold code."""
     if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            names = [n for n in archive.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
-            return io.BytesIO(archive.read(names[0]) if names else b"")
+        return True
     with open(path, "rb") as f:
-        return io.BytesIO(f.read(64 << 20))
+        head = f.read(2)
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+    return (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5) or last == b"."
 
 
-def _unsafe_globals(path):
-    """The globals outside torch.load's allowlist that the pickle in `path` names, decoded with
-    pickletools, which runs nothing; None when the bytes are no whole pickle (random bytes, a
-    truncated file): such a file is never called a program."""
-    try:
-        stream = _pickle_bytes(path)
-    except Exception:  # unreadable, or a damaged archive: no pickle to judge
-        return None
-    named, whole = [], 0
-    for _ in range(4):  # torch's legacy format: magic number, protocol, system info, then the data
-        try:
-            named += _globals_of(pickletools.genops(stream))
-        except Exception:  # not an opcode, or the bytes end before STOP: no (further) pickle
-            break
-        whole += 1
-    try:  # private, and only used to word the error: without it every global counts as unsafe
-        from torch._weights_only_unpickler import _get_allowed_globals
-        allowed = set(_get_allowed_globals())
-    except Exception:
-        allowed = set()
-    return [name for name in named if name not in allowed] if whole else None
-
-
-def _code_named(refusal, path=None):
-    """What a weights_only refusal shows the file would run: torch's line when it names a global,
-    else (given the path) the first global its pickle names outside torch's allowlist; None when it
-    names none, as for random bytes, which torch refuses as well (for an unknown opcode)."""
-    if "GLOBAL" in refusal:
-        return refusal
-    unsafe = _unsafe_globals(path) if path else None
-    return f"it names {unsafe[0]}" if unsafe else None
-
-
-def _refused(code):
-    return ("refused: it holds more than the tensors and plain values that can be read without "
-            f"running code from the file ({code})")
-
-
-def load_error_detail(e, path=None):
+def load_error_detail(e, path):
     """One line saying why torch.load(path, ..., weights_only=True) failed, without torch's advice
-    to load unsafely. Given the path, a refused file is called code only if it is a pickle that
-    names code."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    if not lines:
-        return type(e).__name__
+    to load unsafely. A refused file is said to hold more than tensors only if it is a pickle."""
     refusal = _weights_only_refusal(e)
+    if refusal is not None and ("GLOBAL" in refusal or _is_pickle(path)):
+        return ("refused: it holds more than the tensors and plain values that can be read without "
+                f"running code from the file ({refusal})")
     if refusal is not None:
-        code = _code_named(refusal, path)
-        return _refused(code) if code else ("it is truncated or not a checkpoint, torch.load: "
-                                            + (refusal or lines[-1][:200]))
-    if "TorchScript" in lines[0] and "weights_only" in lines[0]:
+        return f"it is truncated or not a checkpoint (torch.load: {refusal})"
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if lines and "TorchScript" in lines[0] and "weights_only" in lines[0]:
         return "refused: it is a TorchScript archive (a program), not a file of tensors"
-    return f"{type(e).__name__}: {lines[0][:200]}"
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
 
 def _expand_sparse_rows(sd):
@@ -514,9 +450,6 @@ def _expand_sparse_rows(sd):
     return sd
 
 
-_GET_IT_AGAIN = "If it was downloaded, delete it and download it again"
-
-
 def _read_state_dict(path):
     """A state dict from a TorchScript archive (OpenAI's release format) or a file saved with torch.save.
 
@@ -529,13 +462,13 @@ def _read_state_dict(path):
     except UnsafeFileError:
         raise
     except Exception as e:
-        refusal = _weights_only_refusal(e)
-        code = _code_named(refusal, path) if refusal is not None else None
-        if code:
-            raise UnsafeFileError(f"could not read {path}: {_refused(code)}") from None
-        why = f"torch.load: {refusal}" if refusal else type(e).__name__
-        raise RuntimeError(f"could not read {path}: it is truncated or not a checkpoint ({why}). "
-                           f"{_GET_IT_AGAIN}") from None
+        detail = load_error_detail(e, path)
+        if detail.startswith("refused"):
+            raise UnsafeFileError(f"could not read {path}: {detail}") from None
+        if not detail.startswith("it is truncated"):
+            detail = f"it is truncated or not a checkpoint ({detail})"
+        raise RuntimeError(f"could not read {path}: {detail}. If it was downloaded, delete it and "
+                           "download it again") from None
     if isinstance(sd, dict):
         sd = _expand_sparse_rows({k: v for k, v in sd.items() if not isinstance(v, str)})
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):

@@ -549,7 +549,7 @@ def check_is_must_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch.load's own: truncated, not a checkpoint, unsafe to load
-        fail(f"cannot read MUST checkpoint {path} ({clip_model.load_error_detail(e)})")
+        fail(f"cannot read MUST checkpoint {path} ({clip_model.load_error_detail(e, path)})")
     is_dict = isinstance(ckpt, dict)
     if is_dict and all(isinstance(ckpt.get(k), dict) for k in ("student", "teacher")):
         return
@@ -575,7 +575,8 @@ def load_models(args):
             student, run = must.load_checkpoint(args.checkpoint, "student")
             teacher, _ = must.load_checkpoint(args.checkpoint, "teacher")
         except Exception as e:  # torch.load / missing keys / shape mismatch: the file is not what train.py writes
-            fail(f"cannot read MUST checkpoint {args.checkpoint} ({clip_model.load_error_detail(e)})")
+            fail(f"cannot read MUST checkpoint {args.checkpoint} "
+                 f"({clip_model.load_error_detail(e, args.checkpoint)})")
         if len(run["classnames"]) != student.num_classes:
             fail(f"checkpoint {args.checkpoint} lists {len(run['classnames'])} class names for a "
                  f"{student.num_classes}-way head")

@@ -102,7 +102,7 @@ def load_checkpoint_for(path, args, fingerprints, resume):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        fail(f"cannot read {what} {path} ({clip_model.load_error_detail(e)})")
+        fail(f"cannot read {what} {path} ({clip_model.load_error_detail(e, path)})")
     if not isinstance(ckpt, dict) or not {"student", "args", "fingerprints"} <= set(ckpt):
         fail(f"{path} is not a MUST checkpoint written by this train.py (no student weights or fingerprints)")
     config.check_same_run(f"{what} {path}", ckpt["args"], ckpt["fingerprints"], args, fingerprints, resume)
