@@ -137,7 +137,11 @@ def check_flags(args):
     if args.data not in data.DATASET_NAMES:
         fail(f"unknown dataset {args.data!r}; choose one of: {', '.join(data.DATASET_NAMES)}")
     if not data.is_registered(args.data) and not args.download:
-        if not args.data_root or not os.path.isdir(args.data_root) or not os.listdir(args.data_root):
+        try:
+            empty = not (args.data_root and os.path.isdir(args.data_root) and os.listdir(args.data_root))
+        except OSError as e:
+            fail(f"data root {args.data_root!r} cannot be read ({e.strerror})")
+        if empty:
             fail(f"data root {args.data_root!r} is missing or empty (give --data-root DIR)")
     for flag, path in (("--init", args.init), ("--eval-root", args.eval_root)):
         if path and not os.path.exists(path):

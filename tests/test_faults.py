@@ -977,6 +977,14 @@ def test_out_dir_problems_are_found_before_any_work(kind, make, world, tmp_path,
     assert not os.path.isfile(out / "log.jsonl") and not os.path.isfile(out / train.CHECKPOINT)
 
 
+def test_unreadable_data_root_is_one_line(world, tmp_path, monkeypatch):
+    def denied(path):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(os, "listdir", denied)
+    assert f"data root '{world / 'good'}' cannot be read (Permission denied)" in \
+        train_error(argv(world, world / "good", tmp_path / "out"))
+
+
 def test_checkpoint_size_estimate_is_close(world, tmp_path):
     """check_out_dir's estimate of a checkpoint's size, against the file a run writes (within 5%)."""
     out = tmp_path / "out"
