@@ -5,7 +5,7 @@
     python bench.py --model ViT-S/16 --batch 16 --device cpu --amp fp32
     python bench.py --pipeline --model ViT-B/16 --workers 8 --step-images-per-s 900
 
-Step mode times train.train_step plus must.ema_update: all of an optimizer step (the passes counted below, and
+Step mode times must.must_step: all of an optimizer step (the passes counted below, and
 AdamW over train.param_groups) but the data loader. The weights are random (architectures by name, nothing is
 downloaded; --model PATH loads a CLIP checkpoint), the head a random (embed_dim, K) matrix, the inputs random
 tensors made once and kept on the device, the masks from data.MaskGenerator with Table 10's ImageNet settings
@@ -42,19 +42,20 @@ import os
 import resource
 import tempfile
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+import clip_load
 import clip_model
 import config
 import data
+import folders
 import must
 import train
-from runtime import fail, pick_device
+from runtime import autocast_for, fail, pick_device
 
 # (input px, patch, width, layers, embed_dim): OpenAI's image towers, a DeiT-S-like one and a tiny one for tests
 SHAPES = {"tiny": (32, 8, 64, 2, 32), "ViT-S/16": (224, 16, 384, 12, 384), "ViT-B/32": (224, 32, 768, 12, 512),
@@ -98,34 +99,49 @@ def build_tower(args):
         what = f"{args.model} (random weights)"
     else:
         try:
-            visual, what = clip_model.load(args.model)[0].visual, args.model
+            visual, what = clip_load.load(args.model)[0].visual, args.model
         except (FileNotFoundError, ValueError, RuntimeError) as e:
             fail(str(e))
-    hp = data.hparams("toy" if args.model == "tiny" else "imagenet", config.model_key(args.model, visual),
+    hp = config.hparams("toy" if args.model == "tiny" else "imagenet", config.model_key(args.model, visual),
                       visual.patch_size, visual.input_resolution)
     gen = data.MaskGenerator(visual.input_resolution, hp["mask_unit"], visual.patch_size, hp["mask_ratio"])
     return visual, what, hp, gen
 
 
-def make_run(args, device):
-    """-> (the state train.train_step reads, for one process; its accumulation micro-batches; the description)."""
+def make_step(args, device):
+    """-> (a function that runs one exact MUST optimizer step, must.must_step, on fixed random
+    micro-batches; the student; the teacher; those micro-batches; the description; the autocast
+    dtype)."""
     visual, what, hp, gen = build_tower(args)
     torch.manual_seed(0)
-    head = torch.nn.functional.normalize(torch.randn(visual.output_dim, args.classes), dim=0)  # unit, as CLIP's
-    # random unit vectors have cosines of std 1/√D: CLIP's s = 100 gives logits of std ≈ 5 from D ≈ 400 on, but at
-    # small D the softmax saturates and eq. 3's p̄ underflows to 0 (L_reg = inf); the FLOPs do not depend on s
+    head = torch.nn.functional.normalize(torch.randn(visual.output_dim, args.classes), dim=0)
+    # Random unit vectors have cosines of std 1/√D: CLIP's s = 100 gives logits of std ≈ 5 from
+    # D ≈ 400 on, but at small D the softmax saturates and eq. 3's p̄ underflows to 0 (L_reg =
+    # inf); the FLOPs do not depend on s.
     scale = min(100.0, 5.0 * visual.output_dim ** 0.5)
     student = must.MUSTModel(visual, head, scale).to(device).train()
-    run_args = SimpleNamespace(conf_threshold=0.0, global_batch=args.batch, lambda_reg=hp["lambda_reg"],
-                               lambda_align=hp["lambda_align"], align_k=None, amp=args.amp, no_reg=False,
-                               no_mim=False, no_align=False, compile=args.compile)
+    teacher = must.make_teacher(student)
     optimizer = train.make_optimizer(student, 0.05, 0.65, hp["base_lr"] * args.batch / 256, device)
-    run = train.step_state(run_args, student, optimizer, device, steps_per_epoch=10 ** 9)
+    amp_dtype, use_scaler = autocast_for(args.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    fairness = must.FairnessMean(args.classes)
+    if args.compile:
+        student.compile()
+        teacher.compile()
     micro, size = args.batch // args.accum, visual.input_resolution
-    parts = [((torch.randn(micro, 3, size, size, device=device), torch.randn(micro, 3, size, size, device=device),
-               torch.stack([gen() for _ in range(micro)]).to(device)), torch.full((micro,), -1, device=device))
-             for _ in range(args.accum)]
-    return run, parts, what
+
+    def images():
+        return torch.randn(micro, 3, size, size, device=device)
+    parts = [((images(), images(), torch.stack([gen() for _ in range(micro)]).to(device)),
+              torch.full((micro,), -1, device=device)) for _ in range(args.accum)]
+
+    def step():
+        # τ = 0 makes every sample confident, so that every term of eq. 6 is computed.
+        must.must_step(student, teacher, student, optimizer, scaler, fairness, parts,
+                       conf_threshold=0.0, lambda_reg=hp["lambda_reg"],
+                       lambda_align=hp["lambda_align"], align_k=None, patch_size=visual.patch_size,
+                       global_batch=args.batch, ema_mu=0.999, new_epoch=False, amp_dtype=amp_dtype)
+    return step, student, teacher, parts, what, amp_dtype
 
 
 def bench_step(args):
@@ -137,17 +153,15 @@ def bench_step(args):
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    run, parts, what = make_run(args, device)
-    v = run.student.visual
+    step, student, _, _, what, amp_dtype = make_step(args, device)
+    v = student.visual
     size, patch, width, layers = v.input_resolution, v.patch_size, v.width, len(v.transformer.resblocks)
     flops = train_flops_per_image(size, patch, width, layers, v.output_dim, args.classes, args.accum)
     wall, cpu = [], []  # seconds of each step; the first --warmup: allocator, kernel autotuning, compilation
     for _ in range(args.warmup + args.steps):
         tic, cpu_tic = time.perf_counter(), time.process_time()
-        train.train_step(run, parts)
-        must.ema_update(run.teacher, run.student, 0.999)  # eq. 1 is part of every optimizer step
-        run.step += 1
-        if device.type == "cuda":  # train_step never waits for the device: the clock is read once it is done
+        step()
+        if device.type == "cuda":  # the step never waits for the device: read the clock once it is done
             torch.cuda.synchronize(device)
         wall.append(time.perf_counter() - tic)
         cpu.append(time.process_time() - cpu_tic)  # this process's, all threads
@@ -168,7 +182,7 @@ def bench_step(args):
     print(f"model          {what}: {size} px, patch {patch}, width {width}, {layers} layers, "
           f"{v.transformer.resblocks[0].attn.heads} heads, embed {v.output_dim}, {args.classes} classes")
     print(f"step           batch {args.batch} = {args.accum} x {args.batch // args.accum}, amp "
-          f"{str(run.amp_dtype or 'fp32').removeprefix('torch.')}, {'compiled' if args.compile else 'eager'}, {where}")
+          f"{str(amp_dtype or 'fp32').removeprefix('torch.')}, {'compiled' if args.compile else 'eager'}, {where}")
     print("GFLOP/image    {:.4g} = teacher fwd {:.4g} + student fwd+bwd {:.4g} + no-grad student fwd {:.4g}".format(
         *(f / 1e9 for f in flops)))
     print(f"warm-up        {args.warmup} steps in {warmup_s:.1f} s")
@@ -211,7 +225,7 @@ def bench_pipeline(args):
     with tempfile.TemporaryDirectory() as folder:
         paths = make_jpegs(folder, args.jpeg_count, width, height)
         kib = sum(os.path.getsize(p) for p in paths) / len(paths) / 1024
-        dataset = data.ImageList([(paths[i % len(paths)], -1) for i in range(args.images)], [], [],
+        dataset = folders.ImageList([(paths[i % len(paths)], -1) for i in range(args.images)], [], [],
                                  data.TrainTransform(size, gen, "paper"))
         torch.manual_seed(0)
         threads = torch.get_num_threads()

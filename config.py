@@ -1,10 +1,11 @@
-"""The configuration of a MUST run: every setting in one table (SETTINGS), the command line built from it,
-checked before any work (check_flags), and filled from the paper's Table 10 (data.hparams) for the dataset and
-model of the run (resolve_config); check_same_run says whether a checkpoint was made by the same run.
+"""The configuration of a MUST run: the paper's Table 10, every setting in one table (SETTINGS),
+the command line built from it and checked before any work (check_flags), the Table 10 values
+filled in for the dataset and model of the run (resolve_config), and check_same_run, which says
+whether a checkpoint was made by the same run.
 
-A hyperparameter is added in one place, a SETTINGS row: from there it becomes a flag in its --help group, is
-checked against its domain, takes Table 10's value when the flag is not given and the table has one, reaches
-must.must_loss when its group is "loss", and, when it decides the weights (defines), must be the same to resume.
+A hyperparameter is added in one place, a SETTINGS row: from there it becomes a flag in its --help
+group, is checked against its domain, takes Table 10's value when the flag is not given and the
+table has one, and, when it decides the weights (defines), must be the same to resume.
 """
 import argparse
 import math
@@ -13,122 +14,239 @@ from collections import namedtuple
 
 import torch
 
-import clip_model
+import clip_load
 import data
+import folders
 import toy  # noqa: F401 -- registers --data toy, the offline demo world
 from runtime import fail
 
-# One row of SETTINGS; domain = (the test a given value must pass, what it must be, as the error message says).
-_s = namedtuple("Setting", "name type default domain group help defines", defaults=(True,))
-_AT_LEAST_1, _AT_LEAST_0 = (lambda v: v >= 1, "at least 1"), (lambda v: 0 <= v < math.inf, "0 or more")
+# ----------------------------------------------------------------------------------------------
+# The paper's Table 10, as released
+
+_TABLE10_COLUMNS = ("mask_unit", "mask_ratio", "conf_threshold", "lambda_reg", "lambda_align",
+                    "ema_mu0", "ema_mu_n", "base_lr", "epochs", "eval_freq")
+_TABLE10 = [
+    # dataset      model       s   ratio  τ    λ_reg λ_align µ0     µn    base_lr ep  eval
+    ("imagenet",   "ViT-B/16", 32, 0.3, 0.7, 1.0, 0.2, 0.999, 2000, 2e-5, 30, 1),
+    ("imagenet",   "ViT-L/14", 56, 0.3, 0.5, 1.0, 0.5, 0.999, 2000, 4e-5, 20, 1),
+    ("sun397",     "ViT-B/16", 32, 0.1, 0.4, 0.2, 1.0, 0.99, 500, 1e-4, 20, 2),
+    ("sun397",     "ViT-L/14", 28, 0.2, 0.3, 0.2, 0.5, 0.99, 500, 2e-4, 20, 2),
+    ("food101",    "ViT-B/16", 32, 0.1, 0.7, 1.0, 0.1, 0.999, 2000, 2e-5, 40, 2),
+    ("food101",    "ViT-L/14", 56, 0.1, 0.7, 1.0, 0.1, 0.999, 2000, 4e-5, 40, 2),
+    ("gtsrb",      "ViT-B/16", 32, 0.5, 0.3, 1.0, 0.5, 0.99, 500, 2e-5, 20, 2),
+    ("gtsrb",      "ViT-L/14", 56, 0.3, 0.2, 1.0, 0.5, 0.99, 500, 4e-5, 20, 2),
+    ("dtd",        "ViT-B/16", 32, 0.1, 0.4, 1.0, 0.2, 0.99, 100, 2e-5, 60, 5),
+    ("dtd",        "ViT-L/14", 56, 0.1, 0.5, 1.0, 0.5, 0.99, 100, 4e-5, 60, 5),
+    ("ucf101",     "ViT-B/16", 16, 0.1, 0.5, 1.0, 0.5, 0.99, 500, 1e-5, 60, 5),
+    ("ucf101",     "ViT-L/14", 28, 0.1, 0.6, 1.0, 0.5, 0.99, 500, 2e-5, 60, 5),
+    ("pets",       "ViT-B/16", 32, 0.1, 0.7, 1.0, 0.2, 0.99, 100, 1e-5, 60, 5),
+    ("caltech101", "ViT-B/16", 32, 0.1, 0.7, 1.0, 0.2, 0.99, 100, 1e-5, 60, 5),
+]
+HPARAMS = {(d, m): dict(zip(_TABLE10_COLUMNS, v)) for d, m, *v in _TABLE10}
+GLOBAL_BATCH = {"ViT-B/16": 1024, "ViT-L/14": 512}
+
+# (patch size, input px, width) of the released CLIPs, by which a CLIP file finds its rows.
+MODEL_GEOMETRY = {"ViT-B/32": (32, 224, 768), "ViT-B/16": (16, 224, 768),
+                  "ViT-L/14": (14, 224, 1024), "ViT-L/14@336px": (14, 336, 1024)}
+# The models whose Table 10 rows a model borrows, best first.
+_ROW_PREFERENCE = {"ViT-B/32": ("ViT-B/16", "ViT-L/14"), "ViT-B/16": ("ViT-B/16", "ViT-L/14"),
+                   "ViT-L/14": ("ViT-L/14", "ViT-B/16"),
+                   "ViT-L/14@336px": ("ViT-L/14", "ViT-B/16")}
+
+
+def hparams(dataset, model_name, patch_size=None, input_size=None):
+    """The default hyperparameters of a run: the Table 10 row of (dataset, model), and
+    batch_size (global). -> a fresh plain dict: train.py overrides any value
+
+    Combinations the paper did not run borrow the nearest row: 'folder' and the shifted ImageNets
+    use ImageNet's; ViT-B/32 uses ViT-B/16's and ViT-L/14@336px ViT-L/14's; a dataset with only a
+    ViT-B/16 row (pets, caltech101) lends it to ViT-L. A borrowed row's base_lr is rescaled so that
+    the absolute lr (base_lr × batch / 256) is unchanged, and its mask unit is snapped to a
+    multiple of the model's patch size that tiles the input. Unknown model names (e.g. a checkpoint
+    path) use the ViT-B/16 row; patch_size / input_size (the loaded model's) override the released
+    geometry of model_name when given.
+    """
+    if data.is_registered(dataset):
+        return data.registered_hparams(dataset)
+    if dataset not in data.DATASET_NAMES:
+        raise ValueError(f"unknown dataset {dataset!r}; valid names: "
+                         f"{', '.join(data.DATASET_NAMES)}")
+    table_dataset = dataset if any(d == dataset for d, _ in HPARAMS) else "imagenet"
+    preference = _ROW_PREFERENCE.get(model_name, ("ViT-B/16", "ViT-L/14"))
+    row_model = next(m for m in preference if (table_dataset, m) in HPARAMS)
+    hp = dict(HPARAMS[(table_dataset, row_model)])
+    batch_size = GLOBAL_BATCH[preference[0]]
+    hp["base_lr"] *= GLOBAL_BATCH[row_model] / batch_size
+    known_patch, known_size, _ = MODEL_GEOMETRY.get(model_name, (None, None, None))
+    patch_size, input_size = patch_size or known_patch, input_size or known_size  # the model's
+    if patch_size is not None and input_size is not None:
+        hp["mask_unit"] = _snap_mask_unit(hp["mask_unit"], patch_size, input_size)
+    hp["batch_size"] = batch_size
+    hp["strong_view"] = "paper"
+    return hp
+
+
+def _snap_mask_unit(mask_unit, patch_size, input_size):
+    """The multiple of patch_size nearest to mask_unit that tiles input_size (the larger one on a
+    tie)."""
+    candidates = [m for m in range(patch_size, input_size + 1, patch_size) if input_size % m == 0]
+    if not candidates:
+        raise ValueError(f"input size {input_size} is not a multiple of patch size {patch_size}")
+    return min(candidates, key=lambda m: (abs(m - mask_unit), -m))
+
+
+def model_key(name, visual):
+    """The model name Table 10 knows for a CLIP given by name or path (by its geometry), else the
+    path."""
+    if name in clip_load.available_models():
+        return name
+    by_geometry = {geometry: known for known, geometry in MODEL_GEOMETRY.items()}
+    return by_geometry.get((visual.patch_size, visual.input_resolution, visual.width), name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Every setting
+
+# One row of SETTINGS; domain = (the test a given value must pass, what it must be, as the error
+# message says).
+Setting = namedtuple("Setting", "name type default domain group help defines", defaults=(True,))
+_AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
+_AT_LEAST_0 = (lambda v: 0 <= v < math.inf, "0 or more")
 _UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
+_VIEWS = (lambda v: v in data.STRONG_VIEWS, f"one of {', '.join(data.STRONG_VIEWS)}")
 
 SETTINGS = [
-    _s("conf_threshold", float, None, (lambda v: 0 <= v < 1, "in [0, 1) (a softmax never exceeds 1)"), "method",
-       "τ: pseudo-label confidence threshold (eq. 2) [Table 10]"),
-    _s("lambda_reg", float, None, _AT_LEAST_0, "loss", "λ_reg: weight of the fairness regularization (eq. 3, 6) "
-       "[Table 10]"),
-    _s("lambda_align", float, None, _AT_LEAST_0, "loss", "λ_align: weight of the global-local alignment (eq. 5, 6) "
-       "[Table 10]"),
-    _s("align_k", int, None, _AT_LEAST_1, "loss", "align [CLS] only with the k nearest [MSK] tokens (Table 6) [all]"),
-    _s("mask_unit", int, None, (lambda v: v >= 1, "at least 1 px"), "method",
-       "s: side in px of the square units masked together (§3.2) [Table 10]"),
-    _s("mask_ratio", float, None, _UNIT, "method", "share of mask units replaced by [MSK], rounded up (§3.2) "
-       "[Table 10]"),
-    _s("ema_mu0", float, None, _UNIT, "method", "µ0: initial EMA decay of the teacher (eq. 1) [Table 10]"),
-    _s("ema_mu_n", int, None, _AT_LEAST_0, "method", "µn: iterations over which µ ramps linearly from µ0 to 0.9998 "
-       "[Table 10]"),
-    _s("strong_view", str, None, (lambda v: v in data.STRONG_VIEWS, f"one of {', '.join(data.STRONG_VIEWS)}"),
-       "method", "the student's augmentation: paper = RandomResizedCrop 0.3-1 + flip + RandAugment (224 px photos); "
-       "light = 10%% translation + flip + brightness/contrast (small images) [paper; toy: light]"),
-    _s("base_lr", float, None, (lambda v: 0 < v < math.inf, "a positive number"), "optimization",
-       "base_lr; lr = base_lr × global_batch / 256 [Table 10]"),
-    _s("base_min_lr", float, 1e-6, _AT_LEAST_0, "optimization", "end of the cosine: min_lr = base_min_lr × "
-       "global_batch / 256"),
-    _s("epochs", int, None, _AT_LEAST_1, "optimization", "training epochs [Table 10]"),
-    _s("global_batch", int, None, _AT_LEAST_1, "optimization", "images per optimizer step over all processes "
-       "[Table 10: 1024 ViT-B, 512 ViT-L]"),
-    _s("weight_decay", float, 0.05, _AT_LEAST_0, "optimization", "AdamW weight decay (none on 1-D params but [MSK])"),
-    _s("layer_decay", float, 0.65, (lambda v: 0 < v <= 1, "in (0, 1]"), "optimization",
-       "layer-wise lr decay: scale layer_decay^(L+1-i) for layer i"),
-    _s("seed", int, 0, (lambda v: 0 <= v < 2 ** 32, "in [0, 2^32)"), "optimization",
-       "random seed (augmentations depend only on seed, epoch and image index)"),
-    _s("batch_size_per_gpu", int, None, _AT_LEAST_1, "optimization", "images per forward pass per process; "
-       "gradients are accumulated exactly up to the global batch (eq. 2-3 over the global batch) "
-       "[global/processes]", defines=False),
-    _s("accum_steps", int, None, _AT_LEAST_1, "optimization", "gradient accumulation steps (alternative to "
-       "--batch-size-per-gpu) [1]", defines=False),
-    _s("num_workers", int, min(8, os.cpu_count() or 1), _AT_LEAST_0, "data", "data loader processes per GPU "
-       "[min(8, CPU cores)]", defines=False),
-    _s("eval_freq", int, None, _AT_LEAST_1, "run", "evaluate student and teacher every this many epochs [Table 10]",
-       defines=False),
-    _s("log_freq", int, 10, _AT_LEAST_1, "run", "log every this many optimizer steps", defines=False),
-    _s("save_freq", int, 0, (lambda v: v >= 0, "0 (off) or more"), "run",
-       "also checkpoint every this many steps (0: at epoch ends only)", defines=False),
-    _s("max_steps", int, None, _AT_LEAST_0, "run", "stop (with a checkpoint) after this many optimizer steps in "
-       "total; the lr schedule still spans --epochs", defines=False),
+    Setting("conf_threshold", float, None,
+            (lambda v: 0 <= v < 1, "in [0, 1) (a softmax never exceeds 1)"), "method",
+            "τ: pseudo-label confidence threshold (eq. 2) [Table 10]"),
+    Setting("lambda_reg", float, None, _AT_LEAST_0, "loss",
+            "λ_reg: weight of the fairness regularization (eq. 3, 6) [Table 10]"),
+    Setting("lambda_align", float, None, _AT_LEAST_0, "loss",
+            "λ_align: weight of the global-local alignment (eq. 5, 6) [Table 10]"),
+    Setting("align_k", int, None, _AT_LEAST_1, "loss",
+            "align [CLS] only with the k nearest [MSK] tokens (Table 6) [all]"),
+    Setting("mask_unit", int, None, (lambda v: v >= 1, "at least 1 px"), "method",
+            "s: side in px of the square units masked together (§3.2) [Table 10]"),
+    Setting("mask_ratio", float, None, _UNIT, "method",
+            "share of mask units replaced by [MSK], rounded up (§3.2) [Table 10]"),
+    Setting("ema_mu0", float, None, _UNIT, "method",
+            "µ0: initial EMA decay of the teacher (eq. 1) [Table 10]"),
+    Setting("ema_mu_n", int, None, _AT_LEAST_0, "method",
+            "µn: iterations over which µ ramps linearly from µ0 to 0.9998 [Table 10]"),
+    Setting("strong_view", str, None, _VIEWS, "method",
+            "the student's augmentation: paper = RandomResizedCrop 0.3-1 + flip + RandAugment "
+            "(224 px photos); light = 10%% translation + flip + brightness/contrast (small "
+            "images) [paper; toy: light]"),
+    Setting("base_lr", float, None, (lambda v: 0 < v < math.inf, "a positive number"),
+            "optimization", "base_lr; lr = base_lr × global_batch / 256 [Table 10]"),
+    Setting("base_min_lr", float, 1e-6, _AT_LEAST_0, "optimization",
+            "end of the cosine: min_lr = base_min_lr × global_batch / 256"),
+    Setting("epochs", int, None, _AT_LEAST_1, "optimization", "training epochs [Table 10]"),
+    Setting("global_batch", int, None, _AT_LEAST_1, "optimization",
+            "images per optimizer step over all processes [Table 10: 1024 ViT-B, 512 ViT-L]"),
+    Setting("weight_decay", float, 0.05, _AT_LEAST_0, "optimization",
+            "AdamW weight decay (none on 1-D params but [MSK])"),
+    Setting("layer_decay", float, 0.65, (lambda v: 0 < v <= 1, "in (0, 1]"), "optimization",
+            "layer-wise lr decay: scale layer_decay^(L+1-i) for layer i"),
+    Setting("seed", int, 0, (lambda v: 0 <= v < 2 ** 32, "in [0, 2^32)"), "optimization",
+            "random seed (augmentations depend only on seed, epoch and image index)"),
+    Setting("batch_size_per_gpu", int, None, _AT_LEAST_1, "optimization",
+            "images per forward pass per process; gradients are accumulated exactly up to the "
+            "global batch (eq. 2-3 over the global batch) [global/processes]", defines=False),
+    Setting("accum_steps", int, None, _AT_LEAST_1, "optimization",
+            "gradient accumulation steps (alternative to --batch-size-per-gpu) [1]",
+            defines=False),
+    Setting("num_workers", int, min(8, os.cpu_count() or 1), _AT_LEAST_0, "data",
+            "data loader processes per GPU [min(8, CPU cores)]", defines=False),
+    Setting("eval_freq", int, None, _AT_LEAST_1, "run",
+            "evaluate student and teacher every this many epochs [Table 10]", defines=False),
+    Setting("log_freq", int, 10, _AT_LEAST_1, "run", "log every this many optimizer steps",
+            defines=False),
+    Setting("save_freq", int, 0, (lambda v: v >= 0, "0 (off) or more"), "run",
+            "also checkpoint every this many steps (0: at epoch ends only)", defines=False),
+    Setting("max_steps", int, None, _AT_LEAST_0, "run",
+            "stop (with a checkpoint) after this many optimizer steps in total; the lr schedule "
+            "still spans --epochs", defines=False),
 ]
-# the switches that decide the weights besides SETTINGS; the CLIP, classes and templates are compared by content
-RUN_DEFINING = tuple(s.name for s in SETTINGS if s.defines) + ("freeze_classifier", "no_reg", "no_mim", "no_align")
+# The switches that decide the weights besides SETTINGS; the CLIP, classes and templates are
+# compared by content.
+RUN_DEFINING = tuple(s.name for s in SETTINGS if s.defines) + (
+    "freeze_classifier", "no_reg", "no_mim", "no_align")
 
 
 class _Help(argparse.HelpFormatter):
     """Show a flag's default only when it has one (unset Table 10 flags say so in their help)."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+        default = action.default
+        if default is None or default is False or default == argparse.SUPPRESS:
             return action.help
         return action.help + " (default: %(default)s)"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="MUST: unsupervised adaptation of a CLIP zero-shot classifier on unlabeled images. "
-                    "Flags marked [Table 10] default to the paper's value for (--data, --model). The classifier's "
-                    "logit scale s is the CLIP checkpoint's own exp(logit_scale) (100 for OpenAI's CLIPs).",
+        description="MUST: unsupervised adaptation of a CLIP zero-shot classifier on unlabeled "
+                    "images. Flags marked [Table 10] default to the paper's value for (--data, "
+                    "--model). The classifier's logit scale s is the CLIP checkpoint's own "
+                    "exp(logit_scale) (100 for OpenAI's CLIPs).",
         formatter_class=_Help)
-    groups = {name: p.add_argument_group(name) for name in ("data", "model", "method", "loss", "optimization", "run")}
+    names = ("data", "model", "method", "loss", "optimization", "run")
+    groups = {name: p.add_argument_group(name) for name in names}
     g = groups["data"]
     g.add_argument("--data", required=True, help=f"dataset: {', '.join(data.DATASET_NAMES)}")
     g.add_argument("--data-root", help="dataset directory (layouts: see data.py); not used by toy")
-    g.add_argument("--eval-root", help="labeled test images for --data folder: DIR/<class name>/... (without it a "
-                                        "folder run is not evaluated)")
-    g.add_argument("--classes", help="class names file for --data folder: UTF-8, one name per line, at least 2; "
-                                      "blank lines and lines starting with # are ignored")
-    g.add_argument("--templates", help="prompt templates file, one per line with one {} for the class name "
-                                        "(replaces the published ones); lines starting with # are ignored")
-    g.add_argument("--download", action="store_true", help="let torchvision fetch food101 / dtd / gtsrb / pets / "
-                                                           "caltech101 / sun397 into --data-root")
+    g.add_argument("--eval-root", help="labeled test images for --data folder: "
+                                       "DIR/<class name>/... (without it a folder run is not "
+                                       "evaluated)")
+    g.add_argument("--classes", help="class names file for --data folder: UTF-8, one name per "
+                                     "line, at least 2; blank lines and lines starting with # are "
+                                     "ignored")
+    g.add_argument("--templates", help="prompt templates file, one per line with one {} for the "
+                                       "class name (replaces the published ones); lines starting "
+                                       "with # are ignored")
+    g.add_argument("--download", action="store_true",
+                   help="let torchvision fetch food101 / dtd / gtsrb / pets / caltech101 / sun397 "
+                        "into --data-root")
     g = groups["model"]
-    g.add_argument("--model", help="CLIP name (ViT-B/16, ViT-L/14, ...) or checkpoint path [ViT-B/16; toy: its "
-                                   "pretrained tiny CLIP]")
+    g.add_argument("--model", help="CLIP name (ViT-B/16, ViT-L/14, ...) or checkpoint path "
+                                   "[ViT-B/16; toy: its pretrained tiny CLIP]")
     g.add_argument("--download-root", help="where CLIP checkpoints are cached [~/.cache/clip]")
-    g.add_argument("--init", help="start from this MUST checkpoint's image tower (ImageNet warm-up, §4.4)")
+    g.add_argument("--init", help="start from this MUST checkpoint's image tower (ImageNet "
+                                  "warm-up, §4.4)")
     g.add_argument("--freeze-classifier", action="store_true",
                    help="keep the zero-shot classifier W fixed (the ImageNet warm-up of §4.4)")
     for s in SETTINGS:
-        groups[s.group].add_argument("--" + s.name.replace("_", "-"), type=s.type, default=s.default, help=s.help)
+        flag = "--" + s.name.replace("_", "-")
+        groups[s.group].add_argument(flag, type=s.type, default=s.default, help=s.help)
     g = groups["method"]
     g.add_argument("--no-reg", action="store_true", help="ablation: drop L_reg (Table 7)")
     g.add_argument("--no-mim", action="store_true", help="ablation: drop L_mim (Table 5)")
-    g.add_argument("--no-align", action="store_true", help="ablation: drop L_align (Table 5); with --no-mim the "
-                                                           "student sees unmasked images (self-training only)")
+    g.add_argument("--no-align", action="store_true",
+                   help="ablation: drop L_align (Table 5); with --no-mim the student sees unmasked "
+                        "images (self-training only)")
     g = groups["optimization"]
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="mixed precision: auto = bf16 on GPUs that support it, fp32 on CPU; fp16 adds a GradScaler")
+                   help="mixed precision: auto = bf16 on GPUs that support it, fp32 on CPU; fp16 "
+                        "adds a GradScaler")
     g.add_argument("--device", help="cuda, cuda:N or cpu [cuda if available]")
-    g.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher (the first "
-                                                          "steps are slow while it compiles)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the student and the teacher (the first steps are slow "
+                        "while it compiles)")
     g = groups["run"]
     g.add_argument("--out-dir", help="log, zero-shot head cache and checkpoint [out/<data>]")
-    g.add_argument("--resume", default="auto", help="checkpoint to resume; auto = out_dir/checkpoint.pt if it "
-                                                    "exists; none = start afresh")
+    g.add_argument("--resume", default="auto",
+                   help="checkpoint to resume; auto = out_dir/checkpoint.pt if it exists; none = "
+                        "start afresh")
     return p.parse_args(argv)
 
 
+# ----------------------------------------------------------------------------------------------
+# Checks and Table 10's values
+
 def check_flags(args):
-    """Every flag in its domain and every named file readable, before any work; one line for the first that is
-    not. Flags Table 10 fills later are valid by construction."""
+    """Every flag in its domain and every named file readable, before any work; one line for the
+    first that is not. Flags Table 10 fills later are valid by construction."""
     for s in SETTINGS:
         ok, must = s.domain
         value = getattr(args, s.name)
@@ -137,22 +255,17 @@ def check_flags(args):
     if args.data not in data.DATASET_NAMES:
         fail(f"unknown dataset {args.data!r}; choose one of: {', '.join(data.DATASET_NAMES)}")
     if not data.is_registered(args.data) and not args.download:
+        root = args.data_root
         try:
-            empty = not (args.data_root and os.path.isdir(args.data_root) and os.listdir(args.data_root))
+            empty = not (root and os.path.isdir(root) and os.listdir(root))
         except OSError as e:
-            fail(f"data root {args.data_root!r} cannot be read ({e.strerror})")
+            fail(f"data root {root!r} cannot be read ({e.strerror})")
         if empty:
-            fail(f"data root {args.data_root!r} is missing or empty (give --data-root DIR)")
+            fail(f"data root {root!r} is missing or empty (give --data-root DIR)")
     for flag, path in (("--init", args.init), ("--eval-root", args.eval_root)):
         if path and not os.path.exists(path):
             fail(f"{flag} {path} does not exist")
-    try:
-        if args.classes:
-            data.read_classnames(args.classes)
-        if args.templates:
-            data.read_templates(args.templates)
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e))
+    check_text_files(args.classes, args.templates)
     if args.global_batch is not None:
         split_batch(args, int(os.environ.get("WORLD_SIZE", 1)))
     args.out_dir = args.out_dir or os.path.join("out", args.data)
@@ -164,45 +277,54 @@ def check_flags(args):
         fail(f"--out-dir {args.out_dir} is not writable")
 
 
-def model_key(name, visual):
-    """The model name Table 10 knows for a CLIP given by name or path (by its geometry), else the path."""
-    if name in clip_model.available_models():
-        return name
-    by_geometry = {geometry: known for known, geometry in data.MODEL_GEOMETRY.items()}
-    return by_geometry.get((visual.patch_size, visual.input_resolution, visual.width), name)
+def check_text_files(classes, templates):
+    """The --classes and --templates files (train.py's and eval.py's), one line for the first
+    problem."""
+    try:
+        if classes:
+            folders.read_classnames(classes)
+        if templates:
+            folders.read_templates(templates)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
 
 
 def resolve_config(args, visual):
-    """Fill unset flags from Table 10 (data.hparams) and check the mask geometry against the model."""
-    hp = data.hparams(args.data, model_key(args.model, visual), visual.patch_size, visual.input_resolution)
+    """Fill the unset flags from Table 10 (hparams) and check the mask geometry against the
+    model."""
+    hp = hparams(args.data, model_key(args.model, visual), visual.patch_size,
+                 visual.input_resolution)
     hp["global_batch"] = hp.pop("batch_size")
     for s in SETTINGS:
         if getattr(args, s.name) is None and s.name in hp:
             setattr(args, s.name, hp[s.name])
     check_lr(args)
+    size, patch = visual.input_resolution, visual.patch_size
     try:
-        masked = data.MaskGenerator(visual.input_resolution, args.mask_unit, visual.patch_size, args.mask_ratio)
+        masks = data.MaskGenerator(size, args.mask_unit, patch, args.mask_ratio)
     except ValueError as e:
-        fail(f"{e} ({args.model}: {visual.input_resolution} px input, {visual.patch_size} px patches)")
-    units = masked.units_per_side ** 2
-    if not (args.no_mim and args.no_align) and masked.num_masked in (0, units):
-        what = "no" if masked.num_masked == 0 else "every"
-        fail(f"--mask-ratio {args.mask_ratio} masks {what} one of the {units} mask unit(s) of {args.mask_unit} px "
-             f"on the {visual.input_resolution} px input, so the MIM and alignment terms would be "
-             f"{'0' if what == 'no' else 'meaningless'}: change --mask-ratio, or --mask-unit (a multiple of "
-             f"{visual.patch_size} px that divides {visual.input_resolution}), or pass --no-mim --no-align")
+        fail(f"{e} ({args.model}: {size} px input, {patch} px patches)")
+    units = masks.units_per_side ** 2
+    if not (args.no_mim and args.no_align) and masks.num_masked in (0, units):
+        what = "no" if masks.num_masked == 0 else "every"
+        fail(f"--mask-ratio {args.mask_ratio} masks {what} one of the {units} mask unit(s) of "
+             f"{args.mask_unit} px on the {size} px input, so the MIM and alignment terms would "
+             f"be {'0' if what == 'no' else 'meaningless'}: change --mask-ratio, or --mask-unit "
+             f"(a multiple of {patch} px that divides {size}), or pass --no-mim --no-align")
 
 
 def check_lr(args):
-    """The learning rates, once Table 10 has filled --base-lr and --global-batch: the cosine decays (min_lr <= lr),
-    and AdamW's first step size, lr / (1 - β1) = 10 lr, is a float32 number, which is what AdamW computes with."""
+    """The learning rates, once Table 10 has filled --base-lr and --global-batch: the cosine
+    decays (min_lr <= lr), and AdamW's first step size, lr / (1 - β1) = 10 lr, is a float32
+    number, which is what AdamW computes with."""
     lr, min_lr = (x * args.global_batch / 256 for x in (args.base_lr, args.base_min_lr))
     if min_lr > lr:
-        fail(f"--base-min-lr {args.base_min_lr:g} is above --base-lr {args.base_lr:g}: the cosine schedule would "
-             f"rise from lr to min_lr; give a --base-min-lr below --base-lr")
-    if 10 * lr > torch.finfo(torch.float32).max:
-        fail(f"lr = --base-lr {args.base_lr:g} x {args.global_batch} / 256 = {lr:.3g} overflows float32 in AdamW's "
-             f"first step (10 lr > {torch.finfo(torch.float32).max:.3g}); give a smaller --base-lr")
+        fail(f"--base-min-lr {args.base_min_lr:g} is above --base-lr {args.base_lr:g}: the cosine "
+             f"schedule would rise from lr to min_lr; give a --base-min-lr below --base-lr")
+    largest = torch.finfo(torch.float32).max
+    if 10 * lr > largest:
+        fail(f"lr = --base-lr {args.base_lr:g} x {args.global_batch} / 256 = {lr:.3g} overflows "
+             f"float32 in AdamW's first step (10 lr > {largest:.3g}); give a smaller --base-lr")
 
 
 def split_batch(args, world_size):
@@ -215,38 +337,45 @@ def split_batch(args, world_size):
     accum = args.accum_steps or 1
     if args.batch_size_per_gpu is not None:
         if per_process % args.batch_size_per_gpu:
-            fail(f"per-process batch {per_process} is not divisible by --batch-size-per-gpu {args.batch_size_per_gpu}")
+            fail(f"per-process batch {per_process} is not divisible by --batch-size-per-gpu "
+                 f"{args.batch_size_per_gpu}")
         accum = per_process // args.batch_size_per_gpu
     if per_process % accum:
         fail(f"per-process batch {per_process} is not divisible into {accum} accumulation steps")
     return per_process, per_process // accum, accum
 
 
+# ----------------------------------------------------------------------------------------------
+# The identity of a run
+
 _WHAT = {"model": "CLIP weights (--model)", "classes": "class list (names or their order)",
          "templates": "prompt templates"}
 
 
 def check_same_run(what, theirs, their_fingerprints, args, fingerprints, resume):
-    """A checkpoint's run (its flags and content fingerprints) against this one: --init needs the same CLIP weights
-    (and takes any dataset: the ImageNet warm-up of §4.4 moves to another); resuming also needs the same dataset,
-    training images, class list, templates and RUN_DEFINING settings (continuing under others would silently make
-    a hybrid run). One line saying what differs."""
+    """A checkpoint's run (its flags and content fingerprints) against this one: --init needs the
+    same CLIP weights (and takes any dataset: the ImageNet warm-up of §4.4 moves to another);
+    resuming also needs the same dataset, training images, class list, templates and RUN_DEFINING
+    settings (continuing under others would silently make a hybrid run). One line saying what
+    differs."""
     keys = ("model", "classes", "templates") if resume else ("model",)
     differ = [_WHAT[k] for k in keys if their_fingerprints.get(k) != fingerprints[k]]
+    anew = "start anew with another --out-dir or --resume none"
     if differ:
-        fail(f"{what} was made with other {' and other '.join(differ)}; give the same ones, or start anew with "
-             f"another --out-dir or --resume none")
+        fail(f"{what} was made with other {' and other '.join(differ)}; give the same ones, or "
+             f"{anew}")
     if not resume:
         return
     if theirs.get("data") != args.data:
         fail(f"{what} was trained on dataset {theirs.get('data')!r}, not {args.data!r}")
-    if their_fingerprints.get("train_listing", fingerprints["train_listing"]) != fingerprints["train_listing"]:
+    listing = fingerprints["train_listing"]
+    if their_fingerprints.get("train_listing", listing) != listing:  # older ones have none
         n, m = their_fingerprints["train_images"], fingerprints["train_images"]
         change = f"{n} -> {m} images" if n != m else f"the same number of images ({n}), other files"
-        fail(f"{what} was trained on other training images ({change} under --data-root); resume on the same "
-             f"images, or start anew with another --out-dir or --resume none")
+        fail(f"{what} was trained on other training images ({change} under --data-root); resume "
+             f"on the same images, or {anew}")
     changed = [f"--{k.replace('_', '-')} {theirs[k]} -> {getattr(args, k)}" for k in RUN_DEFINING
                if k in theirs and theirs[k] != getattr(args, k)]
     if changed:
-        fail(f"{what} was made with other settings ({'; '.join(changed)}); resume with the same flags, or start "
-             f"anew with another --out-dir or --resume none")
+        fail(f"{what} was made with other settings ({'; '.join(changed)}); resume with the same "
+             f"flags, or {anew}")

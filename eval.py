@@ -22,6 +22,7 @@ import bisect
 import json
 import math
 import os
+import re
 import time
 from collections import namedtuple
 
@@ -30,14 +31,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-import clip_model
+import clip_load
+import config
 import data
 import figures
+import folders
 import must
 import prompts
 import toy  # noqa: F401 -- registers --data toy
 from runtime import (all_reduce, any_process, autocast_for, fail, ignore_stop_signals,
-                     is_distributed, pick_device, save_atomic)
+                     is_distributed, pick_device, read_checkpoint, save_atomic)
 
 
 # ImageNet-C's 15 benchmark corruptions and AlexNet's error on each, averaged over the 5 severities
@@ -58,11 +61,11 @@ PAPER_MCE = "CLIP 70.7, self-training 55.2, MUST 53.4, MAE+supervised 51.7"  # t
 
 
 def class_ids(dataset, classnames):
-    """Identities of a label space: wnids for the ImageNets (data.WNIDS), spelling-insensitive names otherwise."""
-    wnids = data.WNIDS.get(dataset)
+    """Identities of a label space: wnids for the ImageNets (folders.WNIDS), spelling-insensitive names otherwise."""
+    wnids = folders.WNIDS.get(dataset)
     if wnids is not None and len(wnids) == len(classnames):
         return list(wnids)
-    return [data.name_key(c) for c in classnames]
+    return [folders.name_key(c) for c in classnames]
 
 
 def columns_for(model_ids, set_ids):
@@ -122,7 +125,7 @@ def nothing_to_score(what, root, missing):
 def _subfolders(path):
     """{name_key: name} of the folders in path, hidden ones left out."""
     entries = [e for e in os.scandir(path) if e.is_dir() and not e.name.startswith(".")]
-    return {data.name_key(e.name): e.name for e in entries}
+    return {folders.name_key(e.name): e.name for e in entries}
 
 
 def severity_sets(root, corruption, folder, transform, missing, ignored):
@@ -144,11 +147,11 @@ def severity_sets(root, corruption, folder, transform, missing, ignored):
             continue
         listing = []
         try:
-            samples = data.scan_class_folders(path, "imagenet", classnames, listing)
+            samples = folders.scan_class_folders(path, "imagenet", classnames, listing)
         except (OSError, ValueError) as e:  # no class folders, no images, folders that are no wnid
             leave_out(name, str(e), missing, "ImageNet-C ")
             continue
-        ds = data.ImageList(samples, classnames, templates, transform, "skip", listing)
+        ds = folders.ImageList(samples, classnames, templates, transform, "skip", listing)
         sets.append(EvalSet(name, "imagenet-c", ds, list(prompts.IMAGENET_WNIDS), path))
     return sets
 
@@ -159,10 +162,10 @@ def find_corruption_sets(root, transform):
     folders (other corruptions, severities outside 1..5). Fails only when nothing can be scored."""
     if not os.path.isdir(root):
         fail(f"ImageNet-C root {root!r} does not exist or is not a directory")
-    folders = _subfolders(root)
+    present = _subfolders(root)
     sets, missing, ignored = [], {}, []
     for corruption in ALEXNET_ERR:
-        folder = folders.pop(data.name_key(corruption), None)
+        folder = present.pop(folders.name_key(corruption), None)
         if folder is None:
             missing[corruption] = ABSENT
         else:
@@ -172,14 +175,14 @@ def find_corruption_sets(root, transform):
     if not sets:
         fail(f"no ImageNet-C corruption under {root!r}: expected {root}/<corruption>/<1..5>/<wnid>/*.JPEG with "
              f"<corruption> among {', '.join(ALEXNET_ERR)}")
-    return sets, missing, sorted(folders.values()) + ignored
+    return sets, missing, sorted(present.values()) + ignored
 
 
 def find_shifted_sets(root, transform, templates):
     """--shift: the EvalSets of the shifted ImageNets under root, and {name: why} of those that
     cannot be read. Fails only when none can."""
     try:
-        found = data.find_shift_sets(root)
+        found = find_shift_sets(root)
     except FileNotFoundError as e:
         fail(str(e))
     sets, missing = [], {}
@@ -191,6 +194,53 @@ def find_shifted_sets(root, transform, templates):
     if not sets:
         nothing_to_score("--shift-root", root, missing)
     return sets, missing
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the shifted ImageNets under one folder (--shift-root; docs/usage.md gives the layout)
+
+def _enter_single_subfolder(path):
+    """ImageNet-Sketch/sketch/<wnid>, imagenetv2/<variant>/<index>: a folder whose only entry is a folder
+    that is not itself a class folder is entered."""
+    while True:
+        entries = [e for e in os.scandir(path) if not e.name.startswith(".")]
+        if len(entries) != 1 or not entries[0].is_dir():
+            return path
+        name = entries[0].name
+        if name.isdigit() or re.fullmatch(r"n\d{8}", name) or name in ("test", "val", "train"):
+            return path
+        path = entries[0].path
+
+
+def shift_kind(folder):
+    """The shifted ImageNet a folder name stands for, or None."""
+    k = folders.name_key(folder)
+    if k.startswith("imagenetv2"):
+        return "imagenet-v2"
+    return {"imagenetr": "imagenet-r", "imagenetrendition": "imagenet-r", "imageneta": "imagenet-a",
+            "imagenetadversarial": "imagenet-a", "imagenetsketch": "imagenet-sketch", "sketch": "imagenet-sketch",
+            "imagenet": "imagenet"}.get(k)
+
+
+_SHIFT_ORDER = ("imagenet", "imagenet-v2", "imagenet-r", "imagenet-a", "imagenet-sketch")  # Table 9's
+
+
+def find_shift_sets(root):
+    """[(set name, kind, path)] of the shifted ImageNets under root (eval.py --shift-root), in Table 9's order."""
+    folders.require_dir(root, "shift root")
+    found = []
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        kind = shift_kind(entry.name) if entry.is_dir() else None
+        if kind is not None:
+            found.append((kind, entry.name, _enter_single_subfolder(entry.path)))
+    if not found:
+        names = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        raise FileNotFoundError(f"no shifted ImageNet under {root!r} (folders: {names[:10]}); expected subfolders "
+                                "named imagenetv2-*, imagenet-r, imagenet-a, imagenet-sketch (or imagenet with val/)")
+    n_v2 = sum(kind == "imagenet-v2" for kind, _, _ in found)
+    found.sort(key=lambda f: _SHIFT_ORDER.index(f[0]))
+    return [(kind if kind != "imagenet-v2" or n_v2 == 1 else f"imagenet-v2 ({folder})", kind, path)
+            for kind, folder, path in found]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -256,7 +306,7 @@ def evaluate(models, sets, columns, device, batch_size=256, num_workers=8, amp_d
              stop=None):
     """Score every set with every model in one pass over the images; eval.py and train.py both score with it.
 
-    models: {name: module on `device` mapping images (B,3,H,W) -> logits (B,K)}; columns[(set index, name)]: the logit
+    models: {name: module on `device` mapping images (B,3,H,W) -> must.MUSTOutput}; columns[(set index, name)]: the logit
     columns of that set (None = all), pairs absent from it are not scored. Under torch.distributed each process
     scores its share of the images and the counts are summed over processes. stop: a runtime.StopRequest, asked
     before every batch (all processes agree); a requested stop ends the evaluation at once.
@@ -289,7 +339,7 @@ def score_batch(models, sets, cols, counts, images, labels, set_index, device, a
     """Every model's logits on one batch of images, added to the Counts of each (set, model) it scores."""
     images = images.to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        logits = {name: m(images).float() for name, m in models.items()}  # (B, K) per model
+        logits = {name: m(images).logits.float() for name, m in models.items()}  # (B, K) per model
     labels_np, set_np = labels.numpy(), set_index.numpy()
     for s in np.unique(set_np).tolist():
         rows = torch.from_numpy(np.flatnonzero(set_np == s)).to(device)
@@ -437,13 +487,7 @@ def check_flags(args):
     for flag, root in (("--data-root", args.data_root), ("--shift-root", args.shift_root)):
         if root and not os.path.isdir(root):
             fail(f"{flag} {root!r} does not exist or is not a directory")
-    try:
-        if args.classes:
-            data.read_classnames(args.classes)
-        if args.templates:
-            data.read_templates(args.templates)
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e))
+    config.check_text_files(args.classes, args.templates)
     if args.checkpoint and not os.path.isfile(args.checkpoint):
         fail(f"no checkpoint file at {args.checkpoint}")
     if args.json and os.path.isdir(args.json):
@@ -514,7 +558,7 @@ def print_missing(root, missing):
 
 
 def report_unreadable(dataset, what, reported, device):
-    """Merge the unreadable-file flags of every process (data.ImageList.bad), warn once per file not in `reported`
+    """Merge the unreadable-file flags of every process (folders.ImageList.bad), warn once per file not in `reported`
     (on rank 0), and return how many files are unreadable so far (0 for datasets that never fail, like the toy's)."""
     if not hasattr(dataset, "bad"):
         return 0
@@ -543,40 +587,21 @@ def save_json(path, report):
     print(f"wrote {path}")
 
 
-def check_is_must_checkpoint(path):
-    """Refuse a file that is not a train.py checkpoint in one line that says what it is, before
-    must.load_checkpoint fails on a missing key. The file is mapped (mmap), not read: quick."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch.load's own: truncated, not a checkpoint, unsafe to load
-        fail(f"cannot read MUST checkpoint {path} ({clip_model.load_error_detail(e, path)})")
-    is_dict = isinstance(ckpt, dict)
-    if is_dict and all(isinstance(ckpt.get(k), dict) for k in ("student", "teacher")):
-        return
-    if is_dict and "text_projection" in ckpt:  # a CLIP has a text tower, a MUST model has none
-        fail(f"{path} holds a CLIP's weights, not a checkpoint written by train.py: give it as "
-             f"--model {path} to score it zero-shot")
-    if is_dict and ckpt:
-        more = ", ..." if len(ckpt) > 5 else ""
-        what = f"its entries: {', '.join(map(str, list(ckpt)[:5]))}{more}"
-    else:
-        what = f"it holds {'an empty dict' if is_dict else 'a ' + type(ckpt).__name__}"
-    fail(f"{path} is not a MUST checkpoint written by train.py: it does not hold both 'student' "
-         f"and 'teacher' weights ({what})")
-
-
 def load_models(args):
-    """-> (models {name: MUSTModel}, their class identities, the checkpoint's run args, the CLIP to score zero-shot
-    or None, its name). Everything is a MUSTModel; CLIP zero-shot becomes one once its head is built."""
+    """-> (models {name: MUSTModel}, their class identities, the checkpoint's run args, the CLIP
+    to score zero-shot or None, its name). Everything is a MUSTModel; CLIP zero-shot becomes one
+    once its head is built."""
     models, run, model_ids = {}, {}, {}
     if args.checkpoint:
-        check_is_must_checkpoint(args.checkpoint)
         try:
-            student, run = must.load_checkpoint(args.checkpoint, "student")
-            teacher, _ = must.load_checkpoint(args.checkpoint, "teacher")
-        except Exception as e:  # torch.load / missing keys / shape mismatch: the file is not what train.py writes
-            fail(f"cannot read MUST checkpoint {args.checkpoint} "
-                 f"({clip_model.load_error_detail(e, args.checkpoint)})")
+            ckpt = read_checkpoint(args.checkpoint)
+        except ValueError as e:
+            fail(str(e))
+        try:
+            student, teacher = (must.load_checkpoint(ckpt, which) for which in ("student", "teacher"))
+        except (KeyError, ValueError, RuntimeError) as e:  # not the tensors train.py writes
+            fail(f"cannot read MUST checkpoint {args.checkpoint} ({str(e).splitlines()[0][:200]})")
+        run = dict(ckpt.get("args", {}), classnames=list(ckpt.get("classnames", [])))
         if len(run["classnames"]) != student.num_classes:
             fail(f"checkpoint {args.checkpoint} lists {len(run['classnames'])} class names for a "
                  f"{student.num_classes}-way head")
@@ -587,11 +612,12 @@ def load_models(args):
     clip = None
     if clip_name:
         try:
-            clip, _ = clip_model.load(clip_name, device="cpu", download_root=args.download_root)
+            clip, _ = clip_load.load(clip_name, device="cpu", download_root=args.download_root)
         except (FileNotFoundError, ValueError, RuntimeError) as e:
             fail(str(e))
-    if clip is not None and models and clip.visual.input_resolution != student.visual.input_resolution:
-        fail(f"CLIP {clip_name} takes {clip.visual.input_resolution} px images, the checkpoint "
+    size = clip.visual.input_resolution if clip is not None else None
+    if clip is not None and models and size != student.visual.input_resolution:
+        fail(f"CLIP {clip_name} takes {size} px images, the checkpoint "
              f"{student.visual.input_resolution} px")
     return models, model_ids, run, clip, clip_name
 
@@ -603,14 +629,15 @@ def add_zero_shot(args, models, model_ids, clip, sets, device, out_dir):
     else:
         names, templates, kind = prompts.DATASETS["imagenet"]["classes"], prompts.DATASETS["imagenet"][
             "templates"], "imagenet"
-        if args.templates:
-            try:
-                templates = data.read_templates(args.templates)[0]
-            except (FileNotFoundError, ValueError) as e:
-                fail(str(e))
+        if args.templates:  # checked by check_flags
+            templates = folders.read_templates(args.templates)
     model_ids["clip"] = class_ids(kind, names)
-    head = prompts.zero_shot_head(clip.to(device), names, templates, device=device, cache_dir=out_dir)
-    return {"clip": must.MUSTModel(clip.visual, head.cpu(), clip.logit_scale.exp().item()).eval(), **models}
+    try:
+        head = prompts.zero_shot_head(clip.to(device), names, templates, device=device,
+                                      cache_dir=out_dir)
+    except ValueError as e:  # a prompt longer than CLIP's context
+        fail(str(e))
+    return {"clip": must.MUSTModel.from_clip(clip, head.cpu()).eval(), **models}
 
 
 def scorable(sets, models, model_ids):

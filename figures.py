@@ -7,16 +7,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-import clip_model
+import config
 import data
 import must
+from clip_load import CLIP_MEAN, CLIP_STD
 from runtime import fail
 
 
 def to_pil(image):
     """CLIP-normalized (3,H,W) -> RGB PIL image."""
-    mean = torch.tensor(clip_model.CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(clip_model.CLIP_STD).view(3, 1, 1)
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
     x = (image.detach().float().cpu() * std + mean).clamp(0, 1)
     return Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
@@ -101,7 +102,7 @@ def evenly_spaced(indices, n):
 
 def readable_picks(ds, n, name):
     """Up to n evenly spaced readable images of ds -> (indices, items). A file found unreadable
-    (flagged in ds.bad by data.ImageList, while scoring or here) is passed over and the picks are
+    (flagged in ds.bad by folders.ImageList, while scoring or here) is passed over and the picks are
     spaced again over the others: a figure must not show the blank placeholder of a skipped file."""
     bad = getattr(ds, "bad", None)  # datasets without it (the toy's) never fail
     known = 0 if bad is None else int(bad.count_nonzero())
@@ -150,7 +151,7 @@ def make_figures(args, run, sets, models, columns, visual, prefix, device):
     if "student" in models:
         mask_unit, mask_ratio = run.get("mask_unit"), run.get("mask_ratio")
         if mask_unit is None or mask_ratio is None:  # a checkpoint without its config: the run's Table 10 row
-            hp = data.hparams(run.get("data") or "imagenet", run.get("model"), visual.patch_size,
+            hp = config.hparams(run.get("data") or "imagenet", run.get("model"), visual.patch_size,
                               visual.input_resolution)
             mask_unit, mask_ratio = hp["mask_unit"], hp["mask_ratio"]
         try:

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import clip_model
 import runtime
+from tokenizer import tokenize
 
 with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts.json"), encoding="utf-8") as _f:
     _DATA = json.load(_f)
@@ -39,7 +39,7 @@ def _read_cached_head(path, shape, device):
     try:
         head = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        why = clip_model.load_error_detail(e, path)
+        why = runtime.load_error_detail(e, path)
     else:
         if torch.is_tensor(head) and head.dtype == torch.float32 and tuple(head.shape) == shape:
             return head
@@ -69,7 +69,10 @@ def zero_shot_head(model, classnames, templates, device="cpu", batch_size=1000, 
     texts = [t.format(c) for c in classnames for t in templates]  # class-major: (K*T,)
     features = []
     for i in tqdm(range(0, len(texts), batch_size), desc="zero-shot head", disable=len(texts) <= batch_size):
-        tokens = clip_model.tokenize(texts[i:i + batch_size], context_length=model.context_length)
+        try:
+            tokens = tokenize(texts[i:i + batch_size], context_length=model.context_length)
+        except ValueError as e:  # a prompt over the context: say what to change
+            raise ValueError(f"{e}: shorten the class name or the template") from None
         tokens = tokens[:, :int((tokens > 0).sum(1).max())].to(device)  # drop the all-padding tail (B, L<=77)
         features.append(F.normalize(model.encode_text(tokens).float(), dim=-1))  # fp32: the head decides labels
     features = torch.cat(features).view(len(classnames), len(templates), -1)  # (K, T, D)

@@ -19,6 +19,7 @@ import stat
 import sys
 import threading
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -200,6 +201,68 @@ def save_atomic(obj, path, write=None):
         fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
+
+
+def _weights_only_refusal(e):
+    """torch's own line in an error of torch.load(..., weights_only=True), such as 'Unsupported
+    operand 108' or 'Unsupported global: GLOBAL io.open was not an allowed global by default';
+    None for other errors."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines or not lines[0].startswith("Weights only load failed"):
+        return None
+    # torch's wording varies between versions; its specific line names the global or opcode refused
+    specific = [line.split("WeightsUnpickler error:")[-1].strip().split(". ")[0]
+                for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return specific[0][:200] if specific else lines[0][:200]
+
+
+def _is_pickle(path):
+    """Whether a file is what torch.save writes (a zip archive) or a pickle (from protocol 2 on it
+    starts with the PROTO opcode, and every pickle ends with STOP): torch's safe reader refuses
+    random bytes as it refuses code, and only these can hold code."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        head = f.read(2)
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+    return (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5) or last == b"."
+
+
+def load_error_detail(e, path):
+    """One line saying why torch.load(path, ..., weights_only=True) failed, without torch's advice
+    to load unsafely. A refused file is said to hold more than tensors only if it is a pickle."""
+    refusal = _weights_only_refusal(e)
+    if refusal is not None and ("GLOBAL" in refusal or _is_pickle(path)):
+        return ("refused: it holds more than the tensors and plain values that can be read without "
+                f"running code from the file ({refusal})")
+    if refusal is not None:
+        return f"it is truncated or not a checkpoint (torch.load: {refusal})"
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if lines and "TorchScript" in lines[0] and "weights_only" in lines[0]:
+        return "refused: it is a TorchScript archive (a program), not a file of tensors"
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
+def read_checkpoint(path, what="MUST checkpoint"):
+    """A train.py checkpoint as a dict, read without running code from it (tensors are mapped,
+    not read, until used); ValueError with one line that says what the file is otherwise."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated, not a checkpoint, unsafe to load
+        raise ValueError(f"cannot read {what} {path} ({load_error_detail(e, path)})") from None
+    if isinstance(ckpt, dict) and all(isinstance(ckpt.get(k), dict) for k in ("student", "teacher")):
+        return ckpt
+    if isinstance(ckpt, dict) and "text_projection" in ckpt:  # a CLIP has a text tower, MUST none
+        raise ValueError(f"{path} holds a CLIP's weights, not a checkpoint written by train.py: "
+                         f"give it as --model {path}")
+    if isinstance(ckpt, dict) and ckpt:
+        more = ", ..." if len(ckpt) > 5 else ""
+        holds = f"its entries: {', '.join(map(str, list(ckpt)[:5]))}{more}"
+    else:
+        holds = f"it holds {'an empty dict' if isinstance(ckpt, dict) else 'a ' + type(ckpt).__name__}"
+    raise ValueError(f"{path} is not a MUST checkpoint written by train.py: it does not hold both "
+                     f"'student' and 'teacher' weights ({holds})")
 
 
 def fingerprint(value):

@@ -23,7 +23,9 @@ from tqdm import tqdm
 
 import clip_model
 import data
+from clip_load import CLIP_MEAN, CLIP_STD
 from runtime import save_atomic
+from tokenizer import tokenize
 
 SHAPES = ["circle", "square", "triangle", "diamond", "star", "cross", "ring", "heart", "crescent", "arrow"]
 # name -> RGB in [0, 1], the colours captions talk about
@@ -237,7 +239,7 @@ PRETRAIN = dict(  # ~7.5 min on 2 CPU cores (0.8M-param image tower, 17 tokens p
 def to_tensor(images):
     """uint8 (n, H, W, 3) -> CLIP-normalized float (n, 3, H, W), as clip_model's preprocess would give."""
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255)
-    return normalize(x, clip_model.CLIP_MEAN, clip_model.CLIP_STD, inplace=True)
+    return normalize(x, CLIP_MEAN, CLIP_STD, inplace=True)
 
 
 def pretrain(out_path):
@@ -262,7 +264,7 @@ def pretrain(out_path):
             g["lr"] = lr
         a = sample_attributes(batch_size, [1000 + seed, step])
         images = to_tensor(np.stack([np.asarray(view(Image.fromarray(x))) for x in render(a, "source")]))
-        tokens = clip_model.tokenize([caption(a, i) for i in range(batch_size)], context_length=model.context_length)
+        tokens = tokenize([caption(a, i) for i in range(batch_size)], context_length=model.context_length)
         logits_per_image, logits_per_text = model(images, tokens)
         target = torch.arange(len(images))
         loss = (F.cross_entropy(logits_per_image, target) + F.cross_entropy(logits_per_text, target)) / 2
@@ -282,7 +284,7 @@ def toy_token_ids(context_length):
     texts = [t.format(f"{s}{c}{k}{b}") for t in CAPTION_TEMPLATES for s in sizes for c in colors for k in SHAPES
              for b in backgrounds]
     texts += [t.format(k) for t in TEMPLATES for k in SHAPES]
-    return torch.unique(clip_model.tokenize(texts, context_length=context_length, truncate=True))
+    return torch.unique(tokenize(texts, context_length=context_length, truncate=True))
 
 
 def stored_state(model):

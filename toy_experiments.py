@@ -15,26 +15,28 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import clip_model
+import clip_load
 import data
 import must
 import prompts
 import toy
 import train
-from runtime import fail
+from runtime import fail, read_checkpoint
 
 # ----------------------------------------------------------------------------------------------
 # Measurements: why adaptation helps (or not)
 
 
 def load(path, which="teacher"):
-    """-> (MUSTModel in eval mode, whether it is a train.py checkpoint): that checkpoint's `which` weights, or a CLIP
-    with the toy world's zero-shot head as its classifier, as train.py starts from it."""
-    if "student" in torch.load(path, map_location="cpu", weights_only=True, mmap=True):  # no optimizer read
-        return must.load_checkpoint(path, which)[0], True
-    clip, _ = clip_model.load(path)
+    """-> (MUSTModel in eval mode, whether it is a train.py checkpoint): that checkpoint's `which`
+    weights, or a CLIP with the toy world's zero-shot head as its classifier, as train.py starts
+    from it."""
+    try:
+        return must.load_checkpoint(read_checkpoint(path), which), True
+    except ValueError:  # not a train.py checkpoint: a CLIP, or clip_load says what it is
+        clip, _ = clip_load.load(path)
     head = prompts.zero_shot_head(clip, toy.SHAPES, toy.TEMPLATES)
-    return must.MUSTModel(clip.visual, head, clip.logit_scale.exp().item()).eval(), False
+    return must.MUSTModel.from_clip(clip, head).eval(), False
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
 """bench.py's mechanics on CPU with the tiny model: every printed field present and sane in step mode (accumulation
-1 and 2) and pipeline mode, and the analytic FLOP count against torch's flop counter on a real train_step.
+1 and 2) and pipeline mode, and the analytic FLOP count against torch's flop counter on a real must.must_step.
 Nothing here asserts a speed: the numbers only have to exist, be finite and positive, and agree with each other."""
 import math
 
@@ -11,9 +11,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
-import data
 import toy
-import train
+import folders
 
 # tiny models: one thread is several times faster than two on a shared 2-core machine
 torch.set_num_threads(1)
@@ -78,16 +77,17 @@ def counted(fn):
 @pytest.mark.parametrize("accum", [1, 2])
 def test_flop_formulas_match_the_flop_counter(accum):
     args = bench.parse_args(STEP + ["--accum", str(accum)])
-    run, parts, _ = bench.make_run(args, torch.device("cpu"))
+    step, student, teacher, parts, _, _ = bench.make_step(args, torch.device("cpu"))
     (weak, strong, mask), _ = parts[0]
     micro = 8 // accum
     with torch.no_grad():
-        assert counted(lambda: run.teacher(weak)) == micro * bench.vit_forward_flops(*TINY)
-        assert counted(lambda: run.student(strong, mask)) == micro * bench.vit_forward_flops(*TINY, must_heads=True)
+        assert counted(lambda: teacher(weak)) == micro * bench.vit_forward_flops(*TINY)
+        masked = micro * bench.vit_forward_flops(*TINY, must_heads=True)
+        assert counted(lambda: student(strong, mask)) == masked
     total, teacher, student, extra = bench.train_flops_per_image(*TINY, accum)
     assert total == teacher + student + extra and (extra > 0) == (accum > 1)
-    # a whole optimizer step: teacher, (no-grad student,) student forward and backward, AdamW
-    assert counted(lambda: train.train_step(run, parts)) == 8 * total
+    # A whole optimizer step: teacher, (no-grad student,) student forward and backward, AdamW, EMA.
+    assert counted(step) == 8 * total
 
 
 def test_make_jpegs_writes_photo_sized_jpegs(tmp_path):
@@ -95,7 +95,7 @@ def test_make_jpegs_writes_photo_sized_jpegs(tmp_path):
     for path in paths:
         with Image.open(path) as img:
             assert (img.format, img.size) == ("JPEG", (50, 30))
-        pixels = torch.from_numpy(np.asarray(data.read_image(path), dtype=np.float32))
+        pixels = torch.from_numpy(np.asarray(folders.read_image(path), dtype=np.float32))
         assert pixels.std() > 10  # not a flat image
 
 

@@ -14,6 +14,9 @@ import torch.nn.functional as F
 
 import clip_model
 from conftest import tiny_clip
+import clip_load
+import runtime
+import tokenizer
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 FP16 = os.path.join(DATA, "ref_clip_fp16.pt")
@@ -45,7 +48,7 @@ def _check_against_reference(model):
 
 @pytest.fixture(scope="module")
 def ref_model():
-    model, _ = clip_model.load(FP16)
+    model, _ = clip_load.load(FP16)
     return model
 
 
@@ -63,8 +66,8 @@ def test_load_fp16_state_dict(ref_model):
 def test_load_published_torchscript_archive(monkeypatch):
     """OpenAI's release format: read with torch.jit.load, which only archives with a published SHA-256 get."""
     sha = hashlib.sha256(open(JIT, "rb").read()).hexdigest()
-    monkeypatch.setitem(clip_model._MODELS, "Fake-1", f"file:///nowhere/{sha}/Fake-1.pt")
-    model, preprocess = clip_model.load(JIT)
+    monkeypatch.setitem(clip_load._MODELS, "Fake-1", f"file:///nowhere/{sha}/Fake-1.pt")
+    model, preprocess = clip_load.load(JIT)
     _check_against_reference(model)
     archive_keys = set(torch.jit.load(JIT, map_location="cpu").state_dict())
     assert archive_keys == _reference_keys() | {"input_resolution", "context_length", "vocab_size"}
@@ -73,7 +76,7 @@ def test_load_published_torchscript_archive(monkeypatch):
 def test_load_resaved_fp32_state_dict(ref_model, tmp_path):
     path = tmp_path / "resaved.pt"
     torch.save(ref_model.state_dict(), path)
-    model, _ = clip_model.load(str(path))
+    model, _ = clip_load.load(str(path))
     _check_against_reference(model)
     _check_against_reference(clip_model.build_model(torch.load(path, weights_only=True)).eval())
 
@@ -89,7 +92,7 @@ def test_build_model_is_strict():
 
 def test_preprocess_gives_model_sized_normalized_tensor():
     from PIL import Image
-    _, preprocess = clip_model.load(FP16)
+    _, preprocess = clip_load.load(FP16)
     image = Image.new("RGB", (50, 40), color=(124, 116, 104))  # ~ CLIP mean colour
     x = preprocess(image)
     assert x.shape == (3, 32, 32) and x.abs().max() < 0.05
@@ -98,8 +101,8 @@ def test_preprocess_gives_model_sized_normalized_tensor():
 
 def test_logit_scale_and_public_constants(ref_model):
     assert abs(ref_model.logit_scale.exp().item() - torch.tensor(3.9).half().float().exp().item()) < 1e-4
-    assert len(clip_model.CLIP_MEAN) == len(clip_model.CLIP_STD) == 3
-    assert clip_model.available_models() == ["ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336px"]
+    assert len(clip_load.CLIP_MEAN) == len(clip_load.CLIP_STD) == 3
+    assert clip_load.available_models() == ["ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336px"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -108,7 +111,7 @@ def test_logit_scale_and_public_constants(ref_model):
 
 @pytest.fixture()
 def must_model():
-    model, _ = clip_model.load(FP16)
+    model, _ = clip_load.load(FP16)
     assert not model.visual.has_must_heads
     model.visual.add_must_heads()
     assert model.visual.has_must_heads
@@ -183,7 +186,7 @@ def test_build_model_round_trips_must_heads(must_model, tmp_path):
     assert rebuilt.visual.has_must_heads
     assert set(rebuilt.state_dict()) == set(sd)
     torch.save(sd, tmp_path / "must.pt")
-    reloaded, _ = clip_model.load(str(tmp_path / "must.pt"))
+    reloaded, _ = clip_load.load(str(tmp_path / "must.pt"))
     visual = clip_model.build_visual({k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")})
     with torch.no_grad():
         expected = must_model.visual.forward_must(REF["images"], mask)
@@ -197,7 +200,7 @@ def test_tiny_clip_works_with_real_tokenizer():
     model = tiny_clip().eval()
     assert model.visual.input_resolution == 32 and model.visual.grid_size == 4
     with torch.no_grad():
-        logits, _ = model(torch.randn(2, 3, 32, 32), clip_model.tokenize(["a photo of a dog.", "a cat"]))
+        logits, _ = model(torch.randn(2, 3, 32, 32), tokenizer.tokenize(["a photo of a dog.", "a cat"]))
     assert logits.shape == (2, 2) and torch.isfinite(logits).all()
     rebuilt = clip_model.build_model(model.state_dict())
     assert set(rebuilt.state_dict()) == set(model.state_dict())
@@ -209,13 +212,13 @@ def test_tiny_clip_works_with_real_tokenizer():
 
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="ViT-B/16") as e:
-        clip_model.load("ViT-H/99")
+        clip_load.load("ViT-H/99")
     assert "ViT-L/14" in str(e.value)
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pt"):
-        clip_model.load(str(tmp_path / "nope.pt"))
+        clip_load.load(str(tmp_path / "nope.pt"))
 
 
 @pytest.mark.parametrize("source", [FP16, JIT])
@@ -224,7 +227,7 @@ def test_truncated_file(source, tmp_path):
     data = open(source, "rb").read()
     path.write_bytes(data[:len(data) // 2])
     with pytest.raises(RuntimeError, match=re.escape(str(path))):
-        clip_model.load(str(path))
+        clip_load.load(str(path))
 
 
 def _published(tmp_path, sha):
@@ -236,10 +239,10 @@ def _published(tmp_path, sha):
 
 
 def test_download_checksum_mismatch_leaves_nothing(tmp_path, monkeypatch):
-    monkeypatch.setitem(clip_model._MODELS, "Fake-1", _published(tmp_path, "0" * 64))
+    monkeypatch.setitem(clip_load._MODELS, "Fake-1", _published(tmp_path, "0" * 64))
     cache = tmp_path / "cache"
     with pytest.raises(RuntimeError, match="SHA-256|sha256|checksum"):
-        clip_model.load("Fake-1", download_root=str(cache))
+        clip_load.load("Fake-1", download_root=str(cache))
     left = os.listdir(cache) if cache.exists() else []
     assert not any(name.endswith(".pt") for name in left), left
 
@@ -247,13 +250,13 @@ def test_download_checksum_mismatch_leaves_nothing(tmp_path, monkeypatch):
 def test_download_verifies_and_caches(tmp_path, monkeypatch):
     sha = hashlib.sha256(open(FP16, "rb").read()).hexdigest()
     url = _published(tmp_path, sha)
-    monkeypatch.setitem(clip_model._MODELS, "Fake-1", url)
+    monkeypatch.setitem(clip_load._MODELS, "Fake-1", url)
     cache = tmp_path / "cache"
-    path = clip_model._download(url, str(cache))
+    path = clip_load._download(url, str(cache))
     assert os.path.samefile(path, cache / "Fake-1.pt")
     assert os.listdir(cache) == ["Fake-1.pt"]
     shutil.rmtree(tmp_path / "server")  # the second load must come from the cache
-    model, _ = clip_model.load("Fake-1", download_root=str(cache))
+    model, _ = clip_load.load("Fake-1", download_root=str(cache))
     _check_against_reference(model.eval())
 
 
@@ -277,7 +280,7 @@ def test_resnet_clip_is_rejected(tmp_path):
         clip_model.build_model(sd)
     torch.save(sd, tmp_path / "rn50.pt")
     with pytest.raises(ValueError, match="ResNet"):
-        clip_model.load(str(tmp_path / "rn50.pt"))
+        clip_load.load(str(tmp_path / "rn50.pt"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -288,7 +291,7 @@ def test_committed_toy_clip_loads_as_its_unpacked_state_dict():
     import toy
     slim = torch.load(toy.WEIGHTS, weights_only=True)
     assert "token_embedding.weight" not in slim and isinstance(slim["recipe"], str)
-    model, preprocess = clip_model.load(toy.WEIGHTS)
+    model, preprocess = clip_load.load(toy.WEIGHTS)
     expected = {k: v for k, v in slim.items() if torch.is_tensor(v) and not k.startswith("token_embedding.")}
     rows = slim["token_embedding.rows"]
     expected["token_embedding.weight"] = torch.zeros(slim["token_embedding.vocab_size"], rows.shape[1])
@@ -314,12 +317,12 @@ def test_malformed_sparse_rows_are_refused(change, tmp_path):
     sd.update({"token_embedding.ids": torch.tensor([3, 7]), "token_embedding.rows": weight[[3, 7]],
                "token_embedding.vocab_size": weight.shape[0], "note": "made by hand"})
     torch.save(sd, tmp_path / "sparse.pt")
-    model, _ = clip_model.load(str(tmp_path / "sparse.pt"))
+    model, _ = clip_load.load(str(tmp_path / "sparse.pt"))
     assert torch.equal(model.token_embedding.weight[[3, 7]], weight[[3, 7]].float())
     assert model.token_embedding.weight[[0, 1, 2, 4]].abs().sum() == 0
     torch.save({**sd, **change}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="token_embedding.ids/.rows/.vocab_size"):
-        clip_model.load(str(tmp_path / "bad.pt"))
+        clip_load.load(str(tmp_path / "bad.pt"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -339,9 +342,9 @@ def test_random_bytes_are_not_called_a_program(seed, tmp_path):
     path = tmp_path / "x.bin"
     path.write_bytes(np.random.default_rng(seed).bytes(4096))
     with pytest.raises(RuntimeError) as e:
-        clip_model.load(str(path))
+        clip_load.load(str(path))
     message = str(e.value)
-    assert not isinstance(e.value, clip_model.UnsafeFileError) and "\n" not in message
+    assert not isinstance(e.value, clip_load.UnsafeFileError) and "\n" not in message
     assert message.startswith(f"could not read {path}: it is truncated or not a checkpoint ("), (
         message)
     assert "refused" not in message and "running code" not in message
@@ -353,8 +356,8 @@ def test_pickle_naming_code_is_refused_at_any_protocol(protocol, tmp_path, capsy
     the global), but the file is a pickle (PROTO first or STOP last), so it is called refused, not damaged."""
     path = tmp_path / "program.pkl"
     path.write_bytes(pickle.dumps({"visual.proj": Program()}, protocol))
-    with pytest.raises(clip_model.UnsafeFileError) as e:
-        clip_model.load(str(path))
+    with pytest.raises(clip_load.UnsafeFileError) as e:
+        clip_load.load(str(path))
     message = str(e.value)
     assert message.startswith(f"could not read {path}: refused: it holds more than the tensors and "
                               "plain values that can be read without running code from the file (")
@@ -367,11 +370,11 @@ def test_load_error_detail_says_refused_only_for_pickles(tmp_path):
     path.write_bytes(pickle.dumps(Program(), 5))
     with pytest.raises(Exception) as e:
         torch.load(path, weights_only=True)
-    assert clip_model.load_error_detail(e.value, str(path)).startswith("refused: ")
+    assert runtime.load_error_detail(e.value, str(path)).startswith("refused: ")
     path.write_bytes(b"\x00" * 10)  # neither a PROTO opcode first nor STOP last: not a pickle
     with pytest.raises(Exception) as e:
         torch.load(path, weights_only=True)
-    assert clip_model.load_error_detail(e.value, str(path)).startswith("it is truncated or not a checkpoint")
+    assert runtime.load_error_detail(e.value, str(path)).startswith("it is truncated or not a checkpoint")
 
 
 @pytest.mark.parametrize("sd,message", [
@@ -387,7 +390,7 @@ def test_load_error_detail_says_refused_only_for_pickles(tmp_path):
 def test_a_state_dict_without_vit_keys_is_not_called_resnet(sd, message, tmp_path):
     torch.save(sd, tmp_path / "sd.pt")
     with pytest.raises(ValueError) as e:
-        clip_model.load(str(tmp_path / "sd.pt"))
+        clip_load.load(str(tmp_path / "sd.pt"))
     assert str(e.value) == f"{tmp_path / 'sd.pt'}: {message}" and "ResNet" not in str(e.value)
 
 

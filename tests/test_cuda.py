@@ -11,6 +11,7 @@ import must
 import train
 from conftest import tiny_clip
 from test_train import argv, ckpt, records, world  # noqa: F401 -- the tiny world fixture
+import folders
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -48,7 +49,7 @@ def test_ddp_over_a_one_process_nccl_group(tmp_path):
 def test_pinned_memory_loading(tmp_path):
     for i in range(4):
         Image.fromarray(np.full((40, 30, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
-    ds = data.ImageList([(str(tmp_path / f"{i}.png"), i % 2) for i in range(4)], ["a", "b"], ["{}"],
+    ds = folders.ImageList([(str(tmp_path / f"{i}.png"), i % 2) for i in range(4)], ["a", "b"], ["{}"],
                         data.test_transform(32))
     loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, pin_memory=True)
     images, labels = next(iter(loader))

@@ -16,6 +16,9 @@ from PIL import Image
 
 import data
 import prompts
+import config
+import folders
+import randaugment
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -95,58 +98,58 @@ def _classes(name):
 
 
 def test_hparams_table10_spot_checks():
-    assert len(data.HPARAMS) == 14
-    assert data.HPARAMS[("imagenet", "ViT-B/16")] == dict(
+    assert len(config.HPARAMS) == 14
+    assert config.HPARAMS[("imagenet", "ViT-B/16")] == dict(
         mask_unit=32, mask_ratio=0.3, conf_threshold=0.7, lambda_reg=1.0, lambda_align=0.2, ema_mu0=0.999,
         ema_mu_n=2000, base_lr=2e-5, epochs=30, eval_freq=1)
-    assert data.HPARAMS[("imagenet", "ViT-L/14")] == dict(
+    assert config.HPARAMS[("imagenet", "ViT-L/14")] == dict(
         mask_unit=56, mask_ratio=0.3, conf_threshold=0.5, lambda_reg=1.0, lambda_align=0.5, ema_mu0=0.999,
         ema_mu_n=2000, base_lr=4e-5, epochs=20, eval_freq=1)
-    sun_l = data.HPARAMS[("sun397", "ViT-L/14")]
+    sun_l = config.HPARAMS[("sun397", "ViT-L/14")]
     assert (sun_l["mask_unit"], sun_l["mask_ratio"], sun_l["conf_threshold"], sun_l["lambda_reg"]) == (28, 0.2, 0.3, 0.2)
     assert (sun_l["ema_mu0"], sun_l["ema_mu_n"], sun_l["base_lr"], sun_l["eval_freq"]) == (0.99, 500, 2e-4, 2)
-    gtsrb = data.HPARAMS[("gtsrb", "ViT-B/16")]
+    gtsrb = config.HPARAMS[("gtsrb", "ViT-B/16")]
     assert (gtsrb["mask_ratio"], gtsrb["conf_threshold"], gtsrb["lambda_align"]) == (0.5, 0.3, 0.5)
-    ucf = data.HPARAMS[("ucf101", "ViT-B/16")]
+    ucf = config.HPARAMS[("ucf101", "ViT-B/16")]
     assert (ucf["mask_unit"], ucf["base_lr"], ucf["epochs"], ucf["eval_freq"]) == (16, 1e-5, 60, 5)
-    assert data.HPARAMS[("ucf101", "ViT-L/14")]["conf_threshold"] == 0.6
-    assert data.HPARAMS[("dtd", "ViT-B/16")]["ema_mu_n"] == 100
-    assert data.HPARAMS[("food101", "ViT-L/14")]["epochs"] == 40
+    assert config.HPARAMS[("ucf101", "ViT-L/14")]["conf_threshold"] == 0.6
+    assert config.HPARAMS[("dtd", "ViT-B/16")]["ema_mu_n"] == 100
+    assert config.HPARAMS[("food101", "ViT-L/14")]["epochs"] == 40
     for key in [("pets", "ViT-B/16"), ("caltech101", "ViT-B/16")]:
-        assert data.HPARAMS[key]["base_lr"] == 1e-5 and data.HPARAMS[key]["epochs"] == 60
-    assert data.GLOBAL_BATCH == {"ViT-B/16": 1024, "ViT-L/14": 512}
-    for row in data.HPARAMS.values():  # every released mask unit tiles 224 px in whole patches
+        assert config.HPARAMS[key]["base_lr"] == 1e-5 and config.HPARAMS[key]["epochs"] == 60
+    assert config.GLOBAL_BATCH == {"ViT-B/16": 1024, "ViT-L/14": 512}
+    for row in config.HPARAMS.values():  # every released mask unit tiles 224 px in whole patches
         assert 224 % row["mask_unit"] == 0
 
 
 def test_hparams_defaults_and_fallbacks(monkeypatch):
-    hp = data.hparams("imagenet", "ViT-B/16")
-    assert hp == {**data.HPARAMS[("imagenet", "ViT-B/16")], "batch_size": 1024, "strong_view": "paper"}
+    hp = config.hparams("imagenet", "ViT-B/16")
+    assert hp == {**config.HPARAMS[("imagenet", "ViT-B/16")], "batch_size": 1024, "strong_view": "paper"}
     hp["epochs"] = 1  # a fresh dict: overriding it leaves the table alone
-    assert data.HPARAMS[("imagenet", "ViT-B/16")]["epochs"] == 30
-    assert data.hparams("dtd", "ViT-L/14") == {**data.HPARAMS[("dtd", "ViT-L/14")], "batch_size": 512,
+    assert config.HPARAMS[("imagenet", "ViT-B/16")]["epochs"] == 30
+    assert config.hparams("dtd", "ViT-L/14") == {**config.HPARAMS[("dtd", "ViT-L/14")], "batch_size": 512,
                                                 "strong_view": "paper"}
     # folder and the shifted ImageNets use ImageNet's row
     for name in ["folder", "imagenet-r", "imagenet-a", "imagenet-v2", "imagenet-sketch"]:
-        assert data.hparams(name, "ViT-L/14") == data.hparams("imagenet", "ViT-L/14")
+        assert config.hparams(name, "ViT-L/14") == config.hparams("imagenet", "ViT-L/14")
     # ViT-B/32 borrows ViT-B/16's row; mask unit snapped to its patch size
-    b32 = data.hparams("ucf101", "ViT-B/32")
+    b32 = config.hparams("ucf101", "ViT-B/32")
     assert b32["mask_unit"] == 32 and b32["batch_size"] == 1024 and b32["base_lr"] == 1e-5
-    assert data.hparams("imagenet", "ViT-B/32")["mask_unit"] == 32
+    assert config.hparams("imagenet", "ViT-B/32")["mask_unit"] == 32
     # ViT-L/14@336px borrows ViT-L/14's; 56 and 28 tile 336
-    assert data.hparams("imagenet", "ViT-L/14@336px")["mask_unit"] == 56
-    assert data.hparams("sun397", "ViT-L/14@336px")["mask_unit"] == 28
+    assert config.hparams("imagenet", "ViT-L/14@336px")["mask_unit"] == 56
+    assert config.hparams("sun397", "ViT-L/14@336px")["mask_unit"] == 28
     # pets has only a ViT-B/16 row: ViT-L/14 gets mask unit 28 and the same absolute lr at batch 512
-    pets_l = data.hparams("pets", "ViT-L/14")
+    pets_l = config.hparams("pets", "ViT-L/14")
     assert pets_l["mask_unit"] == 28 and pets_l["batch_size"] == 512
     assert pets_l["base_lr"] == pytest.approx(2e-5)
     # unknown model (e.g. a checkpoint path): ViT-B/16 row, snapped when the geometry is given
-    assert data.hparams("imagenet", "/ckpt/tiny.pt")["mask_unit"] == 32
-    assert data.hparams("imagenet", "/ckpt/tiny.pt", patch_size=8, input_size=64)["mask_unit"] == 32
-    assert data.hparams("imagenet", "/ckpt/tiny.pt", patch_size=8, input_size=48)["mask_unit"] == 24
-    assert data.hparams("imagenet", "ViT-B/16", 16, 224) == data.hparams("imagenet", "ViT-B/16")
+    assert config.hparams("imagenet", "/ckpt/tiny.pt")["mask_unit"] == 32
+    assert config.hparams("imagenet", "/ckpt/tiny.pt", patch_size=8, input_size=64)["mask_unit"] == 32
+    assert config.hparams("imagenet", "/ckpt/tiny.pt", patch_size=8, input_size=48)["mask_unit"] == 24
+    assert config.hparams("imagenet", "ViT-B/16", 16, 224) == config.hparams("imagenet", "ViT-B/16")
     with pytest.raises(ValueError, match="valid names: imagenet"):
-        data.hparams("imagenet21k", "ViT-B/16")
+        config.hparams("imagenet21k", "ViT-B/16")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -242,14 +245,14 @@ def test_light_strong_view():
 
 def test_randaugment_every_op_every_level():
     img = _photo()
-    for name, op in data._RANDAUG_OPS.items():
+    for name, op in randaugment._RANDAUG_OPS.items():
         for magnitude in (0.0, 5.0, 10.0):
             for negate in (False, True):
                 out = op(img, magnitude, negate)
                 assert out.size == img.size and out.mode == "RGB", name
-    invert = data._RANDAUG_OPS["Invert"](img, 9.0, False)
+    invert = randaugment._RANDAUG_OPS["Invert"](img, 9.0, False)
     assert invert.getpixel((0, 0)) == tuple(255 - v for v in img.getpixel((0, 0)))
-    ra = data.RandAugment(num_ops=2, magnitude=9, magnitude_std=0.5)
+    ra = randaugment.RandAugment(num_ops=2, magnitude=9, magnitude_std=0.5)
     torch.manual_seed(0)
     changed = sum(ra(img).tobytes() != img.tobytes() for _ in range(20))
     assert changed >= 10  # two ops at p=0.5: most draws change the image
@@ -547,12 +550,12 @@ class _NoTorchvision:
 
 @pytest.mark.parametrize("name", sorted(_FAKE_LAYOUTS))
 def test_torchvision_layouts_are_read_without_torchvision(tmp_path, monkeypatch, name):
-    monkeypatch.setattr(data, "tv_datasets", _NoTorchvision())
+    monkeypatch.setattr(folders, "tv_datasets", _NoTorchvision())
     _FAKE_LAYOUTS[name](tmp_path / "full")
     for split in ("train", "test"):
         assert len(data.build_dataset(name, str(tmp_path / "full"), split, transform=None)) > 0
     os.makedirs(tmp_path / "empty")
-    layout = data._TORCHVISION[name][1].replace("root", str(tmp_path / "empty"))
+    layout = folders.TORCHVISION_LAYOUTS[name][1].replace("root", str(tmp_path / "empty"))
     for split in ("train", "test"):  # a missing layout: the message names it and --download
         with pytest.raises(FileNotFoundError, match=f"torchvision's layout {layout} \\(pass --download"):
             data.build_dataset(name, str(tmp_path / "empty"), split, transform=None)
@@ -576,7 +579,7 @@ class _FakeDownloads:
 def test_torchvision_download_goes_through_public_constructors(tmp_path, monkeypatch, name):
     import torchvision.datasets
     fake = _FakeDownloads(name)
-    monkeypatch.setattr(data, "tv_datasets", fake)
+    monkeypatch.setattr(folders, "tv_datasets", fake)
     root = str(tmp_path / "new")  # not there yet: the download makes it
     for split in ("train", "test"):
         assert len(data.build_dataset(name, root, split, transform=None, download=True)) > 0
@@ -598,7 +601,7 @@ def test_name_tables_hit_every_prompt_class_once():
         "dtd": _classes("dtd"),
     }
     for name, names in tv_names.items():
-        labels = data.map_class_names(name, names, _classes(name))
+        labels = folders.map_class_names(name, names, _classes(name))
         assert sorted(labels) == list(range(len(_classes(name)))), name
 
 
@@ -682,13 +685,13 @@ def test_clear_errors(tmp_path, monkeypatch):
     dup = tmp_path / "dup.txt"
     dup.write_text("Red fox\nred_fox\n")
     with pytest.raises(ValueError, match="repeats class names"):
-        data.read_classnames(str(dup))
+        folders.read_classnames(str(dup))
     (tmp_path / "blank.txt").write_text("\n# nothing\n")
     with pytest.raises(ValueError, match=r"lists 0 class\(es\); a classifier needs at least 2"):
-        data.read_classnames(str(tmp_path / "blank.txt"))
+        folders.read_classnames(str(tmp_path / "blank.txt"))
     (tmp_path / "bad_t.txt").write_text("a photo of a cat\n")
     with pytest.raises(ValueError, match="line 1: 'a photo of a cat' needs exactly one '{}'"):
-        data.read_templates(str(tmp_path / "bad_t.txt"))
+        folders.read_templates(str(tmp_path / "bad_t.txt"))
     # unmapped and doubly-mapped class folders
     _image_folder(str(tmp_path / "dtd" / "train"), ["banded", "velvety", "furry"])
     with pytest.raises(ValueError, match=r"2 class folder\(s\) of 'dtd' match no class name.*'furry', 'velvety'"):
@@ -713,6 +716,6 @@ def test_registered_dataset_brings_its_data_hparams_and_model(monkeypatch):
                           lambda root: f"{root}/clip.pt")
     assert data.is_registered("mine") and "mine" in data.DATASET_NAMES
     assert data.build_dataset("mine", "/tmp/root", "test", None) == "ds" and calls == [("/tmp/root", "test")]
-    hp = data.hparams("mine", "ViT-B/16")
+    hp = config.hparams("mine", "ViT-B/16")
     assert hp == hparams and hp is not hparams  # a fresh dict: train.py overrides its values
     assert data.default_model("mine", "/tmp/root") == "/tmp/root/clip.pt"

@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-import clip_model
 import config
 import data
 import eval as ev
@@ -22,11 +21,12 @@ import prompts
 import runtime
 import train
 from conftest import tiny_clip
+import clip_load
 
 WNIDS = prompts.IMAGENET_WNIDS
 R_WNIDS, A_WNIDS = prompts.IMAGENET_R_WNIDS, prompts.IMAGENET_A_WNIDS
-MEAN = torch.tensor(clip_model.CLIP_MEAN).view(1, 3, 1, 1)
-STD = torch.tensor(clip_model.CLIP_STD).view(1, 3, 1, 1)
+MEAN = torch.tensor(clip_load.CLIP_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(clip_load.CLIP_STD).view(1, 3, 1, 1)
 
 
 def color_of(c):
@@ -46,7 +46,7 @@ class ColorOracle(torch.nn.Module):
     def forward(self, images):
         pix = ((images[:, :, 0, 0] * STD.view(1, 3) + MEAN.view(1, 3)) * 255).round()  # (B, 3) RGB of a corner
         c = (pix[:, 0] + 250 * (pix[:, 1] / 60)).long()
-        return torch.nn.functional.one_hot(c, 1000).float() * 10
+        return must.MUSTOutput(torch.nn.functional.one_hot(c, 1000).float() * 10)
 
 
 def tiny_must(num_classes, seed):
@@ -62,7 +62,7 @@ def save_checkpoint(path, dataset, classnames, clip_path, data_root):
                 "args": {"data": dataset, "model": str(clip_path), "data_root": str(data_root), "mask_unit": 16,
                          "mask_ratio": 0.5},
                 "classnames": list(classnames),
-                "fingerprints": {"model": runtime.fingerprint(clip_model.load(str(clip_path))[0].state_dict())}}, path)
+                "fingerprints": {"model": runtime.fingerprint(clip_load.load(str(clip_path))[0].state_dict())}}, path)
     return path
 
 
@@ -137,7 +137,7 @@ def test_columns_restrict_imagenet_head_to_r_and_a_by_wnid():
 
 def test_every_shift_layout_maps_labels_right(world):
     """An oracle that is always right must score 100% on every layout iff folders and logits are mapped right."""
-    found = data.find_shift_sets(str(world["shift"]))
+    found = ev.find_shift_sets(str(world["shift"]))
     assert [(n, k) for n, k, _ in found] == [("imagenet-v2", "imagenet-v2"), ("imagenet-r", "imagenet-r"),
                                              ("imagenet-a", "imagenet-a"), ("imagenet-sketch", "imagenet-sketch")]
     transform = data.test_transform(32)
@@ -203,7 +203,7 @@ def test_gradcam_recomputes_the_models_own_forward():
     images = torch.randn(3, 3, 32, 32)
     cam, pred, logits = figures.attention_cam(model, images)
     with torch.no_grad():
-        expected = model(images)
+        expected = model(images).logits
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
     assert cam.shape == (3, 4, 4) and cam.min() >= 0 and cam.max() <= 1 and (pred == expected.argmax(1)).all()
     cols = torch.tensor([6, 2])

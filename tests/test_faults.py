@@ -34,15 +34,16 @@ import prompts
 import runtime
 import train
 from conftest import tiny_clip
+import folders
 
 # tiny models: one thread is several times faster than two on a shared 2-core machine, and as deterministic
 torch.set_num_threads(1)
 CLASSES = ["red square", "blue circle", "green cross"]
 HAS_GPU = torch.cuda.is_available()
-UNDECODABLE = data._READ_ERRORS[1]  # "cannot be decoded (truncated, empty or not an image)"
-BOMB = data._READ_ERRORS[2]
-DENIED = data._READ_ERRORS[3]
-VANISHED = data._READ_ERRORS[4]
+UNDECODABLE = folders._READ_ERRORS[1]  # "cannot be decoded (truncated, empty or not an image)"
+BOMB = folders._READ_ERRORS[2]
+DENIED = folders._READ_ERRORS[3]
+VANISHED = folders._READ_ERRORS[4]
 DANGLING = "dangling symbolic link or unreadable entry"
 NOT_REGULAR = "not a regular file"
 SAME_FILE = "the same file is listed already"
@@ -258,7 +259,7 @@ TEXT_FILE_ERRORS = [
     pytest.param("DIR", None, "class names file '{classes}' is a directory; give a text file, one entry per line",
                  id="classes-is-a-directory"),
     pytest.param(f"# header\nred square\n\n{LONG}\n", None, "tokens; CLIP reads 77 at most: shorten the class name or "
-                 "the template (classes file {classes}, line 4)", id="long-class-name"),
+                 "the template", id="long-class-name"),
     pytest.param(None, "a {} and a {}.\n", "templates file {templates}, line 1: 'a {{}} and a {{}}.' needs exactly one "
                  "'{{}}' for the class name", id="template-two-braces"),
     pytest.param(None, "# mine\na photo of a {}.\na {name}.\n", "templates file {templates}, line 3: 'a {{name}}.' "
@@ -273,8 +274,7 @@ TEXT_FILE_ERRORS = [
                  id="templates-not-utf8"),
     pytest.param(None, "DIR", "templates file '{templates}' is a directory", id="templates-is-a-directory"),
     pytest.param(None, f"a photo of a {{}}.\n# long one next\n{LONG} {{}}.\n", "tokens; CLIP reads 77 at most: "
-                 "shorten the class name or the template (classes file {classes}, line 1; templates file "
-                 "{templates}, line 3)", id="long-template"),
+                 "shorten the class name or the template", id="long-template"),
 ]
 
 
@@ -419,7 +419,7 @@ def _patch_permission_denied(monkeypatch):
 
 def _patch_vanish_after_listing(monkeypatch):
     """The file is deleted between the listing and the first read (e.g. by a sync job)."""
-    real_list = data._list_images
+    real_list = folders.list_images
 
     def list_then_delete(*args, **kwargs):
         paths = real_list(*args, **kwargs)
@@ -427,7 +427,7 @@ def _patch_vanish_after_listing(monkeypatch):
             if os.path.basename(p).startswith("3b.") and os.path.exists(p):
                 os.remove(p)
         return paths
-    monkeypatch.setattr(data, "_list_images", list_then_delete)
+    monkeypatch.setattr(folders, "list_images", list_then_delete)
 
 
 def _chmod_000(d):
@@ -564,7 +564,7 @@ def test_symlink_loops_list_each_real_file_once(world, tmp_path, capsys):
     outside = tmp_path / "outside"
     copy_good(world, outside, 4)  # copies: other files with the same pixels as 0..3
     os.symlink(outside, d / "sub" / "c-outside")
-    listed = data._list_images(str(d))
+    listed = folders.list_images(str(d))
     assert [os.path.relpath(p, d) for p in listed] == [
         "0.png", "1.png", "2.png", "3.png", "sub/4.png", "sub/5.png", "sub/6.png", "sub/7.png",
         "sub/c-outside/0.png", "sub/c-outside/1.png", "sub/c-outside/2.png", "sub/c-outside/3.png"]
@@ -581,13 +581,13 @@ def test_fifo_is_never_opened(world, tmp_path):
     os.mkfifo(d / "x.jpg")
     ignored = []
     with deadline(10):
-        listed = data._list_images(str(d), ignored=ignored)
-        ds = data.ImageList([(p, -1) for p in listed], CLASSES, ["{}"], None)
+        listed = folders.list_images(str(d), ignored=ignored)
+        ds = folders.ImageList([(p, -1) for p in listed], CLASSES, ["{}"], None)
         assert all(ds[i][0].size == (40, 40) for i in range(len(ds)))
     assert listed == [str(d / f"{i}.png") for i in range(3)] and ignored == [(str(d / "x.jpg"), NOT_REGULAR)]
 
 
-# (size of the file, size read_image returns): the long side is center-cropped to data.MAX_ASPECT x the short side
+# (size of the file, size read_image returns): the long side is center-cropped to folders.MAX_ASPECT x the short side
 ASPECTS = [((1, 1000), (1, 4)), ((1000, 1), (4, 1)), ((10, 41), (10, 40)), ((50, 200), (50, 200)),
            ((40, 40), (40, 40)), ((3, 10000), (3, 12))]
 
@@ -598,8 +598,8 @@ def test_extreme_aspect_is_cropped_so_memory_per_sample_is_bounded(size, read, t
     img = Image.new("RGB", size)
     img.putpixel((size[0] // 2, size[1] // 2), (255, 0, 0))  # the centre survives the center crop
     img.save(path)
-    got = data.read_image(str(path))
-    assert got.size == read and max(read) <= data.MAX_ASPECT * min(read)
+    got = folders.read_image(str(path))
+    assert got.size == read and max(read) <= folders.MAX_ASPECT * min(read)
     assert got.getpixel((read[0] // 2, read[1] // 2)) == (255, 0, 0)
     weak, strong, mask = data.TrainTransform(32, data.MaskGenerator(32, 16, 8, 0.3))(got)
     assert weak.shape == strong.shape == (3, 32, 32)
@@ -645,7 +645,7 @@ def test_image_list_substitutes_or_skips_and_flags_once(on_error, tmp_path):
         Image.new("RGB", (8, 8), (i * 50, 0, 0)).save(d / f"{i}.png")
     open(d / "1b.png", "w").write("bad")
     samples = [(str(d / n), k) for k, n in enumerate(["0.png", "1.png", "1b.png", "2.png"])]
-    ds = data.ImageList(samples, CLASSES, ["{}"], None, on_error)
+    ds = folders.ImageList(samples, CLASSES, ["{}"], None, on_error)
     for attempt in range(2):
         if attempt:  # readable now, but the flag stands: a run treats a file the same way throughout
             shutil.copy(d / "0.png", d / "1b.png")
@@ -776,10 +776,11 @@ CHECKPOINT_REFUSALS = [
     ("truncated", _truncate, "cannot read resume checkpoint {ck} ("),
     ("empty-file", _write_file(b""), "cannot read resume checkpoint {ck} ("),
     ("text-file", _write_file(b"step 1, trust me\n"), "cannot read resume checkpoint {ck} ("),
-    ("a-list", _resave(lambda c: [1, 2]), "{ck} is not a MUST checkpoint written by this train.py (no student "
-                                          "weights or fingerprints)"),
+    ("a-list", _resave(lambda c: [1, 2]), "{ck} is not a MUST checkpoint written by train.py: it does not hold "
+                                          "both 'student' and 'teacher' weights (it holds a list)"),
     ("no-fingerprints", _resave(_without("fingerprints")), "{ck} is not a MUST checkpoint written by this train.py"),
-    ("clip-state-dict", _clip_state_dict, "{ck} is not a MUST checkpoint written by this train.py"),
+    ("clip-state-dict", _clip_state_dict, "{ck} holds a CLIP's weights, not a checkpoint written by train.py: "
+                                          "give it as --model {ck}"),
     ("other-model-path", _flags("--model", "{world}/other.pt"), "resume checkpoint {ck} was made with other CLIP "
                                                                 "weights (--model); give the same ones"),
     ("other-weights-same-path", _other_weights_same_path, "resume checkpoint {ck} was made with other CLIP weights "
@@ -804,7 +805,7 @@ CHECKPOINT_REFUSALS = [
     ("student-missing-a-tensor", _resave(_student_without_proj), "resume checkpoint {ck} does not fit this run ("),
     ("resume-a-directory", _flags("--resume", "{tmp}"), "no checkpoint at {tmp}"),
     ("init-truncated", _init_from(_truncate), "cannot read --init checkpoint {init} ("),
-    ("init-clip-state-dict", _init_from(_clip_state_dict), "{init} is not a MUST checkpoint written by this train.py"),
+    ("init-clip-state-dict", _init_from(_clip_state_dict), "{init} holds a CLIP's weights, not a checkpoint"),
     ("init-other-model", _init_then_other_model, "--init checkpoint {init} was made with other CLIP weights (--model)"),
 ]
 
@@ -1322,7 +1323,7 @@ def _saved(tmp_path, obj):
 
 
 CLIP_NOT_MUST = ("{path} holds a CLIP's weights, not a checkpoint written by train.py: give it "
-                 "as --model {path} to score it zero-shot")
+                 "as --model {path}")
 NOT_MUST = ("{path} is not a MUST checkpoint written by train.py: it does not hold both 'student' "
             "and 'teacher' weights")
 # (kind, what --checkpoint is given, exact one-line error): files that are no train.py checkpoint.
@@ -1779,10 +1780,10 @@ def test_chmod_000_folders_are_reported(world, tmp_path):
     os.chmod(test / CLASSES[0], 0)
     try:
         ignored = []
-        assert data._list_images(str(d), ignored=ignored) == [str(d / "0.png"), str(d / "1.png")]
+        assert folders.list_images(str(d), ignored=ignored) == [str(d / "0.png"), str(d / "1.png")]
         assert ignored == [(str(d / "sub"), FOLDER_DENIED)]
         ignored = []
-        samples = data.scan_class_folders(str(test), "folder", CLASSES, ignored)
+        samples = folders.scan_class_folders(str(test), "folder", CLASSES, ignored)
         assert len(samples) == 4 and ignored == [(str(test / CLASSES[0]), FOLDER_DENIED)]
     finally:
         os.chmod(d / "sub", 0o755)

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import must
+import runtime
 from conftest import tiny_clip
 
 
@@ -261,8 +262,10 @@ def test_must_model_is_the_zero_shot_classifier_at_init():
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         expect = model.logit_scale * F.normalize(clip.encode_image(x), dim=-1) @ head
-        logits = model(x)
-        masked_logits, v_cls, v_patch, recon = model.forward_masked(x, torch.zeros(3, 16, dtype=torch.bool))
+        out = model(x)
+        masked_logits, v_cls, v_patch, recon = model(x, torch.zeros(3, 16, dtype=torch.bool))
+    logits = out.logits
+    assert out.v_cls is None and out.v_patch is None and out.recon is None  # no mask: logits only
     assert torch.allclose(logits, expect, atol=1e-5)
     assert torch.allclose(masked_logits, logits, atol=1e-5)  # an empty mask changes nothing
     assert v_cls.shape == (3, 32) and v_patch.shape == (3, 16, 32) and recon.shape == x.shape
@@ -288,14 +291,15 @@ def test_must_loss_shares_add_up_to_the_global_batch_loss_and_gradient():
     x, mask = torch.randn(6, 3, 32, 32), torch.zeros(6, 16, dtype=torch.bool)
     mask[:, [0, 5, 10]] = True  # the same number of masked patches in every image, as MaskGenerator draws
     teacher_logits = torch.randn(6, 5) * 2
-    kw = dict(lambda_reg=0.3, lambda_align=0.7, patch_size=8)
+    kw = dict(lambda_reg=0.3, lambda_align=0.7, align_k=None, patch_size=8, use_mim=True,
+              use_align=True)
     expect = release_loss(model, teacher_logits, x, mask, 0.75, 0.3, 0.7)
     params = [p for p in model.parameters()]
     expect_grads = torch.autograd.grad(expect, params, allow_unused=True)
     labels, confident = must.pseudo_labels(teacher_logits, 0.75)
     assert 0 < confident.sum() < 6
     with torch.no_grad():
-        w, l_reg = must.fairness_weights(must.mean_probs(model(x, mask)[0]), must.FairnessMean(5))
+        w, l_reg = must.fairness_weights(must.mean_probs(model(x, mask).logits), must.FairnessMean(5))
     total, terms_sum = 0.0, {}
     for part in (slice(0, 2), slice(2, 6)):
         loss, terms = must.must_loss(model(x[part], mask[part]), x[part], mask[part], labels[part], confident[part],
@@ -317,12 +321,14 @@ def test_must_loss_switches():
     x, mask = torch.randn(4, 3, 32, 32), torch.zeros(4, 16, dtype=torch.bool)
     mask[:, :3] = True
     labels, confident = must.pseudo_labels(torch.randn(4, 5) * 5, 0.5)
-    kw = dict(lambda_reg=0.3, lambda_align=0.7, patch_size=8)
-    _, terms = must.must_loss(model(x, mask), x, mask, labels, confident, confident.sum(), 4, None, **kw)
+    kw = dict(lambda_reg=0.3, lambda_align=0.7, align_k=None, patch_size=8)
+    _, terms = must.must_loss(model(x, mask), x, mask, labels, confident, confident.sum(), 4, None,
+                              use_mim=True, use_align=True, **kw)
     assert set(terms) == {"loss_cls", "loss_mim", "loss_align"}
-    logits = model(x)
-    loss, terms = must.must_loss((logits,), x, mask, labels, confident, confident.sum(), 4, None, use_mim=False,
-                                 use_align=False, **kw)
+    out = model(x)
+    logits = out.logits
+    loss, terms = must.must_loss(out, x, mask, labels, confident, confident.sum(), 4, None,
+                                 use_mim=False, use_align=False, **kw)
     assert set(terms) == {"loss_cls"}
     assert loss.item() == pytest.approx(must.loss_cls(logits, labels, confident, confident.sum()).item(), rel=1e-6)
 
@@ -333,14 +339,15 @@ def test_load_checkpoint_roundtrip(tmp_path):
     with torch.no_grad():
         model.classifier.weight.add_(1.0)
     path = str(tmp_path / "ckpt.pt")
-    torch.save({"student": model.state_dict(), "teacher": teacher.state_dict(), "args": {"data": "x", "model": "m"},
-                "classnames": ["a", "b", "c", "d"]}, path)
-    loaded, args = must.load_checkpoint(path, "student")
-    assert args["data"] == "x" and args["classnames"] == ["a", "b", "c", "d"]
+    torch.save({"student": model.state_dict(), "teacher": teacher.state_dict(),
+                "args": {"data": "x", "model": "m"}, "classnames": ["a", "b", "c", "d"]}, path)
+    ckpt = runtime.read_checkpoint(path)
+    assert ckpt["args"]["data"] == "x" and ckpt["classnames"] == ["a", "b", "c", "d"]
+    loaded = must.load_checkpoint(ckpt, "student")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(loaded(x), model(x), atol=1e-6)
-        t_loaded, _ = must.load_checkpoint(path, "teacher")
-        assert torch.allclose(t_loaded(x), teacher(x), atol=1e-6)
+        assert torch.allclose(loaded(x).logits, model(x).logits, atol=1e-6)
+        t_loaded = must.load_checkpoint(ckpt, "teacher")
+        assert torch.allclose(t_loaded(x).logits, teacher(x).logits, atol=1e-6)
     with pytest.raises(ValueError):
-        must.load_checkpoint(path, "ema")
+        must.load_checkpoint(ckpt, "ema")

@@ -2,9 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import clip_model
 import prompts
 from conftest import tiny_clip
+import tokenizer
 
 EXPECTED = {  # (classes, templates) as published
     "imagenet": (1000, 80), "sun397": (397, 2), "food101": (101, 1), "gtsrb": (43, 3),
@@ -33,7 +33,7 @@ def test_head_is_the_normalized_mean_of_normalized_prompt_embeddings(model):
     with torch.no_grad():
         expected = []
         for c in classes:
-            e = F.normalize(model.encode_text(clip_model.tokenize([t.format(c) for t in templates])), dim=-1)
+            e = F.normalize(model.encode_text(tokenizer.tokenize([t.format(c) for t in templates])), dim=-1)
             expected.append(F.normalize(e.mean(0), dim=0))
     assert head.shape == (32, 3)
     torch.testing.assert_close(head, torch.stack(expected, dim=1), atol=1e-5, rtol=0)

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import data
+import randaugment
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "randaugment_timm.npz")
 
@@ -31,31 +32,31 @@ def test_fixture_inputs(fixture):
 
 def test_op_list_and_hparams_are_the_release_ones(fixture):
     meta, _ = fixture
-    assert list(data._RANDAUG_OPS) == meta["ops"]  # same names in the same order (the op index is drawn)
-    assert data._SIGNED_OPS == set(meta["signed_ops"])
-    assert list(data._FILL) == meta["fillcolor"] == [123, 117, 104]
-    assert data._RESAMPLE == meta["resample"] == Image.BICUBIC
+    assert list(randaugment._RANDAUG_OPS) == meta["ops"]  # same names in the same order (the op index is drawn)
+    assert randaugment._SIGNED_OPS == set(meta["signed_ops"])
+    assert list(randaugment._FILL) == meta["fillcolor"] == [123, 117, 104]
+    assert randaugment._RESAMPLE == meta["resample"] == Image.BICUBIC
     assert meta["choice_weights"] is None and meta["translate_pct"] == 0.45
-    ra = data.RandAugment()
+    ra = randaugment.RandAugment()
     assert (ra.num_ops, ra.magnitude, ra.magnitude_std, ra.prob) == (
         meta["num_layers"], meta["magnitude"], meta["magnitude_std"], meta["prob"])
-    (view,) = [t for t in data.strong_view(224, "paper").transforms if isinstance(t, data.RandAugment)]
+    (view,) = [t for t in data.strong_view(224, "paper").transforms if isinstance(t, randaugment.RandAugment)]
     assert vars(view) == vars(ra)
 
 
-@pytest.mark.parametrize("name", list(data._RANDAUG_OPS))
+@pytest.mark.parametrize("name", list(randaugment._RANDAUG_OPS))
 def test_op_is_bit_equal_to_timm(fixture, name):
     meta, arrays = fixture
     op_index = meta["ops"].index(name)
     cases = [(i, m, bool(neg)) for i, (k, m, neg) in enumerate(arrays["cases"]) if int(k) == op_index]
     signs = {neg for _, _, neg in cases}
-    assert signs == ({False, True} if name in data._SIGNED_OPS else {False})
+    assert signs == ({False, True} if name in randaugment._SIGNED_OPS else {False})
     assert {m for _, m, _ in cases} == set(meta["magnitudes"])
     mismatches = []
     for k in range(3):
         img = Image.fromarray(arrays[f"input_{k}"], "RGB")
         for i, magnitude, negate in cases:
-            out = data._RANDAUG_OPS[name](img, magnitude, negate)
+            out = randaugment._RANDAUG_OPS[name](img, magnitude, negate)
             assert out.mode == "RGB" and out.size == img.size
             if not np.array_equal(np.asarray(out), arrays[f"output_{k}"][i]):
                 mismatches.append((k, magnitude, negate))
@@ -81,16 +82,16 @@ def test_fixture_cases_are_not_trivial(fixture):
 def _recording_ops(monkeypatch):
     """Replace every op by one that records (name, magnitude, negate) and returns the image unchanged."""
     log = []
-    for name in data._RANDAUG_OPS:
-        monkeypatch.setitem(data._RANDAUG_OPS, name,
+    for name in randaugment._RANDAUG_OPS:
+        monkeypatch.setitem(randaugment._RANDAUG_OPS, name,
                             lambda img, m, neg, name=name: log.append((name, m, neg)) or img)
     return log
 
 
 def test_draw_order_is_the_documented_one(monkeypatch):
     log = _recording_ops(monkeypatch)
-    ra = data.RandAugment()
-    names = list(data._RANDAUG_OPS)
+    ra = randaugment.RandAugment()
+    names = list(randaugment._RANDAUG_OPS)
     for seed in range(50):
         torch.manual_seed(seed)
         ra(Image.new("RGB", (4, 4)))
@@ -101,7 +102,7 @@ def test_draw_order_is_the_documented_one(monkeypatch):
             if torch.rand(()).item() > 0.5:
                 continue
             m = min(max(9.0 + 0.5 * torch.randn(()).item(), 0.0), 10.0)
-            expected.append((names[i], m, names[i] in data._SIGNED_OPS and torch.rand(()).item() > 0.5))
+            expected.append((names[i], m, names[i] in randaugment._SIGNED_OPS and torch.rand(()).item() > 0.5))
         assert got == expected
         assert torch.equal(torch.get_rng_state(), state_after)  # and no other draw
 
@@ -110,26 +111,26 @@ def test_randaugment_statistics(monkeypatch):
     """With a fixed seed: each of the 2 draws is applied with probability 0.5, ops are uniform, the magnitude is
     N(9, 0.5²) clipped at 10, and signed ops are negated half the time."""
     log = _recording_ops(monkeypatch)
-    ra = data.RandAugment()
+    ra = randaugment.RandAugment()
     torch.manual_seed(0)
     n = 3000
     for _ in range(n):
         ra(Image.new("RGB", (4, 4)))
     assert abs(len(log) / (2 * n) - 0.5) < 0.03  # sd 0.0065
     counts = collections.Counter(name for name, _, _ in log)
-    assert set(counts) == set(data._RANDAUG_OPS) and max(counts.values()) < 1.35 * min(counts.values())
+    assert set(counts) == set(randaugment._RANDAUG_OPS) and max(counts.values()) < 1.35 * min(counts.values())
     mags = np.array([m for _, m, _ in log])
     assert mags.min() >= 7.0 and mags.max() == 10.0
     assert abs(mags.mean() - 9.0) < 0.03 and abs(mags.std() - 0.49) < 0.03
     assert 0.01 < (mags == 10.0).mean() < 0.04  # P(N(9, 0.5²) >= 10) = 2.3%
-    negs = [neg for name, _, neg in log if name in data._SIGNED_OPS]
+    negs = [neg for name, _, neg in log if name in randaugment._SIGNED_OPS]
     assert abs(np.mean(negs) - 0.5) < 0.04
-    assert not any(neg for name, _, neg in log if name not in data._SIGNED_OPS)
+    assert not any(neg for name, _, neg in log if name not in randaugment._SIGNED_OPS)
 
 
 def test_randaugment_reproducible_and_picklable(fixture):
     img = Image.fromarray(fixture[1]["input_0"], "RGB")
-    ra = pickle.loads(pickle.dumps(data.RandAugment()))
+    ra = pickle.loads(pickle.dumps(randaugment.RandAugment()))
 
     def run(seed):
         torch.manual_seed(seed)

@@ -11,7 +11,6 @@ global confident count, the × world scaling of the backward, the global p̄ (do
 """
 import hashlib
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ import prompts
 import toy
 import train
 from conftest import tiny_clip
+import clip_load
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 REMAKE = "toy_clip.pt changed since the release fixtures were made: rerun tests/make_release_fixtures.py"
@@ -35,7 +35,7 @@ def release():
 
 @pytest.fixture(scope="module")
 def toy_state():
-    return clip_model.load(toy.WEIGHTS)[0].state_dict()
+    return clip_load.load(toy.WEIGHTS)[0].state_dict()
 
 
 def toy_must_model(toy_state, extra, logit_scale):
@@ -68,8 +68,8 @@ def test_masked_forward_matches_release(release, toy_state):
     model = toy_must_model(toy_state, fx["extra"], release["logit_scale"])
     images, mask = fx["images"].float(), fx["mask"]
     with torch.no_grad():
-        logits, v_cls, v_patch, recon = model.forward_masked(images, mask)
-        logits_unmasked = model(images)
+        logits, v_cls, v_patch, recon = model(images, mask)
+        logits_unmasked = model(images).logits
     # unit-norm features to 1e-6; logits are 100 x cosines (|logit| up to ~70), so 1e-4
     torch.testing.assert_close(v_cls, fx["v_cls"], rtol=0, atol=1e-6)
     torch.testing.assert_close(v_patch, fx["v_patch"], rtol=0, atol=1e-6)
@@ -151,56 +151,58 @@ def release_steps():
     return torch.load(os.path.join(DATA, "release_steps.pt"), map_location="cpu", weights_only=True)
 
 
-def step_run(fx, toy_state, mode, world=1, rank=0):
-    """The state train.train_step works on (train.step_state), built like the release's run: its initial weights,
-    AdamW over train.param_groups, fp32; DDP when world > 1."""
-    hp, run = fx["hparams"], fx["runs"][mode]
-    assert tuple(hp["betas"]) == (0.9, 0.999) and hp["eps"] == 1e-8  # what train.make_optimizer uses
-    student = toy_must_model(toy_state, {**fx["init_extra"], "classifier.weight": run["init_classifier"]},
-                             hp["logit_scale"]).train()
-    args = SimpleNamespace(conf_threshold=hp["conf_threshold"], global_batch=hp["batch_size"],
-                           lambda_reg=hp["lambda_reg"], lambda_align=hp["lambda_align"], align_k=None, amp="fp32",
-                           no_reg=False, no_mim=False, no_align=False, compile=False)
-    optimizer = train.make_optimizer(student, hp["weight_decay"], hp["layer_decay"], hp["lr"], torch.device("cpu"))
-    return train.step_state(args, student, optimizer, torch.device("cpu"), hp["steps_per_epoch"], world, rank)
-
-
 def key_bias(name, width):
-    """The attention key biases' slice: a zero gradient in exact arithmetic, so Adam steps on rounding noise."""
+    """The attention key biases' slice: a zero gradient in exact arithmetic, so Adam steps on
+    rounding noise."""
     return slice(width, 2 * width) if name.endswith("attn.in_proj_bias") else None
 
 
 def release_steps_run(fx, toy_state, mode, accum, rank=0, world=1):
-    """train.train_step for the fixture's 3 steps, this process holding rows [rank·B/world, (rank+1)·B/world) of
-    each global batch of B, split into `accum` micro-batches.
-    -> (per-step records, student state, teacher state, the gradient the optimizer received at the first step)"""
-    hp = fx["hparams"]
-    run = step_run(fx, toy_state, mode, world, rank)
+    """must.must_step, the step train.py takes, for the fixture's 3 steps, built like the
+    release's run (its initial weights, AdamW over train.param_groups, fp32, DDP when world > 1),
+    this process holding rows [rank·B/world, (rank+1)·B/world) of each global batch of B, split
+    into `accum` micro-batches.
+    -> (per-step records, student state, teacher state, the gradient the optimizer received at
+    the first step)"""
+    hp, run = fx["hparams"], fx["runs"][mode]
+    assert tuple(hp["betas"]) == (0.9, 0.999) and hp["eps"] == 1e-8  # train.make_optimizer's
+    extra = {**fx["init_extra"], "classifier.weight": run["init_classifier"]}
+    student = toy_must_model(toy_state, extra, hp["logit_scale"]).train()
+    teacher = must.make_teacher(student)
+    model = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
+    optimizer = train.make_optimizer(student, hp["weight_decay"], hp["layer_decay"], hp["lr"],
+                                     torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    fairness = must.FairnessMean(student.num_classes)
     first_grads = {}
-    optimizer_step = run.optimizer.step
+    optimizer_step = optimizer.step
 
     def step_and_keep_first_grads(*args, **kwargs):
         if not first_grads:
-            first_grads.update({n: p.grad.clone() for n, p in run.student.named_parameters() if p.grad is not None})
+            first_grads.update({n: p.grad.clone() for n, p in student.named_parameters()
+                                if p.grad is not None})
         return optimizer_step(*args, **kwargs)
-    run.optimizer.step = step_and_keep_first_grads
+    optimizer.step = step_and_keep_first_grads
     B = hp["batch_size"]
     share = B // world
     micro = share // accum
     records = []
     for s in range(hp["steps"]):
-        train.set_lr(run.optimizer, train.cosine_lr(s, hp["total_steps"], hp["lr"], hp["min_lr"]))
+        train.set_lr(optimizer, train.cosine_lr(s, hp["total_steps"], hp["lr"], hp["min_lr"]))
         mu = must.ema_momentum(s, hp["mu0"], hp["mu_n"], hp["mu_max"])
         start = s * B + rank * share
+        rows = [slice(start + i * micro, start + (i + 1) * micro) for i in range(accum)]
         parts = [((fx["weak"][r].float(), fx["strong"][r].float(), fx["mask"][r]), fx["target"][r])
-                 for r in (slice(start + i * micro, start + (i + 1) * micro) for i in range(accum))]
-        stats = train.train_step(run, parts)
-        must.ema_update(run.teacher, run.student, mu)
-        run.step += 1
-        stats = train.all_reduce(stats, run.device)
-        records.append({**dict(zip(train.STATS, stats.tolist())), "nonfinite": int(run.nonfinite), "mu": mu,
-                        "lr": run.optimizer.param_groups[-1]["lr"]})
-    return records, run.student.state_dict(), run.teacher.state_dict(), first_grads
+                 for r in rows]
+        stats = must.must_step(
+            student, teacher, model, optimizer, scaler, fairness, parts,
+            conf_threshold=hp["conf_threshold"], lambda_reg=hp["lambda_reg"],
+            lambda_align=hp["lambda_align"], align_k=None, patch_size=student.visual.patch_size,
+            global_batch=B, ema_mu=mu, new_epoch=s % hp["steps_per_epoch"] == 0, world=world)
+        total = train.all_reduce(torch.stack(list(stats.values())), torch.device("cpu"))
+        records.append({**dict(zip(stats, total.tolist())), "mu": mu,
+                        "lr": optimizer.param_groups[-1]["lr"]})
+    return records, student.state_dict(), teacher.state_dict(), first_grads
 
 
 def check_against_release(fx, toy_state, mode, records, states):
@@ -254,7 +256,7 @@ def _two_process_worker(rank, rendezvous, out):
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     fx = torch.load(os.path.join(DATA, "release_steps.pt"), map_location="cpu", weights_only=True)
-    state = clip_model.load(toy.WEIGHTS)[0].state_dict()
+    state = clip_load.load(toy.WEIGHTS)[0].state_dict()
     results = {(mode, accum): release_steps_run(fx, state, mode, accum, rank, 2)
                for mode in ("batch", "running") for accum in (1, 2, 4)}
     if rank == 0:

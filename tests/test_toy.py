@@ -9,9 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-import clip_model
 import data
 import toy
+import clip_load
+import config
+import tokenizer
 
 # What the committed toy_clip.pt, the README's numbers and docs/toy.md's were made on. If an edit of toy.py changes
 # WORLD_DIGEST, those numbers are another world's: remeasure them, then update it. RECIPE_DIGESTS maps each
@@ -91,7 +93,7 @@ def test_classes_and_captions():
     # the longest caption fits the tiny CLIP's context
     longest = max((f"a picture of a {s} {c} {k} on a {b} background" for s in toy.SIZES for c in toy.COLORS
                    for k in toy.SHAPES for b in toy.BACKGROUNDS), key=len)
-    clip_model.tokenize(longest, context_length=toy.PRETRAIN["model"]["context_length"])
+    tokenizer.tokenize(longest, context_length=toy.PRETRAIN["model"]["context_length"])
 
 
 def test_domains_differ():
@@ -131,7 +133,7 @@ def test_dataset_api(tiny_world):
     assert len(val) == 40 and not np.array_equal(np.asarray(val[0][0]), images[0])
     with pytest.raises(ValueError, match="split"):
         toy.build_dataset(None, "valid")
-    hp = data.hparams("toy", "anything")
+    hp = config.hparams("toy", "anything")
     assert hp == toy.HPARAMS and hp is not toy.HPARAMS  # a copy: train.py's overrides never reach the module
     assert data.default_model("toy", None) == toy.WEIGHTS
 
@@ -142,7 +144,7 @@ def test_committed_weights():
     assert os.path.getsize(toy.WEIGHTS) < 5e6
     stored = torch.load(toy.WEIGHTS, map_location="cpu", weights_only=True)
     assert stored["recipe"] == toy.RECIPE, "toy_clip.pt is another recipe's: rerun python toy.py pretrain"
-    model, _ = clip_model.load(toy.WEIGHTS)
+    model, _ = clip_load.load(toy.WEIGHTS)
     assert model.visual.input_resolution == toy.IMAGE_SIZE and model.context_length == 20
     assert torch.equal(stored["token_embedding.ids"], toy.toy_token_ids(20))
     buffer = io.BytesIO()
@@ -157,11 +159,11 @@ def test_pretrain_deterministic(tiny_world, tmp_path):
     toy.main(["pretrain", "--out", str(tmp_path / "b" / "b.pt")])
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b" / "b.pt").read_bytes()  # whatever the file's name
     assert sorted(os.listdir(tmp_path)) == ["a.pt", "b"]  # no temporary file left behind
-    model, _ = clip_model.load(str(tmp_path / "a.pt"))
+    model, _ = clip_load.load(str(tmp_path / "a.pt"))
     assert model.visual.input_resolution == toy.IMAGE_SIZE and model.visual.transformer.layers == 1
     # the kept token rows are exactly those toy texts use: every caption and prompt encodes as with all rows
     stored = torch.load(tmp_path / "a.pt", weights_only=True)
-    ids = clip_model.tokenize([toy.caption(toy.sample_attributes(50, 9), i) for i in range(50)] +
+    ids = tokenizer.tokenize([toy.caption(toy.sample_attributes(50, 9), i) for i in range(50)] +
                               [t.format(k) for t in toy.TEMPLATES for k in toy.SHAPES], context_length=20)
     assert torch.isin(ids, stored["token_embedding.ids"]).all()
     assert (model.token_embedding.weight.abs().sum(1) > 0).sum() == len(stored["token_embedding.ids"])
