@@ -55,7 +55,7 @@ import data
 import folders
 import must
 import train
-from runtime import autocast_for, fail, pick_device
+from runtime import add_machine_flags, autocast_for, fail, pick_device
 
 # (input px, patch, width, layers, embed_dim): OpenAI's image towers, a DeiT-S-like one and a tiny one for tests
 SHAPES = {"tiny": (32, 8, 64, 2, 32), "ViT-S/16": (224, 16, 384, 12, 384), "ViT-B/32": (224, 32, 768, 12, 512),
@@ -271,14 +271,12 @@ def parse_args(argv=None):
     p.add_argument("--classes", type=int, default=1000, help="K, the classifier's classes (default: %(default)s)")
     p.add_argument("--batch", type=int, default=128, help="images per optimizer step (default: %(default)s)")
     p.add_argument("--accum", type=int, default=1, help="exact accumulation micro-batches (default: %(default)s)")
-    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="as train.py: auto = bf16 on GPUs that support it, fp32 on CPU (default: %(default)s)")
     p.add_argument("--compile", action="store_true", help="torch.compile student and teacher")
     p.add_argument("--steps", type=int, default=10, help="timed steps (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
-    p.add_argument("--device", help="cuda, cuda:N or cpu [cuda if available]")
     p.add_argument("--threads", type=int, help="torch CPU threads [torch's default]")
     p.add_argument("--peak-tflops", type=float, help="the device's peak for the utilization line [known GPUs]")
+    add_machine_flags(p, workers=False, download_root=False)
     g = p.add_argument_group("pipeline")
     g.add_argument("--pipeline", action="store_true", help="time data.TrainTransform instead of the step")
     g.add_argument("--workers", type=int, default=0, help="also time a DataLoader with this many worker processes")

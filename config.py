@@ -18,7 +18,7 @@ import clip_load
 import data
 import folders
 import toy  # noqa: F401 -- registers --data toy, the offline demo world
-from runtime import fail
+from runtime import add_machine_flags, fail
 
 # ----------------------------------------------------------------------------------------------
 # The paper's Table 10, as released
@@ -156,8 +156,6 @@ SETTINGS = [
     Setting("accum_steps", int, None, _AT_LEAST_1, "optimization",
             "gradient accumulation steps (alternative to --batch-size-per-gpu) [1]",
             defines=False),
-    Setting("num_workers", int, min(8, os.cpu_count() or 1), _AT_LEAST_0, "data",
-            "data loader processes per GPU [min(8, CPU cores)]", defines=False),
     Setting("eval_freq", int, None, _AT_LEAST_1, "run",
             "evaluate student and teacher every this many epochs [Table 10]", defines=False),
     Setting("log_freq", int, 10, _AT_LEAST_1, "run", "log every this many optimizer steps",
@@ -211,7 +209,6 @@ def parse_args(argv=None):
     g = groups["model"]
     g.add_argument("--model", help="CLIP name (ViT-B/16, ViT-L/14, ...) or checkpoint path "
                                    "[ViT-B/16; toy: its pretrained tiny CLIP]")
-    g.add_argument("--download-root", help="where CLIP checkpoints are cached [~/.cache/clip]")
     g.add_argument("--init", help="start from this MUST checkpoint's image tower (ImageNet "
                                   "warm-up, §4.4)")
     g.add_argument("--freeze-classifier", action="store_true",
@@ -226,10 +223,6 @@ def parse_args(argv=None):
                    help="ablation: drop L_align (Table 5); with --no-mim the student sees unmasked "
                         "images (self-training only)")
     g = groups["optimization"]
-    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="mixed precision: auto = bf16 on GPUs that support it, fp32 on CPU; fp16 "
-                        "adds a GradScaler")
-    g.add_argument("--device", help="cuda, cuda:N or cpu [cuda if available]")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the student and the teacher (the first steps are slow "
                         "while it compiles)")
@@ -238,6 +231,7 @@ def parse_args(argv=None):
     g.add_argument("--resume", default="auto",
                    help="checkpoint to resume; auto = out_dir/checkpoint.pt if it exists; none = "
                         "start afresh")
+    add_machine_flags(p)
     return p.parse_args(argv)
 
 
@@ -252,6 +246,8 @@ def check_flags(args):
         value = getattr(args, s.name)
         if value is not None and not ok(value):
             fail(f"--{s.name.replace('_', '-')} {value} is not allowed: it must be {must}")
+    if args.num_workers < 0:
+        fail(f"--num-workers {args.num_workers} is not allowed: it must be 0 or more")
     if args.data not in data.DATASET_NAMES:
         fail(f"unknown dataset {args.data!r}; choose one of: {', '.join(data.DATASET_NAMES)}")
     if not data.is_registered(args.data) and not args.download:

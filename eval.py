@@ -39,7 +39,7 @@ import folders
 import must
 import prompts
 import toy  # noqa: F401 -- registers --data toy
-from runtime import (all_reduce, any_process, autocast_for, fail, ignore_stop_signals,
+from runtime import (add_machine_flags, all_reduce, any_process, autocast_for, fail, ignore_stop_signals,
                      is_distributed, pick_device, read_checkpoint, save_atomic)
 
 
@@ -440,16 +440,10 @@ def parse_args(argv=None):
     g.add_argument("--checkpoint", help="MUST checkpoint from train.py: its student and EMA teacher are scored")
     g.add_argument("--model", help="CLIP name (ViT-B/16, ...) or checkpoint path scored zero-shot [ViT-B/16 without "
                                    "--checkpoint; with one, given = also CLIP's row and GradCAM column]")
-    g.add_argument("--download-root", help="where CLIP checkpoints are cached [~/.cache/clip]")
     g.add_argument("--mean-per-class", action="store_true",
                    help="report mean per-class accuracy for every set (always shown for pets and caltech101)")
     g = p.add_argument_group("run")
     g.add_argument("--batch-size", type=int, default=256, help="images per forward pass [%(default)s]")
-    g.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="data loader processes [min(8, CPU cores)]")
-    g.add_argument("--device", help="cuda or cpu [cuda if available]")
-    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="autocast precision: auto = bf16 on GPUs that support it, fp32 on CPU [%(default)s]")
     g.add_argument("--figures", type=int, default=0, metavar="N",
                    help="write PNG figures for N evenly spaced images of a set (the first that the most models "
                         "score): OUT_DIR/<data>-attention.png, GradCAM of the last block's [CLS] attention of each "
@@ -460,6 +454,7 @@ def parse_args(argv=None):
     g.add_argument("--out-dir", help="where the JSON, figures and zero-shot head cache go [the checkpoint's folder, "
                                      "else out/eval]")
     g.add_argument("--json", help="JSON file with every number [OUT_DIR/eval-<data>.json]")
+    add_machine_flags(p)
     return p.parse_args(argv)
 
 

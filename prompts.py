@@ -3,7 +3,6 @@ Class names and prompt templates of the paper's datasets (published CLIP prompt 
 zero-shot head: CLIP's text embeddings of the prompts turned into the weight of a linear classifier (Figure 1).
 """
 
-import hashlib
 import json
 import os
 
@@ -25,13 +24,11 @@ IMAGENET_A_WNIDS = _DATA["imagenet_a_wnids"]
 
 
 def _cache_key(model, classnames, templates):
-    """Fingerprint of the text tower's weights and the prompts, so a cached head is never reused wrongly."""
-    h = hashlib.sha256(json.dumps([list(classnames), list(templates)]).encode())
-    for name, tensor in model.state_dict().items():
-        if not name.startswith("visual."):
-            h.update(name.encode())
-            h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()[:32]
+    """A fingerprint of the text tower's weights and the prompts, so that a cached head is never
+    reused wrongly."""
+    text_tower = {k: v for k, v in model.state_dict().items() if not k.startswith("visual.")}
+    key = runtime.fingerprint([runtime.fingerprint(text_tower), list(classnames), list(templates)])
+    return key[:32]
 
 
 def _read_cached_head(path, shape, device):

@@ -50,6 +50,21 @@ def pick_device(flag):
     return device
 
 
+def add_machine_flags(parser, workers=True, download_root=True):
+    """The flags of where and how a command computes, as train.py, eval.py and bench.py share them:
+    --device and --amp (pick_device, autocast_for), --num-workers and --download-root."""
+    g = parser.add_argument_group("machine")
+    g.add_argument("--device", help="cuda, cuda:N or cpu [cuda if available]")
+    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="mixed precision: auto = bf16 on GPUs that support it, fp32 on CPU; fp16 "
+                        "adds a GradScaler in training (default: auto)")
+    if workers:
+        g.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+                       help="data loader processes per process [min(8, CPU cores)]")
+    if download_root:
+        g.add_argument("--download-root", help="where CLIP checkpoints are cached [~/.cache/clip]")
+
+
 def autocast_for(amp, device):
     """-> (autocast dtype or None, GradScaler needed)."""
     if amp == "auto":
@@ -266,7 +281,8 @@ def read_checkpoint(path, what="MUST checkpoint"):
 
 
 def fingerprint(value):
-    """SHA-256 of a state dict's tensors (names, dtypes, shapes, bytes) or of a list of strings (in order)."""
+    """SHA-256 of a state dict's tensors (names, dtypes, shapes, bytes), or of a list of strings or
+    of such lists (in order)."""
     h = hashlib.sha256()
     if isinstance(value, dict):
         for name in sorted(value):
