@@ -123,7 +123,8 @@ def ema_momentum(step, mu0, mu_n, mu_max=0.9998):
 
 @torch.no_grad()
 def ema_update(teacher, student, mu):
-    """eq. 1: Δ ← µΔ + (1 − µ)θ for every parameter and floating buffer (integer buffers are copied).
+    """eq. 1: Δ ← µΔ + (1 − µ)θ for every parameter and floating buffer (integer buffers are
+    copied).
 
     Written as Δ ← Δ + (1 − µ)(θ − Δ) (lerp, the same quantity), so that a parameter the student
     never changes (a frozen classifier, unused MIM heads) stays bit-identical in the teacher instead
@@ -153,7 +154,8 @@ def ema_update(teacher, student, mu):
 @torch.no_grad()
 def pseudo_labels(teacher_logits, conf_threshold):
     """eq. 2's targets: q = softmax of the EMA teacher's logits on the weak view (fp32, whatever the
-    autocast), q̂ = argmax q, confident where max q > τ. -> (labels (B,) long, confident (B,) bool)"""
+    autocast), q̂ = argmax q, confident where max q > τ.
+    -> (labels (B,) long, confident (B,) bool)"""
     max_prob, labels = teacher_logits.float().softmax(dim=-1).max(dim=-1)
     return labels, max_prob > conf_threshold
 
@@ -376,11 +378,13 @@ def must_step(student, teacher, model, optimizer, scaler, fairness, micro_batche
                 lambda_reg=lambda_reg, lambda_align=lambda_align, align_k=align_k,
                 patch_size=patch_size, use_mim=use_mim, use_align=use_align)
             scaler.scale(loss * world).backward()
-        labeled = confident & (target >= 0)  # no boolean indexing: nothing waits for the device
-        for name, value in (*terms.items(), ("confident", confident.sum()),
-                            ("images", torch.tensor(len(target), device=device)),
-                            ("labeled", labeled.sum()), ("correct", (labeled & (labels == target)).sum()),
-                            ("nonfinite", ~torch.isfinite(loss.detach()))):
+        # This micro-batch's numbers, counted without boolean indexing, so that nothing waits for
+        # the device.
+        labeled = confident & (target >= 0)
+        counts = {"confident": confident.sum(), "images": torch.tensor(len(target), device=device),
+                  "labeled": labeled.sum(), "correct": (labeled & (labels == target)).sum(),
+                  "nonfinite": ~torch.isfinite(loss.detach())}
+        for name, value in {**terms, **counts}.items():
             stats[name] = stats[name] + value.float().double()
     if use_reg:  # the same global value on every process: the sum over them gives it back
         stats["loss_reg"] = (reg_value / world).double()

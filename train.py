@@ -159,46 +159,46 @@ def train_one_epoch(run):
     """The steps not done yet of the epoch run.step is in (all of them, unless resumed inside it).
     -> why it ended: "epoch", "max-steps" or "signal" (a process was asked to stop: the step in
     flight finished)."""
-    a = run.args
+    args = run.args
     epoch, first = divmod(run.step, run.steps_per_epoch)
     run.views.epoch = epoch
     run.sampler.set_epoch(epoch)
     run.sampler.start = first * run.accum * run.micro_batch  # this process's samples per step
     loader = DataLoader(run.views, batch_size=run.micro_batch, sampler=run.sampler,
-                        num_workers=a.num_workers, pin_memory=run.device.type == "cuda",
+                        num_workers=args.num_workers, pin_memory=run.device.type == "cuda",
                         drop_last=True, worker_init_fn=ignore_stop_signals)
     batches = iter(loader)
     try:
         run.model.train()
-        bar = tqdm(range(first, run.steps_per_epoch), desc=f"epoch {epoch + 1}/{a.epochs}",
+        bar = tqdm(range(first, run.steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}",
                    disable=run.rank != 0, initial=first, total=run.steps_per_epoch,
                    dynamic_ncols=True)
         tic, seen = time.time(), 0
         for _ in bar:
-            if a.max_steps is not None and run.step >= a.max_steps:
+            if args.max_steps is not None and run.step >= args.max_steps:
                 return "max-steps"
             set_lr(run.optimizer, cosine_lr(run.step, run.total_steps, run.lr, run.min_lr))
-            mu = must.ema_momentum(run.step, a.ema_mu0, a.ema_mu_n)
+            mu = must.ema_momentum(run.step, args.ema_mu0, args.ema_mu_n)
             stats = must.must_step(
                 run.student, run.teacher, run.model, run.optimizer, run.scaler, run.fairness,
-                next_parts(batches, run.accum), conf_threshold=a.conf_threshold,
-                lambda_reg=a.lambda_reg, lambda_align=a.lambda_align, align_k=a.align_k,
-                patch_size=run.student.visual.patch_size, global_batch=a.global_batch,
-                ema_mu=mu, new_epoch=run.step % run.steps_per_epoch == 0, use_reg=not a.no_reg,
-                use_mim=not a.no_mim, use_align=not a.no_align, amp_dtype=run.amp_dtype,
+                next_parts(batches, run.accum), conf_threshold=args.conf_threshold,
+                lambda_reg=args.lambda_reg, lambda_align=args.lambda_align, align_k=args.align_k,
+                patch_size=run.student.visual.patch_size, global_batch=args.global_batch,
+                ema_mu=mu, new_epoch=run.step % run.steps_per_epoch == 0, use_reg=not args.no_reg,
+                use_mim=not args.no_mim, use_align=not args.no_align, amp_dtype=run.amp_dtype,
                 world=run.world)
             run.nonfinite += stats["nonfinite"]
             run.step += 1
-            seen += a.global_batch
+            seen += args.global_batch
             stop = stop_requested(run)  # every rank ends at the same step
-            if run.step % a.log_freq == 0 or run.step % run.steps_per_epoch == 0 or stop:
+            if run.step % args.log_freq == 0 or run.step % run.steps_per_epoch == 0 or stop:
                 check_health(run)
                 record = log_train(run, stats, mu, seen / (time.time() - tic))
                 bar.set_postfix(loss=f"{record['loss']:.3f}", conf=f"{record['conf_ratio']:.2f}")
                 tic, seen = time.time(), 0
             if stop:
                 return "signal"
-            if a.save_freq and run.step % a.save_freq == 0 and run.step % run.steps_per_epoch:
+            if args.save_freq and run.step % args.save_freq == 0 and run.step % run.steps_per_epoch:
                 save_checkpoint(run)
         return "epoch"
     finally:
@@ -210,7 +210,8 @@ def train_one_epoch(run):
 
 
 def next_parts(batches, accum):
-    """This process's accumulation micro-batches of the next step: [((weak, strong, mask), target)]."""
+    """This process's accumulation micro-batches of the next step:
+    [((weak, strong, mask), target)]."""
     try:
         return [next(batches) for _ in range(accum)]
     except folders.UnreadableDataset as e:  # from a worker: the message ends its traceback
@@ -237,16 +238,16 @@ def log(run, record):
 def log_train(run, stats, mu, images_per_s):
     """Rank 0 appends one "train" record for the step just done: the terms switched on, summed
     over processes."""
-    a = run.args
+    args = run.args
     total = dict(zip(stats, all_reduce(torch.stack(list(stats.values())), run.device).tolist()))
     skipped = report_unreadable(run.train_set, "training", run.reported, run.device)
     readable = len(run.train_set) - skipped
-    if readable < a.global_batch:
+    if readable < args.global_batch:
         fail(f"only {readable} of the {len(run.train_set)} training images can be read: fewer "
-             f"than one global batch of {a.global_batch} (see the warnings above)")
-    weights = {"loss_cls": 1.0, "loss_reg": a.lambda_reg, "loss_mim": 1.0,
-               "loss_align": a.lambda_align}
-    switched_on = (True, not a.no_reg, not a.no_mim, not a.no_align)
+             f"than one global batch of {args.global_batch} (see the warnings above)")
+    weights = {"loss_cls": 1.0, "loss_reg": args.lambda_reg, "loss_mim": 1.0,
+               "loss_align": args.lambda_align}
+    switched_on = (True, not args.no_reg, not args.no_mim, not args.no_align)
     on = [term for term, used in zip(weights, switched_on) if used]
     labeled = total["labeled"]
     record = {"type": "train", "step": run.step, "epoch": run.step / run.steps_per_epoch,
@@ -313,8 +314,8 @@ def print_table(evals, dataset, mean_per_class, start_name):
         count = f"   on {e.get('images')} images" if differ else ""
         print(f"  {name:20} {acc:6.2f}   epoch {when}{count}")
     if differ:
-        print("  warning: the evaluations scored different numbers of test images (see the warnings "
-              "above), so their accuracies are not comparable")
+        print("  warning: the evaluations scored different numbers of test images (see the "
+              "warnings above), so their accuracies are not comparable")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,7 +325,7 @@ def train(run):
     """The epoch loop and its one place for stopping: the end, --max-steps, or a signal. -> the
     eval records. Each epoch's steps are checkpointed before its evaluation, so that a stop or a
     kill during a long evaluation loses no training."""
-    a = run.args
+    args = run.args
     # Zero-shot (or the --init model) before training, or an evaluation a stop cut short.
     why = "epoch" if run_eval(run) else "signal"
     while why == "epoch" and run.step < run.total_steps:
@@ -332,7 +333,7 @@ def train(run):
         save_checkpoint(run)
         if why == "epoch" and not run_eval(run):
             why = "signal"
-        if why == "epoch" and a.max_steps is not None and run.step >= a.max_steps:
+        if why == "epoch" and args.max_steps is not None and run.step >= args.max_steps:
             why = "max-steps"
     save_checkpoint(run)  # the last evaluation joins the checkpoint
     if run.rank == 0:
@@ -354,7 +355,7 @@ def train(run):
 
 def report_end(run, why):
     """Rank 0's closing lines: unreadable images, a --max-steps stop, the results table."""
-    a = run.args
+    args = run.args
     if run.reported:
         print(f"skipped {len(run.reported)} unreadable training image(s) (named above); each was "
               f"replaced by the next readable one")
@@ -362,8 +363,8 @@ def report_end(run, why):
         print(f"stopped after step {run.step} of {run.total_steps} (--max-steps); rerun to resume "
               f"from {run.ckpt_path}")
     if run.evals:
-        start = "--init model" if a.init else "CLIP zero-shot"
-        print_table(run.evals, a.data, run.mean_per_class, start)
+        start = "--init model" if args.init else "CLIP zero-shot"
+        print_table(run.evals, args.data, run.mean_per_class, start)
     elif run.test_set is None:
         print("not evaluated: --data folder without --eval-root")
 
@@ -664,14 +665,14 @@ def checkpoint_bytes(run):
 def start(run):
     """Resume (--resume auto: OUT/checkpoint.pt if present) or start a fresh log; seed the
     per-rank RNGs."""
-    a = run.args
-    path = None if a.resume == "none" else (run.ckpt_path if a.resume == "auto" else a.resume)
+    args = run.args
+    path = {"none": None, "auto": run.ckpt_path}.get(args.resume, args.resume)
     if path == run.ckpt_path and not os.path.isfile(path):
         path = None
     elif path is not None and not os.path.isfile(path):
         fail(f"no checkpoint at {path}")
     check_out_dir(run)
-    seed = (a.seed + run.rank) % 2 ** 32  # per-rank RNGs for anything else; numpy's take < 2^32
+    seed = (args.seed + run.rank) % 2 ** 32  # per-rank RNGs for anything else; numpy's take < 2^32
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
@@ -680,11 +681,11 @@ def start(run):
     elif run.rank == 0:  # a fresh run starts a fresh log; a resumed one appends
         open(run.log_path, "w").close()
     if run.rank == 0:
-        print(f"MUST on {a.data}: {len(run.train_set)} images, {run.student.num_classes} "
-              f"classes, {run.world} process(es), global batch {a.global_batch} = {run.world} x "
+        print(f"MUST on {args.data}: {len(run.train_set)} images, {run.student.num_classes} "
+              f"classes, {run.world} process(es), global batch {args.global_batch} = {run.world} x "
               f"{run.accum} x {run.micro_batch}, {run.total_steps} steps, lr {run.lr:.3g}, "
               f"s = {run.student.logit_scale.item():.4g}")
-        log(run, {"type": "config", **vars(a), "world_size": run.world,
+        log(run, {"type": "config", **vars(args), "world_size": run.world,
                   "steps_per_epoch": run.steps_per_epoch})
 
 
