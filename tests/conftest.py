@@ -12,15 +12,17 @@ import toy  # noqa: E402
 
 def tiny_clip(**overrides):
     """A small randomly initialized CLIP for tests; it uses the real tokenizer's vocabulary."""
-    config = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
-                  context_length=77, vocab_size=49408, transformer_width=64, transformer_layers=2)
+    config = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64,
+                  vision_patch_size=8, context_length=77, vocab_size=49408, transformer_width=64,
+                  transformer_layers=2)
     config.update(overrides)
     return clip_model.CLIP(**config)
 
 
 # A 3-step pretraining recipe of a smaller tiny CLIP (tests/test_toy.py pretrains with it)
-TINY_PRETRAIN = dict(toy.PRETRAIN, model=dict(toy.PRETRAIN["model"], vision_width=32, vision_layers=1, embed_dim=16,
-                                               transformer_width=32, transformer_layers=1),
+TINY_PRETRAIN = dict(toy.PRETRAIN,
+                     model=dict(toy.PRETRAIN["model"], vision_width=32, vision_layers=1,
+                                embed_dim=16, transformer_width=32, transformer_layers=1),
                      steps=3, batch_size=8, warmup=1)
 
 

@@ -1,6 +1,6 @@
-"""clip_model against OpenAI's reference CLIP: a tiny random ViT CLIP saved in both release formats and
-OpenAI's fp32 outputs on fixed inputs (tests/data/, made by tests/make_reference.py); the MUST patch of
-the image tower; and the loader's errors."""
+"""clip_model against OpenAI's reference CLIP: a tiny random ViT CLIP saved in both release formats
+and OpenAI's fp32 outputs on fixed inputs (tests/data/, made by tests/make_reference.py); the MUST
+patch of the image tower; and the loader's errors."""
 import hashlib
 import re
 import os
@@ -64,7 +64,8 @@ def test_load_fp16_state_dict(ref_model):
 
 
 def test_load_published_torchscript_archive(monkeypatch):
-    """OpenAI's release format: read with torch.jit.load, which only archives with a published SHA-256 get."""
+    """OpenAI's release format: read with torch.jit.load, which only archives with a published
+    SHA-256 get."""
     sha = hashlib.sha256(open(JIT, "rb").read()).hexdigest()
     monkeypatch.setitem(clip_load._MODELS, "Fake-1", f"file:///nowhere/{sha}/Fake-1.pt")
     model, preprocess = clip_load.load(JIT)
@@ -100,12 +101,13 @@ def test_preprocess_gives_model_sized_normalized_tensor():
 
 
 def test_logit_scale_and_public_constants(ref_model):
-    assert abs(ref_model.logit_scale.exp().item() - torch.tensor(3.9).half().float().exp().item()) < 1e-4
+    expected_scale = torch.tensor(3.9).half().float().exp().item()
+    assert abs(ref_model.logit_scale.exp().item() - expected_scale) < 1e-4
     assert len(clip_load.CLIP_MEAN) == len(clip_load.CLIP_STD) == 3
     assert clip_load.available_models() == ["ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336px"]
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # MUST patch of the image tower
 
 
@@ -187,7 +189,8 @@ def test_build_model_round_trips_must_heads(must_model, tmp_path):
     assert set(rebuilt.state_dict()) == set(sd)
     torch.save(sd, tmp_path / "must.pt")
     reloaded, _ = clip_load.load(str(tmp_path / "must.pt"))
-    visual = clip_model.build_visual({k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")})
+    visual_sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+    visual = clip_model.build_visual(visual_sd)
     with torch.no_grad():
         expected = must_model.visual.forward_must(REF["images"], mask)
         for model in (rebuilt.visual, reloaded.visual, visual.eval()):
@@ -200,13 +203,15 @@ def test_tiny_clip_works_with_real_tokenizer():
     model = tiny_clip().eval()
     assert model.visual.input_resolution == 32 and model.visual.grid_size == 4
     with torch.no_grad():
-        logits, _ = model(torch.randn(2, 3, 32, 32), tokenizer.tokenize(["a photo of a dog.", "a cat"]))
+        images = torch.randn(2, 3, 32, 32)
+        texts = tokenizer.tokenize(["a photo of a dog.", "a cat"])
+        logits, _ = model(images, texts)
     assert logits.shape == (2, 2) and torch.isfinite(logits).all()
     rebuilt = clip_model.build_model(model.state_dict())
     assert set(rebuilt.state_dict()) == set(model.state_dict())
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Errors
 
 
@@ -231,7 +236,8 @@ def test_truncated_file(source, tmp_path):
 
 
 def _published(tmp_path, sha):
-    """A file:// 'release' whose address carries `sha`, as OpenAI's URLs carry the file's SHA-256."""
+    """A file:// 'release' whose address carries `sha`, as OpenAI's URLs carry the file's
+    SHA-256."""
     folder = tmp_path / "server" / sha
     folder.mkdir(parents=True)
     shutil.copy(FP16, folder / "Fake-1.pt")
@@ -261,7 +267,8 @@ def test_download_verifies_and_caches(tmp_path, monkeypatch):
 
 
 def _resnet_state_dict():
-    sd = {k: v for k, v in torch.load(FP16, weights_only=True).items() if not k.startswith("visual.")}
+    sd = {k: v for k, v in torch.load(FP16, weights_only=True).items()
+          if not k.startswith("visual.")}
     sd.update({
         "visual.conv1.weight": torch.zeros(32, 3, 3, 3),
         "visual.bn1.weight": torch.ones(32),
@@ -283,7 +290,7 @@ def test_resnet_clip_is_rejected(tmp_path):
         clip_load.load(str(tmp_path / "rn50.pt"))
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Embedding tables stored by their used rows (the committed toy_clip.pt)
 
 
@@ -292,9 +299,11 @@ def test_committed_toy_clip_loads_as_its_unpacked_state_dict():
     slim = torch.load(toy.WEIGHTS, weights_only=True)
     assert "token_embedding.weight" not in slim and isinstance(slim["recipe"], str)
     model, preprocess = clip_load.load(toy.WEIGHTS)
-    expected = {k: v for k, v in slim.items() if torch.is_tensor(v) and not k.startswith("token_embedding.")}
+    expected = {k: v for k, v in slim.items()
+                if torch.is_tensor(v) and not k.startswith("token_embedding.")}
     rows = slim["token_embedding.rows"]
-    expected["token_embedding.weight"] = torch.zeros(slim["token_embedding.vocab_size"], rows.shape[1])
+    vocab_size = slim["token_embedding.vocab_size"]
+    expected["token_embedding.weight"] = torch.zeros(vocab_size, rows.shape[1])
     expected["token_embedding.weight"][slim["token_embedding.ids"]] = rows
     assert set(model.state_dict()) == set(expected)
     for k, v in model.state_dict().items():
@@ -302,7 +311,8 @@ def test_committed_toy_clip_loads_as_its_unpacked_state_dict():
     weight = model.token_embedding.weight
     assert weight.shape[0] == slim["token_embedding.vocab_size"] == 49408
     assert torch.equal(weight[slim["token_embedding.ids"]], slim["token_embedding.rows"])
-    assert int((weight.abs().sum(1) > 0).sum()) == len(slim["token_embedding.ids"])  # the other rows are zero
+    # The other rows are zero.
+    assert int((weight.abs().sum(1) > 0).sum()) == len(slim["token_embedding.ids"])
 
 
 @pytest.mark.parametrize("change", [
@@ -352,8 +362,9 @@ def test_random_bytes_are_not_called_a_program(seed, tmp_path):
 
 @pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
 def test_pickle_naming_code_is_refused_at_any_protocol(protocol, tmp_path, capsys):
-    """torch names the global only for some protocols (it refuses others at an opcode it does not read, before
-    the global), but the file is a pickle (PROTO first or STOP last), so it is called refused, not damaged."""
+    """torch names the global only for some protocols (it refuses others at an opcode it does not
+    read, before the global), but the file is a pickle (PROTO first or STOP last), so it is called
+    refused, not damaged."""
     path = tmp_path / "program.pkl"
     path.write_bytes(pickle.dumps({"visual.proj": Program()}, protocol))
     with pytest.raises(clip_load.UnsafeFileError) as e:
@@ -374,7 +385,8 @@ def test_load_error_detail_says_refused_only_for_pickles(tmp_path):
     path.write_bytes(b"\x00" * 10)  # neither a PROTO opcode first nor STOP last: not a pickle
     with pytest.raises(Exception) as e:
         torch.load(path, weights_only=True)
-    assert runtime.load_error_detail(e.value, str(path)).startswith("it is truncated or not a checkpoint")
+    detail = runtime.load_error_detail(e.value, str(path))
+    assert detail.startswith("it is truncated or not a checkpoint")
 
 
 @pytest.mark.parametrize("sd,message", [

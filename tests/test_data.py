@@ -1,5 +1,5 @@
-"""data.py: Table 10 rows, patch-aligned masks, the two views, and label mapping BY NAME for every dataset layout
-(fake directory trees of tiny generated images; no network)."""
+"""data.py: Table 10 rows, patch-aligned masks, the two views, and label mapping BY NAME for every
+dataset layout (fake directory trees of tiny generated images; no network)."""
 
 import csv
 import inspect
@@ -21,7 +21,7 @@ import folders
 import randaugment
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # helpers
 
 
@@ -47,7 +47,8 @@ def _image_folder(split_dir, folder_names):
 
 
 def _assert_labels(ds, expected_of_index):
-    """Every sample in <split>/<folder>/<i>.jpg has label expected_of_index[i]; each class hit exactly once."""
+    """Every sample in <split>/<folder>/<i>.jpg has label expected_of_index[i]; each class hit
+    exactly once."""
     labels = []
     for path, label in ds.samples:
         i = int(os.path.splitext(os.path.basename(path))[0])
@@ -59,55 +60,63 @@ def _assert_labels(ds, expected_of_index):
 
 # Real on-disk class names (not derived from prompts) of the datasets whose names differ most.
 CALTECH101_FOLDERS = (
-    "BACKGROUND_Google Faces Faces_easy Leopards Motorbikes accordion airplanes anchor ant barrel bass beaver "
-    "binocular bonsai brain brontosaurus buddha butterfly camera cannon car_side ceiling_fan cellphone chair "
-    "chandelier cougar_body cougar_face crab crayfish crocodile crocodile_head cup dalmatian dollar_bill dolphin "
-    "dragonfly electric_guitar elephant emu euphonium ewer ferry flamingo flamingo_head garfield gerenuk "
-    "gramophone grand_piano hawksbill headphone hedgehog helicopter ibis inline_skate joshua_tree kangaroo ketch "
-    "lamp laptop llama lobster lotus mandolin mayfly menorah metronome minaret nautilus octopus okapi pagoda "
-    "panda pigeon pizza platypus pyramid revolver rhino rooster saxophone schooner scissors scorpion sea_horse "
-    "snoopy soccer_ball stapler starfish stegosaurus stop_sign strawberry sunflower tick trilobite umbrella watch "
-    "water_lilly wheelchair wild_cat windsor_chair wrench yin_yang").split()
+    "BACKGROUND_Google Faces Faces_easy Leopards Motorbikes accordion airplanes anchor ant barrel "
+    "bass beaver binocular bonsai brain brontosaurus buddha butterfly camera cannon car_side "
+    "ceiling_fan cellphone chair chandelier cougar_body cougar_face crab crayfish crocodile "
+    "crocodile_head cup dalmatian dollar_bill dolphin dragonfly electric_guitar elephant emu "
+    "euphonium ewer ferry flamingo flamingo_head garfield gerenuk gramophone grand_piano hawksbill "
+    "headphone hedgehog helicopter ibis inline_skate joshua_tree kangaroo ketch lamp laptop llama "
+    "lobster lotus mandolin mayfly menorah metronome minaret nautilus octopus okapi pagoda panda "
+    "pigeon pizza platypus pyramid revolver rhino rooster saxophone schooner scissors scorpion "
+    "sea_horse snoopy soccer_ball stapler starfish stegosaurus stop_sign strawberry sunflower tick "
+    "trilobite umbrella watch water_lilly wheelchair wild_cat windsor_chair wrench "
+    "yin_yang").split()
 UCF101_FOLDERS = (
-    "ApplyEyeMakeup ApplyLipstick Archery BabyCrawling BalanceBeam BandMarching BaseballPitch Basketball "
-    "BasketballDunk BenchPress Biking Billiards BlowDryHair BlowingCandles BodyWeightSquats Bowling "
-    "BoxingPunchingBag BoxingSpeedBag BreastStroke BrushingTeeth CleanAndJerk CliffDiving CricketBowling "
-    "CricketShot CuttingInKitchen Diving Drumming Fencing FieldHockeyPenalty FloorGymnastics FrisbeeCatch "
-    "FrontCrawl GolfSwing Haircut HammerThrow Hammering HandstandPushups HandstandWalking HeadMassage HighJump "
-    "HorseRace HorseRiding HulaHoop IceDancing JavelinThrow JugglingBalls JumpRope JumpingJack Kayaking Knitting "
-    "LongJump Lunges MilitaryParade Mixing MoppingFloor Nunchucks ParallelBars PizzaTossing PlayingCello "
-    "PlayingDaf PlayingDhol PlayingFlute PlayingGuitar PlayingPiano PlayingSitar PlayingTabla PlayingViolin "
-    "PoleVault PommelHorse PullUps Punch PushUps Rafting RockClimbingIndoor RopeClimbing Rowing SalsaSpin "
-    "ShavingBeard Shotput SkateBoarding Skiing Skijet SkyDiving SoccerJuggling SoccerPenalty StillRings "
-    "SumoWrestling Surfing Swing TableTennisShot TaiChi TennisSwing ThrowDiscus TrampolineJumping Typing "
-    "UnevenBars VolleyballSpiking WalkingWithDog WallPushups WritingOnBoard YoYo").split()
-PETS_RAW = ["Abyssinian", "american_bulldog", "american_pit_bull_terrier", "basset_hound", "beagle", "Bengal",
-            "Birman", "Bombay", "boxer", "British_Shorthair", "chihuahua", "Egyptian_Mau", "english_cocker_spaniel",
-            "english_setter", "german_shorthaired", "great_pyrenees", "havanese", "japanese_chin", "keeshond",
-            "leonberger", "Maine_Coon", "miniature_pinscher", "newfoundland", "Persian", "pomeranian", "pug",
-            "Ragdoll", "Russian_Blue", "saint_bernard", "samoyed", "scottish_terrier", "shiba_inu", "Siamese",
-            "Sphynx", "staffordshire_bull_terrier", "wheaten_terrier", "yorkshire_terrier"]  # official ids 1..37
+    "ApplyEyeMakeup ApplyLipstick Archery BabyCrawling BalanceBeam BandMarching BaseballPitch "
+    "Basketball BasketballDunk BenchPress Biking Billiards BlowDryHair BlowingCandles "
+    "BodyWeightSquats Bowling BoxingPunchingBag BoxingSpeedBag BreastStroke BrushingTeeth "
+    "CleanAndJerk CliffDiving CricketBowling CricketShot CuttingInKitchen Diving Drumming Fencing "
+    "FieldHockeyPenalty FloorGymnastics FrisbeeCatch FrontCrawl GolfSwing Haircut HammerThrow "
+    "Hammering HandstandPushups HandstandWalking HeadMassage HighJump HorseRace HorseRiding "
+    "HulaHoop IceDancing JavelinThrow JugglingBalls JumpRope JumpingJack Kayaking Knitting "
+    "LongJump Lunges MilitaryParade Mixing MoppingFloor Nunchucks ParallelBars PizzaTossing "
+    "PlayingCello PlayingDaf PlayingDhol PlayingFlute PlayingGuitar PlayingPiano PlayingSitar "
+    "PlayingTabla PlayingViolin PoleVault PommelHorse PullUps Punch PushUps Rafting "
+    "RockClimbingIndoor RopeClimbing Rowing SalsaSpin ShavingBeard Shotput SkateBoarding Skiing "
+    "Skijet SkyDiving SoccerJuggling SoccerPenalty StillRings SumoWrestling Surfing Swing "
+    "TableTennisShot TaiChi TennisSwing ThrowDiscus TrampolineJumping Typing UnevenBars "
+    "VolleyballSpiking WalkingWithDog WallPushups WritingOnBoard YoYo").split()
+# In the order of their official ids 1..37.
+PETS_RAW = ["Abyssinian", "american_bulldog", "american_pit_bull_terrier", "basset_hound", "beagle",
+            "Bengal", "Birman", "Bombay", "boxer", "British_Shorthair", "chihuahua", "Egyptian_Mau",
+            "english_cocker_spaniel", "english_setter", "german_shorthaired", "great_pyrenees",
+            "havanese", "japanese_chin", "keeshond", "leonberger", "Maine_Coon",
+            "miniature_pinscher", "newfoundland", "Persian", "pomeranian", "pug", "Ragdoll",
+            "Russian_Blue", "saint_bernard", "samoyed", "scottish_terrier", "shiba_inu", "Siamese",
+            "Sphynx", "staffordshire_bull_terrier", "wheaten_terrier", "yorkshire_terrier"]
 
 
 def _classes(name):
     return data.dataset_prompts(name)[0]
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # hyperparameters
 
 
 def test_hparams_table10_spot_checks():
     assert len(config.HPARAMS) == 14
     assert config.HPARAMS[("imagenet", "ViT-B/16")] == dict(
-        mask_unit=32, mask_ratio=0.3, conf_threshold=0.7, lambda_reg=1.0, lambda_align=0.2, ema_mu0=0.999,
-        ema_mu_n=2000, base_lr=2e-5, epochs=30, eval_freq=1)
+        mask_unit=32, mask_ratio=0.3, conf_threshold=0.7, lambda_reg=1.0, lambda_align=0.2,
+        ema_mu0=0.999, ema_mu_n=2000, base_lr=2e-5, epochs=30, eval_freq=1)
     assert config.HPARAMS[("imagenet", "ViT-L/14")] == dict(
-        mask_unit=56, mask_ratio=0.3, conf_threshold=0.5, lambda_reg=1.0, lambda_align=0.5, ema_mu0=0.999,
-        ema_mu_n=2000, base_lr=4e-5, epochs=20, eval_freq=1)
+        mask_unit=56, mask_ratio=0.3, conf_threshold=0.5, lambda_reg=1.0, lambda_align=0.5,
+        ema_mu0=0.999, ema_mu_n=2000, base_lr=4e-5, epochs=20, eval_freq=1)
     sun_l = config.HPARAMS[("sun397", "ViT-L/14")]
-    assert (sun_l["mask_unit"], sun_l["mask_ratio"], sun_l["conf_threshold"], sun_l["lambda_reg"]) == (28, 0.2, 0.3, 0.2)
-    assert (sun_l["ema_mu0"], sun_l["ema_mu_n"], sun_l["base_lr"], sun_l["eval_freq"]) == (0.99, 500, 2e-4, 2)
+    assert (sun_l["mask_unit"], sun_l["mask_ratio"], sun_l["conf_threshold"],
+            sun_l["lambda_reg"]) == (28, 0.2, 0.3, 0.2)
+    assert (sun_l["ema_mu0"], sun_l["ema_mu_n"], sun_l["base_lr"],
+            sun_l["eval_freq"]) == (0.99, 500, 2e-4, 2)
     gtsrb = config.HPARAMS[("gtsrb", "ViT-B/16")]
     assert (gtsrb["mask_ratio"], gtsrb["conf_threshold"], gtsrb["lambda_align"]) == (0.5, 0.3, 0.5)
     ucf = config.HPARAMS[("ucf101", "ViT-B/16")]
@@ -124,11 +133,12 @@ def test_hparams_table10_spot_checks():
 
 def test_hparams_defaults_and_fallbacks(monkeypatch):
     hp = config.hparams("imagenet", "ViT-B/16")
-    assert hp == {**config.HPARAMS[("imagenet", "ViT-B/16")], "batch_size": 1024, "strong_view": "paper"}
+    assert hp == {**config.HPARAMS[("imagenet", "ViT-B/16")], "batch_size": 1024,
+                  "strong_view": "paper"}
     hp["epochs"] = 1  # a fresh dict: overriding it leaves the table alone
     assert config.HPARAMS[("imagenet", "ViT-B/16")]["epochs"] == 30
-    assert config.hparams("dtd", "ViT-L/14") == {**config.HPARAMS[("dtd", "ViT-L/14")], "batch_size": 512,
-                                                "strong_view": "paper"}
+    assert config.hparams("dtd", "ViT-L/14") == {**config.HPARAMS[("dtd", "ViT-L/14")],
+                                                 "batch_size": 512, "strong_view": "paper"}
     # folder and the shifted ImageNets use ImageNet's row
     for name in ["folder", "imagenet-r", "imagenet-a", "imagenet-v2", "imagenet-sketch"]:
         assert config.hparams(name, "ViT-L/14") == config.hparams("imagenet", "ViT-L/14")
@@ -145,14 +155,16 @@ def test_hparams_defaults_and_fallbacks(monkeypatch):
     assert pets_l["base_lr"] == pytest.approx(2e-5)
     # unknown model (e.g. a checkpoint path): ViT-B/16 row, snapped when the geometry is given
     assert config.hparams("imagenet", "/ckpt/tiny.pt")["mask_unit"] == 32
-    assert config.hparams("imagenet", "/ckpt/tiny.pt", patch_size=8, input_size=64)["mask_unit"] == 32
-    assert config.hparams("imagenet", "/ckpt/tiny.pt", patch_size=8, input_size=48)["mask_unit"] == 24
+    at_64 = config.hparams("imagenet", "/ckpt/tiny.pt", patch_size=8, input_size=64)
+    assert at_64["mask_unit"] == 32
+    at_48 = config.hparams("imagenet", "/ckpt/tiny.pt", patch_size=8, input_size=48)
+    assert at_48["mask_unit"] == 24
     assert config.hparams("imagenet", "ViT-B/16", 16, 224) == config.hparams("imagenet", "ViT-B/16")
     with pytest.raises(ValueError, match="valid names: imagenet"):
         config.hparams("imagenet21k", "ViT-B/16")
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # mask generator
 
 
@@ -164,11 +176,13 @@ def test_hparams_defaults_and_fallbacks(monkeypatch):
     (224, 28, 14, 0.2, 13),  # 64 units, 12.8 -> 13
     (336, 56, 14, 0.3, 11),  # 36 units, 10.8 -> 11
     (224, 32, 32, 0.5, 25),  # 49 units, 24.5 -> 25
-    (224, 28, 14, 0.1, 7),   # UCF101 ViT-L/14: 64 units, 6.4 -> 7 (always rounded up, as the release)
+    # UCF101 ViT-L/14: 64 units, 6.4 -> 7 (always rounded up, as the release).
+    (224, 28, 14, 0.1, 7),
     (32, 16, 8, 0.3, 2),     # 4 units, 1.2 -> 2
     (32, 16, 8, 0.5, 2),     # 4 units
 ])
-def test_mask_generator_count_and_alignment(input_size, mask_unit, patch_size, ratio, expected_units):
+def test_mask_generator_count_and_alignment(input_size, mask_unit, patch_size, ratio,
+                                            expected_units):
     gen = data.MaskGenerator(input_size, mask_unit, patch_size, ratio)
     grid, s, g = input_size // patch_size, mask_unit // patch_size, input_size // mask_unit
     masks = torch.stack([gen() for _ in range(20)])
@@ -191,7 +205,7 @@ def test_mask_generator_errors():
     assert not data.MaskGenerator(224, 32, 16, 0.0)().any()
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # views
 
 
@@ -222,8 +236,8 @@ def test_train_transform_views():
 
 
 def test_light_strong_view():
-    """The small-image view: a translation of at most 10% of the side, a flip, brightness/contrast; never a crop
-    that loses the object, and any input size comes out at input_size."""
+    """The small-image view: a translation of at most 10% of the side, a flip, brightness/contrast;
+    never a crop that loses the object, and any input size comes out at input_size."""
     tf = data.TrainTransform(32, data.MaskGenerator(32, 16, 8, 0.5), strong="light")
     arr = np.zeros((32, 32, 3), np.uint8)
     arr[12:20, 12:20] = 255  # a white square in the middle
@@ -233,7 +247,8 @@ def test_light_strong_view():
         assert weak.shape == strong.shape == (3, 32, 32)
         bright = strong.mean(0) > strong.mean()
         ys, xs = bright.nonzero(as_tuple=True)
-        assert 12 - 3 <= ys.min() and ys.max() <= 19 + 3 and 12 - 3 <= xs.min() and xs.max() <= 19 + 3
+        assert (12 - 3 <= ys.min() and ys.max() <= 19 + 3
+                and 12 - 3 <= xs.min() and xs.max() <= 19 + 3)
         assert bright.sum() >= 40  # the square survives whole
     views = torch.stack([tf(Image.fromarray(arr))[1] for _ in range(8)])
     assert views.std(0).max() > 0.1  # random, not a fixed transform
@@ -267,28 +282,33 @@ def test_test_transform():
     assert data.CLIP_STD == (0.26862954, 0.26130258, 0.27577711)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # ImageFolder layouts: class folders mapped by name for EVERY dataset
 
 
 def _variant_spellings(name, classnames):
-    """Folder names in another spelling than the prompt names (underscores, CamelCase, upper case)."""
+    """Folder names in another spelling than the prompt names (underscores, CamelCase, upper
+    case)."""
     if name == "ucf101":
         return UCF101_FOLDERS
     if name == "caltech101":
         return CALTECH101_FOLDERS
     if name == "gtsrb":
         return [f"{i:05d}" for i in range(len(classnames))]
-    styles = [lambda c: c.replace(" ", "_"), lambda c: c.title().replace(" ", ""), lambda c: c.upper()]
+    styles = [lambda c: c.replace(" ", "_"),
+              lambda c: c.title().replace(" ", ""),
+              lambda c: c.upper()]
     return [styles[i % 3](c) for i, c in enumerate(classnames)]
 
 
-@pytest.mark.parametrize("name", ["sun397", "food101", "gtsrb", "dtd", "ucf101", "pets", "caltech101"])
+@pytest.mark.parametrize("name",
+                         ["sun397", "food101", "gtsrb", "dtd", "ucf101", "pets", "caltech101"])
 def test_image_folder_layout_maps_every_class_by_name(tmp_path, name):
     classnames = _classes(name)
     folders = _variant_spellings(name, classnames)
     assert len(folders) == len(classnames)
-    order = list(range(len(folders)))[::-1]  # creation order is irrelevant; the loader sorts and maps by name
+    # The creation order is irrelevant; the loader sorts and maps by name.
+    order = list(range(len(folders)))[::-1]
     for split in ("train", "test"):
         for i in order:
             _touch_image(str(tmp_path / split / folders[i] / f"{i}.jpg"))
@@ -308,7 +328,8 @@ def test_ucf101_frames_nested_per_video(tmp_path):
     ds = data.build_dataset("ucf101", str(tmp_path), "train", transform=None)
     names = [ds.classnames[y] for _, y in ds.samples]
     assert len(ds) == 12
-    assert names.count("Apply Eye Makeup") == names.count("Yo Yo") == names.count("Hand Stand Pushups") == 4
+    assert (names.count("Apply Eye Makeup") == names.count("Yo Yo")
+            == names.count("Hand Stand Pushups") == 4)
 
 
 def test_imagenet_wnid_folders(tmp_path):
@@ -319,7 +340,8 @@ def test_imagenet_wnid_folders(tmp_path):
     _assert_labels(train, list(range(1000)))
     val = data.build_dataset("imagenet", str(tmp_path), "test", transform=None)
     _assert_labels(val, list(range(1000))[::-1])
-    assert train.classnames == prompts.DATASETS["imagenet"]["classes"] and len(train.templates) == 80
+    assert (train.classnames == prompts.DATASETS["imagenet"]["classes"]
+            and len(train.templates) == 80)
 
 
 def test_imagenet_class_name_folders_and_ambiguous_names(tmp_path):
@@ -332,7 +354,10 @@ def test_imagenet_class_name_folders_and_ambiguous_names(tmp_path):
         data.build_dataset("imagenet", str(tmp_path), "test", transform=None)
 
 
-@pytest.mark.parametrize("name,wnids", [("imagenet-r", "IMAGENET_R_WNIDS"), ("imagenet-a", "IMAGENET_A_WNIDS")])
+@pytest.mark.parametrize("name,wnids", [
+    ("imagenet-r", "IMAGENET_R_WNIDS"),
+    ("imagenet-a", "IMAGENET_A_WNIDS"),
+])
 def test_imagenet_r_a_200_class_subsets(tmp_path, name, wnids):
     wnids = getattr(prompts, wnids)
     _image_folder(str(tmp_path / name), sorted(wnids, reverse=True))  # creation order irrelevant
@@ -340,7 +365,8 @@ def test_imagenet_r_a_200_class_subsets(tmp_path, name, wnids):
     for split in ("train", "test"):  # transductive: both splits are the same test images
         ds = data.build_dataset(name, str(tmp_path / name), split, transform=None)
         _assert_labels(ds, [wnids.index(w) for w in in_order])
-        assert len(ds.classnames) == 200 and ds.templates == prompts.DATASETS["imagenet"]["templates"]
+        assert (len(ds.classnames) == 200
+                and ds.templates == prompts.DATASETS["imagenet"]["templates"])
     imagenet = prompts.DATASETS["imagenet"]["classes"]
     assert ds.classnames == [imagenet[prompts.IMAGENET_WNIDS.index(w)] for w in wnids]
 
@@ -359,18 +385,20 @@ def test_imagenet_sketch_wnid_folders_under_split_dir(tmp_path):
     _assert_labels(ds, list(range(1000)))
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # torchvision on-disk layouts (faked minimally) and their name tables
 
 
 def _expect_each_class_once(datasets, classnames):
     labels = sorted(y for ds in datasets for _, y in ds.samples)
     assert labels == list(range(len(classnames)))
-    assert all(os.path.isfile(p) for ds in datasets for p, _ in ds.samples)  # paths name the real files
+    # The paths name the real files.
+    assert all(os.path.isfile(p) for ds in datasets for p, _ in ds.samples)
 
 
 def _fake_food101(root):
-    """food-101/meta/<split>.json ({class: ["class/id", ...]}, classes NOT in sorted order) + images/."""
+    """food-101/meta/<split>.json ({class: ["class/id", ...]}, classes NOT in sorted order) +
+    images/."""
     base = root / "food-101"
     raw = [c.replace(" ", "_") for c in _classes("food101")][::-1]
     os.makedirs(base / "meta", exist_ok=True)
@@ -383,7 +411,8 @@ def _fake_food101(root):
 
 
 def _fake_dtd(root):
-    """dtd/dtd/labels/{train,val,test}1.txt of '<class>/<file>' lines + images/; -> {split: lines}."""
+    """dtd/dtd/labels/{train,val,test}1.txt of '<class>/<file>' lines + images/;
+    -> {split: lines}."""
     base = root / "dtd" / "dtd"
     os.makedirs(base / "labels", exist_ok=True)
     lines = {}
@@ -396,12 +425,14 @@ def _fake_dtd(root):
 
 
 def _fake_gtsrb(root, train_classes=range(43)):
-    """gtsrb/GTSRB/Training/<00000..>/*.ppm (+ the real layout's GT-<class>.csv, not an image), the test images
-    in GTSRB/Final_Test/Images and their classes in gtsrb/GT-final_test.csv (image i is class 42 - i)."""
+    """gtsrb/GTSRB/Training/<00000..>/*.ppm (+ the real layout's GT-<class>.csv, not an image), the
+    test images in GTSRB/Final_Test/Images and their classes in gtsrb/GT-final_test.csv (image i is
+    class 42 - i)."""
     base = root / "gtsrb"
     for i in train_classes:
-        _touch_image(str(base / "GTSRB" / "Training" / f"{i:05d}" / f"{i:05d}_00000.ppm"))
-        (base / "GTSRB" / "Training" / f"{i:05d}" / f"GT-{i:05d}.csv").write_text("Filename;ClassId\n")
+        folder = base / "GTSRB" / "Training" / f"{i:05d}"
+        _touch_image(str(folder / f"{i:05d}_00000.ppm"))
+        (folder / f"GT-{i:05d}.csv").write_text("Filename;ClassId\n")
     rows = [{"Filename": f"{i:05d}.ppm", "Width": "12", "ClassId": str(42 - i)} for i in range(43)]
     for r in rows:
         _touch_image(str(base / "GTSRB" / "Final_Test" / "Images" / r["Filename"]))
@@ -412,12 +443,13 @@ def _fake_gtsrb(root, train_classes=range(43)):
 
 
 def _fake_pets(root, test_breeds=PETS_RAW):
-    """oxford-iiit-pet/annotations/{trainval,test}.txt ('<Breed>_<n> <official id> <species> <breed id>') +
-    images/."""
+    """oxford-iiit-pet/annotations/{trainval,test}.txt
+    ('<Breed>_<n> <official id> <species> <breed id>') + images/."""
     base = root / "oxford-iiit-pet"
     os.makedirs(base / "annotations", exist_ok=True)
     for split, breeds in (("trainval", PETS_RAW), ("test", test_breeds)):
-        lines = [f"{raw}_{split}1 {PETS_RAW.index(raw) + 1} {1 if raw[0].isupper() else 2} 1" for raw in breeds]
+        lines = [f"{raw}_{split}1 {PETS_RAW.index(raw) + 1} {1 if raw[0].isupper() else 2} 1"
+                 for raw in breeds]
         (base / "annotations" / f"{split}.txt").write_text("\n".join(lines) + "\n")
         for raw in breeds:
             _touch_image(str(base / "images" / f"{raw}_{split}1.jpg"))
@@ -426,8 +458,8 @@ def _fake_pets(root, test_breeds=PETS_RAW):
 def _sun397_path(classname):
     """SUN397-style '/a/apartment_building/outdoor' for a prompt name (sub-category after a '/')."""
     words = classname.split()
-    if len(words) > 1 and words[-1] in ("indoor", "outdoor", "exterior", "interior", "home", "vehicle",
-                                        "natural", "urban", "public", "establishment"):
+    if len(words) > 1 and words[-1] in ("indoor", "outdoor", "exterior", "interior", "home",
+                                        "vehicle", "natural", "urban", "public", "establishment"):
         return f"/{classname[0]}/{'_'.join(words[:-1])}/{words[-1]}"
     return f"/{classname[0]}/{'_'.join(words)}"
 
@@ -444,14 +476,15 @@ def _fake_sun397(root):
 
 
 def _fake_caltech101(root):
-    """caltech101/101_ObjectCategories/<folder>/image_<n>.jpg, one image per folder (not always image_0001)."""
+    """caltech101/101_ObjectCategories/<folder>/image_<n>.jpg, one image per folder (not always
+    image_0001)."""
     base = root / "caltech101" / "101_ObjectCategories"
     for i, folder in enumerate(CALTECH101_FOLDERS):
         _touch_image(str(base / folder / f"image_{1 + i % 3:04d}.jpg"))
 
 
-_FAKE_LAYOUTS = {"food101": _fake_food101, "dtd": _fake_dtd, "gtsrb": _fake_gtsrb, "pets": _fake_pets,
-                 "sun397": _fake_sun397, "caltech101": _fake_caltech101}
+_FAKE_LAYOUTS = {"food101": _fake_food101, "dtd": _fake_dtd, "gtsrb": _fake_gtsrb,
+                 "pets": _fake_pets, "sun397": _fake_sun397, "caltech101": _fake_caltech101}
 
 
 def test_food101_torchvision_layout(tmp_path):
@@ -462,7 +495,8 @@ def test_food101_torchvision_layout(tmp_path):
         _expect_each_class_once([ds], classes)
         for path, y in ds.samples:
             assert os.path.basename(os.path.dirname(path)) == classes[y].replace(" ", "_")
-        assert [os.path.basename(os.path.dirname(p)) for p, _ in ds.samples] == raw  # the meta file's order
+        # The meta file's order.
+        assert [os.path.basename(os.path.dirname(p)) for p, _ in ds.samples] == raw
 
 
 def test_dtd_torchvision_layout_train_is_train_plus_val(tmp_path):
@@ -503,14 +537,16 @@ def test_pets_torchvision_layout_maps_official_ids_by_name(tmp_path):
     for split in ("train", "test"):
         ds = data.build_dataset("pets", str(tmp_path), split, transform=None)
         _expect_each_class_once([ds], classes)
-        for path, y in ds.samples:  # official id order (case-insensitive sort) differs from prompt order
+        # The official id order (case-insensitive sort) differs from the prompt order.
+        for path, y in ds.samples:
             raw = os.path.basename(path).rsplit("_", 1)[0]
             assert raw.replace("_", " ").lower() == classes[y].lower()
     assert PETS_RAW.index("Bengal") == 5 and classes.index("Bengal") == 1
     # a split that lacks some breeds still labels the others by their official id's name
     _fake_pets(tmp_path / "some", test_breeds=PETS_RAW[1::3])
     some = data.build_dataset("pets", str(tmp_path / "some"), "test", transform=None)
-    assert [classes[y].lower() for _, y in some.samples] == [r.replace("_", " ").lower() for r in PETS_RAW[1::3]]
+    expected = [r.replace("_", " ").lower() for r in PETS_RAW[1::3]]
+    assert [classes[y].lower() for _, y in some.samples] == expected
 
 
 def test_sun397_torchvision_layout_deterministic_split(tmp_path):
@@ -537,7 +573,8 @@ def test_caltech101_torchvision_layout_keeps_background(tmp_path):
     test = data.build_dataset("caltech101", str(tmp_path), "test", transform=None)
     _expect_each_class_once([train, test], classes)
     for ds in (train, test):
-        for path, y in ds.samples:  # real folder i is prompt class i (prompt order = sorted folder names)
+        # Real folder i is prompt class i (prompt order = sorted folder names).
+        for path, y in ds.samples:
             assert CALTECH101_FOLDERS.index(os.path.basename(os.path.dirname(path))) == y
 
 
@@ -557,13 +594,14 @@ def test_torchvision_layouts_are_read_without_torchvision(tmp_path, monkeypatch,
     os.makedirs(tmp_path / "empty")
     layout = folders.TORCHVISION_LAYOUTS[name][1].replace("root", str(tmp_path / "empty"))
     for split in ("train", "test"):  # a missing layout: the message names it and --download
-        with pytest.raises(FileNotFoundError, match=f"torchvision's layout {layout} \\(pass --download"):
+        with pytest.raises(FileNotFoundError,
+                           match=f"torchvision's layout {layout} \\(pass --download"):
             data.build_dataset(name, str(tmp_path / "empty"), split, transform=None)
 
 
 class _FakeDownloads:
-    """Stands in for torchvision.datasets under --download: each constructor call is recorded and writes the
-    dataset's (fake) layout under root, as a real download would."""
+    """Stands in for torchvision.datasets under --download: each constructor call is recorded and
+    writes the dataset's (fake) layout under root, as a real download would."""
 
     def __init__(self, name):
         self.name, self.calls = name, []
@@ -590,7 +628,8 @@ def test_torchvision_download_goes_through_public_constructors(tmp_path, monkeyp
 
 
 def test_name_tables_hit_every_prompt_class_once():
-    """The torchvision class-name lists, as torchvision spells them, cover each prompt class exactly once."""
+    """The torchvision class-name lists, as torchvision spells them, cover each prompt class exactly
+    once."""
     tv_names = {
         "caltech101": CALTECH101_FOLDERS,
         "pets": [" ".join(p.title() for p in raw.split("_")) for raw in PETS_RAW],
@@ -605,14 +644,15 @@ def test_name_tables_hit_every_prompt_class_once():
         assert sorted(labels) == list(range(len(_classes(name)))), name
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the user's own images
 
 
 def test_folder_dataset_nested_unlabeled_and_eval_root(tmp_path):
     root = tmp_path / "mine"
     _touch_image(str(root / "a.jpg"))
-    _touch_image(str(root / "x" / "y" / "b.PNG"), _image_bytes("PNG", mode="RGBA", color=(1, 2, 3, 4)))
+    rgba_png = _image_bytes("PNG", mode="RGBA", color=(1, 2, 3, 4))
+    _touch_image(str(root / "x" / "y" / "b.PNG"), rgba_png)
     _touch_image(str(root / "x" / "c.webp"), _image_bytes("WEBP"))
     _touch_image(str(root / "x" / "d.bmp"), _image_bytes("BMP", mode="L"))
     (root / "x" / "notes.txt").write_text("not an image")
@@ -633,11 +673,13 @@ def test_folder_dataset_nested_unlabeled_and_eval_root(tmp_path):
     assert "a photo of a {}." in default.templates
     evals = tmp_path / "eval"
     _image_folder(str(evals), ["snowy_owl", "RED FOX", "arctic-hare"])
-    test = data.build_dataset("folder", str(root), "test", None, classes_file=str(classes), eval_root=str(evals))
+    test = data.build_dataset("folder", str(root), "test", None, classes_file=str(classes),
+                              eval_root=str(evals))
     _assert_labels(test, [2, 0, 1])
     _image_folder(str(evals), ["snowy_owl", "RED FOX", "arctic-hare", "polar bear"])
     with pytest.raises(ValueError, match="'polar bear'"):
-        data.build_dataset("folder", str(root), "test", None, classes_file=str(classes), eval_root=str(evals))
+        data.build_dataset("folder", str(root), "test", None, classes_file=str(classes),
+                           eval_root=str(evals))
 
 
 def test_dataset_item_with_train_transform(tmp_path):
@@ -648,20 +690,23 @@ def test_dataset_item_with_train_transform(tmp_path):
     assert weak.shape == strong.shape == (3, 32, 32) and mask.shape == (16,) and label == 46
     loader = torch.utils.data.DataLoader(ds, batch_size=2, shuffle=True)
     (weak, strong, mask), labels = next(iter(loader))
-    assert weak.shape == (2, 3, 32, 32) and mask.shape == (2, 16) and labels.tolist() in ([0, 46], [46, 0])
+    assert (weak.shape == (2, 3, 32, 32) and mask.shape == (2, 16)
+            and labels.tolist() in ([0, 46], [46, 0]))
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # errors
 
 
 def test_clear_errors(tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match="unknown dataset 'cifar10'; valid names: imagenet, sun397"):
+    with pytest.raises(ValueError,
+                       match="unknown dataset 'cifar10'; valid names: imagenet, sun397"):
         data.build_dataset("cifar10", str(tmp_path), "train", None)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         data.build_dataset("imagenet", str(tmp_path / "nope"), "train", None)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        data.build_dataset("folder", str(tmp_path / "nope"), "train", None, classes_file=str(tmp_path / "c.txt"))
+        data.build_dataset("folder", str(tmp_path / "nope"), "train", None,
+                           classes_file=str(tmp_path / "c.txt"))
     empty = tmp_path / "empty"
     empty.mkdir()
     classes = tmp_path / "classes.txt"
@@ -694,7 +739,8 @@ def test_clear_errors(tmp_path, monkeypatch):
         folders.read_templates(str(tmp_path / "bad_t.txt"))
     # unmapped and doubly-mapped class folders
     _image_folder(str(tmp_path / "dtd" / "train"), ["banded", "velvety", "furry"])
-    with pytest.raises(ValueError, match=r"2 class folder\(s\) of 'dtd' match no class name.*'furry', 'velvety'"):
+    unmapped = r"2 class folder\(s\) of 'dtd' match no class name.*'furry', 'velvety'"
+    with pytest.raises(ValueError, match=unmapped):
         data.build_dataset("dtd", str(tmp_path / "dtd"), "train", None)
     _image_folder(str(tmp_path / "dtd2" / "train"), ["polka-dotted", "polka_dotted"])
     with pytest.raises(ValueError, match="both map to class 'polka-dotted'"):
@@ -712,10 +758,13 @@ def test_registered_dataset_brings_its_data_hparams_and_model(monkeypatch):
     monkeypatch.setattr(data, "_REGISTERED", {})
     calls, hparams = [], {"mask_unit": 8, "batch_size": 64}
     assert not data.is_registered("mine") and data.default_model("mine", None) == "ViT-B/16"
-    data.register_dataset("mine", lambda root, split, transform: calls.append((root, split)) or "ds", hparams,
-                          lambda root: f"{root}/clip.pt")
+    data.register_dataset("mine",
+                          lambda root, split, transform: calls.append((root, split)) or "ds",
+                          hparams, lambda root: f"{root}/clip.pt")
     assert data.is_registered("mine") and "mine" in data.DATASET_NAMES
-    assert data.build_dataset("mine", "/tmp/root", "test", None) == "ds" and calls == [("/tmp/root", "test")]
+    assert (data.build_dataset("mine", "/tmp/root", "test", None) == "ds"
+            and calls == [("/tmp/root", "test")])
     hp = config.hparams("mine", "ViT-B/16")
-    assert hp == hparams and hp is not hparams  # a fresh dict: train.py overrides its values
+    # A fresh dict: train.py overrides its values.
+    assert hp == hparams and hp is not hparams
     assert data.default_model("mine", "/tmp/root") == "/tmp/root/clip.pt"

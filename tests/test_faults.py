@@ -1,12 +1,12 @@
-"""Bad inputs and faults, table by table, on one tiny module-scoped world (a random tiny CLIP, 40x40 PNGs):
-flags out of their domain, class and template files, bad image files (training substitutes, evaluation skips,
-each reported once and counted, runs stay bit-reproducible, also across DataLoader workers), listing of links,
-FIFOs and loops, too few readable images, checkpoints that are broken or belong to another model / class list /
-templates / dataset, the out-dir lock, a full disk (a real ENOSPC from /dev/full), non-finite losses and heads,
---data folder without --eval-root, and eval.py skipping unreadable files. Every error is checked as the exact
-one-line message (fragment) train.main / eval.main exits with, and where it matters, that nothing
-was written. Last: --model files that are no CLIP ViT, a damaged zero-shot head cache, folders that
-cannot be listed."""
+"""Bad inputs and faults, table by table, on one tiny module-scoped world (a random tiny CLIP, 40x40
+PNGs): flags out of their domain, class and template files, bad image files (training substitutes,
+evaluation skips, each reported once and counted, runs stay bit-reproducible, also across DataLoader
+workers), listing of links, FIFOs and loops, too few readable images, checkpoints that are broken or
+belong to another model / class list / templates / dataset, the out-dir lock, a full disk (a real
+ENOSPC from /dev/full), non-finite losses and heads, --data folder without --eval-root, and eval.py
+skipping unreadable files. Every error is checked as the exact one-line message (fragment)
+train.main / eval.main exits with, and where it matters, that nothing was written. Last: --model
+files that are no CLIP ViT, a damaged zero-shot head cache, folders that cannot be listed."""
 import contextlib
 import errno
 import io
@@ -36,7 +36,8 @@ import train
 from conftest import tiny_clip
 import folders
 
-# tiny models: one thread is several times faster than two on a shared 2-core machine, and as deterministic
+# Tiny models: one thread is several times faster than two on a shared 2-core machine, and as
+# deterministic.
 torch.set_num_threads(1)
 CLASSES = ["red square", "blue circle", "green cross"]
 HAS_GPU = torch.cuda.is_available()
@@ -52,13 +53,14 @@ LOOP = "folder already listed (a symbolic link to it, or a link loop)"
 
 def _png(path, size=(40, 40), seed=0):
     rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path, format="PNG")
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format="PNG")
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """good/: 8 training PNGs 0..7; test/<class>/: 6 labeled PNGs; classes.txt; tiny.pt and other.pt (two random
-    tiny CLIPs: 32 px input, 8 px patches)."""
+    """good/: 8 training PNGs 0..7; test/<class>/: 6 labeled PNGs; classes.txt; tiny.pt and other.pt
+    (two random tiny CLIPs: 32 px input, 8 px patches)."""
     root = tmp_path_factory.mktemp("faults")
     (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
     (root / "good").mkdir()
@@ -76,20 +78,24 @@ def world(tmp_path_factory):
 
 
 def argv(world, data_root, out, *extra):
-    """A folder run: global batch 4, one epoch (8 images: 2 steps), no evaluation unless --eval-root is added."""
-    return ["--data", "folder", "--data-root", str(data_root), "--classes", str(world / "classes.txt"),
-            "--model", str(world / "tiny.pt"), "--global-batch", "4", "--epochs", "1", "--mask-unit", "16",
-            "--base-lr", "1e-3", "--conf-threshold", "0.34", "--num-workers", "0", "--log-freq", "1",
+    """A folder run: global batch 4, one epoch (8 images: 2 steps), no evaluation unless --eval-root
+    is added."""
+    return ["--data", "folder", "--data-root", str(data_root),
+            "--classes", str(world / "classes.txt"), "--model", str(world / "tiny.pt"),
+            "--global-batch", "4", "--epochs", "1", "--mask-unit", "16", "--base-lr", "1e-3",
+            "--conf-threshold", "0.34", "--num-workers", "0", "--log-freq", "1",
             "--out-dir", str(out), *extra]
 
 
 def with_ids(rows, name=lambda row: row[0]):
-    """pytest.param per table row, its id from the row (rows already made with pytest.param are kept)."""
+    """pytest.param per table row, its id from the row (rows already made with pytest.param are
+    kept)."""
     return [row if hasattr(row, "marks") else pytest.param(*row, id=name(row)) for row in rows]
 
 
 def error_of(run, argv_list):
-    """The message of the SystemExit that run(argv_list) ends with: one line starting with 'error: '."""
+    """The message of the SystemExit that run(argv_list) ends with: one line starting with
+    'error: '."""
     with pytest.raises(SystemExit) as e:
         run(argv_list)
     message = str(e.value.code)
@@ -128,7 +134,8 @@ class Hung(BaseException):
 
 @contextlib.contextmanager
 def deadline(seconds):
-    """Fail instead of hanging (e.g. on a blocking open of a FIFO): SIGALRM interrupts the blocked call."""
+    """Fail instead of hanging (e.g. on a blocking open of a FIFO): SIGALRM interrupts the blocked
+    call."""
     def expire(signum, frame):
         raise Hung(f"still running after {seconds} s")
     previous = signal.signal(signal.SIGALRM, expire)
@@ -140,11 +147,13 @@ def deadline(seconds):
         signal.signal(signal.SIGALRM, previous)
 
 
-# ----------------------------------------------------------------------------------------------- flags
+# -------------------------------------------------------------------------------------------- flags
 
-# (extra flags, exact fragment of the one-line error); "{tmp}", "{world}" and "{file}" (an existing file) are filled in.
-# Stage "flags": refused by config.check_flags / the device check, before any model, data or lock: the out-dir holds
-# nothing. Stage "setup": refused after the model is read (mask geometry, batch vs data): no log, no checkpoint.
+# (extra flags, exact fragment of the one-line error); "{tmp}", "{world}" and "{file}" (an existing
+# file) are filled in.
+# Stage "flags": refused by config.check_flags / the device check, before any model, data or lock:
+# the out-dir holds nothing. Stage "setup": refused after the model is read (mask geometry, batch vs
+# data): no log, no checkpoint.
 FLAG_ERRORS = [
     ("flags", ["--eval-freq", "0"], "--eval-freq 0 is not allowed: it must be at least 1"),
     ("flags", ["--global-batch", "0"], "--global-batch 0 is not allowed: it must be at least 1"),
@@ -155,9 +164,10 @@ FLAG_ERRORS = [
     ("flags", ["--base-lr", "0"], "--base-lr 0.0 is not allowed: it must be a positive number"),
     ("flags", ["--base-lr", "inf"], "--base-lr inf is not allowed: it must be a positive number"),
     ("flags", ["--num-workers", "-1"], "--num-workers -1 is not allowed: it must be 0 or more"),
-    ("flags", ["--conf-threshold", "-5"], "--conf-threshold -5.0 is not allowed: it must be in [0, 1)"),
-    ("flags", ["--conf-threshold", "1"], "--conf-threshold 1.0 is not allowed: it must be in [0, 1) (a softmax "
-                                         "never exceeds 1)"),
+    ("flags", ["--conf-threshold", "-5"],
+     "--conf-threshold -5.0 is not allowed: it must be in [0, 1)"),
+    ("flags", ["--conf-threshold", "1"],
+     "--conf-threshold 1.0 is not allowed: it must be in [0, 1) (a softmax never exceeds 1)"),
     ("flags", ["--conf-threshold", "nan"], "--conf-threshold nan is not allowed"),
     ("flags", ["--lambda-align", "-1"], "--lambda-align -1.0 is not allowed: it must be 0 or more"),
     ("flags", ["--lambda-reg", "nan"], "--lambda-reg nan is not allowed: it must be 0 or more"),
@@ -166,50 +176,65 @@ FLAG_ERRORS = [
     ("flags", ["--ema-mu-n", "-1"], "--ema-mu-n -1 is not allowed: it must be 0 or more"),
     ("flags", ["--layer-decay", "0"], "--layer-decay 0.0 is not allowed: it must be in (0, 1]"),
     ("flags", ["--layer-decay", "1.5"], "--layer-decay 1.5 is not allowed: it must be in (0, 1]"),
-    ("flags", ["--weight-decay", "-0.1"], "--weight-decay -0.1 is not allowed: it must be 0 or more"),
+    ("flags", ["--weight-decay", "-0.1"],
+     "--weight-decay -0.1 is not allowed: it must be 0 or more"),
     ("flags", ["--base-min-lr", "-1"], "--base-min-lr -1.0 is not allowed: it must be 0 or more"),
     ("flags", ["--epochs", "0"], "--epochs 0 is not allowed: it must be at least 1"),
     ("flags", ["--save-freq", "-1"], "--save-freq -1 is not allowed: it must be 0 (off) or more"),
     ("flags", ["--max-steps", "-1"], "--max-steps -1 is not allowed: it must be 0 or more"),
     ("flags", ["--accum-steps", "0"], "--accum-steps 0 is not allowed: it must be at least 1"),
-    ("flags", ["--batch-size-per-gpu", "0"], "--batch-size-per-gpu 0 is not allowed: it must be at least 1"),
+    ("flags", ["--batch-size-per-gpu", "0"],
+     "--batch-size-per-gpu 0 is not allowed: it must be at least 1"),
     ("flags", ["--align-k", "0"], "--align-k 0 is not allowed: it must be at least 1"),
     ("flags", ["--mask-ratio", "1.5"], "--mask-ratio 1.5 is not allowed: it must be in [0, 1]"),
-    ("flags", ["--batch-size-per-gpu", "3"], "per-process batch 4 is not divisible by --batch-size-per-gpu 3"),
-    ("flags", ["--accum-steps", "2", "--batch-size-per-gpu", "2"], "give --batch-size-per-gpu or --accum-steps, "
-                                                                    "not both"),
-    ("flags", ["--device", "nonsense"], "--device 'nonsense' is not a device name (use cuda, cuda:N or cpu)"),
+    ("flags", ["--batch-size-per-gpu", "3"],
+     "per-process batch 4 is not divisible by --batch-size-per-gpu 3"),
+    ("flags", ["--accum-steps", "2", "--batch-size-per-gpu", "2"],
+     "give --batch-size-per-gpu or --accum-steps, not both"),
+    ("flags", ["--device", "nonsense"],
+     "--device 'nonsense' is not a device name (use cuda, cuda:N or cpu)"),
     ("flags", ["--device", "meta"], "--device meta: only cuda and cpu are supported"),
-    pytest.param("flags", ["--device", "cuda"], "--device cuda asked for a GPU, but torch sees none (use --device cpu)",
-                 marks=pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU"), id="device-cuda-without-gpu"),
-    pytest.param("flags", ["--device", "cuda:1"], "--device cuda:1 asked for a GPU, but torch sees none",
-                 marks=pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU"), id="device-cuda1-without-gpu"),
+    pytest.param("flags", ["--device", "cuda"],
+                 "--device cuda asked for a GPU, but torch sees none (use --device cpu)",
+                 marks=pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU"),
+                 id="device-cuda-without-gpu"),
+    pytest.param("flags", ["--device", "cuda:1"],
+                 "--device cuda:1 asked for a GPU, but torch sees none",
+                 marks=pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU"),
+                 id="device-cuda1-without-gpu"),
     ("flags", ["--out-dir", "{file}"], "--out-dir {file} cannot be created (File exists)"),
     ("flags", ["--init", "{tmp}/absent.pt"], "--init {tmp}/absent.pt does not exist"),
     ("flags", ["--eval-root", "{tmp}/absent"], "--eval-root {tmp}/absent does not exist"),
     ("flags", ["--data-root", "{tmp}/absent"], "data root '{tmp}/absent' is missing or empty"),
     ("flags", ["--data", "imagenot"], "unknown dataset 'imagenot'"),
-    ("flags", ["--classes", "{tmp}/absent.txt"], "class names file '{tmp}/absent.txt' does not exist"),
+    ("flags", ["--classes", "{tmp}/absent.txt"],
+     "class names file '{tmp}/absent.txt' does not exist"),
     ("setup", ["--model", "{tmp}/absent.pt"], "no checkpoint file at {tmp}/absent.pt"),
-    ("setup", ["--model", "{world}/classes.txt"], "could not read {world}/classes.txt: it is truncated or not a "
-                                                  "checkpoint"),
-    ("setup", ["--mask-unit", "32"], "--mask-ratio 0.3 masks every one of the 1 mask unit(s) of 32 px on the 32 px "
-                                     "input, so the MIM and alignment terms would be meaningless: change "
-                                     "--mask-ratio, or --mask-unit (a multiple of 8 px that divides 32)"),
-    ("setup", ["--mask-ratio", "0"], "--mask-ratio 0.0 masks no one of the 4 mask unit(s) of 16 px"),
-    ("setup", ["--mask-ratio", "1"], "--mask-ratio 1.0 masks every one of the 4 mask unit(s) of 16 px"),
+    ("setup", ["--model", "{world}/classes.txt"],
+     "could not read {world}/classes.txt: it is truncated or not a checkpoint"),
+    ("setup", ["--mask-unit", "32"],
+     "--mask-ratio 0.3 masks every one of the 1 mask unit(s) of 32 px on the 32 px input, "
+     "so the MIM and alignment terms would be meaningless: "
+     "change --mask-ratio, or --mask-unit (a multiple of 8 px that divides 32)"),
+    ("setup", ["--mask-ratio", "0"],
+     "--mask-ratio 0.0 masks no one of the 4 mask unit(s) of 16 px"),
+    ("setup", ["--mask-ratio", "1"],
+     "--mask-ratio 1.0 masks every one of the 4 mask unit(s) of 16 px"),
     ("setup", ["--mask-unit", "12"], "mask_unit 12 must be a multiple of the patch size 8"),
     ("setup", ["--mask-unit", "24"], "input size 32 must be a multiple of mask_unit 24"),
     ("setup", ["--global-batch", "16"], "8 training images are fewer than one global batch of 16"),
     ("setup", ["--resume", "{tmp}/absent.pt"], "no checkpoint at {tmp}/absent.pt"),
     pytest.param("setup", ["--amp", "fp16"], "--amp fp16 needs a GPU (use bf16 or fp32 on CPU)",
-                 marks=pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU"), id="amp-fp16-on-cpu"),
+                 marks=pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU"),
+                 id="amp-fp16-on-cpu"),
     ("flags", ["--seed", "-1"], "--seed -1 is not allowed: it must be in [0, 2^32)"),
-    ("flags", ["--seed", "4294967296"], "--seed 4294967296 is not allowed: it must be in [0, 2^32)"),
-    ("setup", ["--base-min-lr", "0.01"], "--base-min-lr 0.01 is above --base-lr 0.001: the cosine schedule would "
-                                         "rise from lr to min_lr"),
-    ("setup", ["--base-lr", "1e40"], "lr = --base-lr 1e+40 x 4 / 256 = 1.56e+38 overflows float32 in AdamW's "
-                                     "first step"),
+    ("flags", ["--seed", "4294967296"],
+     "--seed 4294967296 is not allowed: it must be in [0, 2^32)"),
+    ("setup", ["--base-min-lr", "0.01"],
+     "--base-min-lr 0.01 is above --base-lr 0.001: the cosine schedule would rise from lr to "
+     "min_lr"),
+    ("setup", ["--base-lr", "1e40"],
+     "lr = --base-lr 1e+40 x 4 / 256 = 1.56e+38 overflows float32 in AdamW's first step"),
 ]
 
 
@@ -236,45 +261,61 @@ def test_bad_flag_is_a_one_line_error_before_any_work(stage, flags, message, wor
 def test_no_mim_no_align_lifts_the_mask_geometry_check(world, tmp_path):
     """The geometry error names the way out: without MIM and alignment a 1-unit mask is fine."""
     out = tmp_path / "out"
-    train.main(argv(world, world / "good", out, "--mask-unit", "32", "--no-mim", "--no-align", "--max-steps", "1"))
+    train.main(argv(world, world / "good", out, "--mask-unit", "32", "--no-mim", "--no-align",
+                    "--max-steps", "1"))
     assert ckpt(out)["step"] == 1
 
 
-# ---------------------------------------------------------------------------- class and template files
+# ------------------------------------------------------------------------- class and template files
 
 LONG = " ".join(["word"] * 80)
 
 # (classes file content or None = the good one, templates file content or None = no --templates,
 #  fragment; "{classes}" / "{templates}" are the files' paths)
 TEXT_FILE_ERRORS = [
-    pytest.param("red square\n", None, "class names file '{classes}' lists 1 class(es); a classifier needs at least 2",
+    pytest.param("red square\n", None,
+                 "class names file '{classes}' lists 1 class(es); a classifier needs at least 2",
                  id="one-class"),
     pytest.param("", None, "class names file '{classes}' lists 0 class(es)", id="empty-classes"),
     pytest.param("# red square\n# blue circle\nred square\n\n", None, "lists 1 class(es)",
                  id="comments-are-not-classes"),
-    pytest.param("red square\nRed_Square\nblue\n", None, "repeats class names (up to case/punctuation): "
-                 "['Red_Square', 'red square']", id="duplicate-classes"),
-    pytest.param(b"red square\n\xff\xfeblue\n", None, "class names file '{classes}' is not UTF-8 text (byte 11); save "
-                 "it as UTF-8", id="classes-not-utf8"),
-    pytest.param("DIR", None, "class names file '{classes}' is a directory; give a text file, one entry per line",
+    pytest.param("red square\nRed_Square\nblue\n", None,
+                 "repeats class names (up to case/punctuation): ['Red_Square', 'red square']",
+                 id="duplicate-classes"),
+    pytest.param(b"red square\n\xff\xfeblue\n", None,
+                 "class names file '{classes}' is not UTF-8 text (byte 11); save it as UTF-8",
+                 id="classes-not-utf8"),
+    pytest.param("DIR", None,
+                 "class names file '{classes}' is a directory; "
+                 "give a text file, one entry per line",
                  id="classes-is-a-directory"),
-    pytest.param(f"# header\nred square\n\n{LONG}\n", None, "tokens; CLIP reads 77 at most: shorten the class name or "
-                 "the template", id="long-class-name"),
-    pytest.param(None, "a {} and a {}.\n", "templates file {templates}, line 1: 'a {{}} and a {{}}.' needs exactly one "
-                 "'{{}}' for the class name", id="template-two-braces"),
-    pytest.param(None, "# mine\na photo of a {}.\na {name}.\n", "templates file {templates}, line 3: 'a {{name}}.' "
-                 "needs exactly one '{{}}'", id="template-named-field"),
-    pytest.param(None, "a photo of a {}.\n\na photo.\n", "templates file {templates}, line 3: 'a photo.' needs exactly "
-                 "one '{{}}'", id="template-no-braces"),
+    pytest.param(f"# header\nred square\n\n{LONG}\n", None,
+                 "tokens; CLIP reads 77 at most: shorten the class name or the template",
+                 id="long-class-name"),
+    pytest.param(None, "a {} and a {}.\n",
+                 "templates file {templates}, line 1: 'a {{}} and a {{}}.' needs exactly one "
+                 "'{{}}' for the class name",
+                 id="template-two-braces"),
+    pytest.param(None, "# mine\na photo of a {}.\na {name}.\n",
+                 "templates file {templates}, line 3: 'a {{name}}.' needs exactly one '{{}}'",
+                 id="template-named-field"),
+    pytest.param(None, "a photo of a {}.\n\na photo.\n",
+                 "templates file {templates}, line 3: 'a photo.' needs exactly one '{{}}'",
+                 id="template-no-braces"),
     pytest.param(None, "a {.\n", "templates file {templates}, line 1: 'a {{.' needs exactly one",
                  id="template-lone-brace"),
-    pytest.param(None, "a }{} photo\n", "templates file {templates}, line 1", id="template-stray-close-brace"),
-    pytest.param(None, "# only a comment\n\n", "templates file '{templates}' lists no template", id="templates-empty"),
-    pytest.param(None, b"a photo of a {}.\n\xe9t\xe9 {}\n", "templates file '{templates}' is not UTF-8 text",
+    pytest.param(None, "a }{} photo\n", "templates file {templates}, line 1",
+                 id="template-stray-close-brace"),
+    pytest.param(None, "# only a comment\n\n", "templates file '{templates}' lists no template",
+                 id="templates-empty"),
+    pytest.param(None, b"a photo of a {}.\n\xe9t\xe9 {}\n",
+                 "templates file '{templates}' is not UTF-8 text",
                  id="templates-not-utf8"),
-    pytest.param(None, "DIR", "templates file '{templates}' is a directory", id="templates-is-a-directory"),
-    pytest.param(None, f"a photo of a {{}}.\n# long one next\n{LONG} {{}}.\n", "tokens; CLIP reads 77 at most: "
-                 "shorten the class name or the template", id="long-template"),
+    pytest.param(None, "DIR", "templates file '{templates}' is a directory",
+                 id="templates-is-a-directory"),
+    pytest.param(None, f"a photo of a {{}}.\n# long one next\n{LONG} {{}}.\n",
+                 "tokens; CLIP reads 77 at most: shorten the class name or the template",
+                 id="long-template"),
 ]
 
 
@@ -302,17 +343,20 @@ def test_bad_class_or_template_file(classes, templates, message, world, tmp_path
 
 
 def test_comment_and_blank_lines_are_ignored_in_class_and_template_files(world, tmp_path):
-    (tmp_path / "classes.txt").write_text("# my three classes\nred square\n\n  blue circle  \n#green\ngreen cross\n")
-    (tmp_path / "templates.txt").write_text("# prompts\na photo of a {}.\n\n# another\na {} on a table.\n")
+    (tmp_path / "classes.txt").write_text(
+        "# my three classes\nred square\n\n  blue circle  \n#green\ngreen cross\n")
+    (tmp_path / "templates.txt").write_text(
+        "# prompts\na photo of a {}.\n\n# another\na {} on a table.\n")
     out = tmp_path / "out"
     train.main(argv(world, world / "good", out, "--classes", str(tmp_path / "classes.txt"),
                     "--templates", str(tmp_path / "templates.txt"), "--max-steps", "1"))
     c = ckpt(out)
     assert c["classnames"] == CLASSES
-    assert c["fingerprints"]["templates"] == runtime.fingerprint(["a photo of a {}.", "a {} on a table."])
+    assert c["fingerprints"]["templates"] == runtime.fingerprint(
+        ["a photo of a {}.", "a {} on a table."])
 
 
-# ------------------------------------------------------------------------------------- bad image files
+# ---------------------------------------------------------------------------------- bad image files
 
 def _zero_byte(d):
     open(os.path.join(d, "3b.jpg"), "wb").close()
@@ -402,7 +446,8 @@ def _other_extension(d):
 
 
 def _patch_bomb_limit(monkeypatch):
-    # PIL refuses images over 2 x MAX_IMAGE_PIXELS; the good ones (1600 px) stay below MAX (no warning either)
+    # PIL refuses images over 2 x MAX_IMAGE_PIXELS; the good ones (1600 px) stay below MAX (no
+    # warning either).
     monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 1700)
 
 
@@ -436,11 +481,14 @@ def _chmod_000(d):
     return path
 
 
-not_root = pytest.mark.skipif(os.geteuid() == 0, reason="root reads a chmod 000 file (simulated in permission-denied)")
+not_root = pytest.mark.skipif(
+    os.geteuid() == 0, reason="root reads a chmod 000 file (simulated in permission-denied)")
 
 # (id, make(dir) -> the bad entry, patch(monkeypatch) or None, outcome, reason)
-# outcome "skipped": listed, unreadable, replaced by the next readable image, warned once and counted;
-#         "unlisted": left out by the listing and reported as such; "read": a valid image, used as it is;
+# outcome "skipped": listed, unreadable, replaced by the next readable image, warned once and
+#                    counted;
+#         "unlisted": left out by the listing and reported as such;
+#         "read": a valid image, used as it is;
 #         "ignored": not an image entry at all (hidden or another extension): no warning.
 BAD_IMAGES = [
     ("zero-byte-jpg", _zero_byte, None, "skipped", UNDECODABLE),
@@ -457,15 +505,24 @@ BAD_IMAGES = [
     ("fifo-named-jpg", _fifo, None, "unlisted", NOT_REGULAR),
     ("symlink-to-a-listed-file", _symlink_to_listed, None, "unlisted", SAME_FILE),
     ("hardlink-to-a-listed-file", _hardlink_to_listed, None, "unlisted", SAME_FILE),
-    ("extreme-aspect-1x1000", _readable("3b.png", lambda: Image.new("RGB", (1, 1000), (200, 10, 10))), None,
-     "read", None),
-    ("extreme-aspect-1000x1", _readable("3b.png", lambda: Image.new("RGB", (1000, 1), (10, 200, 10))), None,
-     "read", None),
-    ("cmyk-jpeg", _readable("3b.jpg", lambda: Image.new("CMYK", (40, 40), (10, 20, 30, 40))), None, "read", None),
-    ("16-bit-gray-png", _readable("3b.png", lambda: Image.fromarray(np.full((40, 40), 300, np.uint16))), None,
-     "read", None),
-    ("rgba-png", _readable("3b.png", lambda: Image.new("RGBA", (40, 40), (1, 2, 3, 4))), None, "read", None),
-    ("1x1-png", _readable("3b.png", lambda: Image.new("RGB", (1, 1), (5, 6, 7))), None, "read", None),
+    ("extreme-aspect-1x1000",
+     _readable("3b.png", lambda: Image.new("RGB", (1, 1000), (200, 10, 10))),
+     None, "read", None),
+    ("extreme-aspect-1000x1",
+     _readable("3b.png", lambda: Image.new("RGB", (1000, 1), (10, 200, 10))),
+     None, "read", None),
+    ("cmyk-jpeg",
+     _readable("3b.jpg", lambda: Image.new("CMYK", (40, 40), (10, 20, 30, 40))),
+     None, "read", None),
+    ("16-bit-gray-png",
+     _readable("3b.png", lambda: Image.fromarray(np.full((40, 40), 300, np.uint16))),
+     None, "read", None),
+    ("rgba-png",
+     _readable("3b.png", lambda: Image.new("RGBA", (40, 40), (1, 2, 3, 4))),
+     None, "read", None),
+    ("1x1-png",
+     _readable("3b.png", lambda: Image.new("RGB", (1, 1), (5, 6, 7))),
+     None, "read", None),
     ("folder-named-jpg", _folder_named_jpg, None, "read", None),
     ("hidden-garbage", _hidden_garbage, None, "ignored", None),
     ("other-extension", _other_extension, None, "ignored", None),
@@ -473,8 +530,9 @@ BAD_IMAGES = [
 
 
 def _bad_world(world, d, make):
-    """7 good images 0..6 and the bad entry '3b.*', which sorts between 3.png and 4.png: listed, it is index 4 and
-    its substitute is 4.png (index 5). 8 listed images = 2 steps of 4: every index is read in the epoch."""
+    """7 good images 0..6 and the bad entry '3b.*', which sorts between 3.png and 4.png: listed, it
+    is index 4 and its substitute is 4.png (index 5). 8 listed images = 2 steps of 4: every index is
+    read in the epoch."""
     if os.path.isdir(d):
         shutil.rmtree(d)
     copy_good(world, d)
@@ -490,7 +548,8 @@ def _run_bad(world, d, out, make, capsys, *extra):
 
 
 @pytest.mark.parametrize("kind,make,patch,outcome,reason", with_ids(BAD_IMAGES))
-def test_bad_image_file_is_never_fatal(kind, make, patch, outcome, reason, world, tmp_path, monkeypatch, capsys):
+def test_bad_image_file_is_never_fatal(kind, make, patch, outcome, reason, world, tmp_path,
+                                       monkeypatch, capsys):
     if patch is not None:
         patch(monkeypatch)
     bad, evals, out = _run_bad(world, tmp_path / "train", tmp_path / "a", make, capsys)
@@ -498,11 +557,13 @@ def test_bad_image_file_is_never_fatal(kind, make, patch, outcome, reason, world
     assert evals == [] and "not evaluated: --data folder without --eval-root" in out
     listed = {"skipped": 8, "read": 8, "unlisted": 7, "ignored": 7}[outcome]
     assert f"MUST on folder: {listed} images," in out
-    assert [r["step"] for r in steps] == ([1, 2] if listed == 8 else [1]) and ckpt(tmp_path / "a")["step"] == len(steps)
+    assert ([r["step"] for r in steps] == ([1, 2] if listed == 8 else [1])
+            and ckpt(tmp_path / "a")["step"] == len(steps))
     if outcome == "skipped":
         assert out.count(f"warning: skipped training image {bad}: it {reason}\n") == 1, out
         assert out.count("warning: skipped") == 1 and "not listed" not in out
-        assert "skipped 1 unreadable training image(s) (named above); each was replaced by the next readable one" in out
+        assert ("skipped 1 unreadable training image(s) (named above); "
+                "each was replaced by the next readable one") in out
         assert steps[-1]["skipped"] == 1 and all(r["skipped"] in (0, 1) for r in steps)
         # determinism: the same run again gives bit-identical weights
         _run_bad(world, tmp_path / "train", tmp_path / "b", make, capsys)
@@ -511,7 +572,8 @@ def test_bad_image_file_is_never_fatal(kind, make, patch, outcome, reason, world
     assert "warning: skipped" not in out and "unreadable training image" not in out
     assert all(r["skipped"] == 0 for r in steps)
     if outcome == "unlisted":
-        assert out.count(f"warning: 1 training entries not listed: {reason} (e.g. {bad})\n") == 1, out
+        unlisted = f"warning: 1 training entries not listed: {reason} (e.g. {bad})\n"
+        assert out.count(unlisted) == 1, out
     else:
         assert "not listed" not in out, out
 
@@ -522,23 +584,27 @@ def test_bad_image_file_is_never_fatal(kind, make, patch, outcome, reason, world
     ("permission-denied-simulated", _valid_png, _patch_permission_denied, DENIED),
     ("deleted-after-listing", _valid_png, _patch_vanish_after_listing, VANISHED),
 ]))
-def test_bad_image_report_across_two_loader_workers(kind, make, patch, reason, world, tmp_path, monkeypatch, capsys):
-    """Workers flag bad files in ImageList.bad (shared memory): the main process warns once, counts it, and the
-    weights are bit-identical to the in-process loader's."""
+def test_bad_image_report_across_two_loader_workers(kind, make, patch, reason, world, tmp_path,
+                                                    monkeypatch, capsys):
+    """Workers flag bad files in ImageList.bad (shared memory): the main process warns once, counts
+    it, and the weights are bit-identical to the in-process loader's."""
     if patch is not None:
         patch(monkeypatch)
     _run_bad(world, tmp_path / "train", tmp_path / "w0", make, capsys)
-    bad, _, out = _run_bad(world, tmp_path / "train", tmp_path / "w2", make, capsys, "--num-workers", "2")
+    bad, _, out = _run_bad(world, tmp_path / "train", tmp_path / "w2", make, capsys,
+                           "--num-workers", "2")
     assert out.count(f"warning: skipped training image {bad}: it {reason}\n") == 1, out
     assert out.count("warning: skipped") == 1
     assert records(tmp_path / "w2", "train")[-1]["skipped"] == 1
     assert same_weights(ckpt(tmp_path / "w0"), ckpt(tmp_path / "w2"))
 
 
-@pytest.mark.parametrize("make", [_zero_byte, _text_as_png], ids=["zero-byte-jpg", "text-named-png"])
+@pytest.mark.parametrize("make", [_zero_byte, _text_as_png],
+                         ids=["zero-byte-jpg", "text-named-png"])
 def test_unreadable_image_is_replaced_by_the_next_readable_one(make, world, tmp_path, capsys):
-    """Bit-identical to a world where the bad file is a copy of the next file (4.png), and not to one where it is a
-    copy of another file (0.png): the substitute is the next readable image in index order."""
+    """Bit-identical to a world where the bad file is a copy of the next file (4.png), and not to
+    one where it is a copy of another file (0.png): the substitute is the next readable image in
+    index order."""
     _run_bad(world, tmp_path / "bad", tmp_path / "bad-out", make, capsys)
     for source, out in (("4.png", "next-out"), ("0.png", "first-out")):
         d = tmp_path / source
@@ -551,8 +617,9 @@ def test_unreadable_image_is_replaced_by_the_next_readable_one(make, world, tmp_
 
 
 def test_symlink_loops_list_each_real_file_once(world, tmp_path, capsys):
-    """train/link -> .  and  train/sub/a -> ..  and  train/sub/b -> .  : every real file is listed once (4 at the top,
-    4 in sub/), each loop is walked once and reported; a link to a folder outside the tree is followed."""
+    """train/link -> .  and  train/sub/a -> ..  and  train/sub/b -> .  : every real file is listed
+    once (4 at the top, 4 in sub/), each loop is walked once and reported; a link to a folder
+    outside the tree is followed."""
     d = tmp_path / "train"
     copy_good(world, d, 4)
     (d / "sub").mkdir()
@@ -576,7 +643,8 @@ def test_symlink_loops_list_each_real_file_once(world, tmp_path, capsys):
 
 
 def test_fifo_is_never_opened(world, tmp_path):
-    """A FIFO named like an image is left out by the listing: nothing ever opens it (that would block)."""
+    """A FIFO named like an image is left out by the listing: nothing ever opens it (that would
+    block)."""
     d = copy_good(world, tmp_path / "train", 3)
     os.mkfifo(d / "x.jpg")
     ignored = []
@@ -584,10 +652,12 @@ def test_fifo_is_never_opened(world, tmp_path):
         listed = folders.list_images(str(d), ignored=ignored)
         ds = folders.ImageList([(p, -1) for p in listed], CLASSES, ["{}"], None)
         assert all(ds[i][0].size == (40, 40) for i in range(len(ds)))
-    assert listed == [str(d / f"{i}.png") for i in range(3)] and ignored == [(str(d / "x.jpg"), NOT_REGULAR)]
+    assert (listed == [str(d / f"{i}.png") for i in range(3)]
+            and ignored == [(str(d / "x.jpg"), NOT_REGULAR)])
 
 
-# (size of the file, size read_image returns): the long side is center-cropped to folders.MAX_ASPECT x the short side
+# (size of the file, size read_image returns): the long side is center-cropped to
+# folders.MAX_ASPECT x the short side.
 ASPECTS = [((1, 1000), (1, 4)), ((1000, 1), (4, 1)), ((10, 41), (10, 40)), ((50, 200), (50, 200)),
            ((40, 40), (40, 40)), ((3, 10000), (3, 12))]
 
@@ -605,7 +675,7 @@ def test_extreme_aspect_is_cropped_so_memory_per_sample_is_bounded(size, read, t
     assert weak.shape == strong.shape == (3, 32, 32)
 
 
-# ----------------------------------------------------------------------------- too few readable images
+# -------------------------------------------------------------------------- too few readable images
 
 def _text_files(d, names):
     for name in names:
@@ -618,9 +688,10 @@ def test_fewer_readable_images_than_one_batch_stops(world, tmp_path, workers):
     _text_files(d, [f"9{i}.png" for i in range(5)])  # 3 readable of 8, global batch 4
     before = set(multiprocessing.active_children())
     message = train_error(argv(world, d, tmp_path / "out", "--num-workers", workers))
-    assert ("only 3 of the 8 training images can be read: fewer than one global batch of 4 (see the warnings "
-            "above)") in message
-    assert set(multiprocessing.active_children()) <= before  # see test_no_readable_image_at_all_stops
+    assert ("only 3 of the 8 training images can be read: fewer than one global batch of 4 "
+            "(see the warnings above)") in message
+    # See test_no_readable_image_at_all_stops.
+    assert set(multiprocessing.active_children()) <= before
 
 
 @pytest.mark.parametrize("workers", ["0", "2"])
@@ -632,8 +703,9 @@ def test_no_readable_image_at_all_stops(world, tmp_path, workers):
     message = train_error(argv(world, d, tmp_path / "out", "--num-workers", workers))
     assert message.startswith(f"error: none of the 4 images can be read (e.g. {d}/"), message
     assert not os.path.exists(tmp_path / "out" / train.CHECKPOINT)
-    # The run ended its loader workers: they ignore SIGTERM, and the worker's exception keeps the loader alive in a
-    # reference cycle, so a worker left running made the process's exit wait for it forever (the CLI hung here).
+    # The run ended its loader workers: they ignore SIGTERM, and the worker's exception keeps the
+    # loader alive in a reference cycle, so a worker left running made the process's exit wait for
+    # it forever (the CLI hung here).
     assert set(multiprocessing.active_children()) <= before
 
 
@@ -647,7 +719,8 @@ def test_image_list_substitutes_or_skips_and_flags_once(on_error, tmp_path):
     samples = [(str(d / n), k) for k, n in enumerate(["0.png", "1.png", "1b.png", "2.png"])]
     ds = folders.ImageList(samples, CLASSES, ["{}"], None, on_error)
     for attempt in range(2):
-        if attempt:  # readable now, but the flag stands: a run treats a file the same way throughout
+        if attempt:
+            # Readable now, but the flag stands: a run treats a file the same way throughout.
             shutil.copy(d / "0.png", d / "1b.png")
         img, label = ds[2]
         if on_error == "substitute":
@@ -661,10 +734,11 @@ def test_image_list_substitutes_or_skips_and_flags_once(on_error, tmp_path):
         assert ds[3][0].getpixel((0, 0)) == (0, 0, 0) and ds[3][1] == 0
 
 
-# ----------------------------------------------------------------------------------------- checkpoints
+# -------------------------------------------------------------------------------------- checkpoints
 
 def _base(world, tmp):
-    """A 1-step run (of 2) with its own copies of the model and class file, so that rows may change them in place."""
+    """A 1-step run (of 2) with its own copies of the model and class file, so that rows may change
+    them in place."""
     shutil.copy(world / "tiny.pt", tmp / "model.pt")
     shutil.copy(world / "classes.txt", tmp / "classes.txt")
     out = tmp / "out"
@@ -673,8 +747,8 @@ def _base(world, tmp):
 
 
 def _ckpt_argv(world, tmp, out, *extra):
-    return argv(world, world / "good", out, "--model", str(tmp / "model.pt"), "--classes", str(tmp / "classes.txt"),
-                *extra)
+    return argv(world, world / "good", out, "--model", str(tmp / "model.pt"),
+                "--classes", str(tmp / "classes.txt"), *extra)
 
 
 def _truncate(world, tmp, ck):
@@ -746,7 +820,8 @@ def _clip_state_dict(world, tmp, ck):
 
 
 def _other_images(n, rename=False):
-    """Resume with --data-root on a copy of the training images: n of them, and with one renamed if asked."""
+    """Resume with --data-root on a copy of the training images: n of them, and with one renamed if
+    asked."""
     def mutate(world, tmp, ck):
         folder = copy_good(world, tmp / "images", n=min(n, 8))
         if n > 8:
@@ -771,42 +846,54 @@ def _init_then_other_model(world, tmp, ck):
     return _init_from(None)(world, tmp, ck) + ["--model", str(world / "other.pt")]
 
 
-# (id, mutate(world, tmp, checkpoint path) -> extra flags, fragment; "{ck}" is the checkpoint, "{init}" the --init file)
+# (id, mutate(world, tmp, checkpoint path) -> extra flags, fragment; "{ck}" is the checkpoint,
+# "{init}" the --init file)
 CHECKPOINT_REFUSALS = [
     ("truncated", _truncate, "cannot read resume checkpoint {ck} ("),
     ("empty-file", _write_file(b""), "cannot read resume checkpoint {ck} ("),
     ("text-file", _write_file(b"step 1, trust me\n"), "cannot read resume checkpoint {ck} ("),
-    ("a-list", _resave(lambda c: [1, 2]), "{ck} is not a MUST checkpoint written by train.py: it does not hold "
-                                          "both 'student' and 'teacher' weights (it holds a list)"),
-    ("no-fingerprints", _resave(_without("fingerprints")), "{ck} is not a MUST checkpoint written by this train.py"),
-    ("clip-state-dict", _clip_state_dict, "{ck} holds a CLIP's weights, not a checkpoint written by train.py: "
-                                          "give it as --model {ck}"),
-    ("other-model-path", _flags("--model", "{world}/other.pt"), "resume checkpoint {ck} was made with other CLIP "
-                                                                "weights (--model); give the same ones"),
-    ("other-weights-same-path", _other_weights_same_path, "resume checkpoint {ck} was made with other CLIP weights "
-                                                          "(--model)"),
-    ("classes-reordered-same-path", _rewrite("classes.txt", "blue circle\nred square\ngreen cross\n"),
+    ("a-list", _resave(lambda c: [1, 2]),
+     "{ck} is not a MUST checkpoint written by train.py: "
+     "it does not hold both 'student' and 'teacher' weights (it holds a list)"),
+    ("no-fingerprints", _resave(_without("fingerprints")),
+     "{ck} is not a MUST checkpoint written by this train.py"),
+    ("clip-state-dict", _clip_state_dict,
+     "{ck} holds a CLIP's weights, not a checkpoint written by train.py: give it as --model {ck}"),
+    ("other-model-path", _flags("--model", "{world}/other.pt"),
+     "resume checkpoint {ck} was made with other CLIP weights (--model); give the same ones"),
+    ("other-weights-same-path", _other_weights_same_path,
+     "resume checkpoint {ck} was made with other CLIP weights (--model)"),
+    ("classes-reordered-same-path",
+     _rewrite("classes.txt", "blue circle\nred square\ngreen cross\n"),
      "resume checkpoint {ck} was made with other class list (names or their order)"),
     ("classes-renamed", _rewrite("classes.txt", "red square\nblue circle\ngreen star\n"),
      "was made with other class list (names or their order)"),
-    ("templates-changed", _templates("a photo of a {}.\n"), "resume checkpoint {ck} was made with other prompt "
-                                                             "templates"),
-    ("templates-reordered", _templates("\n".join(data.DEFAULT_TEMPLATES[::-1])), "was made with other prompt "
-                                                                                 "templates"),
-    ("other-dataset", _resave(_other_dataset), "resume checkpoint {ck} was trained on dataset 'imagenet', not "
-                                               "'folder'"),
-    ("fewer-training-images", _other_images(7), "resume checkpoint {ck} was trained on other training images "
-                                                 "(8 -> 7 images under --data-root); resume on the same images"),
-    ("more-training-images", _other_images(9), "was trained on other training images (8 -> 9 images"),
-    ("other-training-files", _other_images(8, rename=True), "was trained on other training images (the same "
-                                                            "number of images (8), other files under --data-root)"),
-    ("other-seed", _flags("--seed", "1"), "resume checkpoint {ck} was made with other settings (--seed 0 -> 1)"),
-    ("other-lr", _flags("--base-lr", "2e-3"), "was made with other settings (--base-lr 0.001 -> 0.002)"),
-    ("student-missing-a-tensor", _resave(_student_without_proj), "resume checkpoint {ck} does not fit this run ("),
+    ("templates-changed", _templates("a photo of a {}.\n"),
+     "resume checkpoint {ck} was made with other prompt templates"),
+    ("templates-reordered", _templates("\n".join(data.DEFAULT_TEMPLATES[::-1])),
+     "was made with other prompt templates"),
+    ("other-dataset", _resave(_other_dataset),
+     "resume checkpoint {ck} was trained on dataset 'imagenet', not 'folder'"),
+    ("fewer-training-images", _other_images(7),
+     "resume checkpoint {ck} was trained on other training images "
+     "(8 -> 7 images under --data-root); resume on the same images"),
+    ("more-training-images", _other_images(9),
+     "was trained on other training images (8 -> 9 images"),
+    ("other-training-files", _other_images(8, rename=True),
+     "was trained on other training images "
+     "(the same number of images (8), other files under --data-root)"),
+    ("other-seed", _flags("--seed", "1"),
+     "resume checkpoint {ck} was made with other settings (--seed 0 -> 1)"),
+    ("other-lr", _flags("--base-lr", "2e-3"),
+     "was made with other settings (--base-lr 0.001 -> 0.002)"),
+    ("student-missing-a-tensor", _resave(_student_without_proj),
+     "resume checkpoint {ck} does not fit this run ("),
     ("resume-a-directory", _flags("--resume", "{tmp}"), "no checkpoint at {tmp}"),
     ("init-truncated", _init_from(_truncate), "cannot read --init checkpoint {init} ("),
-    ("init-clip-state-dict", _init_from(_clip_state_dict), "{init} holds a CLIP's weights, not a checkpoint"),
-    ("init-other-model", _init_then_other_model, "--init checkpoint {init} was made with other CLIP weights (--model)"),
+    ("init-clip-state-dict", _init_from(_clip_state_dict),
+     "{init} holds a CLIP's weights, not a checkpoint"),
+    ("init-other-model", _init_then_other_model,
+     "--init checkpoint {init} was made with other CLIP weights (--model)"),
 ]
 
 
@@ -833,7 +920,8 @@ def _copy_classes_elsewhere(world, tmp, ck):
     return ["--classes", str(tmp / "same-classes.txt")]
 
 
-_default_templates_as_file = _templates("# the default family, written out\n" + "\n".join(data.DEFAULT_TEMPLATES))
+_default_templates_as_file = _templates("# the default family, written out\n"
+                                        + "\n".join(data.DEFAULT_TEMPLATES))
 
 
 def _stale_tmp(world, tmp, ck):
@@ -845,8 +933,8 @@ def _other_workers_and_log_freq(world, tmp, ck):
     return ["--num-workers", "2", "--log-freq", "5"]
 
 
-# resumes by content: other paths with the same bytes, the default templates given as a file, a stale temp file,
-# flags that do not define the run
+# Resumes by content: other paths with the same bytes, the default templates given as a file, a
+# stale temp file, flags that do not define the run.
 CHECKPOINT_ACCEPTED = [
     ("same-model-copied-elsewhere", _copy_model_elsewhere),
     ("same-classes-copied-elsewhere", _copy_classes_elsewhere),
@@ -878,16 +966,18 @@ def test_checkpoint_identity_is_by_content(kind, mutate, world, tmp_path, capsys
 
 
 def test_init_needs_only_the_same_clip(world, tmp_path):
-    """--init takes the image tower of a run on another class list (order): only the CLIP weights must match."""
+    """--init takes the image tower of a run on another class list (order): only the CLIP weights
+    must match."""
     out = _base(world, tmp_path)
     (tmp_path / "reordered.txt").write_text("green cross\nred square\nblue circle\n")
     fresh = tmp_path / "fresh"
     train.main(_ckpt_argv(world, tmp_path, fresh, "--classes", str(tmp_path / "reordered.txt"),
                           "--init", str(out / train.CHECKPOINT), "--max-steps", "1"))
-    assert ckpt(fresh)["step"] == 1 and ckpt(fresh)["classnames"] == ["green cross", "red square", "blue circle"]
+    assert (ckpt(fresh)["step"] == 1
+            and ckpt(fresh)["classnames"] == ["green cross", "red square", "blue circle"])
 
 
-# ------------------------------------------------------------------------------------------------ lock
+# --------------------------------------------------------------------------------------------- lock
 
 def test_second_lock_on_the_same_dir_is_refused(tmp_path):
     first = runtime.RunLock(str(tmp_path))
@@ -895,9 +985,10 @@ def test_second_lock_on_the_same_dir_is_refused(tmp_path):
         with pytest.raises(SystemExit) as e:
             runtime.RunLock(str(tmp_path))
         message = str(e.value.code)
-        assert message.startswith(f"error: {tmp_path} is in use by another run (pid {os.getpid()} on "
-                                  f"{socket.gethostname()} since ")
-        assert message.endswith("); wait for it to finish or use another --out-dir") and "\n" not in message
+        assert message.startswith(f"error: {tmp_path} is in use by another run "
+                                  f"(pid {os.getpid()} on {socket.gethostname()} since ")
+        assert (message.endswith("); wait for it to finish or use another --out-dir")
+                and "\n" not in message)
     finally:
         first.release()
     runtime.RunLock(str(tmp_path)).release()  # released: free again
@@ -910,7 +1001,8 @@ def test_run_refused_while_another_process_holds_the_lock(world, tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, os, sys, time\n"
          f"fd = os.open({str(out / 'run.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
-         "fcntl.flock(fd, fcntl.LOCK_EX)\nos.write(fd, f'pid {os.getpid()} on elsewhere'.encode())\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+         "os.write(fd, f'pid {os.getpid()} on elsewhere'.encode())\n"
          "print('held', flush=True)\nsys.stdin.read()\n"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -930,8 +1022,8 @@ def test_stale_lock_is_taken_over_with_a_message(world, tmp_path, capsys):
     (out / "run.lock").write_text("pid 999999 on gone-host since 2000-01-01 00:00:00")
     capsys.readouterr()
     train.main(argv(world, world / "good", out, "--max-steps", "1"))
-    assert ("taking over the lock of a run that ended without releasing it (pid 999999 on gone-host since "
-            "2000-01-01 00:00:00)") in capsys.readouterr().out
+    assert ("taking over the lock of a run that ended without releasing it "
+            "(pid 999999 on gone-host since 2000-01-01 00:00:00)") in capsys.readouterr().out
     assert (out / "run.lock").read_text() == ""  # released at the end, by this run
 
 
@@ -945,12 +1037,13 @@ def test_lock_is_released_when_a_run_fails(world, tmp_path, monkeypatch, capsys)
     assert "taking over" not in capsys.readouterr().out
 
 
-# ------------------------------------------------------------------------------------------- the out-dir
+# -------------------------------------------------------------------------------------- the out-dir
 
 def _folder_named(name):
     def make(out, monkeypatch):
         (out / name).mkdir(parents=True)
-        return f"{out / name} is a folder, where the run writes a file: move it away or use another --out-dir"
+        return (f"{out / name} is a folder, where the run writes a file: "
+                "move it away or use another --out-dir")
     return make
 
 
@@ -958,10 +1051,12 @@ def _little_disk(out, monkeypatch):
     """A disk with 1 MiB free: the tiny model's checkpoint is about 0.8 MiB, and two are kept."""
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=1 << 20))
-    return f"--out-dir {out} has 0.00 GiB free, and this run needs about 0.00 GiB more for its checkpoints"
+    return (f"--out-dir {out} has 0.00 GiB free, "
+            "and this run needs about 0.00 GiB more for its checkpoints")
 
 
-# (id, make(out dir, monkeypatch) -> the message); refused after the model is built, before any evaluation or step
+# (id, make(out dir, monkeypatch) -> the message); refused after the model is built, before any
+# evaluation or step.
 OUT_DIR_PROBLEMS = [
     ("checkpoint-is-a-folder", _folder_named(train.CHECKPOINT)),
     ("previous-checkpoint-is-a-folder", _folder_named(train.PREVIOUS)),
@@ -987,7 +1082,8 @@ def test_unreadable_data_root_is_one_line(world, tmp_path, monkeypatch):
 
 
 def test_checkpoint_size_estimate_is_close(world, tmp_path):
-    """check_out_dir's estimate of a checkpoint's size, against the file a run writes (within 5%)."""
+    """check_out_dir's estimate of a checkpoint's size, against the file a run writes (within
+    5%)."""
     out = tmp_path / "out"
     run = {}
     real_start = train.start
@@ -1009,14 +1105,16 @@ def test_out_dir_removed_during_a_run_is_one_line(world, tmp_path, monkeypatch):
         real(*a, **k)
         shutil.rmtree(out)
     monkeypatch.setattr(must, "ema_update", remove_out_dir)
-    assert (f"cannot append to {out / 'log.jsonl'} (No such file or directory); was --out-dir {out} removed?"
+    assert (f"cannot append to {out / 'log.jsonl'} (No such file or directory); "
+            f"was --out-dir {out} removed?"
             in train_error(argv(world, world / "good", out)))
 
 
-# ------------------------------------------------------------------------------------------- full disk
+# ---------------------------------------------------------------------------------------- full disk
 
 def _make_disk_full(out):
-    """save_atomic writes checkpoint.pt.tmp: as a link to /dev/full every write fails with a real ENOSPC."""
+    """save_atomic writes checkpoint.pt.tmp: as a link to /dev/full every write fails with a real
+    ENOSPC."""
     os.symlink("/dev/full", out / (train.CHECKPOINT + ".tmp"))
 
 
@@ -1031,8 +1129,10 @@ def test_full_disk_keeps_the_previous_checkpoint_and_stays_resumable(world, tmp_
     before = open(ck, "rb").read()
     _make_disk_full(out)
     message = train_error(argv(world, world / "good", out))
-    assert message == f"error: could not write {ck} (the disk is full); the previous one is intact", message
-    assert open(ck, "rb").read() == before and not os.path.lexists(str(ck) + ".tmp")  # no temp file left behind
+    assert message == (f"error: could not write {ck} (the disk is full); "
+                       "the previous one is intact"), message
+    # No temp file is left behind.
+    assert open(ck, "rb").read() == before and not os.path.lexists(str(ck) + ".tmp")
     train.main(argv(world, world / "good", out))  # space again: resumes from step 1
     assert ckpt(out)["step"] == 2
 
@@ -1044,7 +1144,8 @@ def test_full_disk_before_any_checkpoint(world, tmp_path):
     _make_disk_full(out)
     message = train_error(argv(world, world / "good", out, "--max-steps", "1"))
     assert message.endswith("(the disk is full); no earlier one exists"), message
-    assert not os.path.lexists(out / train.CHECKPOINT) and not os.path.lexists(out / (train.CHECKPOINT + ".tmp"))
+    assert (not os.path.lexists(out / train.CHECKPOINT)
+            and not os.path.lexists(out / (train.CHECKPOINT + ".tmp")))
 
 
 @needs_dev_full
@@ -1054,11 +1155,12 @@ def test_save_atomic_on_a_full_disk(tmp_path):
     os.symlink("/dev/full", path + ".tmp")
     with pytest.raises(SystemExit) as e:
         runtime.save_atomic({"step": 2, "w": torch.zeros(10000)}, path)
-    assert "(the disk is full); " in str(e.value.code) and str(e.value.code).endswith("the previous one is intact")
+    assert ("(the disk is full); " in str(e.value.code)
+            and str(e.value.code).endswith("the previous one is intact"))
     assert torch.load(path, weights_only=True) == {"step": 1} and not os.path.lexists(path + ".tmp")
 
 
-# ----------------------------------------------------------------------------------- non-finite values
+# -------------------------------------------------------------------------------- non-finite values
 
 NONFINITE = [  # (loss term made non-finite, value, a checkpoint exists)
     ("loss_mim", float("nan"), True),
@@ -1069,7 +1171,8 @@ NONFINITE = [  # (loss term made non-finite, value, a checkpoint exists)
 
 
 @pytest.mark.parametrize("term,value,with_checkpoint", NONFINITE)
-def test_non_finite_loss_never_reaches_a_checkpoint(term, value, with_checkpoint, world, tmp_path, monkeypatch):
+def test_non_finite_loss_never_reaches_a_checkpoint(term, value, with_checkpoint, world, tmp_path,
+                                                    monkeypatch):
     out = tmp_path / "out"
     ck = out / train.CHECKPOINT
     if with_checkpoint:
@@ -1077,10 +1180,13 @@ def test_non_finite_loss_never_reaches_a_checkpoint(term, value, with_checkpoint
         before = open(ck, "rb").read()
     monkeypatch.setattr(must, term, lambda *a, **k: torch.tensor(value))
     message = train_error(argv(world, world / "good", out))
-    step = 2 if with_checkpoint else 1  # optimizer steps count from 1; the check follows each step here
-    assert f"non-finite loss in optimizer step(s) {step}-{step}; their updates are not saved; " in message
+    # Optimizer steps count from 1; the check follows each step here.
+    step = 2 if with_checkpoint else 1
+    assert (f"non-finite loss in optimizer step(s) {step}-{step}; "
+            "their updates are not saved; ") in message
     if with_checkpoint:  # no step was taken from it yet: not called good
-        assert f"the last checkpoint {ck} (step 1) holds the weights these steps started from" in message
+        assert (f"the last checkpoint {ck} (step 1) "
+                "holds the weights these steps started from") in message
         assert open(ck, "rb").read() == before
     else:
         assert message.endswith("no checkpoint was written yet") and not os.path.exists(ck)
@@ -1088,7 +1194,8 @@ def test_non_finite_loss_never_reaches_a_checkpoint(term, value, with_checkpoint
 
 
 def _nan_from_call(n):
-    """A loss_mim that is NaN from its n-th call on (one call per step here): steps before it are healthy."""
+    """A loss_mim that is NaN from its n-th call on (one call per step here): steps before it are
+    healthy."""
     real, calls = must.loss_mim, [0]
 
     def loss_mim(*a, **k):
@@ -1098,34 +1205,37 @@ def _nan_from_call(n):
 
 
 def test_a_checkpoint_is_good_once_a_healthy_step_followed_it(world, tmp_path, monkeypatch):
-    """Checkpoint at step 2, step 3 healthy (checked at its log line), step 4 NaN: the checkpoint of step 2 is the
-    last good one, and the one it replaced is gone."""
+    """Checkpoint at step 2, step 3 healthy (checked at its log line), step 4 NaN: the checkpoint of
+    step 2 is the last good one, and the one it replaced is gone."""
     out = tmp_path / "out"
     monkeypatch.setattr(must, "loss_mim", _nan_from_call(4))
     message = train_error(argv(world, world / "good", out, "--epochs", "2"))
     ck = out / train.CHECKPOINT
-    assert message.endswith(f"non-finite loss in optimizer step(s) 4-4; their updates are not saved; the last good "
-                            f"checkpoint {ck} (step 2) is intact"), message
+    assert message.endswith("non-finite loss in optimizer step(s) 4-4; "
+                            "their updates are not saved; "
+                            f"the last good checkpoint {ck} (step 2) is intact"), message
     assert ckpt(out)["step"] == 2 and not os.path.exists(out / train.PREVIOUS)
 
 
 def test_the_checkpoint_before_is_kept_until_the_newest_is_known_good(world, tmp_path, monkeypatch):
-    """Checkpoints at steps 1 and 2, step 3 NaN: nothing has shown the weights of step 2 good, so the checkpoint
-    of step 1 is still on disk as checkpoint.prev.pt, and the message says which is which."""
+    """Checkpoints at steps 1 and 2, step 3 NaN: nothing has shown the weights of step 2 good, so
+    the checkpoint of step 1 is still on disk as checkpoint.prev.pt, and the message says which is
+    which."""
     out = tmp_path / "out"
     monkeypatch.setattr(must, "loss_mim", _nan_from_call(3))
     message = train_error(argv(world, world / "good", out, "--epochs", "2", "--save-freq", "1"))
     ck, prev = out / train.CHECKPOINT, out / train.PREVIOUS
-    assert (f"the last checkpoint {ck} (step 2) holds the weights these steps started from, and {prev} the last "
-            f"known good ones; resuming repeats the same steps") in message
+    assert (f"the last checkpoint {ck} (step 2) holds the weights these steps started from, "
+            f"and {prev} the last known good ones; resuming repeats the same steps") in message
     assert ckpt(out)["step"] == 2
     assert torch.load(prev, map_location="cpu", weights_only=True)["step"] == 1
 
 
-def test_non_finite_weights_after_finite_losses_never_reach_a_checkpoint(world, tmp_path, monkeypatch):
-    """An update that overflows leaves a finite loss: the weights themselves are checked before every checkpoint.
-    Here the teacher's projection becomes inf after step 1 (its pseudo-labels would then just stop being
-    confident, with a loss of 0)."""
+def test_non_finite_weights_after_finite_losses_never_reach_a_checkpoint(world, tmp_path,
+                                                                         monkeypatch):
+    """An update that overflows leaves a finite loss: the weights themselves are checked before
+    every checkpoint. Here the teacher's projection becomes inf after step 1 (its pseudo-labels
+    would then just stop being confident, with a loss of 0)."""
     out = tmp_path / "out"
     real = must.ema_update
 
@@ -1134,13 +1244,15 @@ def test_non_finite_weights_after_finite_losses_never_reach_a_checkpoint(world, 
         teacher.visual.proj.data[0, 0] = float("inf")
     monkeypatch.setattr(must, "ema_update", overflowing)
     message = train_error(argv(world, world / "good", out, "--max-steps", "1"))
-    assert ("non-finite weights after optimizer step 1 although every loss was finite (an update overflowed: lower "
-            "--base-lr); they are not saved; no checkpoint was written yet") in message
+    assert ("non-finite weights after optimizer step 1 although every loss was finite "
+            "(an update overflowed: lower --base-lr); they are not saved; "
+            "no checkpoint was written yet") in message
     assert not os.path.exists(out / train.CHECKPOINT)
 
 
 @pytest.mark.parametrize("tensor,message", [
-    ("text_projection", "the zero-shot head has non-finite values: the text tower of {model} is broken"),
+    ("text_projection",
+     "the zero-shot head has non-finite values: the text tower of {model} is broken"),
     ("visual.proj", "non-finite loss in optimizer step(s) 1-1"),
 ])
 def test_broken_clip_weights(tensor, message, world, tmp_path):
@@ -1149,12 +1261,14 @@ def test_broken_clip_weights(tensor, message, world, tmp_path):
     model = tmp_path / "broken.pt"
     torch.save(sd, model)
     out = tmp_path / "out"
-    assert message.format(model=model) in train_error(argv(world, world / "good", out, "--model", str(model)))
+    got = train_error(argv(world, world / "good", out, "--model", str(model)))
+    assert message.format(model=model) in got
     assert not os.path.exists(out / train.CHECKPOINT)
-    assert not os.path.exists(out / "log.jsonl") or records(out, "train") == []  # stopped before any step
+    # It stopped before any step.
+    assert not os.path.exists(out / "log.jsonl") or records(out, "train") == []
 
 
-# ------------------------------------------------------------------------------------------ evaluation
+# --------------------------------------------------------------------------------------- evaluation
 
 def test_folder_without_eval_root_trains_without_evaluation(world, tmp_path, capsys):
     out = tmp_path / "out"
@@ -1183,7 +1297,8 @@ def test_training_evaluation_skips_unreadable_test_images(workers, world, tmp_pa
                             "--num-workers", workers))
     printed = capsys.readouterr().out
     assert [e["epoch"] for e in evals] == [0, 1]
-    assert printed.count(f"warning: skipped test image {bad}: it {UNDECODABLE}\n") == 1  # evaluated twice, warned once
+    # Evaluated twice, warned once.
+    assert printed.count(f"warning: skipped test image {bad}: it {UNDECODABLE}\n") == 1
     assert f"warning: 1 test entries not listed: {DANGLING} (e.g. {link})\n" in printed
     for e in evals:  # accuracy over the 5 readable images: a multiple of 20 %
         for acc in (e["student_acc"], e["teacher_acc"]):
@@ -1197,8 +1312,8 @@ def test_eval_py_skips_unreadable_files_and_reports_them(workers, world, tmp_pat
     capsys.readouterr()
     report = ev.main(["--data", "folder", "--data-root", str(tmp_path / "test"),
                       "--classes", str(world / "classes.txt"),
-                      "--model", str(world / "tiny.pt"), "--device", "cpu", "--batch-size", "4", "--num-workers",
-                      workers, "--out-dir", str(tmp_path / "eval")])
+                      "--model", str(world / "tiny.pt"), "--device", "cpu", "--batch-size", "4",
+                      "--num-workers", workers, "--out-dir", str(tmp_path / "eval")])
     printed = capsys.readouterr().out
     assert printed.count(f"warning: skipped folder image {bad}: it {UNDECODABLE}\n") == 1
     assert f"warning: 1 folder entries not listed: {DANGLING} (e.g. {link})\n" in printed
@@ -1208,14 +1323,16 @@ def test_eval_py_skips_unreadable_files_and_reports_them(workers, world, tmp_pat
         saved = json.load(f)["results"]["folder"]
     assert (saved["images"], saved["unreadable"], saved["not_listed"]) == (5, 1, 1)
     top1 = saved["models"]["clip"]["top1"]
-    assert top1 / 20 == pytest.approx(round(top1 / 20), abs=1e-9), top1  # k of the 5 readable images
+    # The top-1 accuracy is k of the 5 readable images.
+    assert top1 / 20 == pytest.approx(round(top1 / 20), abs=1e-9), top1
 
 
 def test_eval_py_scores_nothing_when_no_image_is_readable(world, tmp_path, capsys):
     """Nothing scored is an error, raised once the JSON report is written: its counts say why."""
     for i, name in enumerate(CLASSES[:2]):
         (tmp_path / "test" / name).mkdir(parents=True)
-        open(tmp_path / "test" / name / f"{i}.png", "w").write("not an image" * i)  # empty, then text
+        # Empty, then text.
+        open(tmp_path / "test" / name / f"{i}.png", "w").write("not an image" * i)
     argv_list = ["--data", "folder", "--data-root", str(tmp_path / "test"),
                  "--classes", str(world / "classes.txt"), "--model", str(world / "tiny.pt"),
                  "--device", "cpu", "--num-workers", "0", "--out-dir", str(tmp_path / "eval")]
@@ -1229,8 +1346,8 @@ def test_eval_py_scores_nothing_when_no_image_is_readable(world, tmp_path, capsy
 
 
 def test_unreadable_files_are_warned_once_across_resumes(world, tmp_path, capsys):
-    """The checkpoint remembers the files found unreadable: a resumed run neither warns again nor restarts the
-    count."""
+    """The checkpoint remembers the files found unreadable: a resumed run neither warns again nor
+    restarts the count."""
     folder = tmp_path / "imgs"
     shutil.copytree(world / "good", folder)
     (folder / "0.png").write_bytes(b"")
@@ -1239,7 +1356,8 @@ def test_unreadable_files_are_warned_once_across_resumes(world, tmp_path, capsys
     train.main(argv(world, folder, out, "--max-steps", "1"))
     train.main(argv(world, folder, out))
     captured = capsys.readouterr()
-    assert (captured.out + captured.err).count(f"warning: skipped training image {folder / '0.png'}") == 1
+    warning = f"warning: skipped training image {folder / '0.png'}"
+    assert (captured.out + captured.err).count(warning) == 1
     assert [r["skipped"] for r in records(out, "train")] == [1, 1]
     assert ckpt(out)["unreadable"] == [0]
 

@@ -19,7 +19,8 @@ def model():
 
 
 def test_published_prompt_data():
-    assert {n: (len(d["classes"]), len(d["templates"])) for n, d in prompts.DATASETS.items()} == EXPECTED
+    counts = {n: (len(d["classes"]), len(d["templates"])) for n, d in prompts.DATASETS.items()}
+    assert counts == EXPECTED
     assert all("{}" in t for d in prompts.DATASETS.values() for t in d["templates"])
     assert len(prompts.IMAGENET_WNIDS) == len(set(prompts.IMAGENET_WNIDS)) == 1000
     assert prompts.IMAGENET_WNIDS[:2] == ["n01440764", "n01443537"]  # tench, goldfish
@@ -28,12 +29,15 @@ def test_published_prompt_data():
 
 
 def test_head_is_the_normalized_mean_of_normalized_prompt_embeddings(model):
-    classes, templates = ["cat", "dog", "red triangle"], ["a photo of a {}.", "a drawing of a {}.", "{}"]
-    head = prompts.zero_shot_head(model, classes, templates, batch_size=4)  # batches cut across classes
+    classes = ["cat", "dog", "red triangle"]
+    templates = ["a photo of a {}.", "a drawing of a {}.", "{}"]
+    # The batches cut across classes.
+    head = prompts.zero_shot_head(model, classes, templates, batch_size=4)
     with torch.no_grad():
         expected = []
         for c in classes:
-            e = F.normalize(model.encode_text(tokenizer.tokenize([t.format(c) for t in templates])), dim=-1)
+            tokens = tokenizer.tokenize([t.format(c) for t in templates])
+            e = F.normalize(model.encode_text(tokens), dim=-1)
             expected.append(F.normalize(e.mean(0), dim=0))
     assert head.shape == (32, 3)
     torch.testing.assert_close(head, torch.stack(expected, dim=1), atol=1e-5, rtol=0)
@@ -54,7 +58,8 @@ def test_head_cache_is_reused_and_keyed_by_weights(model, tmp_path, monkeypatch)
     def fail(*args, **kwargs):
         raise AssertionError("the cached head should have been used")
     monkeypatch.setattr(model, "encode_text", fail)
-    assert torch.equal(prompts.zero_shot_head(model, classes, templates, cache_dir=tmp_path), first)
+    cached = prompts.zero_shot_head(model, classes, templates, cache_dir=tmp_path)
+    assert torch.equal(cached, first)
     monkeypatch.undo()
 
     other = tiny_clip().eval()  # other weights must not hit the same cache entry

@@ -59,7 +59,8 @@ def test_adversarial_strings_match_openai():
 
 
 def test_batch_equals_single():
-    texts = [c["text"] for c in REFERENCE["strings"] if c["context_length"] == 77 and not c["too_long"]]
+    texts = [c["text"] for c in REFERENCE["strings"]
+             if c["context_length"] == 77 and not c["too_long"]]
     batch = tokenizer.tokenize(texts)
     assert batch.shape == (len(texts), 77)
     for text, row in zip(texts, batch):

@@ -1,7 +1,8 @@
-"""Loading never runs code from a file: crafted TorchScript archives and pickles, each first shown to write a
-marker file when loaded the unsafe way, go through clip_load.load, runtime.read_checkpoint, train.py (--model,
---resume, --init) and eval.py (--checkpoint); the marker never appears and each gives a one-line error. Only
-TorchScript archives with one of OpenAI's published SHA-256s are opened with torch.jit.load; any other is refused."""
+"""Loading never runs code from a file: crafted TorchScript archives and pickles, each first shown
+to write a marker file when loaded the unsafe way, go through clip_load.load,
+runtime.read_checkpoint, train.py (--model, --resume, --init) and eval.py (--checkpoint); the marker
+never appears and each gives a one-line error. Only TorchScript archives with one of OpenAI's
+published SHA-256s are opened with torch.jit.load; any other is refused."""
 import builtins
 import io
 import os
@@ -23,8 +24,8 @@ JIT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "ref_clip
 
 
 class Writer(torch.nn.Module):
-    """A module whose scripted __setstate__, which torch.jit.load runs, maps a file in shared mode: this creates
-    the file, as any write to disk a hostile archive might do."""
+    """A module whose scripted __setstate__, which torch.jit.load runs, maps a file in shared mode:
+    this creates the file, as any write to disk a hostile archive might do."""
 
     def __init__(self, path: str):
         super().__init__()
@@ -56,18 +57,21 @@ class OpensFile:
 
 
 def _quiet(load, *args, **kwargs):
-    with warnings.catch_warnings():  # TorchScript's deprecation, torch.load's 'dispatching to torch.jit.load'
+    # TorchScript's deprecation, torch.load's 'dispatching to torch.jit.load'.
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return load(*args, **kwargs)
 
 
 def _live(path, marker, unsafe_load):
-    """Check that loading `path` the unsafe way does write `marker` (so the tests below can fail), then reset."""
+    """Check that loading `path` the unsafe way does write `marker` (so the tests below can fail),
+    then reset."""
     assert not os.path.exists(marker)
     result = _quiet(unsafe_load, str(path))
     if hasattr(result, "close"):
         result.close()
-    assert os.path.exists(marker), "the crafted file does not run its code; the test would prove nothing"
+    assert os.path.exists(marker), (
+        "the crafted file does not run its code; the test would prove nothing")
     os.remove(marker)
     return str(path)
 
@@ -83,7 +87,8 @@ def _rewritten_jit(tmp_path, name, replace):
     path = tmp_path / name
     with zipfile.ZipFile(JIT) as src, zipfile.ZipFile(path, "w") as dst:
         for info in src.infolist():
-            dst.writestr(info.filename, replace.get(info.filename.split("/", 1)[1], src.read(info.filename)))
+            record = info.filename.split("/", 1)[1]
+            dst.writestr(info.filename, replace.get(record, src.read(info.filename)))
     return str(path)
 
 
@@ -100,9 +105,12 @@ def _pickled(tmp_path, marker):
 
 
 def _hostile_data_pkl(tmp_path, marker):
-    """OpenAI's archive layout with a data.pkl that calls open() (torch.jit.load would run it too)."""
-    path = _rewritten_jit(tmp_path, "hostile_data.pt", {"data.pkl": pickle.dumps(OpensFile(str(marker)), 2)})
-    return _live(path, marker, lambda p: pickle.loads(zipfile.ZipFile(p).read("ref_clip_jit/data.pkl")))
+    """OpenAI's archive layout with a data.pkl that calls open() (torch.jit.load would run it
+    too)."""
+    hostile = {"data.pkl": pickle.dumps(OpensFile(str(marker)), 2)}
+    path = _rewritten_jit(tmp_path, "hostile_data.pt", hostile)
+    record = "ref_clip_jit/data.pkl"
+    return _live(path, marker, lambda p: pickle.loads(zipfile.ZipFile(p).read(record)))
 
 
 CRAFTED = {"scripted_setstate": _scripted_archive, "hostile_data_pkl": _hostile_data_pkl,
@@ -116,9 +124,11 @@ def _one_line(e):
 
 
 def _assert_unpublished_archive_message(message, path):
-    assert "TorchScript archive (a program)" in message and "not one of OpenAI's published files" in message
+    assert ("TorchScript archive (a program)" in message
+            and "not one of OpenAI's published files" in message)
     assert "never runs code from a file" in message
-    assert f"torch.save(torch.jit.load({path!r}).state_dict(), 'clip.pt')" in message  # converts a trusted file
+    # It tells how to convert a trusted file.
+    assert f"torch.save(torch.jit.load({path!r}).state_dict(), 'clip.pt')" in message
 
 
 @pytest.mark.parametrize("kind", CRAFTED)
@@ -130,7 +140,8 @@ def test_clip_model_load_runs_nothing(kind, tmp_path):
     message = _one_line(e.value)
     assert path in message and not os.path.exists(marker)
     if kind == "torch_save_reduce":
-        assert "refused" in message and f"{builtins.open.__module__}.open" in message  # the global it asked for
+        # The message names the global it asked for.
+        assert "refused" in message and f"{builtins.open.__module__}.open" in message
     if kind in ("scripted_setstate", "hostile_data_pkl"):
         _assert_unpublished_archive_message(message, path)
 
@@ -139,7 +150,8 @@ def test_clip_model_load_runs_nothing(kind, tmp_path):
 def test_checkpoint_readers_run_nothing(kind, world, tmp_path):  # noqa: F811  (world is a fixture)
     marker = tmp_path / "marker"
     path = CRAFTED[kind](tmp_path, marker)
-    if kind in ("scripted_setstate", "hostile_data_pkl"):  # torch.load itself refuses TorchScript with weights_only
+    # torch.load itself refuses TorchScript with weights_only.
+    if kind in ("scripted_setstate", "hostile_data_pkl"):
         with pytest.raises(RuntimeError, match="TorchScript"):
             _quiet(torch.load, path, weights_only=True)
     with pytest.raises(ValueError):
@@ -157,7 +169,8 @@ def test_resume_error_names_the_refusal(world, tmp_path):  # noqa: F811
     path = _torch_saved(tmp_path, tmp_path / "marker")
     message = error_of(argv(world, tmp_path / "run", "--resume", path))
     assert "refused" in message and f"GLOBAL {builtins.open.__module__}.open" in message
-    assert "weights_only` set to `False`" not in message  # torch's advice to load unsafely is not passed on
+    # Torch's advice to load unsafely is not passed on.
+    assert "weights_only` set to `False`" not in message
 
 
 def _benign_scripted(tmp_path):
@@ -182,11 +195,12 @@ def test_unpublished_archive_is_refused_in_one_line(make, tmp_path, monkeypatch)
 
 
 def test_published_archive_goes_through_torch_jit_load(tmp_path, monkeypatch):
-    """Once the reference archive's SHA-256 is among the published ones, torch.jit.load reads it, from the very
-    file object that was hashed."""
+    """Once the reference archive's SHA-256 is among the published ones, torch.jit.load reads it,
+    from the very file object that was hashed."""
     reference = _quiet(torch.jit.load, JIT, map_location="cpu").state_dict()
     real_jit_load, calls = torch.jit.load, []
-    monkeypatch.setattr(torch.jit, "load", lambda f, **kw: calls.append(f) or real_jit_load(f, **kw))
+    monkeypatch.setattr(torch.jit, "load",
+                        lambda f, **kw: calls.append(f) or real_jit_load(f, **kw))
     sha = clip_load._sha256(JIT)
     monkeypatch.setitem(clip_load._MODELS, "Fake-1", f"file:///nowhere/{sha}/Fake-1.pt")
     sd = clip_load._read_state_dict(JIT)
