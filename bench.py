@@ -1,41 +1,46 @@
 """Speed and memory of one MUST training step, and of the data pipeline that has to feed it.
 
-    python bench.py --model ViT-B/16 --batch 128                      # one GPU, bf16 (auto), eager
-    python bench.py --model ViT-B/16 --batch 128 --accum 2 --compile  # exact accumulation, torch.compile
+    # one GPU, bf16 (auto), eager
+    python bench.py --model ViT-B/16 --batch 128
+    # exact accumulation, torch.compile
+    python bench.py --model ViT-B/16 --batch 128 --accum 2 --compile
     python bench.py --model ViT-S/16 --batch 16 --device cpu --amp fp32
     python bench.py --pipeline --model ViT-B/16 --workers 8 --step-images-per-s 900
 
-Step mode times must.must_step: all of an optimizer step (the passes counted below, and
-AdamW over train.param_groups) but the data loader. The weights are random (architectures by name, nothing is
-downloaded; --model PATH loads a CLIP checkpoint), the head a random (embed_dim, K) matrix, the inputs random
-tensors made once and kept on the device, the masks from data.MaskGenerator with Table 10's ImageNet settings
-(mask unit 32 px snapped for the model, ratio 0.3; the toy world's for --model tiny), and τ = 0 makes every
-sample confident. Printed: images/s, ms per step, achieved TFLOP/s from the analytic count below, utilization of
-a known peak (or --peak-tflops), and peak memory (torch.cuda.max_memory_allocated on a GPU; on CPU the process's
-max RSS, Python and torch included).
+Step mode times must.must_step, which is all of an optimizer step (the passes counted below, and
+AdamW over train.param_groups) but the data loader. The weights are random (architectures by name,
+nothing is downloaded; --model PATH loads a CLIP checkpoint), the head a random (embed_dim, K)
+matrix, the inputs random tensors made once and kept on the device, the masks from
+data.MaskGenerator with Table 10's ImageNet settings (mask unit 32 px snapped for the model, ratio
+0.3; the toy world's for --model tiny), and τ = 0 makes every sample confident. It prints images/s,
+ms per step, achieved TFLOP/s from the analytic count below, utilization of a known peak (or
+--peak-tflops), and peak memory (torch.cuda.max_memory_allocated on a GPU; on CPU the process's max
+RSS, Python and torch included).
 
-Pipeline mode (--pipeline) times data.TrainTransform (decode + weak view + the paper's strong view with
-RandAugment + mask) on generated photo-sized JPEGs, on one core in this process and with --workers DataLoader
-processes, and says how many cores per GPU a step speed (--step-images-per-s, or measured first) needs.
+Pipeline mode (--pipeline) times data.TrainTransform (decode + weak view + the paper's strong view
+with RandAugment + mask) on generated photo-sized JPEGs, on one core in this process and with
+--workers DataLoader processes, and says how many cores per GPU a step speed (--step-images-per-s,
+or measured first) needs.
 
-FLOP count (vit_forward_flops, train_flops_per_image). A multiply-add is 2 FLOPs; only matmuls and convolutions
-are counted (LayerNorm, softmax, GELU and the losses are O(T·C) or O(T²·heads) per image and AdamW O(parameters)
-per step: under 1% at ViT-B's width). One image of S px, patch P, N = (S/P)² patches, T = N + 1 tokens, width C,
-L blocks, embedding D, K classes:
-    patch embedding   P×P conv, stride P, 3 -> C channels, per patch 3P²·C:       2 · N · 3P² · C
-    each block        qkv T·C·3C + out proj T·C·C + MLP T·C·4C + T·4C·C:          2 · 12 · T · C²
-                      attention scores QKᵀ and their average AV, T²·C each:       2 · 2 · T² · C
-    head              [CLS] projection C·D + classifier D·K:                       2 · (C·D + D·K)
+FLOP count (vit_forward_flops, train_flops_per_image). A multiply-add is 2 FLOPs. Only matmuls and
+convolutions are counted: LayerNorm, softmax, GELU and the losses are O(T·C) or O(T²·heads) per
+image and AdamW O(parameters) per step, under 1% at ViT-B's width. One image of S px, patch P,
+N = (S/P)² patches, T = N + 1 tokens, width C, L blocks, embedding D, K classes:
+    patch embedding   P×P conv, stride P, 3 -> C channels, per patch 3P²·C:  2 · N · 3P² · C
+    each block        qkv T·C·3C + out proj T·C·C + MLP T·C·4C + T·4C·C:     2 · 12 · T · C²
+                      attention scores QKᵀ and their average AV, T²·C each:  2 · 2 · T² · C
+    head              [CLS] projection C·D + classifier D·K:                 2 · (C·D + D·K)
     MUST heads        every patch token projected too (eq. 5), N·C·D, and the
-                      linear pixel decoder (1×1 conv C -> 3P²), N·C·3P²:          2 · N · C · (D + 3P²)
-so the teacher's forward costs F = 2·N·3P²·C + L·(24·T·C² + 4·T²·C) + 2·(C·D + D·K) and the student's masked
-forward F_s = F + 2·N·C·(D + 3P²). A backward costs twice its forward (gradients for both the input and the
-weight of every matmul), except that the images need no gradient, so the patch embedding's backward is its
-weight gradient alone. Per image of an optimizer step:
-    F + (3·F_s − 2·N·3P²·C) + [accum > 1] F_s      (the last: the no-grad student pass for eq. 3's p̄)
-ViT-B/16 at 224 px (N = 196, T = 197, C = 768, L = 12, D = 512, K = 1000): F = 35.1 GFLOP, F_s = 35.5, a step
-141.4 GFLOP per image, and 176.9 (+25%: about 5 forwards' worth instead of 4) with exact accumulation.
-tests/test_bench.py checks both formulas against torch.utils.flop_counter on a real train_step of the tiny model.
+                      linear pixel decoder (1×1 conv C -> 3P²), N·C·3P²:     2 · N · C · (D + 3P²)
+so the teacher's forward costs F = 2·N·3P²·C + L·(24·T·C² + 4·T²·C) + 2·(C·D + D·K) and the
+student's masked forward F_s = F + 2·N·C·(D + 3P²). A backward costs twice its forward (gradients
+for both the input and the weight of every matmul), except that the images need no gradient, so
+the patch embedding's backward is its weight gradient alone. Per image of an optimizer step:
+    F + (3·F_s − 2·N·3P²·C) + [accum > 1] F_s   (the last is the no-grad student pass for eq. 3's p̄)
+ViT-B/16 at 224 px (N = 196, T = 197, C = 768, L = 12, D = 512, K = 1000): F = 35.1 GFLOP,
+F_s = 35.5, a step 141.4 GFLOP per image, and 176.9 (+25%: about 5 forwards' worth instead of 4)
+with exact accumulation. tests/test_bench.py checks both formulas against torch.utils.flop_counter
+on a real train_step of the tiny model.
 """
 import argparse
 import os
@@ -57,22 +62,25 @@ import must
 import train
 from runtime import add_machine_flags, autocast_for, fail, pick_device
 
-# (input px, patch, width, layers, embed_dim): OpenAI's image towers, a DeiT-S-like one and a tiny one for tests
-SHAPES = {"tiny": (32, 8, 64, 2, 32), "ViT-S/16": (224, 16, 384, 12, 384), "ViT-B/32": (224, 32, 768, 12, 512),
-          "ViT-B/16": (224, 16, 768, 12, 512), "ViT-L/14": (224, 14, 1024, 24, 768),
-          "ViT-L/14@336px": (336, 14, 1024, 24, 768)}
-# dense bf16 / fp16 tensor-core peaks, TFLOP/s, by substring of torch.cuda.get_device_name (SXM parts; an H100
-# PCIe peaks at 756: pass --peak-tflops)
+# The shapes (input px, patch, width, layers, embed_dim) of OpenAI's image towers, a DeiT-S-like
+# one and a tiny one for tests.
+SHAPES = {"tiny": (32, 8, 64, 2, 32), "ViT-S/16": (224, 16, 384, 12, 384),
+          "ViT-B/32": (224, 32, 768, 12, 512), "ViT-B/16": (224, 16, 768, 12, 512),
+          "ViT-L/14": (224, 14, 1024, 24, 768), "ViT-L/14@336px": (336, 14, 1024, 24, 768)}
+# Dense bf16 / fp16 tensor-core peaks in TFLOP/s, by substring of torch.cuda.get_device_name. They
+# are the SXM parts' peaks; an H100 PCIe peaks at 756, so pass --peak-tflops for it.
 PEAK_TFLOPS = (("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 
 
 def vit_forward_flops(size, patch, width, layers, embed_dim, num_classes, must_heads=False):
-    """FLOPs of one image's forward through the image tower and the classifier (docstring above); must_heads: the
-    student's masked forward, which also projects every patch token and runs the pixel decoder."""
+    """FLOPs of one image's forward through the image tower and the classifier (the module
+    docstring derives them). must_heads asks for the student's masked forward, which also projects
+    every patch token and runs the pixel decoder."""
     n = (size // patch) ** 2
     t = n + 1
     flops = 2 * n * 3 * patch ** 2 * width  # patch embedding
-    flops += layers * (2 * 12 * t * width ** 2 + 2 * 2 * t ** 2 * width)  # matmuls + attention of each block
+    # The matmuls and the attention of each block.
+    flops += layers * (2 * 12 * t * width ** 2 + 2 * 2 * t ** 2 * width)
     flops += 2 * (width * embed_dim + embed_dim * num_classes)  # [CLS] projection + classifier
     if must_heads:
         flops += 2 * n * width * (embed_dim + 3 * patch ** 2)
@@ -80,31 +88,36 @@ def vit_forward_flops(size, patch, width, layers, embed_dim, num_classes, must_h
 
 
 def train_flops_per_image(size, patch, width, layers, embed_dim, num_classes, accum):
-    """-> (total, teacher forward, student forward + backward, extra no-grad student forward) per image of a step."""
+    """-> (total, teacher forward, student forward + backward, extra no-grad student forward) per
+    image of a step."""
     shape = (size, patch, width, layers, embed_dim, num_classes)
     teacher = vit_forward_flops(*shape)
     student = vit_forward_flops(*shape, must_heads=True)
-    images_grad = 2 * (size // patch) ** 2 * 3 * patch ** 2 * width  # never computed: the images need no gradient
+    # The images need no gradient, so this part of the backward is never computed.
+    images_grad = 2 * (size // patch) ** 2 * 3 * patch ** 2 * width
     extra = student if accum > 1 else 0
     return teacher + 3 * student - images_grad + extra, teacher, 3 * student - images_grad, extra
 
 
 def build_tower(args):
-    """-> (VisionTransformer with random weights or a checkpoint's, description, Table 10's ImageNet settings for it
-    (the toy world's for --model tiny), its data.MaskGenerator)."""
+    """-> (VisionTransformer with random weights or a checkpoint's, description, Table 10's
+    ImageNet settings for it (the toy world's for --model tiny), its data.MaskGenerator)."""
     if args.model in SHAPES:
         torch.manual_seed(0)
         visual = clip_model.VisionTransformer(*SHAPES[args.model])
-        visual.transformer.init_weights()  # CLIP's init (the constructor leaves the blocks' weights empty)
+        # CLIP's init, because the constructor leaves the blocks' weights empty.
+        visual.transformer.init_weights()
         what = f"{args.model} (random weights)"
     else:
         try:
             visual, what = clip_load.load(args.model)[0].visual, args.model
         except (FileNotFoundError, ValueError, RuntimeError) as e:
             fail(str(e))
-    hp = config.hparams("toy" if args.model == "tiny" else "imagenet", config.model_key(args.model, visual),
-                      visual.patch_size, visual.input_resolution)
-    gen = data.MaskGenerator(visual.input_resolution, hp["mask_unit"], visual.patch_size, hp["mask_ratio"])
+    dataset = "toy" if args.model == "tiny" else "imagenet"
+    model_name = config.model_key(args.model, visual)
+    hp = config.hparams(dataset, model_name, visual.patch_size, visual.input_resolution)
+    gen = data.MaskGenerator(visual.input_resolution, hp["mask_unit"], visual.patch_size,
+                             hp["mask_ratio"])
     return visual, what, hp, gen
 
 
@@ -155,13 +168,17 @@ def bench_step(args):
         torch.cuda.reset_peak_memory_stats(device)
     step, student, _, _, what, amp_dtype = make_step(args, device)
     v = student.visual
-    size, patch, width, layers = v.input_resolution, v.patch_size, v.width, len(v.transformer.resblocks)
-    flops = train_flops_per_image(size, patch, width, layers, v.output_dim, args.classes, args.accum)
-    wall, cpu = [], []  # seconds of each step; the first --warmup: allocator, kernel autotuning, compilation
+    size, patch, width = v.input_resolution, v.patch_size, v.width
+    layers, embed_dim = len(v.transformer.resblocks), v.output_dim
+    flops = train_flops_per_image(size, patch, width, layers, embed_dim, args.classes, args.accum)
+    # The seconds of each step. The first --warmup steps pay for the allocator, kernel autotuning
+    # and compilation.
+    wall, cpu = [], []
     for _ in range(args.warmup + args.steps):
         tic, cpu_tic = time.perf_counter(), time.process_time()
         step()
-        if device.type == "cuda":  # the step never waits for the device: read the clock once it is done
+        # The step never waits for the device, so the clock is read once the device is done.
+        if device.type == "cuda":
             torch.cuda.synchronize(device)
         wall.append(time.perf_counter() - tic)
         cpu.append(time.process_time() - cpu_tic)  # this process's, all threads
@@ -176,22 +193,28 @@ def bench_step(args):
     peak = args.peak_tflops or next((p for key, p in PEAK_TFLOPS if gpu and key in gpu), None)
     tflops = flops[0] * args.batch / seconds / 1e12
     res = {"images_per_s": args.batch / seconds, "ms_per_step": 1e3 * seconds, "tflops": tflops,
-           "utilization": tflops / peak if peak else None, "peak_memory_gib": memory, "warmup_s": warmup_s,
-           "gflop_per_image": flops[0] / 1e9, "cpu_s_per_step": sum(cpu[args.warmup:]) / args.steps}
+           "utilization": tflops / peak if peak else None, "peak_memory_gib": memory,
+           "warmup_s": warmup_s, "gflop_per_image": flops[0] / 1e9,
+           "cpu_s_per_step": sum(cpu[args.warmup:]) / args.steps}
     where = f"{device} {gpu}" if gpu else f"{device}, {torch.get_num_threads()} threads"
+    heads = v.transformer.resblocks[0].attn.heads
     print(f"model          {what}: {size} px, patch {patch}, width {width}, {layers} layers, "
-          f"{v.transformer.resblocks[0].attn.heads} heads, embed {v.output_dim}, {args.classes} classes")
+          f"{heads} heads, embed {v.output_dim}, {args.classes} classes")
+    precision = str(amp_dtype or "fp32").removeprefix("torch.")
+    execution = "compiled" if args.compile else "eager"
     print(f"step           batch {args.batch} = {args.accum} x {args.batch // args.accum}, amp "
-          f"{str(amp_dtype or 'fp32').removeprefix('torch.')}, {'compiled' if args.compile else 'eager'}, {where}")
-    print("GFLOP/image    {:.4g} = teacher fwd {:.4g} + student fwd+bwd {:.4g} + no-grad student fwd {:.4g}".format(
-        *(f / 1e9 for f in flops)))
+          f"{precision}, {execution}, {where}")
+    print("GFLOP/image    {:.4g} = teacher fwd {:.4g} + student fwd+bwd {:.4g} + "
+          "no-grad student fwd {:.4g}".format(*(f / 1e9 for f in flops)))
     print(f"warm-up        {args.warmup} steps in {warmup_s:.1f} s")
     print(f"images/s       {res['images_per_s']:.4g}")
-    print(f"ms/step        {res['ms_per_step']:.1f}   (mean of {args.steps}; fastest {1e3 * min(times):.1f}, "
-          f"slowest {1e3 * max(times):.1f})")
-    if not gpu:  # on a shared machine wall time includes other processes' turns; a process's own CPU time does not
-        print(f"CPU s/step     {res['cpu_s_per_step']:.4g}   (this process's CPU time, all threads: other processes' "
-              f"turns are not in it)")
+    print(f"ms/step        {res['ms_per_step']:.1f}   (mean of {args.steps}; "
+          f"fastest {1e3 * min(times):.1f}, slowest {1e3 * max(times):.1f})")
+    # On a shared machine wall time includes other processes' turns; a process's own CPU time does
+    # not.
+    if not gpu:
+        print(f"CPU s/step     {res['cpu_s_per_step']:.4g}   (this process's CPU time, "
+              "all threads: other processes' turns are not in it)")
     print(f"TFLOP/s        {tflops:.4g}")
     print("utilization    " + (f"{100 * res['utilization']:.1f}% of {peak:g} TFLOP/s" if peak else
                               "n/a (unknown peak: give --peak-tflops)"))
@@ -199,18 +222,20 @@ def bench_step(args):
     return res
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the data pipeline
 
 def make_jpegs(folder, count, width, height, seed=0):
-    """`count` JPEGs (quality 90) of width × height px: a random colour field on a coarse grid, upsampled bicubic,
-    plus fine noise, so the decoder meets smooth regions, edges and texture as in a photo rather than the
-    incompressible noise of uniform random pixels. -> their paths."""
+    """`count` JPEGs (quality 90) of width × height px, each a random colour field on a coarse grid,
+    upsampled bicubic, plus fine noise, so the decoder meets smooth regions, edges and texture as in
+    a photo rather than the incompressible noise of uniform random pixels. -> their paths."""
     rng = np.random.default_rng(seed)
     paths = []
     for i in range(count):
-        coarse = rng.integers(0, 256, (max(1, height // 25), max(1, width // 25), 3), dtype=np.uint8)
-        field = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.float32)
+        grid = (max(1, height // 25), max(1, width // 25), 3)
+        coarse = rng.integers(0, 256, grid, dtype=np.uint8)
+        upsampled = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
+        field = np.asarray(upsampled, dtype=np.float32)
         pixels = np.clip(field + rng.normal(0, 8, field.shape), 0, 255).astype(np.uint8)
         paths.append(os.path.join(folder, f"{i}.jpg"))
         Image.fromarray(pixels).save(paths[-1], quality=90)
@@ -218,15 +243,16 @@ def make_jpegs(folder, count, width, height, seed=0):
 
 
 def bench_pipeline(args):
-    """Decode + weak view + strong view + mask per image: on one core, with --workers, and the cores a step needs."""
+    """Decode + weak view + strong view + mask per image: on one core, with --workers, and the
+    cores a step needs."""
     visual, what, hp, gen = build_tower(args)
     size = visual.input_resolution
     width, height = (int(v) for v in args.jpeg_size.lower().split("x"))
     with tempfile.TemporaryDirectory() as folder:
         paths = make_jpegs(folder, args.jpeg_count, width, height)
         kib = sum(os.path.getsize(p) for p in paths) / len(paths) / 1024
-        dataset = folders.ImageList([(paths[i % len(paths)], -1) for i in range(args.images)], [], [],
-                                 data.TrainTransform(size, gen, "paper"))
+        samples = [(paths[i % len(paths)], -1) for i in range(args.images)]
+        dataset = folders.ImageList(samples, [], [], data.TrainTransform(size, gen, "paper"))
         torch.manual_seed(0)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # in this process on one thread, as in a DataLoader worker
@@ -235,57 +261,77 @@ def bench_pipeline(args):
         for i in range(args.images):
             dataset[i]
         wall = args.images / (time.perf_counter() - tic)
-        one_core = args.images / (time.process_time() - cpu)  # the cost of an image on a core, whatever else runs
+        # The CPU time measures the cost of an image on a core, whatever else runs.
+        one_core = args.images / (time.process_time() - cpu)
         torch.set_num_threads(threads)
         loader = None
         if args.workers:  # timed from the first batch on (worker start-up left out)
-            batches = iter(DataLoader(dataset, batch_size=args.loader_batch, num_workers=args.workers))
+            data_loader = DataLoader(dataset, batch_size=args.loader_batch,
+                                     num_workers=args.workers)
+            batches = iter(data_loader)
             next(batches)
             tic, seen = time.perf_counter(), 0
             for (weak, _, _), _ in batches:
                 seen += len(weak)
             loader = seen / (time.perf_counter() - tic) if seen else float("nan")
-    print(f"pipeline       {what}: {size} px views, paper strong view (RandAugment), mask unit {hp['mask_unit']}, "
-          f"{args.images} images from {len(paths)} JPEGs of {width}x{height} ({kib:.0f} KiB on average, page-cached)")
+    print(f"pipeline       {what}: {size} px views, paper strong view (RandAugment), "
+          f"mask unit {hp['mask_unit']}, {args.images} images from {len(paths)} JPEGs of "
+          f"{width}x{height} ({kib:.0f} KiB on average, page-cached)")
     print(f"one core       {one_core:.1f} images per CPU second ({wall:.1f} per wall second)")
     if loader is not None:
-        print(f"{args.workers} workers      {loader:.1f} images/s ({loader / (args.workers * one_core):.0%} of "
+        share = loader / (args.workers * one_core)
+        print(f"{args.workers} workers      {loader:.1f} images/s ({share:.0%} of "
               f"{args.workers} x one core)")
     step = args.step_images_per_s
     if step is None:
         print("measuring the step to feed (give --step-images-per-s to skip):")
         step = bench_step(args)["images_per_s"]
     cores = step / one_core
-    print(f"cores/GPU      {cores:.3g} to feed {step:.4g} images/s (at the one-core rate per CPU second)")
-    return {"one_core_images_per_s": one_core, "one_core_wall_images_per_s": wall, "loader_images_per_s": loader,
-            "step_images_per_s": step, "cores_per_gpu": cores, "jpeg_kib": kib}
+    print(f"cores/GPU      {cores:.3g} to feed {step:.4g} images/s "
+          "(at the one-core rate per CPU second)")
+    return {"one_core_images_per_s": one_core, "one_core_wall_images_per_s": wall,
+            "loader_images_per_s": loader, "step_images_per_s": step, "cores_per_gpu": cores,
+            "jpeg_kib": kib}
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Speed and memory of the MUST training step (or, with --pipeline, of "
-                                            "its data pipeline). See the docstring of bench.py.")
-    p.add_argument("--model", default="ViT-B/16", help=f"{', '.join(SHAPES)} (random weights) or a CLIP "
-                                                       "checkpoint path (default: %(default)s)")
-    p.add_argument("--classes", type=int, default=1000, help="K, the classifier's classes (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=128, help="images per optimizer step (default: %(default)s)")
-    p.add_argument("--accum", type=int, default=1, help="exact accumulation micro-batches (default: %(default)s)")
+    p = argparse.ArgumentParser(
+        description="Speed and memory of the MUST training step (or, with --pipeline, of its data "
+                    "pipeline). See the docstring of bench.py.")
+    p.add_argument("--model", default="ViT-B/16",
+                   help=f"{', '.join(SHAPES)} (random weights) or a CLIP checkpoint path "
+                        "(default: %(default)s)")
+    p.add_argument("--classes", type=int, default=1000,
+                   help="K, the classifier's classes (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=128,
+                   help="images per optimizer step (default: %(default)s)")
+    p.add_argument("--accum", type=int, default=1,
+                   help="exact accumulation micro-batches (default: %(default)s)")
     p.add_argument("--compile", action="store_true", help="torch.compile student and teacher")
     p.add_argument("--steps", type=int, default=10, help="timed steps (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="untimed steps first (default: %(default)s)")
     p.add_argument("--threads", type=int, help="torch CPU threads [torch's default]")
-    p.add_argument("--peak-tflops", type=float, help="the device's peak for the utilization line [known GPUs]")
+    p.add_argument("--peak-tflops", type=float,
+                   help="the device's peak for the utilization line [known GPUs]")
     add_machine_flags(p, workers=False, download_root=False)
     g = p.add_argument_group("pipeline")
-    g.add_argument("--pipeline", action="store_true", help="time data.TrainTransform instead of the step")
-    g.add_argument("--workers", type=int, default=0, help="also time a DataLoader with this many worker processes")
-    g.add_argument("--images", type=int, default=256, help="images to transform per measurement (default: "
-                                                           "%(default)s)")
-    g.add_argument("--jpeg-count", type=int, default=16, help="distinct JPEGs generated (default: %(default)s)")
-    g.add_argument("--jpeg-size", default="500x375", help="their WxH, ImageNet's typical (default: %(default)s)")
-    g.add_argument("--loader-batch", type=int, default=32, help="DataLoader batch size (default: %(default)s)")
-    g.add_argument("--step-images-per-s", type=float, help="the step speed to feed [measured first]")
+    g.add_argument("--pipeline", action="store_true",
+                   help="time data.TrainTransform instead of the step")
+    g.add_argument("--workers", type=int, default=0,
+                   help="also time a DataLoader with this many worker processes")
+    g.add_argument("--images", type=int, default=256,
+                   help="images to transform per measurement (default: %(default)s)")
+    g.add_argument("--jpeg-count", type=int, default=16,
+                   help="distinct JPEGs generated (default: %(default)s)")
+    g.add_argument("--jpeg-size", default="500x375",
+                   help="their WxH, ImageNet's typical (default: %(default)s)")
+    g.add_argument("--loader-batch", type=int, default=32,
+                   help="DataLoader batch size (default: %(default)s)")
+    g.add_argument("--step-images-per-s", type=float,
+                   help="the step speed to feed [measured first]")
     args = p.parse_args(argv)
     for name in ("classes", "batch", "accum", "steps", "images", "jpeg_count", "loader_batch"):
         if getattr(args, name) < 1:

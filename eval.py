@@ -1,20 +1,28 @@
-"""Evaluate CLIP zero-shot or a MUST checkpoint (student and EMA teacher): accuracy (paper §4.2), robustness to
-ImageNet-C corruptions (§4.7, Table 8), natural distribution shift (§4.8, Table 9) and the paper's figures
-(Figure 3: GradCAM of the last block's [CLS] attention; Figure 4: masked image modeling triplets).
+r"""Evaluate CLIP zero-shot or a MUST checkpoint (student and EMA teacher): accuracy (paper §4.2),
+robustness to ImageNet-C corruptions (§4.7, Table 8), natural distribution shift (§4.8, Table 9)
+and the paper's figures (Figure 3: GradCAM of the last block's [CLS] attention; Figure 4: masked
+image modeling triplets).
 
-    python eval.py --checkpoint out/imagenet/checkpoint.pt                      # the run's own test set
-    python eval.py --data imagenet --data-root /data/imagenet --checkpoint out/imagenet/checkpoint.pt
-    python eval.py --data imagenet --data-root /data/imagenet --model ViT-B/16  # CLIP zero-shot
-    python eval.py --data imagenet-c --data-root /data/imagenet-c --checkpoint out/imagenet/checkpoint.pt
+    # the run's own test set
+    python eval.py --checkpoint out/imagenet/checkpoint.pt
+    python eval.py --data imagenet --data-root /data/imagenet \
+        --checkpoint out/imagenet/checkpoint.pt
+    # CLIP zero-shot
+    python eval.py --data imagenet --data-root /data/imagenet --model ViT-B/16
+    python eval.py --data imagenet-c --data-root /data/imagenet-c \
+        --checkpoint out/imagenet/checkpoint.pt
     python eval.py --shift --shift-root /data/shift --checkpoint out/imagenet/checkpoint.pt
-    python eval.py --data imagenet-r --data-root /data/shift/imagenet-r --checkpoint out/imagenet-r/checkpoint.pt
-    python eval.py --checkpoint out/pets/checkpoint.pt --model ViT-B/16 --figures 8   # + CLIP row and figures
+    python eval.py --data imagenet-r --data-root /data/shift/imagenet-r \
+        --checkpoint out/imagenet-r/checkpoint.pt
+    # + CLIP row and figures
+    python eval.py --checkpoint out/pets/checkpoint.pt --model ViT-B/16 --figures 8
 
 The layouts it reads besides data.py's (ImageNet-C, --shift-root): docs/usage.md.
 
-A classifier scores a set whose classes it covers: a 1000-way ImageNet head scores ImageNet-R/-A with its
-logits restricted to the 200 present classes (indexed by wnid); a head trained transductively on ImageNet-R
-is already 200-way. Each image is decoded once; every model scores it in the same pass.
+A classifier scores a set whose classes it covers: a 1000-way ImageNet head scores ImageNet-R/-A
+with its logits restricted to the 200 present classes (indexed by wnid); a head trained
+transductively on ImageNet-R is already 200-way. Each image is decoded once; every model scores it
+in the same pass.
 Outputs: a table on stdout, a JSON file with every number, PNG figures with --figures.
 """
 import argparse
@@ -39,29 +47,42 @@ import folders
 import must
 import prompts
 import toy  # noqa: F401 -- registers --data toy
-from runtime import (add_machine_flags, all_reduce, any_process, autocast_for, fail, ignore_stop_signals,
-                     is_distributed, pick_device, read_checkpoint, save_atomic)
+from runtime import (add_machine_flags, all_reduce, any_process, autocast_for, fail,
+                     ignore_stop_signals, is_distributed, pick_device, read_checkpoint, save_atomic)
 
 
 # ImageNet-C's 15 benchmark corruptions and AlexNet's error on each, averaged over the 5 severities
 # (Hendrycks & Dietterich 2019): the normalizer of the corruption error CE.
 ALEXNET_ERR = {
-    "gaussian_noise": 0.886428, "shot_noise": 0.894468, "impulse_noise": 0.922640,
-    "defocus_blur": 0.819880, "glass_blur": 0.826268, "motion_blur": 0.785948, "zoom_blur": 0.798360,
-    "snow": 0.866816, "frost": 0.826572, "fog": 0.819324, "brightness": 0.564592,
-    "contrast": 0.853204, "elastic_transform": 0.646056, "pixelate": 0.717840, "jpeg_compression": 0.606500,
+    "gaussian_noise": 0.886428,
+    "shot_noise": 0.894468,
+    "impulse_noise": 0.922640,
+    "defocus_blur": 0.819880,
+    "glass_blur": 0.826268,
+    "motion_blur": 0.785948,
+    "zoom_blur": 0.798360,
+    "snow": 0.866816,
+    "frost": 0.826572,
+    "fog": 0.819324,
+    "brightness": 0.564592,
+    "contrast": 0.853204,
+    "elastic_transform": 0.646056,
+    "pixelate": 0.717840,
+    "jpeg_compression": 0.606500,
 }
 SEVERITIES = (1, 2, 3, 4, 5)
-PAPER_MCE = "CLIP 70.7, self-training 55.2, MUST 53.4, MAE+supervised 51.7"  # the paper's Table 8, ViT-B/16
+# The mCE of the paper's Table 8, ViT-B/16.
+PAPER_MCE = "CLIP 70.7, self-training 55.2, MUST 53.4, MAE+supervised 51.7"
 
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # class spaces: which logits score which set
 
 
 def class_ids(dataset, classnames):
-    """Identities of a label space: wnids for the ImageNets (folders.WNIDS), spelling-insensitive names otherwise."""
+    """Identities of a label space: wnids for the ImageNets (folders.WNIDS), spelling-insensitive
+    names otherwise."""
     wnids = folders.WNIDS.get(dataset)
     if wnids is not None and len(wnids) == len(classnames):
         return list(wnids)
@@ -69,29 +90,31 @@ def class_ids(dataset, classnames):
 
 
 def columns_for(model_ids, set_ids):
-    """Logit columns that score a set, in the set's label order: None = all logits as they are; raises
-    ValueError when the classifier lacks some of the set's classes."""
+    """Logit columns that score a set, in the set's label order (None means all logits as they
+    are). Raises ValueError when the classifier lacks some of the set's classes."""
     if list(model_ids) == list(set_ids):
         return None
     index = {c: i for i, c in enumerate(model_ids)}
     missing = [c for c in set_ids if c not in index]
     if missing:
-        raise ValueError(f"its {len(model_ids)}-class head lacks {len(missing)} of the set's {len(set_ids)} "
-                         f"classes (e.g. {missing[0]!r})")
+        raise ValueError(f"its {len(model_ids)}-class head lacks {len(missing)} of the set's "
+                         f"{len(set_ids)} classes (e.g. {missing[0]!r})")
     return torch.tensor([index[c] for c in set_ids])
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # evaluation sets
 
 
-# A labeled dataset to score: its name, kind (a --data name), dataset (ImageList-like), class identities and root.
+# A labeled dataset to score: its name, kind (a --data name), dataset (ImageList-like), class
+# identities and root.
 EvalSet = namedtuple("EvalSet", "name kind dataset ids root")
 
 
 def build_set(name, kind, root, transform, templates_file=None, classes_file=None):
-    """One named dataset's test split as an EvalSet (--data folder: labeled images root/<class name>/..., names from
-    the classes file); data.py's clear errors become one-line CLI errors."""
+    """One named dataset's test split as an EvalSet (for --data folder, labeled images
+    root/<class name>/..., names from the classes file). data.py's clear errors become one-line
+    CLI errors."""
     try:
         return make_set(name, kind, root, transform, templates_file, classes_file)
     except (OSError, ValueError) as e:
@@ -173,8 +196,9 @@ def find_corruption_sets(root, transform):
     if not sets and any(why != ABSENT for why in missing.values()):
         nothing_to_score("ImageNet-C root", root, missing)
     if not sets:
-        fail(f"no ImageNet-C corruption under {root!r}: expected {root}/<corruption>/<1..5>/<wnid>/*.JPEG with "
-             f"<corruption> among {', '.join(ALEXNET_ERR)}")
+        fail(f"no ImageNet-C corruption under {root!r}: expected "
+             f"{root}/<corruption>/<1..5>/<wnid>/*.JPEG with <corruption> among "
+             f"{', '.join(ALEXNET_ERR)}")
     return sets, missing, sorted(present.values()) + ignored
 
 
@@ -196,12 +220,12 @@ def find_shifted_sets(root, transform, templates):
     return sets, missing
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the shifted ImageNets under one folder (--shift-root; docs/usage.md gives the layout)
 
 def _enter_single_subfolder(path):
-    """ImageNet-Sketch/sketch/<wnid>, imagenetv2/<variant>/<index>: a folder whose only entry is a folder
-    that is not itself a class folder is entered."""
+    """Enters a folder whose only entry is a folder that is not itself a class folder, as in
+    ImageNet-Sketch/sketch/<wnid> and imagenetv2/<variant>/<index>."""
     while True:
         entries = [e for e in os.scandir(path) if not e.name.startswith(".")]
         if len(entries) != 1 or not entries[0].is_dir():
@@ -214,19 +238,23 @@ def _enter_single_subfolder(path):
 
 def shift_kind(folder):
     """The shifted ImageNet a folder name stands for, or None."""
-    k = folders.name_key(folder)
-    if k.startswith("imagenetv2"):
+    key = folders.name_key(folder)
+    if key.startswith("imagenetv2"):
         return "imagenet-v2"
-    return {"imagenetr": "imagenet-r", "imagenetrendition": "imagenet-r", "imageneta": "imagenet-a",
-            "imagenetadversarial": "imagenet-a", "imagenetsketch": "imagenet-sketch", "sketch": "imagenet-sketch",
-            "imagenet": "imagenet"}.get(k)
+    kinds = {"imagenetr": "imagenet-r", "imagenetrendition": "imagenet-r",
+             "imageneta": "imagenet-a", "imagenetadversarial": "imagenet-a",
+             "imagenetsketch": "imagenet-sketch", "sketch": "imagenet-sketch",
+             "imagenet": "imagenet"}
+    return kinds.get(key)
 
 
-_SHIFT_ORDER = ("imagenet", "imagenet-v2", "imagenet-r", "imagenet-a", "imagenet-sketch")  # Table 9's
+# The order of Table 9.
+_SHIFT_ORDER = ("imagenet", "imagenet-v2", "imagenet-r", "imagenet-a", "imagenet-sketch")
 
 
 def find_shift_sets(root):
-    """[(set name, kind, path)] of the shifted ImageNets under root (eval.py --shift-root), in Table 9's order."""
+    """[(set name, kind, path)] of the shifted ImageNets under root (eval.py --shift-root), in
+    Table 9's order."""
     folders.require_dir(root, "shift root")
     found = []
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
@@ -235,27 +263,29 @@ def find_shift_sets(root):
             found.append((kind, entry.name, _enter_single_subfolder(entry.path)))
     if not found:
         names = sorted(e.name for e in os.scandir(root) if e.is_dir())
-        raise FileNotFoundError(f"no shifted ImageNet under {root!r} (folders: {names[:10]}); expected subfolders "
-                                "named imagenetv2-*, imagenet-r, imagenet-a, imagenet-sketch (or imagenet with val/)")
+        raise FileNotFoundError(f"no shifted ImageNet under {root!r} (folders: {names[:10]}); "
+                                "expected subfolders named imagenetv2-*, imagenet-r, imagenet-a, "
+                                "imagenet-sketch (or imagenet with val/)")
     n_v2 = sum(kind == "imagenet-v2" for kind, _, _ in found)
     found.sort(key=lambda f: _SHIFT_ORDER.index(f[0]))
     return [(kind if kind != "imagenet-v2" or n_v2 == 1 else f"imagenet-v2 ({folder})", kind, path)
             for kind, folder, path in found]
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # scoring
 
 
 class _Tagged(Dataset):
-    """Several datasets behind one loader (no worker restart between ImageNet-C's 75 sets); item = (image,
-    label, set index). `limit` keeps that many evenly spaced images of each set; with several processes each
-    holds every world-th item of the whole."""
+    """Several datasets behind one loader, so that the workers do not restart between ImageNet-C's
+    75 sets. An item is (image, label, set index). `limit` keeps that many evenly spaced images of
+    each set; with several processes each holds every world-th item of the whole."""
 
     def __init__(self, datasets, limit=None, rank=0, world=1):
         self.datasets = datasets
         self.indices = [np.arange(len(d)) if limit is None or limit >= len(d)
-                        else np.unique(np.linspace(0, len(d) - 1, limit).round().astype(int)) for d in datasets]
+                        else np.unique(np.linspace(0, len(d) - 1, limit).round().astype(int))
+                        for d in datasets]
         self.offsets = np.cumsum([0] + [len(i) for i in self.indices]).tolist()
         self.positions = range(rank, self.offsets[-1], world)
 
@@ -270,7 +300,8 @@ class _Tagged(Dataset):
 
 
 class Counts:
-    """Per-class hit counts of one (set, model): top-1, top-5 and images; labels < 0 (unknown) are skipped."""
+    """Per-class hit counts of one (set, model): top-1, top-5 and images. Labels < 0 (unknown) are
+    skipped."""
 
     def __init__(self, num_classes):
         self.top1, self.top5, self.n = (np.zeros(num_classes, np.int64) for _ in range(3))
@@ -287,11 +318,13 @@ class Counts:
     def all_reduce(self, device):
         """Sum the counts over processes (each scored its own shard)."""
         for name in ("top1", "top5", "n"):
-            setattr(self, name, all_reduce(torch.from_numpy(getattr(self, name)), device).numpy())
+            summed = all_reduce(torch.from_numpy(getattr(self, name)), device)
+            setattr(self, name, summed.numpy())
         return self
 
     def metrics(self):
-        """Accuracies in %: top-1, top-5 and the mean over classes with images of per-class top-1."""
+        """Accuracies in %: top-1, top-5 and the mean over classes with images of per-class
+        top-1."""
         total = int(self.n.sum())
         if total == 0:
             return {"images": 0, "top1": None, "top5": None, "mean_per_class": None}
@@ -302,28 +335,36 @@ class Counts:
 
 
 @torch.inference_mode()
-def evaluate(models, sets, columns, device, batch_size=256, num_workers=8, amp_dtype=None, limit=None,
-             stop=None):
-    """Score every set with every model in one pass over the images; eval.py and train.py both score with it.
+def evaluate(models, sets, columns, device, batch_size=256, num_workers=8, amp_dtype=None,
+             limit=None, stop=None):
+    """Score every set with every model in one pass over the images; eval.py and train.py both
+    score with it.
 
-    models: {name: module on `device` mapping images (B,3,H,W) -> must.MUSTOutput}; columns[(set index, name)]: the logit
-    columns of that set (None = all), pairs absent from it are not scored. Under torch.distributed each process
-    scores its share of the images and the counts are summed over processes. stop: a runtime.StopRequest, asked
-    before every batch (all processes agree); a requested stop ends the evaluation at once.
-    Returns ({(set index, name): Counts}, images per second of this process), or (None, 0.0) when stopped.
+    models: {name: module on `device` mapping images (B,3,H,W) -> must.MUSTOutput}.
+    columns[(set index, name)]: the logit columns of that set (None = all); pairs absent from it
+    are not scored. Under torch.distributed each process scores its share of the images and the
+    counts are summed over processes. stop: a runtime.StopRequest, asked before every batch (all
+    processes agree); a requested stop ends the evaluation at once.
+    Returns ({(set index, name): Counts}, images per second of this process), or (None, 0.0) when
+    stopped.
     """
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
+    if is_distributed():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    else:
+        rank, world = 0, 1
     tagged = _Tagged([s.dataset for s in sets], limit, rank, world)
-    loader = DataLoader(tagged, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda",
-                        worker_init_fn=ignore_stop_signals)
+    loader = DataLoader(tagged, batch_size=batch_size, num_workers=num_workers,
+                        pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
     counts = {key: Counts(len(sets[key[0]].ids)) for key in columns}
     cols = {key: (None if c is None else c.to(device)) for key, c in columns.items()}
-    # Rank 0 holds the most images, so every process goes round this often and asks about a stop each time,
-    # including one whose own share ran out a batch earlier.
+    # Rank 0 holds the most images, so every process goes round this often and asks about a stop
+    # each time, including one whose own share ran out a batch earlier.
     rounds = math.ceil(len(range(0, tagged.offsets[-1], world)) / batch_size)
     batches = iter(loader)
     tic, seen = time.time(), 0
-    for _ in tqdm(range(rounds), desc="eval", dynamic_ncols=True, mininterval=2, disable=rank != 0, leave=False):
+    progress = tqdm(range(rounds), desc="eval", dynamic_ncols=True, mininterval=2,
+                    disable=rank != 0, leave=False)
+    for _ in progress:
         if stop is not None and any_process(stop.signum is not None):
             return None, 0.0
         batch = next(batches, None)
@@ -336,9 +377,11 @@ def evaluate(models, sets, columns, device, batch_size=256, num_workers=8, amp_d
 
 
 def score_batch(models, sets, cols, counts, images, labels, set_index, device, amp_dtype):
-    """Every model's logits on one batch of images, added to the Counts of each (set, model) it scores."""
+    """Every model's logits on one batch of images, added to the Counts of each (set, model) it
+    scores."""
     images = images.to(device, non_blocking=True)
-    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                        enabled=amp_dtype is not None):
         logits = {name: m(images).logits.float() for name, m in models.items()}  # (B, K) per model
     labels_np, set_np = labels.numpy(), set_index.numpy()
     for s in np.unique(set_np).tolist():
@@ -350,17 +393,19 @@ def score_batch(models, sets, cols, counts, images, labels, set_index, device, a
             if cols[(s, name)] is not None:
                 z = z[:, cols[(s, name)]]  # (b, K_set): only the set's classes compete
             if z.shape[1] != len(sets[s].ids):
-                raise ValueError(f"{name} gives {z.shape[1]} logits for the {len(sets[s].ids)} classes of "
-                                 f"{sets[s].name}")
+                raise ValueError(f"{name} gives {z.shape[1]} logits for the "
+                                 f"{len(sets[s].ids)} classes of {sets[s].name}")
             top5 = z.topk(min(5, z.shape[1]), dim=1).indices.cpu().numpy()
             counts[(s, name)].add(top5, labels_np[set_np == s])
 
 
 def corruption_errors(errors):
-    """ImageNet-C (Hendrycks & Dietterich 2019; paper Table 8). errors: {corruption: {severity: top-1 error %}}.
+    """ImageNet-C (Hendrycks & Dietterich 2019; paper Table 8).
+    errors: {corruption: {severity: top-1 error %}}.
 
-    CE_c = Σ_s E_{s,c} / Σ_s E^AlexNet_{s,c} = mean_s E_{s,c} / mean_s E^AlexNet_{s,c}, in %; mCE = mean of CE_c.
-    Only corruptions with all 5 severities get a CE; mCE covers those (complete = all 15 present).
+    CE_c = Σ_s E_{s,c} / Σ_s E^AlexNet_{s,c} = mean_s E_{s,c} / mean_s E^AlexNet_{s,c}, in %.
+    mCE = mean of CE_c. Only corruptions with all 5 severities get a CE; mCE covers those
+    (complete = all 15 present).
     """
     mean_err, ce = {}, {}
     for c, by_sev in errors.items():
@@ -372,7 +417,7 @@ def corruption_errors(errors):
             "complete": len(ce) == len(ALEXNET_ERR)}
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # output
 
 
@@ -381,7 +426,8 @@ def _fmt(x, width=6):
 
 
 def accuracy_table(results, model_names, mean_per_class_sets):
-    """Rows = sets; per model top-1 and top-5 accuracy (%), and mean per-class accuracy where asked. -> str"""
+    """One row per set; per model top-1 and top-5 accuracy (%), and mean per-class accuracy where
+    asked. -> str"""
     mpc = bool(mean_per_class_sets)
     head = f"{'dataset':28s} {'images':>7s}"
     for n in model_names:
@@ -400,59 +446,78 @@ def accuracy_table(results, model_names, mean_per_class_sets):
 
 def corruption_table(model_name, errors, summary):
     """One row per corruption: top-1 error (%) at each severity, mean, CE; then mCE. -> str"""
-    head = f"{'ImageNet-C ' + model_name:24s}" + "".join(f"{'s' + str(s):>7s}" for s in SEVERITIES) + \
-        f"{'mean':>8s}{'CE':>8s}"
+    model_head = f"{'ImageNet-C ' + model_name:24s}"
+    severity_heads = "".join(f"{'s' + str(s):>7s}" for s in SEVERITIES)
+    head = model_head + severity_heads + f"{'mean':>8s}{'CE':>8s}"
     lines = [head + "   (top-1 error %, CE normalized by AlexNet)", "-" * len(head)]
     for c in ALEXNET_ERR:
         by_sev = errors.get(c, {})
         line = f"{c:24s}" + "".join(f" {_fmt(by_sev.get(s))}" for s in SEVERITIES)
         line += f"  {_fmt(summary['mean_error'].get(c))}  {_fmt(summary['ce'].get(c))}"
         lines.append(line + ("" if c in errors else "   missing"))
-    partial = "" if summary["complete"] else f"   (partial: {summary['corruptions_scored']}/15 corruptions)"
+    partial = ""
+    if not summary["complete"]:
+        partial = f"   (partial: {summary['corruptions_scored']}/15 corruptions)"
     lines.append(f"{'mCE':24s}{'':{7 * len(SEVERITIES) + 8}s}  {_fmt(summary['mce'])}{partial}")
     lines.append(f"paper's mCE (ViT-B/16, Table 8): {PAPER_MCE}")
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # command line
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="Evaluate CLIP zero-shot or a MUST checkpoint (student and EMA teacher): top-1/top-5 accuracy, "
-                    "ImageNet-C mCE, natural distribution shift, and GradCAM / masked-image-modeling figures. "
-                    "Writes a table to stdout and every number to a JSON file.")
+        description="Evaluate CLIP zero-shot or a MUST checkpoint (student and EMA teacher): "
+                    "top-1/top-5 accuracy, ImageNet-C mCE, natural distribution shift, and "
+                    "GradCAM / masked-image-modeling figures. Writes a table to stdout and every "
+                    "number to a JSON file.")
     g = p.add_argument_group("what to evaluate")
-    g.add_argument("--data", help=f"dataset: {', '.join(data.DATASET_NAMES)}, or imagenet-c (ROOT/<corruption>/"
-                                  "<severity>/<wnid>/*) [the checkpoint's training dataset]")
-    g.add_argument("--data-root", help="dataset directory (layouts: data.py; for --data folder: DIR/<class name>/...) "
-                                       "[the checkpoint's, when --data is the checkpoint's]")
+    g.add_argument("--data",
+                   help=f"dataset: {', '.join(data.DATASET_NAMES)}, or imagenet-c "
+                        "(ROOT/<corruption>/<severity>/<wnid>/*) [the checkpoint's training "
+                        "dataset]")
+    g.add_argument("--data-root",
+                   help="dataset directory (layouts: data.py; for --data folder: "
+                        "DIR/<class name>/...) [the checkpoint's, when --data is the checkpoint's]")
     g.add_argument("--shift", action="store_true",
-                   help="evaluate every shifted ImageNet found under --shift-root (Table 9) instead of --data")
-    g.add_argument("--shift-root", help="folder with imagenetv2*/, imagenet-r/, imagenet-a/, imagenet-sketch/ (and "
-                                        "optionally imagenet/val/) subfolders; names are matched ignoring case, "
-                                        "'-' and '_'; [--data-root]")
-    g.add_argument("--classes", help="class names file, one per line (--data folder) [the checkpoint's]")
-    g.add_argument("--templates", help="prompt templates file, one per line with {} (for CLIP's zero-shot head)")
-    g.add_argument("--limit", type=int, help="score only this many evenly spaced images per set (quick check)")
+                   help="evaluate every shifted ImageNet found under --shift-root (Table 9) "
+                        "instead of --data")
+    g.add_argument("--shift-root",
+                   help="folder with imagenetv2*/, imagenet-r/, imagenet-a/, imagenet-sketch/ "
+                        "(and optionally imagenet/val/) subfolders; names are matched ignoring "
+                        "case, '-' and '_'; [--data-root]")
+    g.add_argument("--classes",
+                   help="class names file, one per line (--data folder) [the checkpoint's]")
+    g.add_argument("--templates",
+                   help="prompt templates file, one per line with {} (for CLIP's zero-shot head)")
+    g.add_argument("--limit", type=int,
+                   help="score only this many evenly spaced images per set (quick check)")
     g = p.add_argument_group("models")
-    g.add_argument("--checkpoint", help="MUST checkpoint from train.py: its student and EMA teacher are scored")
-    g.add_argument("--model", help="CLIP name (ViT-B/16, ...) or checkpoint path scored zero-shot [ViT-B/16 without "
-                                   "--checkpoint; with one, given = also CLIP's row and GradCAM column]")
+    g.add_argument("--checkpoint",
+                   help="MUST checkpoint from train.py: its student and EMA teacher are scored")
+    g.add_argument("--model",
+                   help="CLIP name (ViT-B/16, ...) or checkpoint path scored zero-shot [ViT-B/16 "
+                        "without --checkpoint; with one, given = also CLIP's row and GradCAM "
+                        "column]")
     g.add_argument("--mean-per-class", action="store_true",
-                   help="report mean per-class accuracy for every set (always shown for pets and caltech101)")
+                   help="report mean per-class accuracy for every set (always shown for pets and "
+                        "caltech101)")
     g = p.add_argument_group("run")
-    g.add_argument("--batch-size", type=int, default=256, help="images per forward pass [%(default)s]")
+    g.add_argument("--batch-size", type=int, default=256,
+                   help="images per forward pass [%(default)s]")
     g.add_argument("--figures", type=int, default=0, metavar="N",
-                   help="write PNG figures for N evenly spaced images of a set (the first that the most models "
-                        "score): OUT_DIR/<data>-attention.png, GradCAM of the last block's [CLS] attention of each "
-                        "model side by side (Figure 3), and with a checkpoint OUT_DIR/<data>-reconstruction.png, "
-                        "the student's original / masked / recovered triplets (Figure 4) [%(default)s]")
+                   help="write PNG figures for N evenly spaced images of a set (the first that the "
+                        "most models score): OUT_DIR/<data>-attention.png, GradCAM of the last "
+                        "block's [CLS] attention of each model side by side (Figure 3), and with a "
+                        "checkpoint OUT_DIR/<data>-reconstruction.png, the student's original / "
+                        "masked / recovered triplets (Figure 4) [%(default)s]")
     g.add_argument("--seed", type=int, default=0,
                    help="seed of the masks drawn for the reconstruction figure [%(default)s]")
-    g.add_argument("--out-dir", help="where the JSON, figures and zero-shot head cache go [the checkpoint's folder, "
-                                     "else out/eval]")
+    g.add_argument("--out-dir",
+                   help="where the JSON, figures and zero-shot head cache go [the checkpoint's "
+                        "folder, else out/eval]")
     g.add_argument("--json", help="JSON file with every number [OUT_DIR/eval-<data>.json]")
     add_machine_flags(p)
     return p.parse_args(argv)
@@ -496,24 +561,29 @@ def check_flags(args):
 
 
 def resolve_sets(args, run, transform):
-    """-> (mode, [EvalSet], found): found = (root, missing {name: why}, ignored) for imagenet-c,
-    (root, missing, None) for --shift, else None. --data and --data-root default to the checkpoint's
-    own (for --data folder: its --eval-root, --classes and --templates)."""
+    """-> (mode, [EvalSet], found), where found is (root, missing {name: why}, ignored) for
+    imagenet-c, (root, missing, None) for --shift, else None. --data and --data-root default to the
+    checkpoint's own (for --data folder, its --eval-root, --classes and --templates)."""
     if args.shift and args.data:
         fail("give --data or --shift, not both")
     if args.shift:
         root = args.shift_root or args.data_root
         if root is None:
-            fail("--shift needs --shift-root DIR (a folder with imagenetv2*/imagenet-r/imagenet-a/imagenet-sketch)")
+            fail("--shift needs --shift-root DIR "
+                 "(a folder with imagenetv2*/imagenet-r/imagenet-a/imagenet-sketch)")
         sets, missing = find_shifted_sets(root, transform, args.templates)
         return "shift", sets, (root, missing, None)
     mode = args.data or run.get("data")
     if mode is None:
-        fail("give --data NAME (and --data-root DIR), --shift, or a --checkpoint whose dataset is evaluated")
+        fail("give --data NAME (and --data-root DIR), --shift, or a --checkpoint whose dataset is "
+             "evaluated")
     if mode not in data.DATASET_NAMES + ["imagenet-c"]:
-        fail(f"unknown dataset {mode!r}; choose one of: {', '.join(data.DATASET_NAMES + ['imagenet-c'])}")
+        names = ", ".join(data.DATASET_NAMES + ["imagenet-c"])
+        fail(f"unknown dataset {mode!r}; choose one of: {names}")
     own = args.data is None or args.data == run.get("data")
-    root = args.data_root or (run.get("eval_root" if mode == "folder" else "data_root") if own else None)
+    # The run args hold the checkpoint's own --eval-root or --data-root.
+    own_root_flag = "eval_root" if mode == "folder" else "data_root"
+    root = args.data_root or (run.get(own_root_flag) if own else None)
     if root is None and not data.is_registered(mode):
         fail(f"give --data-root DIR for {mode}")
     if mode == "imagenet-c":
@@ -525,7 +595,8 @@ def resolve_sets(args, run, transform):
 
 
 def imagenet_c_report(models, sets, counts, root, missing, ignored):
-    """Per model: error per corruption and severity, CE, mCE (printed as tables); plus what is missing."""
+    """Per model, the error per corruption and severity, CE and mCE (printed as tables); also what
+    is missing."""
     report = {"missing": missing, "ignored_folders": ignored}
     for name in models:
         errors = {}
@@ -536,7 +607,8 @@ def imagenet_c_report(models, sets, counts, root, missing, ignored):
                 error = None if top1 is None else 100.0 - top1
                 errors.setdefault(corruption, {})[int(severity)] = error
         summary = corruption_errors(errors)
-        report[name] = {"error": {c: {str(k): v for k, v in e.items()} for c, e in errors.items()}, **summary}
+        by_corruption = {c: {str(k): v for k, v in e.items()} for c, e in errors.items()}
+        report[name] = {"error": by_corruption, **summary}
         print(corruption_table(name, errors, summary) + "\n")
     print_missing(root, missing)
     if ignored:
@@ -553,8 +625,9 @@ def print_missing(root, missing):
 
 
 def report_unreadable(dataset, what, reported, device):
-    """Merge the unreadable-file flags of every process (folders.ImageList.bad), warn once per file not in `reported`
-    (on rank 0), and return how many files are unreadable so far (0 for datasets that never fail, like the toy's)."""
+    """Merge the unreadable-file flags of every process (folders.ImageList.bad), warn once per file
+    not in `reported` (on rank 0), and return how many files are unreadable so far (0 for datasets
+    that never fail, like the toy's)."""
     if not hasattr(dataset, "bad"):
         return 0
     merged = all_reduce(dataset.bad.to(torch.int32), device, op=torch.distributed.ReduceOp.MAX)
@@ -568,7 +641,8 @@ def report_unreadable(dataset, what, reported, device):
 
 
 def report_listing(dataset, what):
-    """One line per reason for the entries the listing left out (links, non-files, duplicates) -> how many."""
+    """One line per reason for the entries the listing left out (links, non-files, duplicates).
+    -> how many."""
     by_reason = {}
     for path, reason in getattr(dataset, "ignored", []):
         by_reason.setdefault(reason, []).append(path)
@@ -593,7 +667,8 @@ def load_models(args):
         except ValueError as e:
             fail(str(e))
         try:
-            student, teacher = (must.load_checkpoint(ckpt, which) for which in ("student", "teacher"))
+            student = must.load_checkpoint(ckpt, "student")
+            teacher = must.load_checkpoint(ckpt, "teacher")
         except (KeyError, ValueError, RuntimeError) as e:  # not the tensors train.py writes
             fail(f"cannot read MUST checkpoint {args.checkpoint} ({str(e).splitlines()[0][:200]})")
         run = dict(ckpt.get("args", {}), classnames=list(ckpt.get("classnames", [])))
@@ -618,12 +693,13 @@ def load_models(args):
 
 
 def add_zero_shot(args, models, model_ids, clip, sets, device, out_dir):
-    """CLIP zero-shot as the first model: one head over the classes every set needs (ImageNet-1k for several)."""
+    """CLIP zero-shot as the first model: one head over the classes every set needs (ImageNet-1k
+    for several)."""
     if len(sets) == 1:
         names, templates, kind = sets[0].dataset.classnames, sets[0].dataset.templates, sets[0].kind
     else:
-        names, templates, kind = prompts.DATASETS["imagenet"]["classes"], prompts.DATASETS["imagenet"][
-            "templates"], "imagenet"
+        imagenet = prompts.DATASETS["imagenet"]
+        names, templates, kind = imagenet["classes"], imagenet["templates"], "imagenet"
         if args.templates:  # checked by check_flags
             templates = folders.read_templates(args.templates)
     model_ids["clip"] = class_ids(kind, names)
@@ -636,8 +712,8 @@ def add_zero_shot(args, models, model_ids, clip, sets, device, out_dir):
 
 
 def scorable(sets, models, model_ids):
-    """Which logits score which set -> (sets some model can score, columns {(set index, model): columns},
-    {set: {model: why not}}); a set no model can score is reported, not loaded."""
+    """Which logits score which set -> (sets some model can score, columns {(set index, model):
+    columns}, {set: {model: why not}}). A set no model can score is reported, not loaded."""
     columns, skipped, scored = {}, {}, []
     for s in sets:
         cols = {}
@@ -657,14 +733,17 @@ def scorable(sets, models, model_ids):
 
 
 def results_of(sets, models, counts, unread, mpc_sets):
-    """{set name: images, classes, root, unreadable / not-listed counts, metric, per-model accuracies}"""
+    """{set name: images, classes, root, unreadable / not-listed counts, metric, per-model
+    accuracies}"""
     results = {}
     for i, s in enumerate(sets):
         per_model = {name: counts[(i, name)].metrics() for name in models if (i, name) in counts}
         n = next(iter(per_model.values()))["images"] if per_model else 0
+        accuracies = {model: {key: value for key, value in metrics.items() if key != "images"}
+                      for model, metrics in per_model.items()}
         results[s.name] = {"images": n, "classes": len(s.ids), "root": s.root, **unread[s.name],
                            "metric": "mean_per_class" if s.name in mpc_sets else "top1",
-                           "models": {k: {m: v for m, v in r.items() if m != "images"} for k, r in per_model.items()}}
+                           "models": accuracies}
     return results
 
 
@@ -701,18 +780,21 @@ def main(argv=None):
         del clip
     sets, columns, skipped = scorable(sets, models, model_ids)
     not_listed = {s.name: report_listing(s.dataset, s.name) for s in sets}
-    for m in models.values():  # here, not under inference mode: the figures need autograd on these weights
+    # The models go to the device here, not under inference mode, because the figures need
+    # autograd on these weights.
+    for m in models.values():
         m.eval().to(device)
-    counts, speed = evaluate(models, sets, columns, device, args.batch_size, args.num_workers, amp_dtype,
-                             args.limit)
+    counts, speed = evaluate(models, sets, columns, device, args.batch_size, args.num_workers,
+                             amp_dtype, args.limit)
     mpc_sets = {s.name for s in sets if args.mean_per_class or mode in data.MEAN_PER_CLASS}
     unread = {s.name: {"unreadable": report_unreadable(s.dataset, s.name, set(), device),
                        "not_listed": not_listed[s.name]} for s in sets}
     results = results_of(sets, models, counts, unread, mpc_sets)
     nothing_scored = check_scored(results)
-    report = {"mode": mode, "checkpoint": args.checkpoint, "clip": clip_name, "trained_on": run.get("data"),
-              "models": list(models), "device": str(device), "images_per_s": speed, "limit": args.limit,
-              "results": results, "not_scored": skipped}
+    report = {"mode": mode, "checkpoint": args.checkpoint, "clip": clip_name,
+              "trained_on": run.get("data"), "models": list(models), "device": str(device),
+              "images_per_s": speed, "limit": args.limit, "results": results,
+              "not_scored": skipped}
     if mode == "imagenet-c":
         report["imagenet_c"] = imagenet_c_report(models, sets, counts, *found)
     else:
@@ -726,7 +808,8 @@ def main(argv=None):
     if nothing_scored:  # after the report: its counts say what was unreadable
         fail(nothing_scored)
     if args.figures:
-        report["figures"] = figures.make_figures(args, run, sets, models, columns, visual, os.path.join(out_dir, mode),
+        prefix = os.path.join(out_dir, mode)
+        report["figures"] = figures.make_figures(args, run, sets, models, columns, visual, prefix,
                                                  device)
         if report["figures"]:
             print("figures: " + ", ".join(report["figures"]))

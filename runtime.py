@@ -1,8 +1,9 @@
-"""Run plumbing shared by train.py and eval.py: one-line errors, device and precision, the process group,
-RNG state, content fingerprints, a data order that survives resumes, atomic checkpoint writes, the out-dir lock
-and graceful stops on SIGTERM / SIGINT / SIGHUP.
+"""Run plumbing shared by train.py and eval.py: one-line errors, device and precision, the process
+group, RNG state, content fingerprints, a data order that survives resumes, atomic checkpoint
+writes, the out-dir lock and graceful stops on SIGTERM / SIGINT / SIGHUP.
 
-Nothing here knows about MUST; it is what any long multi-process PyTorch run needs to be safe to kill.
+Nothing here knows about MUST; it is what any long multi-process PyTorch run needs to be safe to
+kill.
 """
 import contextlib
 import errno
@@ -32,11 +33,12 @@ def fail(message):
     raise SystemExit(f"error: {message}")
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # device, precision, processes
 
 def pick_device(flag):
-    """--device (cuda, cuda:N, cpu, ...) or the best available; an unavailable device is a one-line error."""
+    """--device (cuda, cuda:N, cpu, ...) or the best available; an unavailable device is a
+    one-line error."""
     try:
         device = torch.device(flag or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
@@ -75,8 +77,11 @@ def autocast_for(amp, device):
 
 
 def setup_distributed(device_flag):
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is one process. -> (rank, world, device)"""
-    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is one process.
+    -> (rank, world, device)"""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
     device = pick_device(device_flag)
     if device.type == "cuda":
         device = torch.device("cuda", local if device.index is None else device.index)
@@ -96,7 +101,8 @@ def barrier():
 
 
 def all_reduce(tensor, device, op=None):
-    """Sum (or op) a tensor over processes, through `device` (NCCL only reduces GPU tensors); returns it."""
+    """Sum (or op) a tensor over processes, through `device` (NCCL only reduces GPU tensors);
+    returns it."""
     if not is_distributed():
         return tensor
     t = tensor.to(device)
@@ -105,8 +111,9 @@ def all_reduce(tensor, device, op=None):
 
 
 def any_process(flag):
-    """Whether `flag` holds on any process. Agreed on the hosts (through a gloo group when the default one is
-    NCCL), so it costs no wait for the GPU's queue and can be asked every step."""
+    """Whether `flag` holds on any process. It is agreed on the hosts (through a gloo group when
+    the default one is NCCL), so it costs no wait for the GPU's queue and can be asked every
+    step."""
     if not is_distributed():
         return bool(flag)
     t = torch.tensor(float(flag))
@@ -116,7 +123,8 @@ def any_process(flag):
 
 @functools.cache
 def _host_group(world):
-    """A gloo group over `world` when that is NCCL, made once (every rank reaches the first call at the same step)."""
+    """A gloo group over `world` when that is NCCL, made once (every rank reaches the first call at
+    the same step)."""
     return dist.new_group(backend="gloo") if dist.get_backend(world) == "nccl" else world
 
 
@@ -142,18 +150,20 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(state["numpy"])  # the key table as a list, or a tensor in earlier checkpoints
+    # The key table is a list, or a tensor in earlier checkpoints.
+    np.random.set_state(state["numpy"])
     version, internal, gauss = state["python"]  # a tuple; a list in checkpoints of earlier versions
     random.setstate((version, tuple(internal), gauss))
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # data order: the same samples and random views at every split and after a resume
 
 class SeededViews(Dataset):
-    """Draws each training image's random views and mask from a seed of (seed, epoch, index) alone, so the global
-    batch of a step is the same whatever the number of processes or workers, and a resumed run sees exactly the
-    views of an uninterrupted one (as long as the augmentations draw from torch's RNG only, as data.py's do)."""
+    """Draws each training image's random views and mask from a seed of (seed, epoch, index) alone,
+    so the global batch of a step is the same whatever the number of processes or workers, and a
+    resumed run sees exactly the views of an uninterrupted one (as long as the augmentations draw
+    from torch's RNG only, as data.py's do)."""
 
     def __init__(self, dataset, seed):
         self.dataset, self.seed, self.epoch = dataset, seed, 0
@@ -162,16 +172,17 @@ class SeededViews(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index):
-        digest = hashlib.blake2b(f"{self.seed}/{self.epoch}/{index}".encode(), digest_size=8).digest()
+        key = f"{self.seed}/{self.epoch}/{index}".encode()
+        digest = hashlib.blake2b(key, digest_size=8).digest()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int.from_bytes(digest, "little") & (2 ** 63 - 1))
             return self.dataset[index]
 
 
 class ResumableSampler(DistributedSampler):
-    """DistributedSampler (shuffled, drop_last) that can start inside an epoch: `start` samples of this rank's
-    share are skipped. With drop_last, step k of every rank covers global positions [k·B, (k+1)·B) of the
-    epoch's permutation, so the union over ranks is the one-process batch."""
+    """DistributedSampler (shuffled, drop_last) that can start inside an epoch, skipping `start`
+    samples of this rank's share. With drop_last, step k of every rank covers global positions
+    [k·B, (k+1)·B) of the epoch's permutation, so the union over ranks is the one-process batch."""
 
     start = 0
 
@@ -182,14 +193,14 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # files
 
 def save_atomic(obj, path, write=None):
-    """write(obj, binary file) (torch.save by default) to path.tmp, fsync, rename: a kill or a full disk leaves the
-    previous file intact and no partial temp file behind. A failed write is a one-line error that says why.
-    torch.save into a file object names the archive inside 'archive' (after the file, for a path), so the bytes
-    depend only on obj."""
+    """write(obj, binary file) (torch.save by default) to path.tmp, fsync, rename, so that a kill or
+    a full disk leaves the previous file intact and no partial temp file behind. A failed write is
+    a one-line error that says why. torch.save into a file object names the archive inside
+    'archive' (after the file, for a path), so the bytes depend only on obj."""
     tmp = path + ".tmp"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
@@ -198,10 +209,12 @@ def save_atomic(obj, path, write=None):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as e:  # also a kill (KeyboardInterrupt): no partial temp file is left behind
+    except BaseException as e:
+        # A kill (KeyboardInterrupt) is caught too, so that no partial temp file is left behind.
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if not isinstance(e, (OSError, RuntimeError)):  # torch's zip writer reports a short write as RuntimeError
+        # torch's zip writer reports a short write as a RuntimeError.
+        if not isinstance(e, (OSError, RuntimeError)):
             raise
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
         if getattr(e, "errno", None) == errno.ENOSPC:
@@ -266,7 +279,9 @@ def read_checkpoint(path, what="MUST checkpoint"):
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated, not a checkpoint, unsafe to load
         raise ValueError(f"cannot read {what} {path} ({load_error_detail(e, path)})") from None
-    if isinstance(ckpt, dict) and all(isinstance(ckpt.get(k), dict) for k in ("student", "teacher")):
+    holds_both_models = isinstance(ckpt, dict) and all(
+        isinstance(ckpt.get(part), dict) for part in ("student", "teacher"))
+    if holds_both_models:
         return ckpt
     if isinstance(ckpt, dict) and "text_projection" in ckpt:  # a CLIP has a text tower, MUST none
         raise ValueError(f"{path} holds a CLIP's weights, not a checkpoint written by train.py: "
@@ -275,7 +290,8 @@ def read_checkpoint(path, what="MUST checkpoint"):
         more = ", ..." if len(ckpt) > 5 else ""
         holds = f"its entries: {', '.join(map(str, list(ckpt)[:5]))}{more}"
     else:
-        holds = f"it holds {'an empty dict' if isinstance(ckpt, dict) else 'a ' + type(ckpt).__name__}"
+        content = "an empty dict" if isinstance(ckpt, dict) else "a " + type(ckpt).__name__
+        holds = f"it holds {content}"
     raise ValueError(f"{path} is not a MUST checkpoint written by train.py: it does not hold both "
                      f"'student' and 'teacher' weights ({holds})")
 
@@ -295,9 +311,9 @@ def fingerprint(value):
 
 
 class RunLock:
-    """One run per out-dir: an flock on OUT/run.lock, held for the run's life and released by the kernel when the
-    process dies. The file names its holder; a file left non-empty by a process that died without releasing it
-    is a stale lock, taken over with a message."""
+    """One run per out-dir: an flock on OUT/run.lock, held for the run's life and released by the
+    kernel when the process dies. The file names its holder; a file left non-empty by a process
+    that died without releasing it is a stale lock, taken over with a message."""
 
     def __init__(self, out_dir):
         self.path = os.path.join(out_dir, "run.lock")
@@ -305,9 +321,11 @@ class RunLock:
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(self.fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            written = os.pread(self.fd, 4096, 0).decode(errors="replace").strip()
+            holder = written or "another process"
             os.close(self.fd)
-            fail(f"{out_dir} is in use by another run ({holder}); wait for it to finish or use another --out-dir")
+            fail(f"{out_dir} is in use by another run ({holder}); "
+                 "wait for it to finish or use another --out-dir")
         stale = os.pread(self.fd, 4096, 0).decode(errors="replace").strip()
         if stale:
             print(f"taking over the lock of a run that ended without releasing it ({stale})")
@@ -322,13 +340,13 @@ class RunLock:
             self.fd = None
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # graceful stop
 
 class StopRequest:
-    """SIGTERM (schedulers, torchrun), SIGINT (Ctrl-C) and SIGHUP (a closed terminal or ssh session) ask the run to
-    stop after the step in flight; the trainer checkpoints and exits. A second SIGINT aborts at once. Use as a
-    context manager: the previous handlers are restored on exit."""
+    """SIGTERM (schedulers, torchrun), SIGINT (Ctrl-C) and SIGHUP (a closed terminal or ssh session)
+    ask the run to stop after the step in flight; the trainer checkpoints and exits. A second SIGINT
+    aborts at once. Use it as a context manager; the previous handlers are restored on exit."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -343,13 +361,15 @@ class StopRequest:
             fail("interrupted twice: aborted without a checkpoint (the last one is intact)")
         if self.signum is None:
             with contextlib.suppress(OSError):
-                print(f"\n{signal.Signals(signum).name}: stopping after the current step with a checkpoint "
-                      f"(Ctrl-C again to abort at once)", file=sys.stderr, flush=True)
+                print(f"\n{signal.Signals(signum).name}: stopping after the current step "
+                      "with a checkpoint (Ctrl-C again to abort at once)",
+                      file=sys.stderr, flush=True)
             self.signum = signum
 
     def __enter__(self):
         if threading.current_thread() is not threading.main_thread():
-            return self  # only the main thread may install handlers; a caller thread keeps the defaults
+            # Only the main thread may install handlers; a caller thread keeps the defaults.
+            return self
         for s in self.SIGNALS:
             self._previous[s] = signal.signal(s, self._handle)
         return self
@@ -360,10 +380,10 @@ class StopRequest:
 
 
 def _leave_closed_terminal():
-    """After a hangup the terminal is gone, and every write to it fails (EIO): stdout and stderr that were that
-    terminal now go to /dev/null, so that printing cannot stop the run before its checkpoint. A terminal is a
-    character device (os.isatty no longer says so once it is hung up); files and pipes are left as they are, and
-    log.jsonl keeps the record either way."""
+    """After a hangup the terminal is gone, and every write to it fails (EIO). Stdout and stderr
+    that were that terminal now go to /dev/null, so that printing cannot stop the run before its
+    checkpoint. A terminal is a character device (os.isatty no longer says so once it is hung up);
+    files and pipes are left as they are, and log.jsonl keeps the record either way."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     for fd in (1, 2):
         with contextlib.suppress(OSError):
@@ -373,7 +393,8 @@ def _leave_closed_terminal():
 
 
 def ignore_stop_signals(_worker_id=None):
-    """DataLoader worker_init_fn: the main process decides when to stop, so workers must survive the signal
-    that reaches the whole process group (Ctrl-C) until the step in flight has its batches."""
+    """DataLoader worker_init_fn. The main process decides when to stop, so workers must survive
+    the signal that reaches the whole process group (Ctrl-C) until the step in flight has its
+    batches."""
     for s in StopRequest.SIGNALS:
         signal.signal(s, signal.SIG_IGN)
