@@ -41,29 +41,35 @@ test_transform = clip_load.image_transform
 
 
 class MaskGenerator:
-    """SimMIM patch-aligned random masking (paper §3.2): the image is cut into (input_size / mask_unit)²
-    mask units of s×s px, exactly ceil(mask_ratio × units) of them are masked, and each masked unit covers a
-    full (mask_unit / patch_size)² block of ViT patches. __call__ -> BoolTensor (grid²,), True = masked."""
+    """SimMIM patch-aligned random masking (paper §3.2).
+
+    The image is cut into (input_size / mask_unit)² mask units of s×s px, exactly
+    ceil(mask_ratio × units) of them are masked, and each masked unit covers a full
+    (mask_unit / patch_size)² block of ViT patches. __call__ -> BoolTensor (grid²,), True = masked.
+    """
 
     def __init__(self, input_size, mask_unit, patch_size, mask_ratio):
         if mask_unit % patch_size:
-            raise ValueError(f"mask_unit {mask_unit} must be a multiple of the patch size {patch_size} "
-                             f"(e.g. --mask-unit {max(patch_size, round(mask_unit / patch_size) * patch_size)})")
+            suggested = max(patch_size, round(mask_unit / patch_size) * patch_size)
+            raise ValueError(f"mask_unit {mask_unit} must be a multiple of the patch size "
+                             f"{patch_size} (e.g. --mask-unit {suggested})")
         if input_size % mask_unit:
             raise ValueError(f"input size {input_size} must be a multiple of mask_unit {mask_unit}")
         if not 0.0 <= mask_ratio <= 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1], got {mask_ratio}")
         self.units_per_side = input_size // mask_unit
         self.patches_per_unit = mask_unit // patch_size
-        # rounded up, as the release's generator does (np.ceil of the same float product, so a product a rounding
-        # error above an integer, e.g. 100 units x 0.55, is rounded up too): UCF101 ViT-L/14 masks 7 of 64 units
+        # Rounded up, as the release's generator does: np.ceil of the same float product, so a
+        # product a rounding error above an integer, e.g. 100 units x 0.55, is rounded up too.
+        # UCF101 ViT-L/14 thus masks 7 of 64 units.
         self.num_masked = math.ceil(self.units_per_side ** 2 * mask_ratio)
 
     def __call__(self):
         g, s = self.units_per_side, self.patches_per_unit
         units = torch.zeros(g * g, dtype=torch.bool)
         units[torch.randperm(g * g)[:self.num_masked]] = True
-        patches = units.view(g, g).repeat_interleave(s, dim=0).repeat_interleave(s, dim=1)  # (g*s, g*s)
+        unit_grid = units.view(g, g)
+        patches = unit_grid.repeat_interleave(s, dim=0).repeat_interleave(s, dim=1)  # (g*s, g*s)
         return patches.flatten()  # (grid*grid,), row-major like the ViT's patch tokens
 
 
@@ -71,32 +77,46 @@ STRONG_VIEWS = ("paper", "light")
 
 
 def strong_view(input_size, kind="paper"):
-    """The student's strong augmentation (PIL image -> PIL image), before ToTensor and normalization.
+    """The student's strong augmentation (PIL image -> PIL image), before ToTensor and
+    normalization.
 
-    paper: RandomResizedCrop 0.3-1 + flip + RandAugment (timm's rand-m9-mstd0.5-inc1), the release's view for 224 px
-    photos of a web-trained CLIP. light: translation by up to 10% of the side (edge padding) + flip +
-    brightness/contrast jitter 0.3. At 32 px the paper's ops (crops of a third of the image, posterize,
-    equalize, 9/30 translations) destroy the object, and a CLIP pretrained on a small world was never taught
-    to read them; light is the toy world's view, and the toy CLIP is pretrained with it (toy.PRETRAIN)."""
+    paper: RandomResizedCrop 0.3-1 + flip + RandAugment (timm's rand-m9-mstd0.5-inc1), the
+    release's view for 224 px photos of a web-trained CLIP. light: translation by up to 10% of the
+    side (edge padding) + flip + brightness/contrast jitter 0.3. At 32 px the paper's ops (crops of
+    a third of the image, posterize, equalize, 9/30 translations) destroy the object, and a CLIP
+    pretrained on a small world was never taught to read them. light is the toy world's view, and
+    the toy CLIP is pretrained with it (toy.PRETRAIN).
+    """
     if kind == "paper":
-        return T.Compose([T.RandomResizedCrop(input_size, scale=(0.3, 1.0), interpolation=InterpolationMode.BICUBIC),
-                          T.RandomHorizontalFlip(), RandAugment(num_ops=2, magnitude=9.0, magnitude_std=0.5)])
+        return T.Compose([
+            T.RandomResizedCrop(input_size, scale=(0.3, 1.0),
+                                interpolation=InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            RandAugment(num_ops=2, magnitude=9.0, magnitude_std=0.5)])
     if kind == "light":
-        return T.Compose([T.Resize(input_size, interpolation=InterpolationMode.BICUBIC), T.CenterCrop(input_size),
-                          T.RandomCrop(input_size, padding=max(1, input_size // 10), padding_mode="edge"),
-                          T.RandomHorizontalFlip(), T.ColorJitter(brightness=0.3, contrast=0.3)])
+        return T.Compose([
+            T.Resize(input_size, interpolation=InterpolationMode.BICUBIC),
+            T.CenterCrop(input_size),
+            T.RandomCrop(input_size, padding=max(1, input_size // 10), padding_mode="edge"),
+            T.RandomHorizontalFlip(),
+            T.ColorJitter(brightness=0.3, contrast=0.3)])
     raise ValueError(f"unknown strong view {kind!r}; expected one of {', '.join(STRONG_VIEWS)}")
 
 
 class TrainTransform:
-    """One decoded PIL image -> (weak, strong, mask): the teacher's weak view (bicubic resize + random crop),
-    the student's strong view (strong_view(input_size, strong): 'paper' or 'light') and its patch mask."""
+    """One decoded PIL image -> (weak, strong, mask).
+
+    weak is the teacher's view (bicubic resize + random crop), strong the student's view
+    (strong_view(input_size, strong): 'paper' or 'light'), and mask the strong view's patch mask.
+    """
 
     def __init__(self, input_size, mask_generator, strong="paper"):
         self.weak = T.Compose([
             T.Resize(input_size, interpolation=InterpolationMode.BICUBIC), T.RandomCrop(input_size),
             T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
-        self.strong = T.Compose([strong_view(input_size, strong), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+        self.strong = T.Compose([
+            strong_view(input_size, strong),
+            T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
         self.mask_generator = mask_generator
 
     def __call__(self, img):
@@ -111,14 +131,18 @@ MEAN_PER_CLASS = ("pets", "caltech101")
 _SHIFTED_IMAGENETS = ("imagenet-r", "imagenet-a", "imagenet-v2", "imagenet-sketch")
 DATASET_NAMES = ["imagenet", "sun397", "food101", "gtsrb", "dtd", "ucf101", "pets", "caltech101",
                  *_SHIFTED_IMAGENETS, "folder"]
-# Datasets that bring their own data, hyperparameters and CLIP (toy.py's world): register_dataset adds them.
+# Datasets that bring their own data, hyperparameters and CLIP (toy.py's world).
+# register_dataset adds them.
 _REGISTERED = {}
 
 
 def register_dataset(name, build, hparams, default_model):
-    """Make `--data name` a dataset: build(root, split, transform) -> a dataset with .classnames and .templates
-    (data.build_dataset's contract), hparams: its whole run configuration (hparams()'s keys), default_model(root)
-    -> the CLIP checkpoint path to use when --model is not given."""
+    """Make `--data name` a dataset.
+
+    build(root, split, transform) -> a dataset with .classnames and .templates (data.build_dataset's
+    contract). hparams: its whole run configuration (hparams()'s keys). default_model(root) -> the
+    CLIP checkpoint path to use when --model is not given.
+    """
     _REGISTERED[name] = (build, hparams, default_model)
     if name not in DATASET_NAMES:
         DATASET_NAMES.append(name)
@@ -129,7 +153,10 @@ def is_registered(name):
 
 
 def default_model(name, root):
-    """The CLIP a dataset runs with when --model is not given: a registered dataset's own, else ViT-B/16."""
+    """The CLIP a dataset runs with when --model is not given.
+
+    That is a registered dataset's own, else ViT-B/16.
+    """
     return _REGISTERED[name][2](root) if name in _REGISTERED else "ViT-B/16"
 
 
@@ -139,16 +166,18 @@ def registered_hparams(name):
 
 
 # The 'a photo of a {}.' family, for --data folder without a templates file.
-DEFAULT_TEMPLATES = ["a photo of a {}.", "a photo of the {}.", "a bad photo of a {}.", "a good photo of a {}.",
-                     "a photo of the small {}.", "a photo of the large {}.", "a cropped photo of a {}.",
-                     "a close-up photo of a {}."]
+DEFAULT_TEMPLATES = ["a photo of a {}.", "a photo of the {}.",
+                     "a bad photo of a {}.", "a good photo of a {}.",
+                     "a photo of the small {}.", "a photo of the large {}.",
+                     "a cropped photo of a {}.", "a close-up photo of a {}."]
 
 
 def dataset_prompts(dataset):
     """(classnames, templates) of a named dataset, in label order."""
     entry = prompts.DATASETS["imagenet" if dataset in _SHIFTED_IMAGENETS else dataset]
     classes = list(entry["classes"])
-    if dataset in ("imagenet-r", "imagenet-a"):  # 200-class subsets of ImageNet, in their own label order
+    # imagenet-r and imagenet-a are 200-class subsets of ImageNet, in their own label order.
+    if dataset in ("imagenet-r", "imagenet-a"):
         classes = [classes[prompts.IMAGENET_WNIDS.index(w)] for w in folders.WNIDS[dataset]]
     return classes, list(entry["templates"])
 

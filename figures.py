@@ -1,5 +1,8 @@
-"""The paper's figures for eval.py --figures: Figure 3, GradCAM of the last block's [CLS] attention, and Figure 4,
-masked image modeling triplets (original / masked / recovered). PIL only."""
+"""The paper's figures for eval.py --figures, drawn with PIL only.
+
+Figure 3 is GradCAM of the last block's [CLS] attention, and Figure 4 masked image modeling
+triplets (original / masked / recovered).
+"""
 import re
 
 import numpy as np
@@ -23,19 +26,25 @@ def to_pil(image):
 
 
 def heat_overlay(image, cam, alpha=0.5):
-    """PIL image + (g,g) map in [0,1] -> the map upsampled bilinearly, in jet colors, blended over the image."""
+    """PIL image + (g,g) map in [0,1] -> the map upsampled bilinearly, in jet colors, blended over
+    the image."""
     W, H = image.size
-    up = F.interpolate(cam[None, None].float(), size=(H, W), mode="bilinear", align_corners=False)[0, 0]
-    jet = np.stack([np.clip(1.5 - np.abs(4 * up.clamp(0, 1).numpy() - c), 0, 1) for c in (3, 2, 1)], axis=-1)
-    return Image.blend(image, Image.fromarray((jet * 255).round().astype(np.uint8)), alpha)
+    up = F.interpolate(cam[None, None].float(), size=(H, W), mode="bilinear",
+                       align_corners=False)[0, 0]
+    jet = np.stack([np.clip(1.5 - np.abs(4 * up.clamp(0, 1).numpy() - c), 0, 1)
+                    for c in (3, 2, 1)], axis=-1)
+    heat = Image.fromarray((jet * 255).round().astype(np.uint8))
+    return Image.blend(image, heat, alpha)
 
 
 def attention_cam(model, images, columns=None):
-    """GradCAM on the last block's self-attention (paper Figure 3): gradient of the top-class logit w.r.t. the
-    attention probabilities A (B,H,L,L), cam = mean over heads of relu(∂y/∂A ⊙ A), [CLS] row over the patches.
+    """GradCAM on the last block's self-attention (paper Figure 3).
 
-    clip_model's Attention runs SDPA, which hides A, so the last block is recomputed here from its weights.
-    Returns (cam (B, g, g) min-max scaled to [0,1], predicted labels (B,), logits (B, K)).
+    It takes the gradient of the top-class logit w.r.t. the attention probabilities A (B,H,L,L),
+    and cam = mean over heads of relu(∂y/∂A ⊙ A), [CLS] row over the patches.
+
+    clip_model's Attention runs SDPA, which hides A, so the last block is recomputed here from its
+    weights. Returns (cam (B, g, g) min-max scaled to [0,1], predicted labels (B,), logits (B, K)).
     """
     visual = model.visual
     *blocks, last = visual.transformer.resblocks
@@ -54,9 +63,12 @@ def attention_cam(model, images, columns=None):
         if columns is not None:
             logits = logits[:, columns.to(logits.device)]
         pred = logits.argmax(dim=1)
-        # images are independent, so the gradient of the summed top logits is each image's own gradient
-        (grad,) = torch.autograd.grad(logits.gather(1, pred[:, None]).sum(), attn)
-    cam = (grad * attn).clamp(min=0).mean(dim=1)[:, 0, 1:].detach()  # (B, N): [CLS] row, patches only
+        # Images are independent, so the gradient of the summed top logits is each image's own
+        # gradient.
+        top_logit_sum = logits.gather(1, pred[:, None]).sum()
+        (grad,) = torch.autograd.grad(top_logit_sum, attn)
+    # (B, N): the [CLS] row, patches only.
+    cam = (grad * attn).clamp(min=0).mean(dim=1)[:, 0, 1:].detach()
     cam = cam.view(-1, visual.grid_size, visual.grid_size)
     lo, hi = cam.amin(dim=(1, 2), keepdim=True), cam.amax(dim=(1, 2), keepdim=True)
     return (cam - lo) / (hi - lo).clamp_min(1e-12), pred, logits.detach()
@@ -64,15 +76,23 @@ def attention_cam(model, images, columns=None):
 
 @torch.no_grad()
 def mim_triplets(model, images, masks):
-    """Figure 4: (original, masked, recovered) CLIP-normalized images; recovered = visible pixels + the decoder's
-    prediction on the masked patches (what L_mim trains, eq. 4). masks (B, N) bool, True = masked."""
+    """Figure 4: (original, masked, recovered) CLIP-normalized images.
+
+    recovered = visible pixels + the decoder's prediction on the masked patches (what L_mim trains,
+    eq. 4). masks (B, N) bool, True = masked.
+    """
     _, _, recon = model.visual.forward_must(images, masks)
     m = must.pixel_mask(masks, model.visual.patch_size).bool()  # (B,1,H,W)
-    return images, images.masked_fill(m, 0), torch.where(m, recon.float(), images)  # normalized 0: CLIP's mean color
+    masked = images.masked_fill(m, 0)  # normalized 0: CLIP's mean color
+    recovered = torch.where(m, recon.float(), images)
+    return images, masked, recovered
 
 
 def compose_grid(rows, header, cell):
-    """rows: [[(PIL image, caption), ...], ...] -> one PNG-ready image; column titles on top, captions under."""
+    """rows: [[(PIL image, caption), ...], ...] -> one PNG-ready image.
+
+    Column titles are on top, captions under the images.
+    """
     try:
         font = ImageFont.load_default(size=12)
     except TypeError:  # Pillow < 10.1
@@ -88,7 +108,8 @@ def compose_grid(rows, header, cell):
         y = text_h + i * (cell + text_h + pad)
         for j, (img, caption) in enumerate(row):
             x = pad + j * (cell + pad)
-            canvas.paste(img.resize((cell, cell), Image.NEAREST), (x, y))  # cell >= the input size: never shrinks
+            # cell >= the input size, so the resize never shrinks.
+            canvas.paste(img.resize((cell, cell), Image.NEAREST), (x, y))
             if caption:
                 draw.text((x, y + cell + 1), caption[:cell // 6], fill="black", font=font)
     return canvas
@@ -124,11 +145,14 @@ def readable_picks(ds, n, name):
 
 
 def make_figures(args, run, sets, models, columns, visual, prefix, device):
-    """PNG files of args.figures images of the first set that the most models score: <prefix>-attention.png
-    (image | each model's GradCAM, captioned with its prediction) and, for a MUST checkpoint,
-    <prefix>-reconstruction.png (original | masked | recovered of the student, masks as the checkpoint was trained
-    (Table 10)). -> paths."""
-    first = max(range(len(sets)), key=lambda i: (sum((i, n) in columns for n in models), -i))
+    """PNG files of args.figures images of the first set that the most models score -> paths.
+
+    <prefix>-attention.png shows the image | each model's GradCAM, captioned with its prediction.
+    For a MUST checkpoint, <prefix>-reconstruction.png shows original | masked | recovered of the
+    student, with masks as the checkpoint was trained (Table 10).
+    """
+    first = max(range(len(sets)),
+                key=lambda i: (sum((i, n) in columns for n in models), -i))
     models = {n: m for n, m in models.items() if (first, n) in columns}
     if len(sets) > 1:
         prefix += "-" + re.sub(r"[^0-9A-Za-z.-]+", "_", sets[first].name)
@@ -144,18 +168,21 @@ def make_figures(args, run, sets, models, columns, visual, prefix, device):
     for b in range(len(picks)):
         original = to_pil(images[b])
         truth = names[labels[b]] if labels[b] >= 0 else ""
-        rows.append([(original, truth)] + [(heat_overlay(original, cams[n][0][b].cpu()), names[int(cams[n][1][b])])
-                                           for n in models])
+        heat_cells = [(heat_overlay(original, cams[n][0][b].cpu()), names[int(cams[n][1][b])])
+                      for n in models]
+        rows.append([(original, truth)] + heat_cells)
     paths = [f"{prefix}-attention.png"]
     compose_grid(rows, ["image (label)"] + [f"{n} GradCAM" for n in models], cell).save(paths[-1])
     if "student" in models:
         mask_unit, mask_ratio = run.get("mask_unit"), run.get("mask_ratio")
-        if mask_unit is None or mask_ratio is None:  # a checkpoint without its config: the run's Table 10 row
+        # A checkpoint without its config gets the run's Table 10 row.
+        if mask_unit is None or mask_ratio is None:
             hp = config.hparams(run.get("data") or "imagenet", run.get("model"), visual.patch_size,
                               visual.input_resolution)
             mask_unit, mask_ratio = hp["mask_unit"], hp["mask_ratio"]
         try:
-            generator = data.MaskGenerator(visual.input_resolution, mask_unit, visual.patch_size, mask_ratio)
+            generator = data.MaskGenerator(visual.input_resolution, mask_unit,
+                                           visual.patch_size, mask_ratio)
         except ValueError as e:  # a mask unit that does not tile the model's input
             fail(f"figures: {e}")
         torch.manual_seed(args.seed)
@@ -163,5 +190,6 @@ def make_figures(args, run, sets, models, columns, visual, prefix, device):
         triplets = mim_triplets(models["student"], images, masks)
         rows = [[(to_pil(t[b]), "") for t in triplets] for b in range(len(picks))]
         paths.append(f"{prefix}-reconstruction.png")
-        compose_grid(rows, ["original", f"masked ({mask_ratio:.0%})", "recovered"], cell).save(paths[-1])
+        titles = ["original", f"masked ({mask_ratio:.0%})", "recovered"]
+        compose_grid(rows, titles, cell).save(paths[-1])
     return paths

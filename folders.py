@@ -24,12 +24,14 @@ import prompts
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")
 
-# Folder names (Caltech101's 101_ObjectCategories, as torchvision reads them) whose words differ from the
-# published prompt names; every other name of every dataset matches after name_key.
+# Folder names (Caltech101's 101_ObjectCategories, as torchvision reads them) whose words differ
+# from the published prompt names. Every other name of every dataset matches after name_key.
 _ALIASES = {
     "caltech101": {
-        "BACKGROUND_Google": "background", "Faces": "off-center face", "Faces_easy": "centered face",
-        "Leopards": "leopard", "Motorbikes": "motorbike", "airplanes": "airplane", "car_side": "side of a car",
+        "BACKGROUND_Google": "background",
+        "Faces": "off-center face", "Faces_easy": "centered face",
+        "Leopards": "leopard", "Motorbikes": "motorbike", "airplanes": "airplane",
+        "car_side": "side of a car",
         "cougar_body": "body of a cougar cat", "cougar_face": "face of a cougar cat",
         "crocodile_head": "head of a  crocodile", "flamingo_head": "head of a flamingo",
         "snoopy": "snoopy (cartoon beagle)", "yin_yang": "yin and yang symbol",
@@ -40,22 +42,28 @@ _INDEX_NAMED = ("gtsrb", "imagenet-v2")
 
 
 def name_key(name):
-    """Spelling-insensitive key: 'Apply_Eye_Makeup', 'ApplyEyeMakeup', 'apply eye makeup' -> 'applyeyemakeup';
-    SUN397's 'apartment_building/outdoor' -> 'apartmentbuildingoutdoor'."""
+    """Spelling-insensitive key of a class name.
+
+    'Apply_Eye_Makeup', 'ApplyEyeMakeup', 'apply eye makeup' -> 'applyeyemakeup'; SUN397's
+    'apartment_building/outdoor' -> 'apartmentbuildingoutdoor'.
+    """
     return re.sub(r"[^0-9a-z]", "", name.lower())
 
 
-# The wnids of the ImageNets, in label order: their class identities (names repeat there: two 'missile's).
+# The wnids of the ImageNets, in label order. They are the classes' identities, because names
+# repeat there (two 'missile's).
 WNIDS = {"imagenet": prompts.IMAGENET_WNIDS, "imagenet-sketch": prompts.IMAGENET_WNIDS,
          "imagenet-v2": prompts.IMAGENET_WNIDS, "imagenet-c": prompts.IMAGENET_WNIDS,
          "imagenet-r": prompts.IMAGENET_R_WNIDS, "imagenet-a": prompts.IMAGENET_A_WNIDS}
 
 
 def map_class_names(dataset, names, classnames):
-    """Label (index into classnames) of each folder / torchvision class name; ValueError lists the ones that
-    match no class. A name matches a wnid of the dataset, a class index (gtsrb, imagenet-v2), or a class
-    name / known alias up to spelling (name_key). Names that two classes share (ImageNet's two 'missile's
-    and 'sunglasses') only resolve through wnids."""
+    """Label (index into classnames) of each folder / torchvision class name.
+
+    ValueError lists the ones that match no class. A name matches a wnid of the dataset, a class
+    index (gtsrb, imagenet-v2), or a class name / known alias up to spelling (name_key). Names that
+    two classes share (ImageNet's two 'missile's and 'sunglasses') only resolve through wnids.
+    """
     keys = collections.Counter(name_key(c) for c in classnames)
     ambiguous = {k for k, n in keys.items() if n > 1}
     by_key = {name_key(c): i for i, c in enumerate(classnames) if keys[name_key(c)] == 1}
@@ -76,14 +84,17 @@ def map_class_names(dataset, names, classnames):
     if unknown:
         hint = " (these ImageNet names are ambiguous; use wnid folders)" if any(
             name_key(n) in ambiguous for n in unknown) else ""
-        raise ValueError(f"{len(unknown)} class folder(s) of {dataset!r} match no class name{hint}: "
-                         f"{', '.join(repr(n) for n in unknown[:20])}{' ...' if len(unknown) > 20 else ''}; "
-                         f"rename them to class names, e.g. {', '.join(repr(c) for c in classnames[:3])}")
+        shown = ', '.join(repr(n) for n in unknown[:20])
+        more = ' ...' if len(unknown) > 20 else ''
+        examples = ', '.join(repr(c) for c in classnames[:3])
+        raise ValueError(f"{len(unknown)} class folder(s) of {dataset!r} match no class "
+                         f"name{hint}: {shown}{more}; "
+                         f"rename them to class names, e.g. {examples}")
     seen = {}
     for name, label in zip(names, labels):
         if label in seen:
-            raise ValueError(f"class folders {seen[label]!r} and {name!r} of {dataset!r} both map to class "
-                             f"{classnames[label]!r}; keep one")
+            raise ValueError(f"class folders {seen[label]!r} and {name!r} of {dataset!r} both map "
+                             f"to class {classnames[label]!r}; keep one")
         seen[label] = name
     return labels
 
@@ -91,17 +102,24 @@ def map_class_names(dataset, names, classnames):
 # ----------------------------------------------------------------------------------------------
 # Reading images and listing folders
 
-# Training images are read with this aspect ratio at most (the long side is center-cropped): CLIP's pipelines
-# resize the SHORT side first, so a 1 x 10000 image would otherwise become 224 x 2,240,000 pixels in memory.
+# Training images are read with this aspect ratio at most (the long side is center-cropped).
+# CLIP's pipelines resize the SHORT side first, so a 1 x 10000 image would otherwise become
+# 224 x 2,240,000 pixels in memory.
 MAX_ASPECT = 4
-_READ_ERRORS = {1: "cannot be decoded (truncated, empty or not an image)", 2: "is larger than PIL's "
-                "decompression-bomb limit", 3: "cannot be read (permission denied)", 4: "has vanished"}
-_ERROR_CODES = {Image.DecompressionBombError: 2, PermissionError: 3, FileNotFoundError: 4}  # any other error: 1
+_READ_ERRORS = {1: "cannot be decoded (truncated, empty or not an image)",
+                2: "is larger than PIL's decompression-bomb limit",
+                3: "cannot be read (permission denied)",
+                4: "has vanished"}
+# Any other error is code 1.
+_ERROR_CODES = {Image.DecompressionBombError: 2, PermissionError: 3, FileNotFoundError: 4}
 
 
 def read_image(path):
-    """Decode an image file to RGB (palette / gray / RGBA files become RGB like CLIP's preprocess), its long side
-    center-cropped to MAX_ASPECT times the short side. Raises the decoder's exception for a bad file."""
+    """Decode an image file to RGB, its long side center-cropped to MAX_ASPECT times the short side.
+
+    Palette / gray / RGBA files become RGB like CLIP's preprocess. Raises the decoder's exception
+    for a bad file.
+    """
     with Image.open(path) as img:
         img = img.convert("RGB")
     w, h = img.size
@@ -119,14 +137,16 @@ class UnreadableDataset(RuntimeError):
 class ImageList(Dataset):
     """(path, label) samples; item = (transform(RGB PIL image), label), label -1 when unknown.
 
-    A file that cannot be read is never fatal. on_error="substitute" (training) returns the next readable sample
-    in index order instead, so batch sizes, DDP and resume stay deterministic; on_error="skip" (evaluation)
-    returns a blank image with label -1, which scoring ignores. Either way the file is flagged in `self.bad`
-    (error code per sample, 0 = fine), a shared-memory tensor that DataLoader workers write and the main
-    process reads (bad_files) to report each bad file once.
+    A file that cannot be read is never fatal. on_error="substitute" (training) returns the next
+    readable sample in index order instead, so batch sizes, DDP and resume stay deterministic.
+    on_error="skip" (evaluation) returns a blank image with label -1, which scoring ignores. Either
+    way the file is flagged in `self.bad` (error code per sample, 0 = fine), a shared-memory tensor
+    that DataLoader workers write and the main process reads (bad_files) to report each bad file
+    once.
     """
 
-    def __init__(self, samples, classnames, templates, transform=None, on_error="substitute", ignored=()):
+    def __init__(self, samples, classnames, templates, transform=None, on_error="substitute",
+                 ignored=()):
         self.samples = samples
         self.classnames = classnames
         self.templates = templates
@@ -148,13 +168,15 @@ class ImageList(Dataset):
             try:
                 img = read_image(path)
             except Exception as e:  # any decoder error, bomb, permission or vanished file
-                self.bad[j] = next((code for cls, code in _ERROR_CODES.items() if isinstance(e, cls)), 1)
+                matching_codes = (code for cls, code in _ERROR_CODES.items() if isinstance(e, cls))
+                self.bad[j] = next(matching_codes, 1)
                 continue
             return (self.transform(img) if self.transform is not None else img), label
         if self.on_error == "skip":
             blank = Image.new("RGB", (1, 1))
             return (self.transform(blank) if self.transform is not None else blank), -1
-        raise UnreadableDataset(f"none of the {n} images can be read (e.g. {self.samples[index % n][0]})")
+        example_path = self.samples[index % n][0]
+        raise UnreadableDataset(f"none of the {n} images can be read (e.g. {example_path})")
 
     def bad_files(self):
         """[(index, path, why)] of the files found unreadable so far."""
@@ -163,11 +185,14 @@ class ImageList(Dataset):
 
 
 def list_images(root, seen=None, ignored=None):
-    """Image files under root at any depth, sorted (hidden files and folders skipped). Symbolic links are followed
-    without loops, each real file is listed once (`seen`: (device, inode) pairs shared across calls), and only
-    regular files are kept; what is left out is appended to `ignored` as (path, reason).
+    """Image files under root at any depth, sorted (hidden files and folders skipped).
 
-    A folder that cannot be listed is left out so too, not silently (os.walk's default)."""
+    Symbolic links are followed without loops, each real file is listed once (`seen`: (device,
+    inode) pairs shared across calls), and only regular files are kept. What is left out is appended
+    to `ignored` as (path, reason).
+
+    A folder that cannot be listed is left out so too, not silently (os.walk's default).
+    """
     seen = set() if seen is None else seen
     ignored = [] if ignored is None else ignored
     visited_dirs, paths = set(), []
@@ -179,7 +204,8 @@ def list_images(root, seen=None, ignored=None):
     for folder, dirs, files in os.walk(root, onerror=unreadable, followlinks=True):
         st = os.stat(folder)
         if (st.st_dev, st.st_ino) in visited_dirs:  # a link back up the tree: walk it once
-            ignored.append((folder, "folder already listed (a symbolic link to it, or a link loop)"))
+            ignored.append((folder,
+                            "folder already listed (a symbolic link to it, or a link loop)"))
             dirs[:] = []
             continue
         visited_dirs.add((st.st_dev, st.st_ino))
@@ -209,8 +235,10 @@ def require_dir(path, what):
 
 
 def scan_class_folders(split_dir, dataset, classnames, ignored=None):
-    """Samples of an ImageFolder layout split_dir/<class>/**/<image>, labels mapped by name; entries the listing
-    leaves out are appended to `ignored` (see _list_images)."""
+    """Samples of an ImageFolder layout split_dir/<class>/**/<image>, labels mapped by name.
+
+    Entries the listing leaves out are appended to `ignored` (see _list_images).
+    """
     try:
         entries = list(os.scandir(split_dir))
     except OSError as e:  # as FileNotFoundError, which the command lines turn into one line
@@ -218,7 +246,8 @@ def scan_class_folders(split_dir, dataset, classnames, ignored=None):
                                 f"({(e.strerror or type(e).__name__).lower()})") from None
     folders = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
     if not folders:
-        raise FileNotFoundError(f"no class folders in {split_dir!r}: expected {split_dir}/<class name>/<images>")
+        raise FileNotFoundError(f"no class folders in {split_dir!r}: "
+                                f"expected {split_dir}/<class name>/<images>")
     samples, seen, ignored = [], set(), [] if ignored is None else ignored
     for folder, label in zip(folders, map_class_names(dataset, folders, classnames)):
         samples += [(p, label) for p in list_images(os.path.join(split_dir, folder), seen, ignored)]
@@ -249,55 +278,73 @@ def split_dir(root, split):
 
 
 def _holdout_split(samples, base, split):
-    """Split 'test' (~20% of the samples) or 'train' (the others) of a dataset without an official test split
-    (torchvision's SUN397, Caltech101). Deterministic: a hash of each path relative to base decides, so the split
-    is the same on every machine and file-system order."""
+    """Split 'test' (~20% of the samples) or 'train' (the others) of a dataset without an official
+    test split (torchvision's SUN397, Caltech101).
+
+    The split is deterministic. A hash of each path relative to base decides, so the split is the
+    same on every machine and file-system order.
+    """
     rel = [os.path.relpath(path, base).replace(os.sep, "/") for path, _ in samples]
-    return [s for s, r in zip(samples, rel) if (zlib.crc32(r.encode()) % 5 == 0) == (split == "test")]
+    want_test = split == "test"
+    return [s for s, r in zip(samples, rel) if (zlib.crc32(r.encode()) % 5 == 0) == want_test]
 
 
 def _layout_dir(*parts):
-    """Folder of a torchvision layout. A missing one raises RuntimeError, like torchvision's own "Dataset not
-    found", which build_dataset turns into its message naming the layout and --download."""
+    """Folder of a torchvision layout.
+
+    A missing one raises RuntimeError, like torchvision's own "Dataset not found", which
+    build_dataset turns into its message naming the layout and --download.
+    """
     path = os.path.join(*parts)
     if not os.path.isdir(path):
         raise RuntimeError(f"Dataset not found: no folder {path!r}")
     return path
 
 
-# Each reader of a torchvision layout returns (class names as torchvision spells them, [(path, its class name)]).
+# Each reader of a torchvision layout returns
+# (class names as torchvision spells them, [(path, its class name)]).
 def _food101(root, split):
     base = os.path.join(root, "food-101")
     images, meta = _layout_dir(base, "images"), _layout_dir(base, "meta")
     with open(os.path.join(meta, f"{split}.json"), encoding="utf-8") as f:
         files = json.load(f)  # {class: ["class/id", ...]}, in the file's order
-    samples = [(os.path.join(images, *f"{i}.jpg".split("/")), c) for c, ids in files.items() for i in ids]
+    samples = [(os.path.join(images, *f"{i}.jpg".split("/")), c)
+               for c, ids in files.items() for i in ids]
     return sorted(files), samples
 
 
 def _dtd(root, split):  # the paper's 3,760 training images are DTD's train + val (partition 1)
     base = _layout_dir(root, "dtd", "dtd")
-    lines = [line for s in (("train", "val") if split == "train" else ("test",))  # each '<class>/<file>'
-             for _, line in _read_lines(os.path.join(base, "labels", f"{s}1.txt"), "DTD split file")]
-    samples = [(os.path.join(base, "images", *line.split("/")), line.split("/")[0]) for line in lines]
+    parts = ("train", "val") if split == "train" else ("test",)
+    split_files = [os.path.join(base, "labels", f"{s}1.txt") for s in parts]
+    # Each line is '<class>/<file>'.
+    lines = [line for path in split_files for _, line in _read_lines(path, "DTD split file")]
+    samples = [(os.path.join(base, "images", *line.split("/")), line.split("/")[0])
+               for line in lines]
     return sorted({c for _, c in samples}), samples
 
 
 def _gtsrb(root, split):
-    """Classes are numbers 0..42 in prompt order: Training/<00000..00042>/*.ppm, the test images' in a CSV."""
+    """Classes are numbers 0..42 in prompt order.
+
+    Training images lie in Training/<00000..00042>/*.ppm. The test images' classes are in a CSV.
+    """
     base, names = os.path.join(root, "gtsrb"), [str(i) for i in range(43)]
     if split == "test":
         images = _layout_dir(base, "GTSRB", "Final_Test", "Images")
         with open(os.path.join(base, "GT-final_test.csv"), newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f, delimiter=";", skipinitialspace=True))
-        return names, [(os.path.join(images, r["Filename"]), str(int(r["ClassId"]))) for r in rows]
+        samples = [(os.path.join(images, r["Filename"]), str(int(r["ClassId"]))) for r in rows]
+        return names, samples
     train = _layout_dir(base, "GTSRB", "Training")
     samples = []
-    for folder in sorted(e.name for e in os.scandir(train) if e.is_dir() and not e.name.startswith(".")):
+    class_folders = sorted(e.name for e in os.scandir(train)
+                           if e.is_dir() and not e.name.startswith("."))
+    for folder in class_folders:
         if not (folder.isdigit() and int(folder) < len(names)):
-            raise ValueError(f"GTSRB class folder {os.path.join(train, folder)!r} is not a class number "
-                             "00000..00042")
-        # the class folders also hold a GT-<class>.csv of boxes: only the .ppm files are images
+            raise ValueError(f"GTSRB class folder {os.path.join(train, folder)!r} is not a class "
+                             "number 00000..00042")
+        # The class folders also hold a GT-<class>.csv of boxes. Only the .ppm files are images.
         ppm = [p for p in list_images(os.path.join(train, folder)) if p.lower().endswith(".ppm")]
         samples += [(p, str(int(folder))) for p in ppm]
     return names, samples
@@ -306,10 +353,11 @@ def _gtsrb(root, split):
 def _pets(root, split):
     base = os.path.join(root, "oxford-iiit-pet")
     images, notes = _layout_dir(base, "images"), _layout_dir(base, "annotations")
-    rows = [line.split() for _, line in _read_lines(
-        os.path.join(notes, "trainval.txt" if split == "train" else "test.txt"), "Oxford-IIIT Pet split file")]
-    # row: <Breed_name>_<n> <official class id 1..37> <species> <breed id>; names in official id order, spelt
-    # as torchvision does ('american_pit_bull_terrier' -> 'American Pit Bull Terrier')
+    split_file = os.path.join(notes, "trainval.txt" if split == "train" else "test.txt")
+    rows = [line.split() for _, line in _read_lines(split_file, "Oxford-IIIT Pet split file")]
+    # A row is <Breed_name>_<n> <official class id 1..37> <species> <breed id>. The names are in
+    # official id order, spelt as torchvision does ('american_pit_bull_terrier' ->
+    # 'American Pit Bull Terrier').
     raw = {int(r[1]): r[0].rsplit("_", 1)[0] for r in rows}
     spelt = {i: " ".join(part.title() for part in raw[i].split("_")) for i in raw}
     names = [spelt[i] for i in sorted(raw)]
@@ -318,30 +366,34 @@ def _pets(root, split):
 
 def _sun397(root, split):
     base = _layout_dir(root, "SUN397")
-    lines = [line for _, line in _read_lines(os.path.join(base, "ClassName.txt"), "SUN397 class list")]
+    class_list = os.path.join(base, "ClassName.txt")
+    lines = [line for _, line in _read_lines(class_list, "SUN397 class list")]
     names = [line[3:] for line in lines]  # torchvision's spelling drops the '/a/' letter folder
     samples = []
-    for line, name in zip(lines, names):  # line: '/a/apartment_building/outdoor', the class's folder
+    # Each line is the class's folder, e.g. '/a/apartment_building/outdoor'.
+    for line, name in zip(lines, names):
         folder = os.path.join(base, *line.strip("/").split("/"))
-        files = sorted(f for f in os.listdir(folder) if f.startswith("sun_") and f.endswith(".jpg")
-                       ) if os.path.isdir(folder) else []
+        files = (sorted(f for f in os.listdir(folder)
+                        if f.startswith("sun_") and f.endswith(".jpg"))
+                 if os.path.isdir(folder) else [])
         samples += [(os.path.join(folder, f), name) for f in files]
     return names, _holdout_split(samples, base, split)
 
 
 def _caltech101(root, split):
     base = _layout_dir(root, "caltech101", "101_ObjectCategories")
-    # torchvision drops BACKGROUND_Google; the published 102-class prompt list keeps it as 'background' (listed
-    # last, after torchvision's sorted categories)
-    names = sorted((e.name for e in os.scandir(base) if e.is_dir() and not e.name.startswith(".")),
+    # torchvision drops BACKGROUND_Google. The published 102-class prompt list keeps it as
+    # 'background', listed last, after torchvision's sorted categories.
+    names = sorted((e.name for e in os.scandir(base)
+                    if e.is_dir() and not e.name.startswith(".")),
                    key=lambda n: (n == "BACKGROUND_Google", n))
     samples = [(path, name) for name in names for path in list_images(os.path.join(base, name))]
     return names, _holdout_split(samples, base, split)
 
 
-# name: (reader, torchvision's layout (for messages), the public torchvision class that fetches and verifies the
-# files under --download, whether that class is passed the split: DTD's, Pets', SUN397's, Caltech101's one
-# archive holds every split)
+# name: (reader, torchvision's layout (for messages), the public torchvision class that fetches and
+# verifies the files under --download, whether that class is passed the split). The split is not
+# passed for DTD, Pets, SUN397 and Caltech101, whose one archive holds every split.
 TORCHVISION_LAYOUTS = {
     "food101": (_food101, "root/food-101/", "Food101", True),
     "dtd": (_dtd, "root/dtd/dtd/", "DTD", False),
@@ -353,19 +405,25 @@ TORCHVISION_LAYOUTS = {
 
 
 def torchvision_samples(name, root, split, download, classnames):
-    """Samples of torchvision's on-disk copy of a dataset, its class names mapped by name. The files are read here,
-    not through torchvision's datasets, whose private attributes change between releases; download=True first
-    lets torchvision's public constructor fetch and verify them."""
+    """Samples of torchvision's on-disk copy of a dataset, its class names mapped by name.
+
+    The files are read here, not through torchvision's datasets, whose private attributes change
+    between releases. download=True first lets torchvision's public constructor fetch and verify
+    them.
+    """
     read, layout, fetch, takes_split = TORCHVISION_LAYOUTS[name]
     tv_root = os.path.expanduser(root)  # torchvision downloads to the expanded path
     try:
         if download:
-            getattr(tv_datasets, fetch)(tv_root, download=True, **({"split": split} if takes_split else {}))
+            split_kwargs = {"split": split} if takes_split else {}
+            getattr(tv_datasets, fetch)(tv_root, download=True, **split_kwargs)
         names, samples = read(tv_root, split)
     except RuntimeError as e:  # torchvision's "Dataset not found ...", or _layout_dir's
+        tv_layout = layout.replace('root', root)
         raise FileNotFoundError(
-            f"no {name} under {root!r}: expected {root}/train/<class>/... and {root}/test/<class>/..., or "
-            f"torchvision's layout {layout.replace('root', root)} (pass --download to fetch it) [{e}]") from None
+            f"no {name} under {root!r}: expected {root}/train/<class>/... and "
+            f"{root}/test/<class>/..., or torchvision's layout {tv_layout} "
+            f"(pass --download to fetch it) [{e}]") from None
     to_prompt = dict(zip(names, map_class_names(name, names, classnames)))
     return [(path, to_prompt[c]) for path, c in samples]
 
@@ -374,7 +432,10 @@ def torchvision_samples(name, root, split, download, classnames):
 # Text files: --classes and --templates
 
 def _read_lines(path, what):
-    """[(line number, text)] of a UTF-8 text file: stripped, blank lines and lines starting with '#' left out."""
+    """[(line number, text)] of a UTF-8 text file.
+
+    Lines are stripped, and blank lines and lines starting with '#' are left out.
+    """
     if os.path.isdir(path):
         raise ValueError(f"{what} {path!r} is a directory; give a text file, one entry per line")
     if not os.path.isfile(path):
@@ -383,7 +444,8 @@ def _read_lines(path, what):
         with open(path, encoding="utf-8") as f:
             lines = [(i, line.strip()) for i, line in enumerate(f, 1)]
     except UnicodeDecodeError as e:
-        raise ValueError(f"{what} {path!r} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+        raise ValueError(f"{what} {path!r} is not UTF-8 text (byte {e.start}); "
+                         "save it as UTF-8") from None
     return [(i, line) for i, line in lines if line and not line.startswith("#")]
 
 

@@ -1,6 +1,7 @@
 """
-Class names and prompt templates of the paper's datasets (published CLIP prompt data, prompts.json), and the
-zero-shot head: CLIP's text embeddings of the prompts turned into the weight of a linear classifier (Figure 1).
+Class names and prompt templates of the paper's datasets (published CLIP prompt data,
+prompts.json), and the zero-shot head: CLIP's text embeddings of the prompts turned into the weight
+of a linear classifier (Figure 1).
 """
 
 import json
@@ -13,11 +14,13 @@ from tqdm import tqdm
 import runtime
 from tokenizer import tokenize
 
-with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts.json"), encoding="utf-8") as _f:
+_PROMPTS_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts.json")
+with open(_PROMPTS_JSON, encoding="utf-8") as _f:
     _DATA = json.load(_f)
 
 # name -> {"classes": [...] in label order, "templates": ["a photo of a {}.", ...]}
-DATASETS = {("ucf101" if name == "ucf101_frames" else name): d for name, d in _DATA["datasets"].items()}
+DATASETS = {("ucf101" if name == "ucf101_frames" else name): d
+            for name, d in _DATA["datasets"].items()}
 IMAGENET_WNIDS = _DATA["imagenet_wnids"]  # ImageNet-1k label order
 IMAGENET_R_WNIDS = _DATA["imagenet_r_wnids"]  # the 200-class subsets, in their label order
 IMAGENET_A_WNIDS = _DATA["imagenet_a_wnids"]
@@ -49,11 +52,14 @@ def _read_cached_head(path, shape, device):
 
 @torch.inference_mode()
 def zero_shot_head(model, classnames, templates, device="cpu", batch_size=1000, cache_dir=None):
-    """Zero-shot classifier weight (embed_dim, K): for each class, every template's text embedding is
-    L2-normalized, the embeddings are averaged and the mean is renormalized (CLIP's prompt ensemble).
+    """Zero-shot classifier weight (embed_dim, K).
 
-    With cache_dir, the head is stored there under a key of the text weights and prompts; a rerun is instant.
-    A cached head that cannot be read (truncated, damaged, of another shape) is computed again.
+    For each class, every template's text embedding is L2-normalized, the embeddings are averaged
+    and the mean is renormalized (CLIP's prompt ensemble).
+
+    With cache_dir, the head is stored there under a key of the text weights and prompts, so a rerun
+    is instant. A cached head that cannot be read (truncated, damaged, of another shape) is computed
+    again.
     """
     if cache_dir is not None:
         cache_dir = os.path.expanduser(cache_dir)
@@ -65,13 +71,17 @@ def zero_shot_head(model, classnames, templates, device="cpu", batch_size=1000, 
                 return head
     texts = [t.format(c) for c in classnames for t in templates]  # class-major: (K*T,)
     features = []
-    for i in tqdm(range(0, len(texts), batch_size), desc="zero-shot head", disable=len(texts) <= batch_size):
+    batch_starts = range(0, len(texts), batch_size)
+    for i in tqdm(batch_starts, desc="zero-shot head", disable=len(texts) <= batch_size):
         try:
             tokens = tokenize(texts[i:i + batch_size], context_length=model.context_length)
         except ValueError as e:  # a prompt over the context: say what to change
             raise ValueError(f"{e}: shorten the class name or the template") from None
-        tokens = tokens[:, :int((tokens > 0).sum(1).max())].to(device)  # drop the all-padding tail (B, L<=77)
-        features.append(F.normalize(model.encode_text(tokens).float(), dim=-1))  # fp32: the head decides labels
+        # Drop the all-padding tail: (B, L<=77).
+        longest = int((tokens > 0).sum(1).max())
+        tokens = tokens[:, :longest].to(device)
+        # fp32, because the head decides labels.
+        features.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
     features = torch.cat(features).view(len(classnames), len(templates), -1)  # (K, T, D)
     head = F.normalize(features.mean(dim=1), dim=-1).t().contiguous()  # (D, K)
     if cache_dir is not None:  # as a checkpoint is: a kill or a full disk leaves no partial file

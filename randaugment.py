@@ -10,20 +10,26 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from clip_load import CLIP_MEAN
 
-# RandAugment as the release runs it: timm 0.4.12's rand_augment_transform('rand-m9-mstd0.5-inc1', hparams) with
-# the hparams timm's create_transform builds from the release's arguments: fill color img_mean = CLIP's mean in
-# 0-255 (rounded), interpolation bicubic (--train_interpolation), translate_pct left at its 0.45 default. Each op
-# below takes a magnitude in [0, 10] and the sign draw, and computes its parameter with the same floating-point
-# expression as timm's level function, so that given the same magnitude and sign its pixels are bit-equal
-# (tests/test_randaugment.py checks this against fixtures written by timm itself).
+# RandAugment as the release runs it: timm 0.4.12's
+# rand_augment_transform('rand-m9-mstd0.5-inc1', hparams) with the hparams timm's create_transform
+# builds from the release's arguments. Those are fill color img_mean = CLIP's mean in 0-255
+# (rounded), interpolation bicubic (--train_interpolation), and translate_pct left at its 0.45
+# default. Each op below takes a magnitude in [0, 10] and the sign draw, and computes its parameter
+# with the same floating-point expression as timm's level function, so that given the same
+# magnitude and sign its pixels are bit-equal (tests/test_randaugment.py checks this against
+# fixtures written by timm itself).
 
 _MAX_MAGNITUDE = 10.0
-_FILL = tuple(min(255, round(255 * m)) for m in CLIP_MEAN)  # pixels a geometric op uncovers get the mean color
+# Pixels a geometric op uncovers get the mean color.
+_FILL = tuple(min(255, round(255 * m)) for m in CLIP_MEAN)
 _RESAMPLE = Image.BICUBIC
 
 
 def _level(magnitude, top, negate=False):
-    """An op's parameter at this magnitude: magnitude / 10 of its value at magnitude 10, negated on a sign draw."""
+    """An op's parameter at this magnitude.
+
+    That is magnitude / 10 of its value at magnitude 10, negated on a sign draw.
+    """
     value = magnitude / _MAX_MAGNITUDE * top
     return -value if negate else value
 
@@ -42,8 +48,9 @@ def _rotate(img, magnitude, negate):
 
 
 def _posterize_increasing(img, magnitude, negate):
-    # keeps 4 bits at magnitude 0 down to 0 bits (a black image) at 10. Our own table, not ImageOps.posterize:
-    # Pillow of the release's era accepted 0 bits, current Pillow raises on it.
+    # Keeps 4 bits at magnitude 0 down to 0 bits (a black image) at 10. This is our own table, not
+    # ImageOps.posterize, because Pillow of the release's era accepted 0 bits and current Pillow
+    # raises on it.
     bits = 4 - int(_level(magnitude, 4))
     keep = 0xFF & ~(2 ** (8 - bits) - 1)
     return _lut(img, [i & keep for i in range(256)])
@@ -59,15 +66,16 @@ def _solarize_add(img, magnitude, negate):
     return _lut(img, [min(255, i + add) if i < 128 else i for i in range(256)])
 
 
-def _enhance(enhancer, img, magnitude, negate):  # an ImageEnhance class: Color, Contrast, Brightness, Sharpness
-    # 1 is the identity; the distortion grows with magnitude towards 0.1 or 1.9
+def _enhance(enhancer, img, magnitude, negate):
+    # enhancer is an ImageEnhance class: Color, Contrast, Brightness or Sharpness.
+    # 1 is the identity; the distortion grows with magnitude towards 0.1 or 1.9.
     return enhancer(img).enhance(1.0 + _level(magnitude, 0.9, negate))
 
 
 def _affine(name, img, magnitude, negate):
-    # PIL's affine maps output pixel (x, y) to input (a·x + b·y + c, d·x + e·y + f): shears pivot on the
-    # top-left corner, not the centre, and translations (up to 45% of the side) may be fractional (then
-    # bicubic-resampled)
+    # PIL's affine maps output pixel (x, y) to input (a·x + b·y + c, d·x + e·y + f). Shears pivot on
+    # the top-left corner, not the centre, and translations (up to 45% of the side) may be
+    # fractional (then bicubic-resampled).
     shear, shift = _level(magnitude, 0.3, negate), _level(magnitude, 0.45, negate)
     coeffs = {"ShearX": (1, shear, 0, 0, 1, 0), "ShearY": (1, 0, 0, shear, 1, 0),
               "TranslateXRel": (1, 0, shift * img.size[0], 0, 1, 0),
@@ -94,28 +102,38 @@ _RANDAUG_OPS = {
     "TranslateYRel": functools.partial(_affine, "TranslateYRel"),
 }
 # ops whose parameter has a random sign; only these consume a sign draw (as in timm)
-_SIGNED_OPS = frozenset({"Rotate", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
-                         "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"})
+_SIGNED_OPS = frozenset({"Rotate",
+                         "ColorIncreasing", "ContrastIncreasing",
+                         "BrightnessIncreasing", "SharpnessIncreasing",
+                         "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"})
 
 
 class RandAugment:
-    """RandAugment (Cubuk et al., 2020) with magnitude noise, the paper's strong view: the release's timm 0.4.12
-    'rand-m9-mstd0.5-inc1' (ops in _RANDAUG_OPS) with all randomness drawn from torch's global RNG, so a
-    loader that seeds torch per sample reproduces it.
+    """RandAugment (Cubuk et al., 2020) with magnitude noise, the paper's strong view.
+
+    It is the release's timm 0.4.12 'rand-m9-mstd0.5-inc1' (ops in _RANDAUG_OPS), with all
+    randomness drawn from torch's global RNG so that a loader that seeds torch per sample
+    reproduces it.
 
     Draws per image, in this order:
-      1. num_ops op indices, uniform over the 15 ops, with replacement: torch.randint(15, (num_ops,));
+      1. num_ops op indices, uniform over the 15 ops, with replacement:
+         torch.randint(15, (num_ops,));
       2. for each drawn op in turn:
          a. if prob < 1: u = torch.rand(()); the op is skipped (no further draws) when u > prob;
-         b. if magnitude_std > 0: magnitude + magnitude_std * torch.randn(()), then clipped to [0, 10]
-            (drawn even for the ops that ignore the magnitude);
+         b. if magnitude_std > 0: magnitude + magnitude_std * torch.randn(()), then clipped to
+            [0, 10] (drawn even for the ops that ignore the magnitude);
          c. for the ops in _SIGNED_OPS only: negate = torch.rand(()) > 0.5.
-    This is timm's order (np.random.choice for 1, then random.random, random.gauss, random.random), so only
-    the random source differs."""
+    This is timm's order (np.random.choice for 1, then random.random, random.gauss,
+    random.random), so only the random source differs.
+    """
 
     def __init__(self, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=0.5):
-        self.num_ops, self.magnitude, self.magnitude_std, self.prob = num_ops, magnitude, magnitude_std, prob
-        self.op_names = list(_RANDAUG_OPS)  # names, not functions: the transform must pickle for spawned workers
+        self.num_ops = num_ops
+        self.magnitude = magnitude
+        self.magnitude_std = magnitude_std
+        self.prob = prob
+        # Names, not functions, because the transform must pickle for spawned workers.
+        self.op_names = list(_RANDAUG_OPS)
 
     def __call__(self, img):
         for i in torch.randint(len(self.op_names), (self.num_ops,)).tolist():

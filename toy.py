@@ -1,13 +1,15 @@
-"""The toy world: MUST end to end on a CPU, offline (`python train.py --data toy`; its story: docs/toy.md).
+"""The toy world: MUST end to end on a CPU, offline (`python train.py --data toy`).
 
-Images show one shape (the class) with a colour, size, position and background. The source domain draws flat
-filled shapes, captioned ("a photo of a small red triangle on a striped background"); a tiny CLIP (clip_model.py
-at small size, 32 px) is pretrained contrastively on source pairs, never on the target, and its weights are
-committed (toy_clip.pt; `python toy.py pretrain` remakes them, bit for bit on the CPU that made them). The target
-draws the same kind of scenes as cartoon close-ups with film grain: its unlabeled train split is what MUST adapts
-on, its labeled test split what is reported, its labeled val split (other images) what choices are made on.
-Everything is deterministic from a seed and rendered on the fly. Importing this module registers `--data toy`
-with data.py; probes, the ablation and pictures of the world are in toy_experiments.py.
+Its story is told in docs/toy.md. Images show one shape (the class) with a colour, size, position
+and background. The source domain draws flat filled shapes, captioned
+("a photo of a small red triangle on a striped background"). A tiny CLIP (clip_model.py at small
+size, 32 px) is pretrained contrastively on source pairs, never on the target, and its weights are
+committed (toy_clip.pt; `python toy.py pretrain` remakes them, bit for bit on the CPU that made
+them). The target draws the same kind of scenes as cartoon close-ups with film grain. Its unlabeled
+train split is what MUST adapts on, its labeled test split what is reported, and its labeled val
+split (other images) what choices are made on. Everything is deterministic from a seed and
+rendered on the fly. Importing this module registers `--data toy` with data.py. Probes, the
+ablation and pictures of the world are in toy_experiments.py.
 """
 import argparse
 import hashlib
@@ -27,32 +29,39 @@ from clip_load import CLIP_MEAN, CLIP_STD
 from runtime import save_atomic
 from tokenizer import tokenize
 
-SHAPES = ["circle", "square", "triangle", "diamond", "star", "cross", "ring", "heart", "crescent", "arrow"]
+SHAPES = ["circle", "square", "triangle", "diamond", "star",
+          "cross", "ring", "heart", "crescent", "arrow"]
 # name -> RGB in [0, 1], the colours captions talk about
 COLORS = {
     "red": (0.85, 0.12, 0.10), "green": (0.15, 0.65, 0.20), "blue": (0.12, 0.25, 0.85),
     "yellow": (0.95, 0.85, 0.10), "purple": (0.55, 0.15, 0.70), "orange": (0.95, 0.50, 0.05),
     "white": (0.95, 0.95, 0.95), "black": (0.08, 0.08, 0.08),
 }
-# Shape radius as a fraction of the image side. Scenes are object-centric like ImageNet photos (large, near the
-# centre), so the paper's strong view (RandomResizedCrop 0.3-1, translations) mostly keeps the object in frame.
+# Shape radius as a fraction of the image side. Scenes are object-centric like ImageNet photos
+# (large, near the centre), so the paper's strong view (RandomResizedCrop 0.3-1, translations)
+# mostly keeps the object in frame.
 SIZES = {"small": 0.22, "medium": 0.29, "large": 0.36}
 TARGET_SIZE = "large"  # target photos are close-ups: a masked unit then hides less of the object
 BACKGROUNDS = ["plain", "gradient", "striped", "dotted"]
 CAPTION_TEMPLATES = ["a photo of a {}", "a picture of a {}", "an image of a {}", "a {}"]
-# zero-shot prompts (the toy world's "prompt engineering", as CLIP's ImageNet templates): phrased like captions
-TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "a {}.", "a photo of a small {}.", "a photo of a large {}."]
+# Zero-shot prompts (the toy world's "prompt engineering", as CLIP's ImageNet templates), phrased
+# like captions.
+TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "a {}.",
+             "a photo of a small {}.", "a photo of a large {}."]
 IMAGE_SIZE = 32
 RENDER_SCALE = 2  # draw at 2x and average-pool: cheap anti-aliasing
 
 # Splits: seeds are offsets so that no two splits share an image.
 SPLIT_SIZES = {"source": 50000, "train": 30000, "val": 2000, "test": 2000}
-SPLIT_SEEDS = {"source": 0, "train": 1, "test": 2, "val": 3}  # val: labeled target, for choosing; test: reported
+# val is the labeled target split for choosing, test the one that is reported.
+SPLIT_SEEDS = {"source": 0, "train": 1, "test": 2, "val": 3}
 CHUNK = 1000  # images drawn per seed; rendering is vectorized over a chunk
-WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_clip.pt")  # the tiny CLIP, 3.8 MB
-# Names the tiny CLIP that the source world and PRETRAIN make; toy_clip.pt carries the RECIPE it was made by. After
-# editing the source images, the captions or PRETRAIN, give RECIPE a new value (any string) and rerun `python toy.py
-# pretrain --out toy_clip.pt`: tests/test_toy.py pins a digest of what RECIPE covers, so a forgotten one fails there.
+# The tiny CLIP, 3.8 MB.
+WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_clip.pt")
+# Names the tiny CLIP that the source world and PRETRAIN make. toy_clip.pt carries the RECIPE it
+# was made by. After editing the source images, the captions or PRETRAIN, give RECIPE a new value
+# (any string) and rerun `python toy.py pretrain --out toy_clip.pt`. tests/test_toy.py pins a
+# digest of what RECIPE covers, so a forgotten one fails there.
 RECIPE = "f273c18e9c"
 
 
@@ -98,7 +107,8 @@ def sample_attributes(n, seed):
         "background": rng.integers(0, len(BACKGROUNDS), n),
         "angle": rng.uniform(-0.35, 0.35, n),  # radians; small, so a square never becomes a diamond
         "jitter": rng.uniform(-1, 1, (n, 2)),
-        "mirror": rng.uniform(0, 1, n) < 0.5,  # arrows point left or right, crescents open either way
+        # Arrows point left or right, crescents open either way.
+        "mirror": rng.uniform(0, 1, n) < 0.5,
         "light": rng.uniform(0, 1, (n, 2)),  # exposure: contrast and brightness of the photo
         "bg_rgb": rng.uniform(0, 1, (n, 2, 3)),  # two background colours (stripes, dots, gradient)
         "bg_freq": rng.uniform(0.5, 1.5, n),
@@ -117,9 +127,10 @@ def _backgrounds(a, yy, xx, res):
     f = (a["bg_freq"] * 2 * math.pi * 6 / res).astype(np.float32)[:, None, None]
     ph = a["bg_phase"].astype(np.float32)[:, None, None]
     t = np.zeros((n, res, res), np.float32)  # 0 -> first colour, 1 -> second colour
-    for kind, pattern in [(1, lambda i: np.broadcast_to((xx + yy) / (2 * res), (len(i), res, res))),
-                          (2, lambda i: np.sin(f[i] * (xx + 0.3 * yy) + ph[i]) > 0),
-                          (3, lambda i: np.sin(f[i] * xx + ph[i]) * np.sin(f[i] * yy + ph[i]) > 0.5)]:
+    patterns = [(1, lambda i: np.broadcast_to((xx + yy) / (2 * res), (len(i), res, res))),
+                (2, lambda i: np.sin(f[i] * (xx + 0.3 * yy) + ph[i]) > 0),
+                (3, lambda i: np.sin(f[i] * xx + ph[i]) * np.sin(f[i] * yy + ph[i]) > 0.5)]
+    for kind, pattern in patterns:
         i = np.nonzero(a["background"] == kind)[0]
         t[i] = pattern(i)
     t = t[..., None]
@@ -127,14 +138,20 @@ def _backgrounds(a, yy, xx, res):
 
 
 def render(a, domain, res=IMAGE_SIZE):
-    """Render attributes to uint8 images (n, res, res, 3): flat shapes on their backgrounds; in the target domain
-    as close-ups (every object at TARGET_SIZE, whatever a["size"] says) with a dark ink outline and film grain."""
+    """Render attributes to uint8 images (n, res, res, 3): flat shapes on their backgrounds.
+
+    In the target domain they are close-ups (every object at TARGET_SIZE, whatever a["size"] says)
+    with a dark ink outline and film grain.
+    """
     if domain not in ("source", "target"):
         raise ValueError(f"unknown domain {domain!r}; expected 'source' or 'target'")
     n = len(a["label"])
     R = res * RENDER_SCALE
     yy, xx = np.mgrid[0:R, 0:R].astype(np.float32) + 0.5
-    size = np.array(list(SIZES.values()))[a["size"]] if domain == "source" else np.full(n, SIZES[TARGET_SIZE])
+    if domain == "source":
+        size = np.array(list(SIZES.values()))[a["size"]]
+    else:
+        size = np.full(n, SIZES[TARGET_SIZE])
     size = (size * R).astype(np.float32)
     # keep the whole shape inside the frame
     margin = 0.8 * (R / 2 - size - 1)
@@ -164,15 +181,19 @@ def render(a, domain, res=IMAGE_SIZE):
 
 
 def _ink_and_grain(img, mask, noise_seeds, res):
-    """The target style drawn over a source scene: a dark 1-px ink outline around the shape (a cartoon) and film
-    grain. It hurts the tiny CLIP's text alignment more than its features, which is the gap self-training can
-    close (docs/toy.md)."""
+    """The target style drawn over a source scene: a dark 1-px ink outline around the shape (a
+    cartoon) and film grain.
+
+    It hurts the tiny CLIP's text alignment more than its features, which is the gap self-training
+    can close (docs/toy.md).
+    """
     # the outline: the shape minus its erosion by a (2w+1)-square, w = 1 px at the output resolution
     outside = F.max_pool2d(torch.from_numpy(~mask).float()[:, None], 2 * RENDER_SCALE + 1, stride=1,
                            padding=RENDER_SCALE)
     idx = np.nonzero(mask & (outside[:, 0].numpy() > 0.5))
     img[idx] = 0.1
-    grain = np.stack([np.random.default_rng(s).standard_normal((res, res, 3), np.float32) for s in noise_seeds])
+    grain = np.stack([np.random.default_rng(s).standard_normal((res, res, 3), np.float32)
+                      for s in noise_seeds])
     return img + 0.03 * grain.repeat(RENDER_SCALE, 1).repeat(RENDER_SCALE, 2)
 
 
@@ -181,18 +202,24 @@ def caption(a, i):
 
     The shape is always named; size, colour and background each only sometimes."""
     size, color, bg = a["mention"][i]
-    words = ([list(SIZES)[a["size"][i]]] if size else []) + ([list(COLORS)[a["color"][i]]] if color else [])
+    size_word = [list(SIZES)[a["size"][i]]] if size else []
+    color_word = [list(COLORS)[a["color"][i]]] if color else []
+    words = size_word + color_word
     thing = " ".join(words + [SHAPES[a["label"][i]]])
     if bg:
         thing += f" on a {BACKGROUNDS[a['background'][i]]} background"
     text = CAPTION_TEMPLATES[a["caption_template"][i]].format(thing)
-    return (" " + text).replace(" a o", " an o").replace(" a a", " an a")[1:]  # "an orange", "an arrow"
+    # The article before a vowel: "an orange", "an arrow".
+    return (" " + text).replace(" a o", " an o").replace(" a a", " an a")[1:]
 
 
 def render_split(split, n=None, start=0):
-    """Images (n, 32, 32, 3) uint8 and labels of a split: 'source', or 'train', 'val', 'test' (target).
+    """Images (n, 32, 32, 3) uint8 and labels of a split: 'source', or 'train', 'val', 'test'
+    (target).
 
-    Image i of a split is the same whatever n/start are: attributes come from per-chunk seeds."""
+    Image i of a split is the same whatever n/start are, because attributes come from per-chunk
+    seeds.
+    """
     if split not in SPLIT_SIZES:
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_SIZES)}")
     n = SPLIT_SIZES[split] - start if n is None else n
@@ -208,8 +235,9 @@ def render_split(split, n=None, start=0):
     return np.concatenate(images), np.concatenate(labels)
 
 
-# MUST's hyperparameters for the toy world (train.py reads them through data.hparams('toy', ...)), in the
-# roles of the paper's Table 10. Chosen for a ~6 min CPU run (measurements: docs/toy.md).
+# MUST's hyperparameters for the toy world (train.py reads them through data.hparams('toy', ...)),
+# in the roles of the paper's Table 10. They are chosen for a ~6 min CPU run (measurements:
+# docs/toy.md).
 HPARAMS = dict(
     mask_unit=8,  # px = one 8 px patch: 16 units per 32 px image
     mask_ratio=0.0625,  # 1 of the 16 units: on 16-token images each masked unit costs MUST accuracy
@@ -222,14 +250,16 @@ HPARAMS = dict(
     epochs=5,  # 1,170 steps over the 30,000 target images
     eval_freq=1,
     batch_size=128,
-    strong_view="light",  # data.strong_view: what the toy CLIP was pretrained to read (PRETRAIN["augment"])
+    # data.strong_view: what the toy CLIP was pretrained to read (PRETRAIN["augment"]).
+    strong_view="light",
 )
 
 
 # Tiny CLIP pretraining on source image-caption pairs ------------------------------------------
 
 PRETRAIN = dict(  # ~7.5 min on 2 CPU cores (0.8M-param image tower, 17 tokens per image)
-    model=dict(embed_dim=64, image_resolution=IMAGE_SIZE, vision_layers=4, vision_width=128, vision_patch_size=8,
+    model=dict(embed_dim=64, image_resolution=IMAGE_SIZE,
+               vision_layers=4, vision_width=128, vision_patch_size=8,
                context_length=20, vocab_size=49408, transformer_width=64, transformer_layers=2),
     steps=2000, batch_size=128, lr=1e-3, weight_decay=0.1, warmup=200, seed=0,
     augment="light",  # data.strong_view applied to every source image, like a web CLIP's crops
@@ -237,43 +267,61 @@ PRETRAIN = dict(  # ~7.5 min on 2 CPU cores (0.8M-param image tower, 17 tokens p
 
 
 def to_tensor(images):
-    """uint8 (n, H, W, 3) -> CLIP-normalized float (n, 3, H, W), as clip_model's preprocess would give."""
+    """uint8 (n, H, W, 3) -> CLIP-normalized float (n, 3, H, W).
+
+    It is what clip_model's preprocess would give.
+    """
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255)
     return normalize(x, CLIP_MEAN, CLIP_STD, inplace=True)
 
 
 def pretrain(out_path):
-    """Contrastive pretraining (symmetric InfoNCE, learnable temperature) of a tiny CLIP on freshly rendered source
-    image-caption batches with the PRETRAIN recipe; writes its stored_state() to out_path.
+    """Contrastive pretraining (symmetric InfoNCE, learnable temperature) of a tiny CLIP.
 
-    Deterministic: batch s is drawn from seed [1000 + PRETRAIN['seed'], s] (no overlap with the splits).
-    AdamW, linear warmup, cosine decay, CLIP's clamp of the temperature at 100."""
+    It trains on freshly rendered source image-caption batches with the PRETRAIN recipe, and writes
+    its stored_state() to out_path.
+
+    It is deterministic: batch s is drawn from seed [1000 + PRETRAIN['seed'], s] (no overlap with
+    the splits). It uses AdamW, linear warmup, cosine decay, and CLIP's clamp of the temperature at
+    100.
+    """
     cfg = PRETRAIN
     steps, batch_size, seed = cfg["steps"], cfg["batch_size"], cfg["seed"]
     torch.manual_seed(seed)
     model = clip_model.CLIP(**cfg["model"])
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"], betas=(0.9, 0.98), eps=1e-6)
+    decay = [p for n, p in model.named_parameters()
+             if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters()
+                if not (p.ndim >= 2 and "embedding" not in n)]
+    param_groups = [{"params": decay, "weight_decay": cfg["weight_decay"]},
+                    {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(param_groups, lr=cfg["lr"], betas=(0.9, 0.98), eps=1e-6)
     view = data.strong_view(IMAGE_SIZE, cfg["augment"])  # draws from torch's RNG: deterministic
     bar = tqdm(range(steps), desc="pretrain tiny CLIP", mininterval=2)
     for step in bar:
-        lr = cfg["lr"] * min(1.0, (step + 1) / cfg["warmup"]) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        warmup_scale = min(1.0, (step + 1) / cfg["warmup"])
+        one_plus_cos = 1 + math.cos(math.pi * step / steps)
+        lr = cfg["lr"] * warmup_scale * 0.5 * one_plus_cos
         for g in opt.param_groups:
             g["lr"] = lr
         a = sample_attributes(batch_size, [1000 + seed, step])
-        images = to_tensor(np.stack([np.asarray(view(Image.fromarray(x))) for x in render(a, "source")]))
-        tokens = tokenize([caption(a, i) for i in range(batch_size)], context_length=model.context_length)
+        source_images = render(a, "source")
+        views = [np.asarray(view(Image.fromarray(x))) for x in source_images]
+        images = to_tensor(np.stack(views))
+        captions = [caption(a, i) for i in range(batch_size)]
+        tokens = tokenize(captions, context_length=model.context_length)
         logits_per_image, logits_per_text = model(images, tokens)
         target = torch.arange(len(images))
-        loss = (F.cross_entropy(logits_per_image, target) + F.cross_entropy(logits_per_text, target)) / 2
+        image_loss = F.cross_entropy(logits_per_image, target)
+        text_loss = F.cross_entropy(logits_per_text, target)
+        loss = (image_loss + text_loss) / 2
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))  # CLIP's clamp
-        bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{model.logit_scale.exp().item():.1f}", refresh=False)
+        bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{model.logit_scale.exp().item():.1f}",
+                        refresh=False)
     save_atomic(stored_state(model), out_path)
 
 
@@ -281,16 +329,20 @@ def toy_token_ids(context_length):
     """Every token id a toy caption or prompt can contain (a few dozen of CLIP's 49,408)."""
     sizes, colors, backgrounds = [[""] + [w + " " for w in ws] for ws in (SIZES, COLORS)] + \
         [[""] + [f" on a {b} background" for b in BACKGROUNDS]]
-    texts = [t.format(f"{s}{c}{k}{b}") for t in CAPTION_TEMPLATES for s in sizes for c in colors for k in SHAPES
+    texts = [t.format(f"{s}{c}{k}{b}")
+             for t in CAPTION_TEMPLATES for s in sizes for c in colors for k in SHAPES
              for b in backgrounds]
     texts += [t.format(k) for t in TEMPLATES for k in SHAPES]
     return torch.unique(tokenize(texts, context_length=context_length, truncate=True))
 
 
 def stored_state(model):
-    """The tiny CLIP's state dict as toy_clip.pt stores it, which clip_model.load reads as it is: the token
-    embedding by the rows toy texts use (`.ids`, `.rows`, `.vocab_size`: the other rows are most of the
-    parameters and never get a gradient), and RECIPE as a note."""
+    """The tiny CLIP's state dict as toy_clip.pt stores it, which clip_model.load reads as it is.
+
+    The token embedding is stored by the rows toy texts use (`.ids`, `.rows`, `.vocab_size`),
+    because the other rows are most of the parameters and never get a gradient. RECIPE is stored as
+    a note.
+    """
     out = dict(model.state_dict())  # a plain dict, as the committed file
     weight = out.pop("token_embedding.weight")
     ids = toy_token_ids(model.context_length)
@@ -302,8 +354,11 @@ def stored_state(model):
 # Dataset API for train.py / data.py (same contract as data.build_dataset) ---------------------
 
 class ToyDataset(torch.utils.data.Dataset):
-    """Rendered images of one split as PIL images through `transform`; item = (transform(img), label). In the
-    unlabeled 'train' split, train.py reads the labels only to log the accuracy of the pseudo-labels."""
+    """Rendered images of one split as PIL images through `transform`.
+
+    item = (transform(img), label). In the unlabeled 'train' split, train.py reads the labels only
+    to log the accuracy of the pseudo-labels.
+    """
 
     classnames = SHAPES
     templates = TEMPLATES
@@ -320,7 +375,10 @@ class ToyDataset(torch.utils.data.Dataset):
 
 
 def build_dataset(root, split, transform=None):
-    """data.build_dataset's contract for the toy world: the split, rendered in memory (root is not used)."""
+    """data.build_dataset's contract for the toy world.
+
+    It is the split, rendered in memory (root is not used).
+    """
     return ToyDataset(*render_split(split), transform)
 
 
@@ -328,12 +386,14 @@ data.register_dataset("toy", build_dataset, HPARAMS, lambda root: WEIGHTS)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Pretrain the toy world's tiny CLIP from scratch (~7 min on 2 cores). "
-                                            "Probes, the ablation and pictures of the world: toy_experiments.py.")
-    p.add_argument("command", choices=["pretrain"])
-    p.add_argument("--out", default=os.path.join("out", "toy_clip.pt"),
-                   help="where to write the weights; toy_clip.pt replaces the committed file [out/toy_clip.pt]")
-    args = p.parse_args(argv)
+    description = ("Pretrain the toy world's tiny CLIP from scratch (~7 min on 2 cores). "
+                   "Probes, the ablation and pictures of the world: toy_experiments.py.")
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("command", choices=["pretrain"])
+    parser.add_argument("--out", default=os.path.join("out", "toy_clip.pt"),
+                        help="where to write the weights; toy_clip.pt replaces the committed file "
+                             "[out/toy_clip.pt]")
+    args = parser.parse_args(argv)
     pretrain(args.out)
     with open(args.out, "rb") as f:
         print(f"wrote {args.out}, sha256 {hashlib.sha256(f.read()).hexdigest()}")

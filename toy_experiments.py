@@ -1,9 +1,13 @@
-"""Experiments on the toy world (toy.py): probes of what a tiny CLIP or a MUST checkpoint knows, the paper's
-ablation through train.py, and a picture of the world. What they measured is in docs/toy.md.
+"""Experiments on the toy world (toy.py): probes of what a tiny CLIP or a MUST checkpoint knows,
+the paper's ablation through train.py, and a picture of the world. What they measured is in
+docs/toy.md.
 
-    python toy_experiments.py show --out toy_world.png           # source and target examples of each class
-    python toy_experiments.py probe [CHECKPOINT] [--which student]  # zero-shot, kNN, linear probe, pseudo-labels
-    python toy_experiments.py ablation --seeds 0 1 2              # Tables 5 and 7: 12 runs of ~6 min on 2 cores
+    # source and target examples of each class
+    python toy_experiments.py show --out toy_world.png
+    # zero-shot, kNN, linear probe, pseudo-labels
+    python toy_experiments.py probe [CHECKPOINT] [--which student]
+    # Tables 5 and 7: 12 runs of ~6 min on 2 cores
+    python toy_experiments.py ablation --seeds 0 1 2
 
 A driver: it imports train.py, and nothing on the training path imports it.
 """
@@ -41,8 +45,11 @@ def load(path, which="teacher"):
 
 @torch.no_grad()
 def embed(model, images, masks=None, batch_size=500):
-    """-> (L2-normalized image embeddings (n, D), logits (n, K)) of a MUSTModel on uint8 images; on masked views
-    (the student's input in training, with its own [MSK]) where masks (n, N) is True."""
+    """-> (L2-normalized image embeddings (n, D), logits (n, K)) of a MUSTModel on uint8 images.
+
+    Where masks (n, N) is True, the images are seen as masked views (the student's input in
+    training, with its own [MSK]).
+    """
     v = torch.cat([model.visual.forward_must(toy.to_tensor(images[i:i + batch_size]),
                                              None if masks is None else masks[i:i + batch_size])[0]
                    for i in range(0, len(images), batch_size)])
@@ -55,13 +62,16 @@ def accuracy(model, images, labels):
 
 
 def probe(path, which="teacher", mask_ratio=None, n_train=5000, taus=(0.5, 0.7, 0.9)):
-    """Accuracy of the classifier (the zero-shot head of a CLIP, the trained W of a train.py checkpoint's `which`
-    weights) on source and target, and how much the target features know with labels.
+    """Accuracy of the classifier on source and target, and how much the target features know with
+    labels.
 
-    kNN (k=10, cosine) and a linear probe are fit on labeled target-train features and scored on the
-    target test split: they bound what adapting the classifier alone could reach. Confidence stats say
-    how many pseudo-labels a threshold τ would pass, and how accurate those are. A train.py checkpoint is also
-    scored on masked test views (toy.HPARAMS' mask unit, mask_ratio or toy.HPARAMS', one fixed draw of masks)."""
+    The classifier is the zero-shot head of a CLIP, or the trained W of a train.py checkpoint's
+    `which` weights. kNN (k=10, cosine) and a linear probe are fit on labeled target-train features
+    and scored on the target test split. They bound what adapting the classifier alone could reach.
+    Confidence stats say how many pseudo-labels a threshold τ would pass, and how accurate those
+    are. A train.py checkpoint is also scored on masked test views (toy.HPARAMS' mask unit,
+    mask_ratio or toy.HPARAMS', one fixed draw of masks).
+    """
     model, trained = load(path, which)
     r = {"head_source": accuracy(model, *toy.render_split("source", 2000))}
     xtr, ytr = toy.render_split("train", min(n_train, toy.SPLIT_SIZES["train"]))
@@ -88,7 +98,8 @@ def probe(path, which="teacher", mask_ratio=None, n_train=5000, taus=(0.5, 0.7, 
     r["linear_probe_target"] = _acc(linear(fte * model.logit_scale).argmax(1), yte)
     if trained:
         ratio = toy.HPARAMS["mask_ratio"] if mask_ratio is None else mask_ratio
-        gen = data.MaskGenerator(toy.IMAGE_SIZE, toy.HPARAMS["mask_unit"], model.visual.patch_size, ratio)
+        gen = data.MaskGenerator(toy.IMAGE_SIZE, toy.HPARAMS["mask_unit"],
+                                 model.visual.patch_size, ratio)
         torch.manual_seed(0)
         pred = embed(model, xte, torch.stack([gen() for _ in range(len(xte))]))[1].argmax(1)
         r["head_target_masked"], r["masked_class_share"] = _acc(pred, yte), _shares(pred)
@@ -116,23 +127,32 @@ ABLATION = [  # (row, run directory, train.py flags)
 
 
 def ablation(seeds, out_dir, extra=()):
-    """Run each ablation row for each seed with train.py; print zero-shot / student / teacher, mean ± spread, on
-    the target test split (what is reported) and the target val split (what choices are made on)."""
+    """Run each ablation row for each seed with train.py.
+
+    Prints zero-shot / student / teacher, mean ± spread, on the target test split (what is
+    reported) and the target val split (what choices are made on).
+    """
     val_images, val_labels = toy.render_split("val")
     test, val = {}, {}
     for name, short, flags in ABLATION:
         for seed in seeds:
-            run_dir = os.path.join(out_dir, f"{short}_seed{seed}")  # a finished run is resumed, not redone
+            # A finished run is resumed, not redone.
+            run_dir = os.path.join(out_dir, f"{short}_seed{seed}")
             print(f"\n=== {name}, seed {seed} -> {run_dir}")
-            evals = train.main(["--data", "toy", "--out-dir", run_dir, "--seed", str(seed), *flags, *extra])
+            train_args = ["--data", "toy", "--out-dir", run_dir, "--seed", str(seed),
+                          *flags, *extra]
+            evals = train.main(train_args)
             test.setdefault(name, []).append((evals[-1]["student_acc"], evals[-1]["teacher_acc"]))
             checkpoint = os.path.join(run_dir, train.CHECKPOINT)
-            val.setdefault(name, []).append([accuracy(load(checkpoint, which)[0], val_images, val_labels)
-                                             for which in ("student", "teacher")])
-    zero_shot = {"test": evals[0]["student_acc"], "val": accuracy(load(toy.WEIGHTS)[0], val_images, val_labels)}
+            val_accs = [accuracy(load(checkpoint, which)[0], val_images, val_labels)
+                        for which in ("student", "teacher")]
+            val.setdefault(name, []).append(val_accs)
+    zero_shot = {"test": evals[0]["student_acc"],
+                 "val": accuracy(load(toy.WEIGHTS)[0], val_images, val_labels)}
     lines = []
     for split, rows in (("test", test), ("val", val)):
-        lines += [f"toy world, target {split} top-1 (%), final epoch, mean ± std over seeds {list(seeds)}",
+        lines += [f"toy world, target {split} top-1 (%), final epoch, mean ± std over seeds "
+                  f"{list(seeds)}",
                   f"{'':24s} {'student':>15s} {'teacher':>15s}",
                   f"{'zero-shot':24s} {zero_shot[split]:>15.1f} {zero_shot[split]:>15.1f}"]
         for name, vals in rows.items():
@@ -154,15 +174,18 @@ def _ms(v):
 # A picture of the world
 
 def world_grid(per_class=2, seed=123, scale=3):
-    """PIL image: `per_class` source rows above as many target rows, one class per column, the same scenes
-    (attributes) drawn in both domains, enlarged `scale` times."""
+    """PIL image: `per_class` source rows above as many target rows, one class per column.
+
+    The same scenes (attributes) are drawn in both domains, enlarged `scale` times.
+    """
     n = len(toy.SHAPES)
     rows = []
     for domain in ("source", "target"):
         a = toy.sample_attributes(n * per_class, seed)
         a["label"] = np.repeat(np.arange(n), per_class)
         img = toy.render(a, domain).reshape(n, per_class, toy.IMAGE_SIZE, toy.IMAGE_SIZE, 3)
-        rows.append(img.transpose(1, 2, 0, 3, 4).reshape(per_class * toy.IMAGE_SIZE, n * toy.IMAGE_SIZE, 3))
+        by_row = img.transpose(1, 2, 0, 3, 4)  # (per_class, H, n, W, 3)
+        rows.append(by_row.reshape(per_class * toy.IMAGE_SIZE, n * toy.IMAGE_SIZE, 3))
     grid = Image.fromarray(np.concatenate(rows))
     return grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
 
@@ -171,36 +194,42 @@ def world_grid(per_class=2, seed=123, scale=3):
 # Command line
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="The toy world's experiments: probes, the ablation, a picture.")
-    sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("probe", help="zero-shot, kNN and linear-probe accuracy of a tiny CLIP or MUST "
-                                      "checkpoint (and a MUST checkpoint's accuracy on masked views)")
+    parser = argparse.ArgumentParser(
+        description="The toy world's experiments: probes, the ablation, a picture.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("probe", help="zero-shot, kNN and linear-probe accuracy of a tiny CLIP or "
+                                     "MUST checkpoint (and a MUST checkpoint's accuracy on masked "
+                                     "views)")
     c.add_argument("path", nargs="?", default=toy.WEIGHTS,
                    help="CLIP state dict or train.py checkpoint [the committed tiny CLIP]")
     c.add_argument("--which", choices=["student", "teacher"], default="teacher",
                    help="which weights of a MUST checkpoint to probe [teacher]")
-    c.add_argument("--mask-ratio", type=float, help="mask ratio of the masked-view accuracy [toy.HPARAMS]")
-    c = sub.add_parser("ablation", help="Tables 5/7 on the toy world: each loss added in turn, several seeds; "
-                                         "prints target test (reported) and val (for choices) tables")
-    c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds, one run per row and "
-                   "seed [0 1 2]")
-    c.add_argument("--out-dir", default=os.path.join("out", "toy_ablation"), help="one run directory per row "
-                   "and seed (a finished run is reused, not redone) and ablation.txt [out/toy_ablation]")
+    c.add_argument("--mask-ratio", type=float,
+                   help="mask ratio of the masked-view accuracy [toy.HPARAMS]")
+    c = sub.add_parser("ablation", help="Tables 5/7 on the toy world: each loss added in turn, "
+                                        "several seeds; prints target test (reported) and val (for "
+                                        "choices) tables")
+    c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="training seeds, one run per row and seed [0 1 2]")
+    c.add_argument("--out-dir", default=os.path.join("out", "toy_ablation"),
+                   help="one run directory per row and seed (a finished run is reused, not "
+                        "redone) and ablation.txt [out/toy_ablation]")
     c.add_argument("--num-workers", default="2", help="data loader processes per run [2]")
     c = sub.add_parser("show", help="save a grid of source and target images")
     c.add_argument("--out", default="toy_world.png", help="PNG path [toy_world.png]")
-    args = p.parse_args(argv)
+    args = parser.parse_args(argv)
     if args.command == "probe":
         if not os.path.isfile(args.path):
             fail(f"no file {args.path}")
         for k, v in probe(args.path, args.which, args.mask_ratio).items():
-            print(f"{k:24s} {' '.join(f'{x:.2f}' for x in v) if isinstance(v, list) else f'{v:.1f}'}")
+            value_text = ' '.join(f'{x:.2f}' for x in v) if isinstance(v, list) else f'{v:.1f}'
+            print(f"{k:24s} {value_text}")
     elif args.command == "ablation":
         ablation(args.seeds, args.out_dir, extra=["--num-workers", args.num_workers])
     elif args.command == "show":
         world_grid().save(args.out, optimize=True)
-        print(f"wrote {args.out}: top 2 rows source, bottom 2 rows the same scenes in the target style; columns: "
-              f"{', '.join(toy.SHAPES)}")
+        print(f"wrote {args.out}: top 2 rows source, bottom 2 rows the same scenes in the target "
+              f"style; columns: {', '.join(toy.SHAPES)}")
 
 
 if __name__ == "__main__":
