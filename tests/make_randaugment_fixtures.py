@@ -1,23 +1,26 @@
-"""Regenerate tests/data/randaugment_timm.npz: timm 0.4.12's own RandAugment ops, as the MUST release builds them.
+"""Regenerate tests/data/randaugment_timm.npz: timm 0.4.12's own RandAugment ops, as the MUST
+release builds them.
 
-Dev-only: the tests never import this file or timm; they only read what it writes. It needs timm 0.4.12 in an
-environment OUTSIDE the project (timm is not a project dependency), on top of the system torch/Pillow:
+Dev-only: the tests never import this file or timm; they only read what it writes. It needs timm
+0.4.12 in an environment OUTSIDE the project (timm is not a project dependency), on top of the
+system torch/Pillow:
 
     python -m venv --system-site-packages /tmp/venv-ref
     /tmp/venv-ref/bin/pip install --no-deps timm==0.4.12
     /tmp/venv-ref/bin/python tests/make_randaugment_fixtures.py
 
-The transform is the one the release's build_dataset.py gets from timm.data.create_transform (is_training,
-auto_augment='rand-m9-mstd0.5-inc1', interpolation='bicubic', CLIP's mean/std), so the hparams (fill color,
-resampling filter, translate percentage) are timm's own. Each of its 15 ops is run through timm's AugmentOp with
-prob 1 and no magnitude noise, at fixed magnitudes, with timm's sign draw (random.random() > 0.5 negates) forced
-to each outcome. The fixture holds the input images, every output, and the metadata the test checks the project's
-constants against.
+The transform is the one the release's build_dataset.py gets from timm.data.create_transform
+(is_training, auto_augment='rand-m9-mstd0.5-inc1', interpolation='bicubic', CLIP's mean/std), so the
+hparams (fill color, resampling filter, translate percentage) are timm's own. Each of its 15 ops is
+run through timm's AugmentOp with prob 1 and no magnitude noise, at fixed magnitudes, with timm's
+sign draw (random.random() > 0.5 negates) forced to each outcome. The fixture holds the input
+images, every output, and the metadata the test checks the project's constants against.
 
-timm's PosterizeIncreasing asks for ImageOps.posterize(img, 0) at magnitude 10. Pillow of the release's time
-(9.x; 9.5 checked) returns a black image there; recent Pillow (13 checked) raises ValueError. On such a Pillow the
-script runs that case with posterize replaced by the 9.x table (keep the top `bits` bits, none for 0) and records
-that it did. Run under Pillow 9.5 without the stand-in, the script writes the same outputs as under Pillow 13.
+timm's PosterizeIncreasing asks for ImageOps.posterize(img, 0) at magnitude 10. Pillow of the
+release's time (9.x; 9.5 checked) returns a black image there; recent Pillow (13 checked) raises
+ValueError. On such a Pillow the script runs that case with posterize replaced by the 9.x table
+(keep the top `bits` bits, none for 0) and records that it did. Run under Pillow 9.5 without the
+stand-in, the script writes the same outputs as under Pillow 13.
 """
 import copy
 import json
@@ -38,13 +41,15 @@ OUT = os.path.join(HERE, "data", "randaugment_timm.npz")
 CONFIG = "rand-m9-mstd0.5-inc1"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the release's --image_mean / --image_std defaults
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# 7.5: PosterizeIncreasing's step from 2 kept bits to 1; 3.7: int() truncation in the solarize levels
+# 7.5: PosterizeIncreasing's step from 2 kept bits to 1;
+# 3.7: int() truncation in the solarize levels
 MAGNITUDES = (0.0, 3.7, 7.5, 9.0, 10.0)
 
 
 def make_images():
-    """Small deterministic RGB images (w x h): gradients plus hashed noise, one odd-sized and one low-contrast
-    (so autocontrast and equalize stretch it). The fixture stores them as input_<k>."""
+    """Small deterministic RGB images (w x h): gradients plus hashed noise, one odd-sized and one
+    low-contrast (so autocontrast and equalize stretch it). The fixture stores them as
+    input_<k>."""
     images = []
     for k, (w, h, lo, hi) in enumerate([(24, 20, 0, 255), (13, 17, 0, 255), (16, 22, 70, 150)]):
         y, x, c = np.meshgrid(np.arange(h), np.arange(w), np.arange(3), indexing="ij")
@@ -56,8 +61,9 @@ def make_images():
 
 
 def release_randaugment():
-    tf = create_transform(input_size=224, scale=(0.3, 1.0), is_training=True, color_jitter=0.0, auto_augment=CONFIG,
-                          interpolation="bicubic", mean=CLIP_MEAN, std=CLIP_STD)
+    tf = create_transform(input_size=224, scale=(0.3, 1.0), is_training=True, color_jitter=0.0,
+                          auto_augment=CONFIG, interpolation="bicubic", mean=CLIP_MEAN,
+                          std=CLIP_STD)
     (ra,) = [t for t in tf.transforms if isinstance(t, aa.RandAugment)]
     return ra
 
@@ -68,8 +74,8 @@ def _posterize_pillow9(img, bits):
 
 
 def run_op(op, img, magnitude, negate):
-    """timm's AugmentOp at a fixed magnitude, always applied, its sign draw forced. Returns (output, sign draws,
-    whether Pillow-9 posterize stood in)."""
+    """timm's AugmentOp at a fixed magnitude, always applied, its sign draw forced. Returns (output,
+    sign draws, whether Pillow-9 posterize stood in)."""
     op = copy.copy(op)
     op.prob, op.magnitude, op.magnitude_std = 1.0, magnitude, 0
     draws = []
@@ -92,7 +98,8 @@ def run_op(op, img, magnitude, negate):
 def main():
     ra = release_randaugment()
     names = [aa._RAND_INCREASING_TRANSFORMS[i] for i in range(len(ra.ops))]
-    assert [(op.aug_fn, op.level_fn) for op in ra.ops] == [(aa.NAME_TO_OP[n], aa.LEVEL_TO_ARG[n]) for n in names]
+    assert [(op.aug_fn, op.level_fn) for op in ra.ops] == [
+        (aa.NAME_TO_OP[n], aa.LEVEL_TO_ARG[n]) for n in names]
     images = make_images()
     signed, patched, arrays = set(), False, {}
     cases, outputs = [], [[] for _ in images]
@@ -108,8 +115,9 @@ def main():
                 for k, (out, _, _) in enumerate(results):
                     outputs[k].append(np.asarray(out, dtype=np.uint8))
     op0 = ra.ops[0]
-    meta = dict(timm_version=timm.__version__, pillow_version=PIL.__version__, config=CONFIG, ops=names,
-                signed_ops=sorted(signed), num_layers=ra.num_layers, choice_weights=ra.choice_weights,
+    meta = dict(timm_version=timm.__version__, pillow_version=PIL.__version__, config=CONFIG,
+                ops=names, signed_ops=sorted(signed), num_layers=ra.num_layers,
+                choice_weights=ra.choice_weights,
                 prob=op0.prob, magnitude=op0.magnitude, magnitude_std=op0.magnitude_std,
                 fillcolor=list(op0.kwargs["fillcolor"]), resample=int(op0.kwargs["resample"]),
                 translate_pct=op0.hparams.get("translate_pct", 0.45), magnitudes=list(MAGNITUDES),

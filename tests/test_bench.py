@@ -1,6 +1,7 @@
-"""bench.py's mechanics on CPU with the tiny model: every printed field present and sane in step mode (accumulation
-1 and 2) and pipeline mode, and the analytic FLOP count against torch's flop counter on a real must.must_step.
-Nothing here asserts a speed: the numbers only have to exist, be finite and positive, and agree with each other."""
+"""bench.py's mechanics on CPU with the tiny model: every printed field present and sane in step
+mode (accumulation 1 and 2) and pipeline mode, and the analytic FLOP count against torch's flop
+counter on a real must.must_step. Nothing here asserts a speed: the numbers only have to exist, be
+finite and positive, and agree with each other."""
 import math
 
 import numpy as np
@@ -17,8 +18,8 @@ import folders
 # tiny models: one thread is several times faster than two on a shared 2-core machine
 torch.set_num_threads(1)
 TINY = (32, 8, 64, 2, 32, 10)  # bench.SHAPES["tiny"] with 10 classes
-STEP = ["--model", "tiny", "--classes", "10", "--device", "cpu", "--amp", "fp32", "--batch", "8", "--steps", "2",
-        "--warmup", "1"]
+STEP = ["--model", "tiny", "--classes", "10", "--device", "cpu", "--amp", "fp32", "--batch", "8",
+        "--steps", "2", "--warmup", "1"]
 
 
 def positive(value):
@@ -29,11 +30,12 @@ def positive(value):
 def test_step_mode_reports_sane_numbers(accum, capsys):
     res = bench.main(STEP + ["--accum", str(accum)])
     out = capsys.readouterr().out
-    for label in ("model", "GFLOP/image", "warm-up", "images/s", "ms/step", "CPU s/step", "TFLOP/s", "utilization",
-                  "peak memory"):
+    for label in ("model", "GFLOP/image", "warm-up", "images/s", "ms/step", "CPU s/step", "TFLOP/s",
+                  "utilization", "peak memory"):
         assert f"\n{label} " in "\n" + out, label
     assert f"batch 8 = {accum} x {8 // accum}" in out
-    for key in ("images_per_s", "ms_per_step", "cpu_s_per_step", "tflops", "peak_memory_gib", "gflop_per_image"):
+    for key in ("images_per_s", "ms_per_step", "cpu_s_per_step", "tflops", "peak_memory_gib",
+                "gflop_per_image"):
         assert positive(res[key]), (key, res[key])
     assert res["utilization"] is None and "n/a" in out  # no known peak for a CPU
     assert res["images_per_s"] == pytest.approx(8 / (res["ms_per_step"] / 1e3))
@@ -42,10 +44,13 @@ def test_step_mode_reports_sane_numbers(accum, capsys):
 
 
 def test_step_mode_loads_a_checkpoint(capsys):
-    """--model PATH: the tower of a CLIP checkpoint (the committed toy CLIP: width 128, 4 blocks, embed 64)."""
+    """--model PATH: the tower of a CLIP checkpoint
+    (the committed toy CLIP: width 128, 4 blocks, embed 64)."""
     res = bench.main(["--model", toy.WEIGHTS, *STEP[2:], "--steps", "1", "--warmup", "0"])
-    assert "32 px, patch 8, width 128, 4 layers, 2 heads, embed 64, 10 classes" in capsys.readouterr().out
-    assert res["gflop_per_image"] * 1e9 == bench.train_flops_per_image(32, 8, 128, 4, 64, 10, 1)[0]
+    out = capsys.readouterr().out
+    assert "32 px, patch 8, width 128, 4 layers, 2 heads, embed 64, 10 classes" in out
+    expected_flops = bench.train_flops_per_image(32, 8, 128, 4, 64, 10, 1)[0]
+    assert res["gflop_per_image"] * 1e9 == expected_flops
     assert positive(res["images_per_s"])
 
 
@@ -55,7 +60,8 @@ def test_utilization_against_a_given_peak():
 
 
 def test_flop_formulas_worked_example_and_accumulation_cost():
-    """The docstring's ViT-B/16 numbers, and exact accumulation's one extra student forward: ≈ +25%."""
+    """The docstring's ViT-B/16 numbers, and exact accumulation's one extra student forward:
+    ≈ +25%."""
     b16 = (*bench.SHAPES["ViT-B/16"], 1000)
     assert round(bench.vit_forward_flops(*b16) / 1e9, 1) == 35.1
     assert round(bench.vit_forward_flops(*b16, must_heads=True) / 1e9, 1) == 35.5
@@ -67,8 +73,8 @@ def test_flop_formulas_worked_example_and_accumulation_cost():
 
 
 def counted(fn):
-    """FLOPs that torch's flop counter sees in fn(); attention through the math kernel, whose matmuls it counts
-    (it has no formula for the fused CPU attention kernel)."""
+    """FLOPs that torch's flop counter sees in fn(); attention through the math kernel, whose
+    matmuls it counts (it has no formula for the fused CPU attention kernel)."""
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
@@ -100,8 +106,8 @@ def test_make_jpegs_writes_photo_sized_jpegs(tmp_path):
 
 
 def test_pipeline_mode_reports_sane_numbers(capsys):
-    res = bench.main(["--pipeline", "--model", "tiny", "--jpeg-count", "3", "--jpeg-size", "64x48", "--images", "4",
-                      "--step-images-per-s", "100"])
+    res = bench.main(["--pipeline", "--model", "tiny", "--jpeg-count", "3", "--jpeg-size", "64x48",
+                      "--images", "4", "--step-images-per-s", "100"])
     out = capsys.readouterr().out
     assert "one core" in out and "cores/GPU" in out and "mask unit 8" in out
     for key in ("one_core_images_per_s", "one_core_wall_images_per_s", "jpeg_kib"):
@@ -111,10 +117,12 @@ def test_pipeline_mode_reports_sane_numbers(capsys):
 
 
 def test_pipeline_mode_measures_the_step_and_a_loader(capsys):
-    res = bench.main(["--pipeline", "--model", "tiny", "--jpeg-count", "2", "--jpeg-size", "64x48", "--images", "6",
-                      "--workers", "1", "--loader-batch", "2", *STEP[2:]])
+    res = bench.main(["--pipeline", "--model", "tiny", "--jpeg-count", "2", "--jpeg-size", "64x48",
+                      "--images", "6", "--workers", "1", "--loader-batch", "2", *STEP[2:]])
     out = capsys.readouterr().out
     assert "1 workers" in out and "measuring the step" in out and "images/s" in out
-    for key in ("one_core_images_per_s", "loader_images_per_s", "step_images_per_s", "cores_per_gpu"):
+    for key in ("one_core_images_per_s", "loader_images_per_s", "step_images_per_s",
+                "cores_per_gpu"):
         assert positive(res[key]), (key, res[key])
-    assert res["cores_per_gpu"] == pytest.approx(res["step_images_per_s"] / res["one_core_images_per_s"])
+    cores_per_gpu = res["step_images_per_s"] / res["one_core_images_per_s"]
+    assert res["cores_per_gpu"] == pytest.approx(cores_per_gpu)

@@ -1,7 +1,8 @@
-"""eval.py on tiny generated folder trees: the class mapping of every shifted ImageNet layout (checked with an
-oracle model that reads the label from the pixel colour), ImageNet-C's mCE against a hand computation, mean
-per-class accuracy, GradCAM == the model's own forward, the CLI end to end with a tiny CLIP and MUST checkpoints
-built here (figures written, JSON complete), transductive ImageNet-R checkpoints, one-line errors."""
+"""eval.py on tiny generated folder trees: the class mapping of every shifted ImageNet layout
+(checked with an oracle model that reads the label from the pixel colour), ImageNet-C's mCE against
+a hand computation, mean per-class accuracy, GradCAM == the model's own forward, the CLI end to end
+with a tiny CLIP and MUST checkpoints built here (figures written, JSON complete), transductive
+ImageNet-R checkpoints, one-line errors."""
 import argparse
 import json
 import os
@@ -30,7 +31,8 @@ STD = torch.tensor(clip_load.CLIP_STD).view(1, 3, 1, 1)
 
 
 def color_of(c):
-    """ImageNet index c -> an RGB colour that survives resize/crop/normalize exactly (checked: constant images)."""
+    """ImageNet index c -> an RGB colour that survives resize/crop/normalize exactly (checked:
+    constant images)."""
     return (c % 250, (c // 250) * 60, 128)
 
 
@@ -44,7 +46,8 @@ class ColorOracle(torch.nn.Module):
     """1000-way logits, one-hot at the ImageNet class encoded in the image's colour."""
 
     def forward(self, images):
-        pix = ((images[:, :, 0, 0] * STD.view(1, 3) + MEAN.view(1, 3)) * 255).round()  # (B, 3) RGB of a corner
+        # (B, 3) RGB of a corner
+        pix = ((images[:, :, 0, 0] * STD.view(1, 3) + MEAN.view(1, 3)) * 255).round()
         c = (pix[:, 0] + 250 * (pix[:, 1] / 60)).long()
         return must.MUSTOutput(torch.nn.functional.one_hot(c, 1000).float() * 10)
 
@@ -58,11 +61,13 @@ def tiny_must(num_classes, seed):
 
 def save_checkpoint(path, dataset, classnames, clip_path, data_root):
     student, teacher = tiny_must(len(classnames), 1), tiny_must(len(classnames), 2)
-    torch.save({"student": student.state_dict(), "teacher": teacher.state_dict(), "step": 3, "epoch": 1,
-                "args": {"data": dataset, "model": str(clip_path), "data_root": str(data_root), "mask_unit": 16,
-                         "mask_ratio": 0.5},
+    clip_state = clip_load.load(str(clip_path))[0].state_dict()
+    torch.save({"student": student.state_dict(), "teacher": teacher.state_dict(), "step": 3,
+                "epoch": 1,
+                "args": {"data": dataset, "model": str(clip_path), "data_root": str(data_root),
+                         "mask_unit": 16, "mask_ratio": 0.5},
                 "classnames": list(classnames),
-                "fingerprints": {"model": runtime.fingerprint(clip_load.load(str(clip_path))[0].state_dict())}}, path)
+                "fingerprints": {"model": runtime.fingerprint(clip_state)}}, path)
     return path
 
 
@@ -78,11 +83,12 @@ def world(tmp_path_factory):
     for c in (0, 5, 999):
         for j in range(2):
             save_image(root / "imagenet" / "val" / WNIDS[c], f"{j}.png", c)
-    # shift root: V2 class-index folders (nested like the release tarball), R / A wnid subsets, Sketch nested
+    # shift root: V2 class-index folders (nested like the release tarball),
+    # R / A wnid subsets, Sketch nested
     shift = root / "shift"
+    v2 = shift / "imagenetv2-matched-frequency" / "imagenetv2-matched-frequency-format-val"
     for c in (3, 500):
-        save_image(shift / "imagenetv2-matched-frequency" / "imagenetv2-matched-frequency-format-val" / str(c),
-                   "a.jpeg", c)
+        save_image(v2 / str(c), "a.jpeg", c)
     for w in (R_WNIDS[0], R_WNIDS[7], R_WNIDS[199]):
         for j in range(2):
             save_image(shift / "imagenet-r" / w, f"{j}.jpg", WNIDS.index(w))
@@ -98,10 +104,13 @@ def world(tmp_path_factory):
         for s in severities:
             for c in (1, 2):
                 save_image(inc / corruption / str(s) / WNIDS[c], "i.png", c)
-    ckpt = save_checkpoint(root / "in1k.pt", "imagenet", imagenet_classes, root / "clip.pt", root / "imagenet")
-    ckpt_r = save_checkpoint(root / "r.pt", "imagenet-r", r_classes, root / "clip.pt", shift / "imagenet-r")
-    return {"root": root, "clip": root / "clip.pt", "templates": root / "templates.txt", "shift": shift,
-            "imagenet": root / "imagenet", "imagenet_c": inc, "ckpt": ckpt, "ckpt_r": ckpt_r}
+    ckpt = save_checkpoint(root / "in1k.pt", "imagenet", imagenet_classes, root / "clip.pt",
+                           root / "imagenet")
+    ckpt_r = save_checkpoint(root / "r.pt", "imagenet-r", r_classes, root / "clip.pt",
+                             shift / "imagenet-r")
+    return {"root": root, "clip": root / "clip.pt", "templates": root / "templates.txt",
+            "shift": shift, "imagenet": root / "imagenet", "imagenet_c": inc, "ckpt": ckpt,
+            "ckpt_r": ckpt_r}
 
 
 def run(world, tmp_path, *argv):
@@ -118,7 +127,7 @@ def error_of(world, tmp_path, *argv):
     return message
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # class mapping
 
 
@@ -126,7 +135,8 @@ def test_columns_restrict_imagenet_head_to_r_and_a_by_wnid():
     for subset in (R_WNIDS, A_WNIDS):
         cols = ev.columns_for(WNIDS, subset)
         assert cols.tolist() == [WNIDS.index(w) for w in subset] and len(cols) == 200
-    assert ev.columns_for(R_WNIDS, R_WNIDS) is None  # a transductive ImageNet-R head is already 200-way
+    # a transductive ImageNet-R head is already 200-way
+    assert ev.columns_for(R_WNIDS, R_WNIDS) is None
     with pytest.raises(ValueError, match="lacks"):
         ev.columns_for(R_WNIDS, A_WNIDS)  # an ImageNet-R head cannot score ImageNet-A
     r_names = data.dataset_prompts("imagenet-r")[0]
@@ -136,39 +146,46 @@ def test_columns_restrict_imagenet_head_to_r_and_a_by_wnid():
 
 
 def test_every_shift_layout_maps_labels_right(world):
-    """An oracle that is always right must score 100% on every layout iff folders and logits are mapped right."""
+    """An oracle that is always right must score 100% on every layout iff folders and logits are
+    mapped right."""
     found = ev.find_shift_sets(str(world["shift"]))
-    assert [(n, k) for n, k, _ in found] == [("imagenet-v2", "imagenet-v2"), ("imagenet-r", "imagenet-r"),
-                                             ("imagenet-a", "imagenet-a"), ("imagenet-sketch", "imagenet-sketch")]
+    assert [(n, k) for n, k, _ in found] == [("imagenet-v2", "imagenet-v2"),
+                                             ("imagenet-r", "imagenet-r"),
+                                             ("imagenet-a", "imagenet-a"),
+                                             ("imagenet-sketch", "imagenet-sketch")]
     transform = data.test_transform(32)
     sets = [ev.build_set(n, k, p, transform) for n, k, p in found]
     assert [len(s.ids) for s in sets] == [1000, 200, 200, 1000]
     assert [len(s.dataset) for s in sets] == [2, 6, 2, 2]
     columns = {(i, "oracle"): ev.columns_for(WNIDS, s.ids) for i, s in enumerate(sets)}
-    counts, speed = ev.evaluate({"oracle": ColorOracle()}, sets, columns, torch.device("cpu"), batch_size=3,
-                                num_workers=0)
+    counts, speed = ev.evaluate({"oracle": ColorOracle()}, sets, columns, torch.device("cpu"),
+                                batch_size=3, num_workers=0)
     for i, s in enumerate(sets):
         m = counts[(i, "oracle")].metrics()
-        assert m["images"] == len(s.dataset) and m["top1"] == 100.0 and m["top5"] == 100.0, (s.name, m)
-    # the same oracle read through unrestricted 1000-way logits would put ImageNet-R labels in the wrong space
+        assert m["images"] == len(s.dataset) and m["top1"] == 100.0 and m["top5"] == 100.0, (
+            s.name, m)
+    # the same oracle read through unrestricted 1000-way logits
+    # would put ImageNet-R labels in the wrong space
     wrong = {(1, "oracle"): None}
     with pytest.raises(ValueError, match="1000 logits for the 200 classes"):
         ev.evaluate({"oracle": ColorOracle()}, sets, wrong, torch.device("cpu"), num_workers=0)
 
 
 def test_limit_keeps_evenly_spaced_images(world):
-    ds = ev.build_set("imagenet-r", "imagenet-r", str(world["shift"] / "imagenet-r"), data.test_transform(32))
+    ds = ev.build_set("imagenet-r", "imagenet-r", str(world["shift"] / "imagenet-r"),
+                      data.test_transform(32))
     tagged = ev._Tagged([ds.dataset, ds.dataset], limit=3)
     assert len(tagged) == 6 and tagged.indices[0].tolist() == [0, 2, 5] and tagged[4][2] == 1
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # metrics
 
 
 def test_counts_top1_top5_and_mean_per_class():
     c = ev.Counts(3)
-    # class 0: 3 images, 2 right; class 1: 1 image, wrong (right at rank 2); class 2: none; one unknown label
+    # class 0: 3 images, 2 right; class 1: 1 image, wrong (right at rank 2);
+    # class 2: none; one unknown label
     top5 = np.array([[0, 1, 2], [0, 2, 1], [1, 0, 2], [2, 1, 0], [0, 1, 2]])
     labels = np.array([0, 0, 0, 1, -1])
     c.add(top5, labels)
@@ -176,7 +193,8 @@ def test_counts_top1_top5_and_mean_per_class():
     assert m["images"] == 4
     assert m["top1"] == pytest.approx(100 * 2 / 4)
     assert m["top5"] == pytest.approx(100.0)
-    assert m["mean_per_class"] == pytest.approx(100 * (2 / 3 + 0) / 2)  # classes without images do not count
+    # classes without images do not count
+    assert m["mean_per_class"] == pytest.approx(100 * (2 / 3 + 0) / 2)
 
 
 def test_mce_matches_hand_computation():
@@ -186,15 +204,17 @@ def test_mce_matches_hand_computation():
     out = ev.corruption_errors(errors)
     ce_gauss = 30.0 / 0.886428  # mean error 30 % over AlexNet's 88.6428 %
     ce_bright = 28.2296 / 0.564592  # = 50.0
-    assert out["ce"]["gaussian_noise"] == pytest.approx(ce_gauss) == pytest.approx(33.8437, abs=1e-4)
+    assert out["ce"]["gaussian_noise"] == pytest.approx(ce_gauss) == pytest.approx(
+        33.8437, abs=1e-4)
     assert out["ce"]["brightness"] == pytest.approx(50.0)
     assert "fog" not in out["ce"] and out["corruptions_scored"] == 2 and not out["complete"]
     assert out["mce"] == pytest.approx((ce_gauss + ce_bright) / 2)
-    full = ev.corruption_errors({c: {s: 100 * a for s in ev.SEVERITIES} for c, a in ev.ALEXNET_ERR.items()})
+    alexnet = {c: {s: 100 * a for s in ev.SEVERITIES} for c, a in ev.ALEXNET_ERR.items()}
+    full = ev.corruption_errors(alexnet)
     assert full["complete"] and full["mce"] == pytest.approx(100.0)  # AlexNet itself has mCE 100
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # figures' building blocks
 
 
@@ -205,7 +225,8 @@ def test_gradcam_recomputes_the_models_own_forward():
     with torch.no_grad():
         expected = model(images).logits
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
-    assert cam.shape == (3, 4, 4) and cam.min() >= 0 and cam.max() <= 1 and (pred == expected.argmax(1)).all()
+    assert (cam.shape == (3, 4, 4) and cam.min() >= 0 and cam.max() <= 1
+            and (pred == expected.argmax(1)).all())
     cols = torch.tensor([6, 2])
     _, pred2, logits2 = figures.attention_cam(model, images, cols)
     torch.testing.assert_close(logits2, expected[:, cols], atol=1e-4, rtol=1e-4)
@@ -224,13 +245,14 @@ def test_mim_triplets_keep_visible_pixels():
     torch.testing.assert_close(recovered[:, :, :8], recon[:, :, :8].detach())
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the command line
 
 
 def test_cli_checkpoint_with_clip_row_json_and_figures(world, tmp_path, capsys):
-    report = run(world, tmp_path, "--data", "imagenet", "--data-root", world["imagenet"], "--checkpoint",
-                 world["ckpt"], "--model", world["clip"], "--figures", "3", "--mean-per-class")
+    report = run(world, tmp_path, "--data", "imagenet", "--data-root", world["imagenet"],
+                 "--checkpoint", world["ckpt"], "--model", world["clip"], "--figures", "3",
+                 "--mean-per-class")
     out = capsys.readouterr().out
     assert report["models"] == ["clip", "student", "teacher"]
     r = report["results"]["imagenet"]
@@ -238,7 +260,8 @@ def test_cli_checkpoint_with_clip_row_json_and_figures(world, tmp_path, capsys):
     for name in ("clip", "student", "teacher"):
         m = r["models"][name]
         assert m["top1"] <= m["top5"] and m["mean_per_class"] is not None
-        assert (m["top1"] * 6 / 100) == pytest.approx(round(m["top1"] * 6 / 100))  # k of the 6 images
+        # k of the 6 images
+        assert (m["top1"] * 6 / 100) == pytest.approx(round(m["top1"] * 6 / 100))
     assert "student top1" in out and "images/s" in out
     with open(tmp_path / "eval-imagenet.json") as f:
         assert json.load(f)["results"]["imagenet"]["models"]["teacher"] == r["models"]["teacher"]
@@ -247,18 +270,20 @@ def test_cli_checkpoint_with_clip_row_json_and_figures(world, tmp_path, capsys):
         assert os.path.getsize(path) > 0
         with Image.open(path) as img:
             assert img.format == "PNG" and img.width > 3 * 128 and img.height > 3 * 128
-    # zero-shot only (no checkpoint): CLIP's numbers; the checkpoint's own dataset and root by default
-    zs = run(world, tmp_path, "--data", "imagenet", "--data-root", world["imagenet"], "--model", world["clip"],
-             "--json", tmp_path / "zs.json")
+    # zero-shot only (no checkpoint): CLIP's numbers;
+    # the checkpoint's own dataset and root by default
+    zs = run(world, tmp_path, "--data", "imagenet", "--data-root", world["imagenet"],
+             "--model", world["clip"], "--json", tmp_path / "zs.json")
     assert zs["models"] == ["clip"] and os.path.isfile(tmp_path / "zs.json")
-    assert zs["results"]["imagenet"]["models"]["clip"] == r["models"]["clip"]  # same head, same images
+    # same head, same images
+    assert zs["results"]["imagenet"]["models"]["clip"] == r["models"]["clip"]
     own = run(world, tmp_path, "--checkpoint", world["ckpt"], "--json", tmp_path / "own.json")
     assert own["results"]["imagenet"]["models"]["student"] == r["models"]["student"]
 
 
 def test_cli_shift_scores_every_present_set(world, tmp_path):
-    report = run(world, tmp_path, "--shift", "--shift-root", world["shift"], "--checkpoint", world["ckpt"],
-                 "--model", world["clip"])
+    report = run(world, tmp_path, "--shift", "--shift-root", world["shift"],
+                 "--checkpoint", world["ckpt"], "--model", world["clip"])
     res = report["results"]
     assert list(res) == ["imagenet-v2", "imagenet-r", "imagenet-a", "imagenet-sketch"]
     assert [res[k]["classes"] for k in res] == [1000, 200, 200, 1000]
@@ -267,12 +292,13 @@ def test_cli_shift_scores_every_present_set(world, tmp_path):
 
 
 def test_cli_transductive_imagenet_r_checkpoint(world, tmp_path):
-    """A checkpoint trained on ImageNet-R's unlabeled images has a 200-way head: scored as is on ImageNet-R;
-    sets whose classes it lacks are reported as not scored."""
+    """A checkpoint trained on ImageNet-R's unlabeled images has a 200-way head: scored as is on
+    ImageNet-R; sets whose classes it lacks are reported as not scored."""
     report = run(world, tmp_path, "--checkpoint", world["ckpt_r"])  # its own data and root
     r = report["results"]["imagenet-r"]
     assert r["classes"] == 200 and r["images"] == 6 and set(r["models"]) == {"student", "teacher"}
-    shift = run(world, tmp_path, "--shift", "--shift-root", world["shift"], "--checkpoint", world["ckpt_r"])
+    shift = run(world, tmp_path, "--shift", "--shift-root", world["shift"],
+                "--checkpoint", world["ckpt_r"])
     assert shift["results"]["imagenet-r"]["models"]["student"] == r["models"]["student"]
     assert set(shift["not_scored"]) == {"imagenet-v2", "imagenet-a", "imagenet-sketch"}
     assert list(shift["results"]) == ["imagenet-r"]  # sets no model can score are not even loaded
@@ -283,26 +309,32 @@ def test_cli_zero_shot_single_shift_set_and_pets_mean_per_class(world, tmp_path,
     only_r = tmp_path / "only-r"
     shutil.copytree(world["shift"] / "imagenet-r", only_r / "imagenet-rendition")
     report = run(world, tmp_path, "--shift", "--shift-root", only_r, "--model", world["clip"])
-    assert list(report["results"]) == ["imagenet-r"] and report["results"]["imagenet-r"]["models"]["clip"]
+    assert (list(report["results"]) == ["imagenet-r"]
+            and report["results"]["imagenet-r"]["models"]["clip"])
     pets = tmp_path / "pets"
-    for i, name in enumerate(("Abyssinian", "american_bulldog", "Bengal")):  # folder spellings map by name
+    # folder spellings map by name
+    for i, name in enumerate(("Abyssinian", "american_bulldog", "Bengal")):
         for j in range(i + 1):
             save_image(pets / "test" / name, f"{j}.png", 10 * i + j)
     capsys.readouterr()
-    report = run(world, tmp_path, "--data", "pets", "--data-root", pets, "--model", world["clip"], "--limit", "5")
+    report = run(world, tmp_path, "--data", "pets", "--data-root", pets, "--model", world["clip"],
+                 "--limit", "5")
     r = report["results"]["pets"]
-    assert r["metric"] == "mean_per_class" and r["images"] == 5 and r["classes"] == 37  # Pets: paper's metric
+    # Pets: paper's metric
+    assert r["metric"] == "mean_per_class" and r["images"] == 5 and r["classes"] == 37
     assert "mpc" in capsys.readouterr().out
 
 
 def test_train_then_eval_transductive_imagenet_r(world, tmp_path):
-    """The real contract: train.py on ImageNet-R's unlabeled images with an ImageNet warm-up (--init, Table 9),
-    then eval.py scores the same images with the run's 200-way head."""
-    train.main(["--data", "imagenet-r", "--data-root", str(world["shift"] / "imagenet-r"), "--model",
-                str(world["clip"]), "--init", str(world["ckpt"]), "--templates", str(world["templates"]),
-                "--global-batch", "2", "--epochs", "1", "--max-steps", "1", "--mask-unit", "16", "--num-workers", "0",
-                "--out-dir", str(tmp_path / "run")])
-    report = ev.main(["--checkpoint", str(tmp_path / "run" / train.CHECKPOINT), "--num-workers", "0"])
+    """The real contract: train.py on ImageNet-R's unlabeled images with an ImageNet warm-up
+    (--init, Table 9), then eval.py scores the same images with the run's 200-way head."""
+    train.main(["--data", "imagenet-r", "--data-root", str(world["shift"] / "imagenet-r"),
+                "--model", str(world["clip"]), "--init", str(world["ckpt"]),
+                "--templates", str(world["templates"]),
+                "--global-batch", "2", "--epochs", "1", "--max-steps", "1", "--mask-unit", "16",
+                "--num-workers", "0", "--out-dir", str(tmp_path / "run")])
+    report = ev.main(["--checkpoint", str(tmp_path / "run" / train.CHECKPOINT),
+                      "--num-workers", "0"])
     r = report["results"]["imagenet-r"]
     assert report["trained_on"] == "imagenet-r" and r["classes"] == 200 and r["images"] == 6
     assert set(r["models"]) == {"student", "teacher"}
@@ -310,11 +342,12 @@ def test_train_then_eval_transductive_imagenet_r(world, tmp_path):
 
 
 def test_cli_imagenet_c_reports_missing_and_mce(world, tmp_path, capsys):
-    report = run(world, tmp_path, "--data", "imagenet-c", "--data-root", world["imagenet_c"], "--checkpoint",
-                 world["ckpt"])
+    report = run(world, tmp_path, "--data", "imagenet-c", "--data-root", world["imagenet_c"],
+                 "--checkpoint", world["ckpt"])
     out = capsys.readouterr().out
     c = report["imagenet_c"]
-    assert "jpeg_compression/4" in c["missing"] and "snow" in c["missing"] and len(c["missing"]) == 13
+    assert ("jpeg_compression/4" in c["missing"] and "snow" in c["missing"]
+            and len(c["missing"]) == 13)
     assert c["ignored_folders"] == ["speckle_noise"]
     s = c["student"]
     assert set(s["ce"]) == {"gaussian_noise", "fog"} and not s["complete"]
@@ -322,7 +355,8 @@ def test_cli_imagenet_c_reports_missing_and_mce(world, tmp_path, capsys):
     err = s["error"]["fog"]
     assert s["ce"]["fog"] == pytest.approx(sum(err.values()) / 5 / 0.819324)
     assert s["mce"] == pytest.approx((s["ce"]["fog"] + s["ce"]["gaussian_noise"]) / 2)
-    rows = [line for line in out.splitlines() if line.split()[:1] and line.split()[0] in ev.ALEXNET_ERR]
+    rows = [line for line in out.splitlines()
+            if line.split()[:1] and line.split()[0] in ev.ALEXNET_ERR]
     assert len(rows) == 2 * 15  # one row per corruption, student and teacher tables
     assert "partial: 2/15" in out and "missing from" in out
 
@@ -334,26 +368,30 @@ def test_cli_errors_are_one_line(world, tmp_path):
     save_image(bad / "not_a_class", "x.png", 1)
     assert "match no class" in error_of(world, tmp_path, "--data", "imagenet-r", "--data-root", bad,
                                         "--checkpoint", world["ckpt"])
-    assert "no shifted ImageNet" in error_of(world, tmp_path, "--shift", "--shift-root", bad, "--checkpoint",
-                                             world["ckpt"])
-    assert "no ImageNet-C corruption" in error_of(world, tmp_path, "--data", "imagenet-c", "--data-root", bad,
-                                                  "--checkpoint", world["ckpt"])
+    assert "no shifted ImageNet" in error_of(world, tmp_path, "--shift", "--shift-root", bad,
+                                             "--checkpoint", world["ckpt"])
+    assert "no ImageNet-C corruption" in error_of(world, tmp_path, "--data", "imagenet-c",
+                                                  "--data-root", bad, "--checkpoint", world["ckpt"])
     broken = tmp_path / "broken-c"
     save_image(broken / "fog" / "1" / "cat", "x.png", 1)
-    assert "fog/1" in error_of(world, tmp_path, "--data", "imagenet-c", "--data-root", broken, "--checkpoint",
-                               world["ckpt"])
+    assert "fog/1" in error_of(world, tmp_path, "--data", "imagenet-c", "--data-root", broken,
+                               "--checkpoint", world["ckpt"])
     assert "no checkpoint file" in error_of(world, tmp_path, "--checkpoint", tmp_path / "none.pt")
     (tmp_path / "junk.pt").write_text("junk")
-    assert "cannot read MUST checkpoint" in error_of(world, tmp_path, "--checkpoint", tmp_path / "junk.pt")
-    assert "unknown dataset" in error_of(world, tmp_path, "--data", "imagenet-x", "--data-root", bad,
-                                         "--checkpoint", world["ckpt"])
+    assert "cannot read MUST checkpoint" in error_of(world, tmp_path, "--checkpoint",
+                                                     tmp_path / "junk.pt")
+    assert "unknown dataset" in error_of(world, tmp_path, "--data", "imagenet-x",
+                                         "--data-root", bad, "--checkpoint", world["ckpt"])
     assert "--shift-root" in error_of(world, tmp_path, "--shift", "--checkpoint", world["ckpt"])
-    assert "not both" in error_of(world, tmp_path, "--shift", "--data", "imagenet", "--checkpoint", world["ckpt"])
-    assert "--data-root" in error_of(world, tmp_path, "--data", "imagenet-r", "--checkpoint", world["ckpt"])
+    assert "not both" in error_of(world, tmp_path, "--shift", "--data", "imagenet",
+                                  "--checkpoint", world["ckpt"])
+    assert "--data-root" in error_of(world, tmp_path, "--data", "imagenet-r",
+                                     "--checkpoint", world["ckpt"])
 
 
 def test_every_flag_has_help():
-    """--help explains every flag: a flag added without a help text fails here (argparse would list it bare)."""
+    """--help explains every flag: a flag added without a help text fails here (argparse would list
+    it bare)."""
     for parser_of in (ev.parse_args, config.parse_args):
         actions = []
         real = argparse.ArgumentParser.parse_args
@@ -362,5 +400,6 @@ def test_every_flag_has_help():
             parser_of([])
         finally:
             argparse.ArgumentParser.parse_args = real
-        bare = [a.option_strings for a in actions if a.option_strings and not (a.help or "").strip()]
+        bare = [a.option_strings for a in actions
+                if a.option_strings and not (a.help or "").strip()]
         assert len(actions) > 10 and not bare, bare

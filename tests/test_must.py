@@ -1,5 +1,5 @@
-"""must.py: each equation against an independent hand computation (plain Python loops / math), the EMA
-teacher, the classifier model and its checkpoint loader. CPU, tiny CLIP, a few seconds."""
+"""must.py: each equation against an independent hand computation (plain Python loops / math), the
+EMA teacher, the classifier model and its checkpoint loader. CPU, tiny CLIP, a few seconds."""
 import math
 
 import pytest
@@ -25,7 +25,7 @@ def softmax_row(row):
     return [v / sum(e) for v in e]
 
 
-# ---------------------------------------------------------------------------------------------- eq. 2
+# -------------------------------------------------------------------------------------------- eq. 2
 
 def cls_loss(teacher, student, tau):
     """eq. 2 over one whole batch: the count of confident samples is this batch's."""
@@ -50,12 +50,14 @@ def test_loss_cls_matches_hand_computation():
             total += -math.log(p[label])
     assert confident.tolist() == expect_conf
     assert 0 < sum(expect_conf) < 6  # the example mixes confident and unconfident samples
-    assert loss.item() == pytest.approx(total / sum(expect_conf), rel=1e-5)  # mean over confident samples
+    # mean over confident samples
+    assert loss.item() == pytest.approx(total / sum(expect_conf), rel=1e-5)
     loss.backward()
     assert torch.all(student.grad[~confident] == 0)
     # a part of a larger batch divides by the global count: the parts' shares add up to the whole
-    first, second = (must.loss_cls(student[i:i + 3], pseudo[i:i + 3], confident[i:i + 3], confident.sum())
-                     for i in (0, 3))
+    first, second = (
+        must.loss_cls(student[i:i + 3], pseudo[i:i + 3], confident[i:i + 3], confident.sum())
+        for i in (0, 3))
     assert (first + second).item() == pytest.approx(loss.item(), rel=1e-6)
 
 
@@ -70,7 +72,8 @@ def test_loss_cls_no_confident_sample_is_zero_with_finite_grads():
 
 
 def test_loss_cls_threshold_is_strict_and_teacher_gets_no_grad():
-    teacher = torch.tensor([[math.log(3.0), 0.0], [0.0, math.log(3.0)]], requires_grad=True)  # max q = 0.75
+    # max q = 0.75
+    teacher = torch.tensor([[math.log(3.0), 0.0], [0.0, math.log(3.0)]], requires_grad=True)
     student = torch.zeros(2, 2, requires_grad=True)
     loss, confident, _ = cls_loss(teacher, student, 0.7499)
     assert confident.all()
@@ -81,8 +84,8 @@ def test_loss_cls_threshold_is_strict_and_teacher_gets_no_grad():
 
 
 def test_pseudo_labels_are_fp32_decisions_under_bf16_autocast():
-    """The classifier, softmax, confidence test and pseudo-labels run in fp32 whatever the autocast: under CPU bf16
-    autocast they equal those of the fp32 classifier on the same features."""
+    """The classifier, softmax, confidence test and pseudo-labels run in fp32 whatever the autocast:
+    under CPU bf16 autocast they equal those of the fp32 classifier on the same features."""
     model, _, _ = tiny_must(num_classes=50)
     torch.manual_seed(3)
     features = torch.randn(256, 32)
@@ -90,17 +93,20 @@ def test_pseudo_labels_are_fp32_decisions_under_bf16_autocast():
         expect = model.logit_scale * F.normalize(features, dim=-1) @ model.classifier.weight.t()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = model.classify(features)
-            bf16 = model.logit_scale * F.linear(F.normalize(features, dim=-1), model.classifier.weight)
+            bf16 = model.logit_scale * F.linear(F.normalize(features, dim=-1),
+                                                model.classifier.weight)
     assert logits.dtype == torch.float32 and bf16.dtype == torch.bfloat16  # autocast was really on
     assert torch.allclose(logits, expect, atol=1e-4)
-    tau = float(expect.softmax(-1).max(-1).values.median())  # half the samples sit on each side of τ
+    # half the samples sit on each side of τ
+    tau = float(expect.softmax(-1).max(-1).values.median())
     labels, confident = must.pseudo_labels(logits, tau)
     ref_labels, ref_confident = must.pseudo_labels(expect, tau)
     assert torch.equal(labels, ref_labels) and torch.equal(confident, ref_confident)
-    assert (bf16.float() - expect).abs().max() > 1e-2  # what a bf16 classifier would have been off by
+    # what a bf16 classifier would have been off by
+    assert (bf16.float() - expect).abs().max() > 1e-2
 
 
-# ---------------------------------------------------------------------------------------------- eq. 3
+# -------------------------------------------------------------------------------------------- eq. 3
 
 def test_loss_reg_matches_hand_computation_and_is_minimal_at_uniform():
     torch.manual_seed(1)
@@ -124,8 +130,9 @@ def test_fairness_batch_mean_below_512_classes():
 
 
 def test_fairness_running_mean_from_512_classes():
-    """As the release: p̄ ← ½(p̄_prev.detach() + p̄_batch), loss divided by ½; at an epoch's first step p̄ = p̄_batch
-    with its full gradient, still divided by ½ (that step's gradient is doubled)."""
+    """As the release: p̄ ← ½(p̄_prev.detach() + p̄_batch), loss divided by ½; at an epoch's first
+    step p̄ = p̄_batch with its full gradient, still divided by ½ (that step's gradient is
+    doubled)."""
     K = 512
     fair = must.FairnessMean(K)
     assert fair.running
@@ -133,24 +140,28 @@ def test_fairness_running_mean_from_512_classes():
     mean1, scale = fair(b1)
     assert scale == 2.0 and mean1 is b1  # first step: the batch's own mean, not detached
     (scale * must.loss_reg(mean1)).backward()
-    assert torch.allclose(b1.grad, -2.0 / (K * b1.detach()), rtol=1e-5)  # twice the plain batch-mean gradient
+    # twice the plain batch-mean gradient
+    assert torch.allclose(b1.grad, -2.0 / (K * b1.detach()), rtol=1e-5)
     b2 = torch.softmax(torch.randn(K), 0).requires_grad_()
     mean2, _ = fair(b2)
     assert torch.allclose(mean2, 0.5 * (mean1.detach() + b2.detach()))
     (2.0 * must.loss_reg(mean2)).backward()
-    assert torch.allclose(b2.grad, -1.0 / (K * mean2.detach()), rtol=1e-5)  # previous mean carries no gradient
+    # previous mean carries no gradient
+    assert torch.allclose(b2.grad, -1.0 / (K * mean2.detach()), rtol=1e-5)
     state = fair.state_dict()
     other = must.FairnessMean(K)
     other.load_state_dict(state)
     b3 = torch.softmax(torch.randn(K), 0)
     assert torch.equal(fair(b3)[0], other(b3)[0])
-    assert torch.equal(fair(b2.detach(), reset=True)[0], b2.detach())  # an epoch's first step starts over
+    # an epoch's first step starts over
+    assert torch.equal(fair(b2.detach(), reset=True)[0], b2.detach())
 
 
 @pytest.mark.parametrize("K", [5, 512])
 def test_fairness_weights_give_the_global_batch_gradient(K):
-    """w = ∂L_reg/∂p̄_batch at the global batch's mean: the parts' shares (1/B) Σ w·p_b carry exactly the gradient
-    of L_reg(p̄ of the whole batch), in both fairness modes and with a running mean from an earlier step."""
+    """w = ∂L_reg/∂p̄_batch at the global batch's mean: the parts' shares (1/B) Σ w·p_b carry exactly
+    the gradient of L_reg(p̄ of the whole batch), in both fairness modes and with a running mean from
+    an earlier step."""
     torch.manual_seed(4)
     logits = torch.randn(8, K, requires_grad=True)
     prev = torch.softmax(torch.randn(K), 0)
@@ -162,15 +173,17 @@ def test_fairness_weights_give_the_global_batch_gradient(K):
     fair.prev = prev
     w, value = must.fairness_weights(must.mean_probs(logits), fair)
     assert value.item() == pytest.approx((scale * must.loss_reg(mean)).item(), rel=1e-6)
-    shares = sum(len(part) / 8 * (w * must.mean_probs(part)).sum() for part in (logits[:3], logits[3:]))
+    shares = sum(len(part) / 8 * (w * must.mean_probs(part)).sum()
+                 for part in (logits[:3], logits[3:]))
     (grad,) = torch.autograd.grad(shares, logits)
     assert torch.allclose(grad, expect, atol=1e-7, rtol=1e-5)
     assert expect.abs().max() > 1e-4
     if fair.running:
-        assert torch.equal(fair.prev, reference.prev)  # the running mean advanced once, as the reference's
+        # the running mean advanced once, as the reference's
+        assert torch.equal(fair.prev, reference.prev)
 
 
-# ---------------------------------------------------------------------------------------------- eq. 4
+# -------------------------------------------------------------------------------------------- eq. 4
 
 def test_loss_mim_matches_hand_computation():
     torch.manual_seed(2)
@@ -193,28 +206,32 @@ def test_loss_mim_matches_hand_computation():
     assert must.loss_mim(recon, target, torch.zeros_like(mask), p).item() == 0.0
 
 
-# ---------------------------------------------------------------------------------------------- eq. 5
+# -------------------------------------------------------------------------------------------- eq. 5
 
 def test_loss_align_matches_hand_computation_and_nearest_k():
     torch.manual_seed(3)
     B, N, D = 3, 6, 4
     v_cls = F.normalize(torch.randn(B, D), dim=-1)
     v_patch = F.normalize(torch.randn(B, N, D), dim=-1)
-    mask = torch.tensor([[1, 0, 1, 1, 0, 0], [0, 1, 0, 0, 0, 1], [1, 1, 1, 1, 0, 1]], dtype=torch.bool)
-    d = [[sum((v_cls[b, i].item() - v_patch[b, n, i].item()) ** 2 for i in range(D)) for n in range(N)]
+    mask = torch.tensor([[1, 0, 1, 1, 0, 0], [0, 1, 0, 0, 0, 1], [1, 1, 1, 1, 0, 1]],
+                        dtype=torch.bool)
+    d = [[sum((v_cls[b, i].item() - v_patch[b, n, i].item()) ** 2 for i in range(D))
+          for n in range(N)]
          for b in range(B)]
     all_masked = [d[b][n] for b in range(B) for n in range(N) if mask[b, n]]
-    assert must.loss_align(v_cls, v_patch, mask).item() == pytest.approx(sum(all_masked) / len(all_masked), rel=1e-5)
+    assert must.loss_align(v_cls, v_patch, mask).item() == pytest.approx(
+        sum(all_masked) / len(all_masked), rel=1e-5)
     k = 2
     nearest = [v for b in range(B) for v in sorted(d[b][n] for n in range(N) if mask[b, n])[:k]]
-    assert must.loss_align(v_cls, v_patch, mask, k=k).item() == pytest.approx(sum(nearest) / len(nearest), rel=1e-5)
+    assert must.loss_align(v_cls, v_patch, mask, k=k).item() == pytest.approx(
+        sum(nearest) / len(nearest), rel=1e-5)
     # k above the number of masked tokens = all of them
-    assert must.loss_align(v_cls, v_patch, mask, k=N).item() == pytest.approx(sum(all_masked) / len(all_masked),
-                                                                               rel=1e-5)
+    assert must.loss_align(v_cls, v_patch, mask, k=N).item() == pytest.approx(
+        sum(all_masked) / len(all_masked), rel=1e-5)
     assert must.loss_align(v_cls, v_patch, torch.zeros_like(mask)).item() == 0.0
 
 
-# ---------------------------------------------------------------------------------------------- eq. 1
+# -------------------------------------------------------------------------------------------- eq. 1
 
 def test_ema_momentum_linear_ramp():
     assert must.ema_momentum(0, 0.99, 100) == pytest.approx(0.99)
@@ -253,12 +270,13 @@ def test_ema_update_math_params_and_buffers():
     assert teacher.lin.weight.grad is None
 
 
-# ---------------------------------------------------------------------------------------------- model
+# -------------------------------------------------------------------------------------------- model
 
 def test_must_model_is_the_zero_shot_classifier_at_init():
     model, head, clip = tiny_must()
     assert model.visual.has_must_heads
-    assert model.logit_scale.item() == pytest.approx(clip.logit_scale.exp().item())  # not hard-coded 100
+    # not hard-coded 100
+    assert model.logit_scale.item() == pytest.approx(clip.logit_scale.exp().item())
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         expect = model.logit_scale * F.normalize(clip.encode_image(x), dim=-1) @ head
@@ -275,21 +293,24 @@ def test_must_model_is_the_zero_shot_classifier_at_init():
 
 
 def release_loss(model, teacher_logits, x, mask, tau, lam_reg, lam_align):
-    """eq. 6 on one whole batch, written plainly: mean CE over confident samples + λ L_reg(batch mean) + L_mim +
-    λ L_align."""
+    """eq. 6 on one whole batch, written plainly: mean CE over confident samples
+    + λ L_reg(batch mean) + L_mim + λ L_align."""
     logits, v_cls, v_patch, recon = model(x, mask)
     labels, confident = must.pseudo_labels(teacher_logits, tau)
     ce = F.cross_entropy(logits[confident], labels[confident])
-    return (ce + lam_reg * must.loss_reg(logits.softmax(-1).mean(0)) + must.loss_mim(recon, x, mask, 8)
+    return (ce + lam_reg * must.loss_reg(logits.softmax(-1).mean(0))
+            + must.loss_mim(recon, x, mask, 8)
             + lam_align * must.loss_align(v_cls, v_patch, mask))
 
 
 def test_must_loss_shares_add_up_to_the_global_batch_loss_and_gradient():
-    """Exact accumulation at the level of eq. 6: two parts' shares give the whole batch's loss and gradient."""
+    """Exact accumulation at the level of eq. 6: two parts' shares give the whole batch's loss and
+    gradient."""
     model, _, _ = tiny_must()
     torch.manual_seed(5)
     x, mask = torch.randn(6, 3, 32, 32), torch.zeros(6, 16, dtype=torch.bool)
-    mask[:, [0, 5, 10]] = True  # the same number of masked patches in every image, as MaskGenerator draws
+    # the same number of masked patches in every image, as MaskGenerator draws
+    mask[:, [0, 5, 10]] = True
     teacher_logits = torch.randn(6, 5) * 2
     kw = dict(lambda_reg=0.3, lambda_align=0.7, align_k=None, patch_size=8, use_mim=True,
               use_align=True)
@@ -299,20 +320,23 @@ def test_must_loss_shares_add_up_to_the_global_batch_loss_and_gradient():
     labels, confident = must.pseudo_labels(teacher_logits, 0.75)
     assert 0 < confident.sum() < 6
     with torch.no_grad():
-        w, l_reg = must.fairness_weights(must.mean_probs(model(x, mask).logits), must.FairnessMean(5))
+        w, l_reg = must.fairness_weights(must.mean_probs(model(x, mask).logits),
+                                         must.FairnessMean(5))
     total, terms_sum = 0.0, {}
     for part in (slice(0, 2), slice(2, 6)):
-        loss, terms = must.must_loss(model(x[part], mask[part]), x[part], mask[part], labels[part], confident[part],
-                                     confident.sum(), 6, w, **kw)
+        loss, terms = must.must_loss(model(x[part], mask[part]), x[part], mask[part], labels[part],
+                                     confident[part], confident.sum(), 6, w, **kw)
         loss.backward()
         total += loss.item()
         terms_sum = {k: terms_sum.get(k, 0.0) + v.item() for k, v in terms.items()}
-    whole = terms_sum["loss_cls"] + 0.3 * l_reg.item() + terms_sum["loss_mim"] + 0.7 * terms_sum["loss_align"]
+    whole = (terms_sum["loss_cls"] + 0.3 * l_reg.item() + terms_sum["loss_mim"]
+             + 0.7 * terms_sum["loss_align"])
     assert whole == pytest.approx(expect.item(), rel=1e-5)
     for p, g in zip(params, expect_grads):
         if g is not None:
             assert torch.allclose(p.grad, g, atol=1e-6, rtol=1e-4)
-    assert model.visual.mask_token.grad.abs().max() > 0 and model.visual.decoder[0].weight.grad.abs().max() > 0
+    assert (model.visual.mask_token.grad.abs().max() > 0
+            and model.visual.decoder[0].weight.grad.abs().max() > 0)
 
 
 def test_must_loss_switches():
@@ -330,7 +354,8 @@ def test_must_loss_switches():
     loss, terms = must.must_loss(out, x, mask, labels, confident, confident.sum(), 4, None,
                                  use_mim=False, use_align=False, **kw)
     assert set(terms) == {"loss_cls"}
-    assert loss.item() == pytest.approx(must.loss_cls(logits, labels, confident, confident.sum()).item(), rel=1e-6)
+    expect = must.loss_cls(logits, labels, confident, confident.sum()).item()
+    assert loss.item() == pytest.approx(expect, rel=1e-6)
 
 
 def test_load_checkpoint_roundtrip(tmp_path):

@@ -1,6 +1,6 @@
-"""train.py end to end on CPU: a tiny CLIP (saved state dict) and generated images in a 'folder' dataset.
-Layer-wise lr decay x cosine, a few-step run, 2-process torchrun == 1 process on the same global batch,
-kill-and-resume == uninterrupted, the NaN guard, one-line errors."""
+"""train.py end to end on CPU: a tiny CLIP (saved state dict) and generated images in a 'folder'
+dataset. Layer-wise lr decay x cosine, a few-step run, 2-process torchrun == 1 process on the same
+global batch, kill-and-resume == uninterrupted, the NaN guard, one-line errors."""
 import json
 import os
 import signal
@@ -19,7 +19,8 @@ import runtime
 import train
 from conftest import tiny_clip
 
-# tiny models: one thread is several times faster than two on a shared 2-core machine, and as deterministic
+# tiny models: one thread is several times faster than two on a shared 2-core machine,
+# and as deterministic
 torch.set_num_threads(1)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["red square", "blue circle", "green cross"]
@@ -27,7 +28,8 @@ CLASSES = ["red square", "blue circle", "green cross"]
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """24 unlabeled 40x40 training images, 9 labeled test images, a random tiny CLIP (32 px, patch 8)."""
+    """24 unlabeled 40x40 training images, 9 labeled test images, a random tiny CLIP
+    (32 px, patch 8)."""
     root = tmp_path_factory.mktemp("world")
     rng = np.random.default_rng(0)
     (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
@@ -35,7 +37,8 @@ def world(tmp_path_factory):
         for i in range(n):
             folder = root / split if split == "train" else root / split / CLASSES[i % 3]
             folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+            pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.png")
     torch.manual_seed(0)
     torch.save(tiny_clip().state_dict(), root / "tiny.pt")
     torch.manual_seed(1)
@@ -44,9 +47,10 @@ def world(tmp_path_factory):
 
 
 def argv(world, out, *extra):
-    return ["--data", "folder", "--data-root", str(world / "train"), "--eval-root", str(world / "test"),
-            "--classes", str(world / "classes.txt"), "--model", str(world / "tiny.pt"), "--global-batch", "8",
-            "--epochs", "2", "--mask-unit", "16", "--base-lr", "1e-3", "--conf-threshold", "0.34",
+    return ["--data", "folder", "--data-root", str(world / "train"),
+            "--eval-root", str(world / "test"), "--classes", str(world / "classes.txt"),
+            "--model", str(world / "tiny.pt"), "--global-batch", "8", "--epochs", "2",
+            "--mask-unit", "16", "--base-lr", "1e-3", "--conf-threshold", "0.34",
             "--num-workers", "0", "--log-freq", "1", "--out-dir", str(out), *extra]
 
 
@@ -67,7 +71,7 @@ def error_of(argv_list):
     return message
 
 
-# ---------------------------------------------------------------------------------------------- optimizer
+# ---------------------------------------------------------------------------------------- optimizer
 
 def test_layer_decay_and_cosine_lr_of_every_group():
     torch.manual_seed(0)
@@ -75,11 +79,14 @@ def test_layer_decay_and_cosine_lr_of_every_group():
     model = must.MUSTModel(clip.visual, torch.randn(32, 4), 100.0)
     groups = train.param_groups(model, weight_decay=0.05, layer_decay=0.65)
     L = 3
-    expected_layer = {"visual.conv1.weight": 0, "visual.class_embedding": 0, "visual.positional_embedding": 0,
+    expected_layer = {"visual.conv1.weight": 0, "visual.class_embedding": 0,
+                      "visual.positional_embedding": 0,
                       "visual.ln_pre.weight": 0, "visual.mask_token": 0,
                       "visual.transformer.resblocks.0.attn.in_proj_weight": 1,
-                      "visual.transformer.resblocks.2.mlp.c_fc.bias": 3, "visual.ln_post.bias": 4, "visual.proj": 4,
-                      "classifier.weight": 4, "visual.ln_patch.weight": 4, "visual.decoder.0.weight": 4}
+                      "visual.transformer.resblocks.2.mlp.c_fc.bias": 3, "visual.ln_post.bias": 4,
+                      "visual.proj": 4,
+                      "classifier.weight": 4, "visual.ln_patch.weight": 4,
+                      "visual.decoder.0.weight": 4}
     names = {id(p): n for n, p in model.named_parameters()}
     seen = set()
     for g in groups:
@@ -88,18 +95,21 @@ def test_layer_decay_and_cosine_lr_of_every_group():
             seen.add(name)
             i = train.layer_id(name, L)
             assert g["lr_scale"] == pytest.approx(0.65 ** (L + 1 - i))
-            assert g["weight_decay"] == (0.05 if p.ndim > 1 or name == "visual.mask_token" else 0.0), name
+            decayed = p.ndim > 1 or name == "visual.mask_token"
+            assert g["weight_decay"] == (0.05 if decayed else 0.0), name
             if name in expected_layer:
                 assert i == expected_layer[name], name
     assert seen == {n for n, _ in model.named_parameters()}
     optimizer = torch.optim.AdamW(groups, lr=1.0)
     lr, min_lr, total = 4e-4, 1e-6, 100
-    for step, expect in ((0, lr), (50, (lr + min_lr) / 2), (100, min_lr), (25, min_lr + (lr - min_lr) * 0.853553)):
+    for step, expect in ((0, lr), (50, (lr + min_lr) / 2), (100, min_lr),
+                         (25, min_lr + (lr - min_lr) * 0.853553)):
         train.set_lr(optimizer, train.cosine_lr(step, total, lr, min_lr))
         for g in optimizer.param_groups:
             assert g["lr"] == pytest.approx(expect * g["lr_scale"], rel=1e-5)
     frozen = must.MUSTModel(tiny_clip().visual, torch.randn(32, 4), 100.0, freeze_classifier=True)
-    assert all(p is not frozen.classifier.weight for g in train.param_groups(frozen, 0.05, 0.65) for p in g["params"])
+    assert all(p is not frozen.classifier.weight
+               for g in train.param_groups(frozen, 0.05, 0.65) for p in g["params"])
 
 
 def test_help_names_the_paper_symbols(capsys):
@@ -111,11 +121,12 @@ def test_help_names_the_paper_symbols(capsys):
         assert symbol in text
 
 
-# ---------------------------------------------------------------------------------------------- runs
+# --------------------------------------------------------------------------------------------- runs
 
 @pytest.fixture(scope="module")
 def full_run(world, tmp_path_factory):
-    """An uninterrupted 2-epoch run (3 steps per epoch) with 2 accumulation steps per optimizer step."""
+    """An uninterrupted 2-epoch run (3 steps per epoch) with 2 accumulation steps per optimizer
+    step."""
     out = tmp_path_factory.mktemp("full")
     evals = train.main(argv(world, out, "--batch-size-per-gpu", "4"))
     return out, evals
@@ -126,28 +137,32 @@ def test_few_steps_end_to_end(full_run):
     steps = records(out, "train")
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
     for r in steps:
-        for key in ("loss", "loss_cls", "loss_reg", "loss_mim", "loss_align", "lr", "ema_mu", "conf_ratio",
-                    "images_per_s"):
+        for key in ("loss", "loss_cls", "loss_reg", "loss_mim", "loss_align", "lr", "ema_mu",
+                    "conf_ratio", "images_per_s"):
             assert np.isfinite(r[key]), key
         assert r["pseudo_label_acc"] is None  # folder training images are unlabeled
     assert any(r["conf_ratio"] > 0 for r in steps)  # L_cls was active
     assert [e["epoch"] for e in records(out, "eval")] == [0, 1, 2] == [e["epoch"] for e in evals]
     assert [e["images"] for e in records(out, "eval")] == [9, 9, 9]  # what each evaluation scored
-    assert not os.path.exists(os.path.join(out, train.PREVIOUS))  # a finished run keeps only its last checkpoint
+    # a finished run keeps only its last checkpoint
+    assert not os.path.exists(os.path.join(out, train.PREVIOUS))
     c = ckpt(out)
     assert c["step"] == 6 and c["epoch"] == 2 and c["classnames"] == CLASSES
     assert c["args"]["data"] == "folder" and c["args"]["conf_threshold"] == 0.34
     assert c["args"]["strong_view"] == "paper"  # Table 10's datasets use the paper's view
     assert any(not torch.equal(c["student"][k], c["teacher"][k]) for k in c["student"])
-    model = must.load_checkpoint(runtime.read_checkpoint(os.path.join(out, train.CHECKPOINT)), "teacher")
+    checkpoint = runtime.read_checkpoint(os.path.join(out, train.CHECKPOINT))
+    model = must.load_checkpoint(checkpoint, "teacher")
     assert model.num_classes == 3
 
 
 def test_kill_and_resume_equals_uninterrupted(world, full_run, tmp_path):
     out = tmp_path / "resumed"
-    train.main(argv(world, out, "--batch-size-per-gpu", "4", "--max-steps", "2"))  # "killed" inside epoch 1
+    # "killed" inside epoch 1
+    train.main(argv(world, out, "--batch-size-per-gpu", "4", "--max-steps", "2"))
     assert ckpt(out)["step"] == 2
-    train.main(argv(world, out, "--batch-size-per-gpu", "4", "--max-steps", "4"))  # resumes, stops in epoch 2
+    # resumes, stops in epoch 2
+    train.main(argv(world, out, "--batch-size-per-gpu", "4", "--max-steps", "4"))
     assert ckpt(out)["step"] == 4
     train.main(argv(world, out, "--batch-size-per-gpu", "4"))  # resumes to the end
     a, b = ckpt(full_run[0]), ckpt(out)
@@ -156,14 +171,16 @@ def test_kill_and_resume_equals_uninterrupted(world, full_run, tmp_path):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), (key, name)
     assert torch.equal(a["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
-    assert [r["loss"] for r in records(full_run[0], "train")] == [r["loss"] for r in records(out, "train")]
+    assert [r["loss"] for r in records(full_run[0], "train")] == [
+        r["loss"] for r in records(out, "train")]
 
 
 def test_two_process_torchrun_equals_one_process(world, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     train.main(argv(world, one, "--max-steps", "1"))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node", "2",
                              os.path.join(ROOT, "train.py"), *argv(world, two, "--max-steps", "1")],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -172,9 +189,10 @@ def test_two_process_torchrun_equals_one_process(world, tmp_path):
     for key in ("student", "teacher"):
         for name in a[key]:
             assert torch.allclose(a[key][name], b[key][name], atol=1e-5, rtol=0), (key, name)
-    # Non-vacuous: every layer moved by ~1e-5 or more in this step, while the two runs agree to ~1e-7. The key
-    # part of attn.in_proj_bias is left out of that check: its gradient is exactly 0 in theory (softmax ignores
-    # a shift shared by all keys), so Adam's first step turns float noise into updates of ~1e-6.
+    # Non-vacuous: every layer moved by ~1e-5 or more in this step, while the two runs agree to
+    # ~1e-7. The key part of attn.in_proj_bias is left out of that check: its gradient is exactly 0
+    # in theory (softmax ignores a shift shared by all keys), so Adam's first step turns float noise
+    # into updates of ~1e-6.
     clip = torch.load(world / "tiny.pt", weights_only=True)
     moved = min((a["student"]["visual." + n] - clip["visual." + n]).abs().max().item()
                 for n in ("conv1.weight", "transformer.resblocks.0.attn.in_proj_weight", "proj"))
@@ -184,29 +202,34 @@ def test_two_process_torchrun_equals_one_process(world, tmp_path):
     la, lb = records(one, "train")[0], records(two, "train")[0]
     assert lb["loss"] == pytest.approx(la["loss"], rel=1e-5)
     assert lb["conf_ratio"] == la["conf_ratio"]
-    assert records(one, "eval")[0]["student_acc"] == pytest.approx(records(two, "eval")[0]["student_acc"])
+    assert records(one, "eval")[0]["student_acc"] == pytest.approx(
+        records(two, "eval")[0]["student_acc"])
 
 
 def test_resume_on_another_process_count_says_it_is_not_bit_exact(world, tmp_path, capsys):
-    """A checkpoint of 1 process resumed by 2 (torchrun): accepted, with one line saying why the weights will not
-    be bit-identical to an uninterrupted run's; a resume on the same count says nothing of the kind."""
+    """A checkpoint of 1 process resumed by 2 (torchrun): accepted, with one line saying why the
+    weights will not be bit-identical to an uninterrupted run's; a resume on the same count says
+    nothing of the kind."""
     out = tmp_path / "out"
     train.main(argv(world, out, "--max-steps", "1"))
     train.main(argv(world, out, "--max-steps", "2"))
     assert "note: the checkpoint was written by" not in capsys.readouterr().out
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             os.path.join(ROOT, "train.py"), *argv(world, out, "--max-steps", "3")], cwd=ROOT,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node", "2",
+                             os.path.join(ROOT, "train.py"), *argv(world, out, "--max-steps", "3")],
+                            cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert ("note: the checkpoint was written by 1 process(es) and this run has 2: the images, global batch and steps "
-            "are the same, but sums over processes run in another order, so the weights will not be bit-identical "
-            "to an uninterrupted run's") in result.stdout
+    assert ("note: the checkpoint was written by 1 process(es) and this run has 2: the images, "
+            "global batch and steps are the same, but sums over processes run in another order, "
+            "so the weights will not be bit-identical to an uninterrupted run's") in result.stdout
     assert ckpt(out)["step"] == 3 and len(ckpt(out)["rng"]) == 2
 
 
 def test_table_marks_evaluations_of_different_image_counts(capsys):
-    """When test images vanish during a run, the rows say how many images each scored, the best student is chosen
-    among the evaluations that scored as many as the last, and a warning says the rows are not comparable."""
+    """When test images vanish during a run, the rows say how many images each scored, the best
+    student is chosen among the evaluations that scored as many as the last, and a warning says the
+    rows are not comparable."""
     evals = [{"epoch": 0, "student_acc": 50.0, "teacher_acc": 50.0, "images": 4},
              {"epoch": 1, "student_acc": 100.0, "teacher_acc": 100.0, "images": 2},
              {"epoch": 2, "student_acc": 75.0, "teacher_acc": 75.0, "images": 4},
@@ -214,7 +237,8 @@ def test_table_marks_evaluations_of_different_image_counts(capsys):
     train.print_table(evals, "folder", False, "CLIP zero-shot")
     lines = capsys.readouterr().out.splitlines()
     assert lines[2] == "  CLIP zero-shot        50.00   epoch 0   on 4 images"
-    assert lines[5] == "  best student          75.00   epoch 2 (chosen on test, as the release)   on 4 images"
+    assert lines[5] == ("  best student          75.00   epoch 2 (chosen on test, as the release)"
+                        "   on 4 images")
     assert lines[6].startswith("  warning: the evaluations scored different numbers of test images")
     train.print_table([dict(e, images=4) for e in evals], "folder", False, "CLIP zero-shot")
     printed = capsys.readouterr().out
@@ -228,57 +252,72 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(world, tmp_path, 
     before = open(path, "rb").read()
     monkeypatch.setattr(must, "loss_mim", lambda *a, **k: torch.tensor(float("nan")))
     message = error_of(argv(world, out))
-    assert (f"non-finite loss in optimizer step(s) 2-2; their updates are not saved; the last checkpoint {path} "
-            f"(step 1) holds the weights these steps started from, and no earlier checkpoint is kept") in message
+    assert (f"non-finite loss in optimizer step(s) 2-2; their updates are not saved; "
+            f"the last checkpoint {path} (step 1) holds the weights these steps started from, "
+            f"and no earlier checkpoint is kept") in message
     assert open(path, "rb").read() == before
 
 
-# ---------------------------------------------------------------------------------------------- errors
+# ------------------------------------------------------------------------------------------- errors
 
 def test_one_line_errors(world, tmp_path, monkeypatch):
     out = tmp_path / "err"
     assert "unknown dataset 'imagenot'" in error_of(argv(world, out) + ["--data", "imagenot"])
-    assert "missing or empty" in error_of(argv(world, out) + ["--data-root", str(tmp_path / "nowhere")])
+    assert "missing or empty" in error_of(argv(world, out)
+                                          + ["--data-root", str(tmp_path / "nowhere")])
     (tmp_path / "empty").mkdir()
-    assert "missing or empty" in error_of(argv(world, out) + ["--data-root", str(tmp_path / "empty")])
-    assert "must be a multiple of the patch size 8" in error_of(argv(world, out) + ["--mask-unit", "12"])
+    assert "missing or empty" in error_of(argv(world, out)
+                                          + ["--data-root", str(tmp_path / "empty")])
+    assert "must be a multiple of the patch size 8" in error_of(argv(world, out)
+                                                                + ["--mask-unit", "12"])
     with monkeypatch.context() as m:
         m.setenv("WORLD_SIZE", "3")
         assert "not divisible by the 3 processes" in error_of(argv(world, out))
     # a checkpoint of another model, of another dataset
     train.main(argv(world, out, "--max-steps", "1"))
-    assert "other CLIP weights (--model)" in error_of(argv(world, out) + ["--model", str(world / "other.pt")])
+    assert "other CLIP weights (--model)" in error_of(argv(world, out)
+                                                      + ["--model", str(world / "other.pt")])
     c = ckpt(out)
     c["args"]["data"] = "imagenet"
     torch.save(c, tmp_path / "imagenet.pt")
-    assert "trained on dataset 'imagenet'" in error_of(argv(world, out) + ["--resume", str(tmp_path / "imagenet.pt")])
-    assert "not both" in error_of(argv(world, out) + ["--accum-steps", "2", "--batch-size-per-gpu", "4"])
-    assert "not divisible by --batch-size-per-gpu 3" in error_of(argv(world, out) + ["--batch-size-per-gpu", "3"])
-    assert "no checkpoint at" in error_of(argv(world, out) + ["--resume", str(tmp_path / "absent.pt")])
+    imagenet_resume = ["--resume", str(tmp_path / "imagenet.pt")]
+    assert "trained on dataset 'imagenet'" in error_of(argv(world, out) + imagenet_resume)
+    assert "not both" in error_of(argv(world, out)
+                                  + ["--accum-steps", "2", "--batch-size-per-gpu", "4"])
+    assert "not divisible by --batch-size-per-gpu 3" in error_of(argv(world, out)
+                                                                 + ["--batch-size-per-gpu", "3"])
+    assert "no checkpoint at" in error_of(argv(world, out)
+                                          + ["--resume", str(tmp_path / "absent.pt")])
 
 
 def test_warmup_with_frozen_classifier_then_init(world, tmp_path):
-    """§4.4: warm up with a frozen classifier, then start another run's tower from that checkpoint."""
+    """§4.4: warm up with a frozen classifier, then start another run's tower from that
+    checkpoint."""
     warm = tmp_path / "warm"
     train.main(argv(world, warm, "--freeze-classifier", "--max-steps", "2"))
     c = ckpt(warm)
-    assert torch.equal(c["student"]["classifier.weight"], c["teacher"]["classifier.weight"])  # never trained
-    assert not torch.equal(c["student"]["visual.proj"], c["teacher"]["visual.proj"])  # the tower was
+    # never trained
+    assert torch.equal(c["student"]["classifier.weight"], c["teacher"]["classifier.weight"])
+    # the tower was
+    assert not torch.equal(c["student"]["visual.proj"], c["teacher"]["visual.proj"])
     clip_proj = torch.load(world / "tiny.pt", weights_only=True)["visual.proj"]
     after = tmp_path / "after"
     train.main(argv(world, after, "--init", str(warm / train.CHECKPOINT), "--max-steps", "1"))
     # one step later the teacher (µ0 = 0.999) is still the warm-up tower, not CLIP's
     teacher_proj = ckpt(after)["teacher"]["visual.proj"]
-    assert (teacher_proj - c["student"]["visual.proj"]).abs().max() < 1e-6 < (teacher_proj - clip_proj).abs().max()
-    assert "--init checkpoint" in error_of(argv(world, tmp_path / "x", "--init", str(warm / train.CHECKPOINT),
-                                                 "--model", str(world / "other.pt")))
+    assert (teacher_proj - c["student"]["visual.proj"]).abs().max() < 1e-6 < (
+        teacher_proj - clip_proj).abs().max()
+    assert "--init checkpoint" in error_of(argv(world, tmp_path / "x",
+                                                "--init", str(warm / train.CHECKPOINT),
+                                                "--model", str(world / "other.pt")))
 
 
 def test_strong_view_flag(world, tmp_path, monkeypatch):
     import data
     seen = []
     real = data.TrainTransform
-    monkeypatch.setattr(data, "TrainTransform", lambda *a, **k: seen.append(a[2:] + tuple(k.values())) or real(*a, **k))
+    monkeypatch.setattr(data, "TrainTransform",
+                        lambda *a, **k: seen.append(a[2:] + tuple(k.values())) or real(*a, **k))
     train.main(argv(world, tmp_path / "light", "--strong-view", "light", "--max-steps", "1"))
     assert seen == [("light",)]
     assert "--strong-view heavy is not allowed: it must be one of paper, light" in error_of(
@@ -291,24 +330,29 @@ def test_self_training_only_ablation(world, tmp_path):
     r = records(out, "train")[0]
     assert "loss_mim" not in r and "loss_align" not in r and np.isfinite(r["loss_reg"])
     c = ckpt(out)
-    assert torch.equal(c["student"]["visual.mask_token"], c["teacher"]["visual.mask_token"])  # frozen, unused
+    # frozen, unused
+    assert torch.equal(c["student"]["visual.mask_token"], c["teacher"]["visual.mask_token"])
 
 
 def test_bf16_on_cpu_and_pseudo_label_accuracy_with_labeled_training_images(world, tmp_path):
-    """A named dataset's training folders carry labels: logged (only) as the confident pseudo-labels' accuracy."""
+    """A named dataset's training folders carry labels: logged (only) as the confident
+    pseudo-labels' accuracy."""
     rng = np.random.default_rng(1)
     for split in ("train", "test"):
         for i in range(12):
             folder = tmp_path / "dtd" / split / ["banded", "blotchy", "braided"][i % 3]
             folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rng.integers(0, 256, (36, 44, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+            pixels = rng.integers(0, 256, (36, 44, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.jpg")
     out = tmp_path / "out"
-    train.main(["--data", "dtd", "--data-root", str(tmp_path / "dtd"), "--model", str(world / "tiny.pt"),
+    train.main(["--data", "dtd", "--data-root", str(tmp_path / "dtd"),
+                "--model", str(world / "tiny.pt"),
                 "--global-batch", "4", "--epochs", "1", "--max-steps", "2", "--mask-unit", "8",
                 "--conf-threshold", "0", "--amp", "bf16", "--num-workers", "0", "--log-freq", "1",
                 "--out-dir", str(out)])
     for r in records(out, "train"):
-        assert np.isfinite(r["loss"]) and r["conf_ratio"] == 1.0 and 0.0 <= r["pseudo_label_acc"] <= 1.0
+        assert (np.isfinite(r["loss"]) and r["conf_ratio"] == 1.0
+                and 0.0 <= r["pseudo_label_acc"] <= 1.0)
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
@@ -326,11 +370,12 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
     assert not os.path.exists(path + ".tmp")  # no partial temp file is left behind
 
 
-# ---------------------------------------------------------------------------------------------- signals
+# ------------------------------------------------------------------------------------------ signals
 
 def signal_wrapper(tmp_path, sends):
-    """A train.py entry point that sends itself signals after given EMA updates (= optimizer steps), to stop a
-    run at a known step: sends = [(after update n, signal name, 'self' | 'group', rank or None)]."""
+    """A train.py entry point that sends itself signals after given EMA updates (= optimizer
+    steps), to stop a run at a known step:
+    sends = [(after update n, signal name, 'self' | 'group', rank or None)]."""
     path = tmp_path / "signalled_train.py"
     path.write_text(f"""import os, signal, sys
 sys.path.insert(0, {ROOT!r})
@@ -341,7 +386,8 @@ def ema_update(*a, **k):
     count[0] += 1
     for n, name, where, rank in {sends!r}:
         if n == count[0] and rank in (None, int(os.environ.get("RANK", 0))):
-            (os.killpg if where == "group" else os.kill)(0 if where == "group" else os.getpid(), getattr(signal, name))
+            (os.killpg if where == "group" else os.kill)(0 if where == "group" else os.getpid(), \
+getattr(signal, name))
 must.ema_update = ema_update
 train.main(sys.argv[1:])
 """)
@@ -349,8 +395,9 @@ train.main(sys.argv[1:])
 
 
 def test_sigterm_checkpoints_and_resumes_bit_exact(world, full_run, tmp_path, monkeypatch):
-    """SIGTERM mid-epoch (1 process, accumulation 2): the step in flight finishes, a checkpoint is written, the exit code is 128 + 15 with a one-line message; rerun, the final weights equal an uninterrupted
-    run's bit for bit."""
+    """SIGTERM mid-epoch (1 process, accumulation 2): the step in flight finishes, a checkpoint is
+    written, the exit code is 128 + 15 with a one-line message; rerun, the final weights equal an
+    uninterrupted run's bit for bit."""
     out = tmp_path / "term"
     real, count = must.ema_update, [0]
 
@@ -363,7 +410,8 @@ def test_sigterm_checkpoints_and_resumes_bit_exact(world, full_run, tmp_path, mo
     with pytest.raises(SystemExit) as e:
         train.main(argv(world, out, "--batch-size-per-gpu", "4"))
     assert e.value.code == 128 + signal.SIGTERM
-    assert ckpt(out)["step"] == 1  # the signal came during step 1's EMA update: step 1 was the one in flight
+    # the signal came during step 1's EMA update: step 1 was the one in flight
+    assert ckpt(out)["step"] == 1
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
     monkeypatch.setattr(must, "ema_update", real)
     train.main(argv(world, out, "--batch-size-per-gpu", "4"))
@@ -371,41 +419,49 @@ def test_sigterm_checkpoints_and_resumes_bit_exact(world, full_run, tmp_path, mo
     for key in ("student", "teacher"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), (key, name)
-    assert [r["loss"] for r in records(full_run[0], "train")] == [r["loss"] for r in records(out, "train")]
+    assert [r["loss"] for r in records(full_run[0], "train")] == [
+        r["loss"] for r in records(out, "train")]
     assert [r["epoch"] for r in records(out, "eval")] == [0, 1, 2]
 
 
 def test_sigint_to_the_process_group_with_workers_then_twice_aborts(world, tmp_path):
-    """Ctrl-C reaches every process of the group, DataLoader workers too: they ignore it, the run checkpoints and
-    exits 130 with a one-line message. A second Ctrl-C aborts at once, leaving the last checkpoint intact."""
+    """Ctrl-C reaches every process of the group, DataLoader workers too: they ignore it, the run
+    checkpoints and exits 130 with a one-line message. A second Ctrl-C aborts at once, leaving the
+    last checkpoint intact."""
     out = tmp_path / "int"
+    # 12 loads/epoch
     cmd = [sys.executable, signal_wrapper(tmp_path, [(1, "SIGINT", "group", None)]),
-           *argv(world, out, "--num-workers", "2", "--epochs", "3", "--batch-size-per-gpu", "2")]  # 12 loads/epoch
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, start_new_session=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+           *argv(world, out, "--num-workers", "2", "--epochs", "3", "--batch-size-per-gpu", "2")]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 128 + signal.SIGINT, result.stderr[-2000:]
-    assert "stopped by SIGINT after step 1" in result.stderr and "run the same command again to resume" in \
-        result.stderr and "Traceback" not in result.stderr
-    assert result.stderr.count("SIGINT: stopping after the current step") == 1  # the workers ignore it
+    assert ("stopped by SIGINT after step 1" in result.stderr
+            and "run the same command again to resume" in result.stderr
+            and "Traceback" not in result.stderr)
+    # the workers ignore it
+    assert result.stderr.count("SIGINT: stopping after the current step") == 1
     assert ckpt(out)["step"] == 1
     before = open(os.path.join(out, train.CHECKPOINT), "rb").read()
     cmd[1] = signal_wrapper(tmp_path, [(1, "SIGINT", "self", None), (1, "SIGINT", "self", None)])
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert result.returncode == 1 and "error: interrupted twice: aborted without a checkpoint" in result.stderr
+    assert (result.returncode == 1
+            and "error: interrupted twice: aborted without a checkpoint" in result.stderr)
     assert "Traceback" not in result.stderr
     assert open(os.path.join(out, train.CHECKPOINT), "rb").read() == before
 
 
 def test_sigterm_on_one_of_two_processes_resumes_bit_exact(world, tmp_path):
-    """torchrun, 2 gloo processes: SIGTERM reaches rank 1 only; both ranks agree to stop after the step in flight
-    (agreed every step, not only at log steps) and write one checkpoint together; rerun, the final weights equal an uninterrupted 2-process run's bit for bit."""
+    """torchrun, 2 gloo processes: SIGTERM reaches rank 1 only; both ranks agree to stop after the
+    step in flight (agreed every step, not only at log steps) and write one checkpoint together;
+    rerun, the final weights equal an uninterrupted 2-process run's bit for bit."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
 
     def torchrun(script, out):
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               script, *argv(world, out, "--max-steps", "4", "--log-freq", "10")], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               "--nproc_per_node", "2",
+                               script, *argv(world, out, "--max-steps", "4", "--log-freq", "10")],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
     plain = os.path.join(ROOT, "train.py")
     full, cut = tmp_path / "full", tmp_path / "cut"
@@ -423,9 +479,9 @@ def test_sigterm_on_one_of_two_processes_resumes_bit_exact(world, tmp_path):
 
 
 def eval_signal_wrapper(tmp_path, evaluation, seconds_per_batch, rank=None):
-    """A train.py entry point that sends itself SIGTERM in the first batch of its n-th evaluation (1 = zero-shot,
-    2 = after epoch 1), whose batches from then on take seconds_per_batch each, as a large test set's would; it
-    touches tmp_path/signalled when it sends the signal."""
+    """A train.py entry point that sends itself SIGTERM in the first batch of its n-th evaluation
+    (1 = zero-shot, 2 = after epoch 1), whose batches from then on take seconds_per_batch each, as a
+    large test set's would; it touches tmp_path/signalled when it sends the signal."""
     path = tmp_path / "eval_signalled_train.py"
     path.write_text(f"""import os, signal, sys, time
 sys.path.insert(0, {ROOT!r})
@@ -435,7 +491,8 @@ def evaluate(*a, **k):
     calls[0] += 1
     return real_evaluate(*a, **k)
 def score_batch(*a, **k):
-    if calls[0] == {evaluation} and batches[0] == 0 and {rank!r} in (None, int(os.environ.get("RANK", 0))):
+    if calls[0] == {evaluation} and batches[0] == 0 and {rank!r} in \
+(None, int(os.environ.get("RANK", 0))):
         batches[0] += 1
         open({str(tmp_path / "signalled")!r}, "w").close()
         os.kill(os.getpid(), signal.SIGTERM)
@@ -449,16 +506,19 @@ train.main(sys.argv[1:])
 
 
 def test_preemption_during_the_epoch_end_evaluation_loses_no_step(world, full_run, tmp_path):
-    """A scheduler's preemption: SIGTERM as the evaluation after epoch 1 starts (a 30 s batch: a long evaluation),
-    SIGKILL 3 s later. The epoch's 3 steps were checkpointed before the evaluation, so they survive the kill; rerun,
-    the evaluation runs again and the final weights equal an uninterrupted run's bit for bit."""
+    """A scheduler's preemption: SIGTERM as the evaluation after epoch 1 starts (a 30 s batch: a
+    long evaluation), SIGKILL 3 s later. The epoch's 3 steps were checkpointed before the
+    evaluation, so they survive the kill; rerun, the evaluation runs again and the final weights
+    equal an uninterrupted run's bit for bit."""
     out = tmp_path / "preempted"
-    cmd = [sys.executable, eval_signal_wrapper(tmp_path, 2, 30), *argv(world, out, "--batch-size-per-gpu", "4")]
+    cmd = [sys.executable, eval_signal_wrapper(tmp_path, 2, 30),
+           *argv(world, out, "--batch-size-per-gpu", "4")]
     run = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env=dict(os.environ, OMP_NUM_THREADS="1"))
     try:
         deadline = time.time() + 240
-        while not os.path.exists(tmp_path / "signalled") and run.poll() is None and time.time() < deadline:
+        while (not os.path.exists(tmp_path / "signalled") and run.poll() is None
+               and time.time() < deadline):
             time.sleep(0.1)
         time.sleep(3)  # the grace period: the batch in flight has not ended
         run.kill()
@@ -476,17 +536,19 @@ def test_preemption_during_the_epoch_end_evaluation_loses_no_step(world, full_ru
     assert [e["student_acc"] for e in b["evals"]] == [e["student_acc"] for e in a["evals"]]
 
 
-@pytest.mark.parametrize("evaluation,step,done", [(2, 3, "checkpoint {ck} written; run the same command again to "
-                                                         "resume"),
-                                                  (1, 0, "nothing to save; run the same command again to start")],
+@pytest.mark.parametrize("evaluation,step,done",
+                         [(2, 3, "checkpoint {ck} written; run the same command again to resume"),
+                          (1, 0, "nothing to save; run the same command again to start")],
                          ids=["after-epoch-1", "zero-shot"])
 def test_sigterm_ends_an_evaluation_at_once(world, tmp_path, evaluation, step, done):
-    """A stop request is asked before every evaluation batch (here 2 s each, 3 batches): the evaluation is dropped
-    after the batch in flight and no step is started after it; the zero-shot evaluation leaves nothing to save."""
+    """A stop request is asked before every evaluation batch (here 2 s each, 3 batches): the
+    evaluation is dropped after the batch in flight and no step is started after it; the zero-shot
+    evaluation leaves nothing to save."""
     out = tmp_path / "stopped"
     result = subprocess.run([sys.executable, eval_signal_wrapper(tmp_path, evaluation, 2),
-                             *argv(world, out, "--batch-size-per-gpu", "4")], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                             *argv(world, out, "--batch-size-per-gpu", "4")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
     message = f"stopped by SIGTERM after step {step}: " + done.format(ck=out / train.CHECKPOINT)
     assert message in result.stderr and "Traceback" not in result.stderr
@@ -496,24 +558,30 @@ def test_sigterm_ends_an_evaluation_at_once(world, tmp_path, evaluation, step, d
 
 
 def test_sigterm_during_evaluation_on_one_of_two_processes(world, tmp_path):
-    """torchrun, 2 gloo processes holding 5 and 4 of the 9 test images (2 and 1 batches of 4): rank 1 is asked to
-    stop as the evaluation after epoch 1 starts; both ranks agree before every batch, so neither waits for the
-    other, and both exit with the checkpoint of step 3."""
+    """torchrun, 2 gloo processes holding 5 and 4 of the 9 test images (2 and 1 batches of 4):
+    rank 1 is asked to stop as the evaluation after epoch 1 starts; both ranks agree before every
+    batch, so neither waits for the other, and both exit with the checkpoint of step 3."""
     out = tmp_path / "two"
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             eval_signal_wrapper(tmp_path, 2, 1, rank=1), *argv(world, out)], cwd=ROOT,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0 and "stopped by SIGTERM after step 3: checkpoint" in result.stderr, \
-        result.stderr[-3000:]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node", "2",
+                             eval_signal_wrapper(tmp_path, 2, 1, rank=1), *argv(world, out)],
+                            cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            capture_output=True, text=True, timeout=300)
+    assert (result.returncode != 0
+            and "stopped by SIGTERM after step 3: checkpoint" in result.stderr), (
+        result.stderr[-3000:])
     assert ckpt(out)["step"] == 3 and len(ckpt(out)["rng"]) == 2
     assert [r["epoch"] for r in records(out, "eval")] == [0]
 
 
 def test_sighup_stops_like_sigterm(world, tmp_path):
-    """A closed ssh session sends SIGHUP: the step in flight finishes, a checkpoint is written, exit 128 + 1."""
+    """A closed ssh session sends SIGHUP: the step in flight finishes, a checkpoint is written,
+    exit 128 + 1."""
     out = tmp_path / "hup"
-    result = subprocess.run([sys.executable, signal_wrapper(tmp_path, [(1, "SIGHUP", "self", None)]),
-                             *argv(world, out)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+    result = subprocess.run([sys.executable,
+                             signal_wrapper(tmp_path, [(1, "SIGHUP", "self", None)]),
+                             *argv(world, out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 128 + signal.SIGHUP, result.stderr[-2000:]
     assert "stopped by SIGHUP after step 1: checkpoint" in result.stderr
@@ -521,9 +589,10 @@ def test_sighup_stops_like_sigterm(world, tmp_path):
 
 
 def test_output_to_a_hung_up_terminal_cannot_stop_the_run(tmp_path):
-    """After SIGHUP the terminal is gone and writing to it raises EIO; runtime.StopRequest sends stdout and stderr
-    to /dev/null instead. A child process prints to a pseudo-terminal whose other end was closed: with the handler
-    it finishes, without the redirect it dies of the first print."""
+    """After SIGHUP the terminal is gone and writing to it raises EIO; runtime.StopRequest sends
+    stdout and stderr to /dev/null instead. A child process prints to a pseudo-terminal whose other
+    end was closed: with the handler it finishes, without the redirect it dies of the first
+    print."""
     script = tmp_path / "hangup.py"
     script.write_text(f"""import os, pty, signal, sys
 sys.path.insert(0, {ROOT!r})
@@ -542,19 +611,22 @@ with runtime.StopRequest() as stop:
     open(sys.argv[1], "w").write(signal.Signals(stop.signum).name)
 """)
     done = tmp_path / "done"
-    assert subprocess.run([sys.executable, str(script), str(done), "with-redirect"], timeout=60).returncode == 0
+    with_redirect = [sys.executable, str(script), str(done), "with-redirect"]
+    assert subprocess.run(with_redirect, timeout=60).returncode == 0
     assert done.read_text() == "SIGHUP"
     done.unlink()
-    assert subprocess.run([sys.executable, str(script), str(done), "without-redirect"], timeout=60).returncode != 0
+    without_redirect = [sys.executable, str(script), str(done), "without-redirect"]
+    assert subprocess.run(without_redirect, timeout=60).returncode != 0
     assert not done.exists()
 
 
-# ---------------------------------------------------------------------------------------------- --compile
+# ---------------------------------------------------------------------------------------- --compile
 
 def test_compile_gives_the_eager_loss_and_gradients():
     """torch.compile of the model (what --compile does, in place) on CPU: the masked forward's
-    logits and reconstruction, L_cls + L_mim and every gradient agree with eager to 1e-4 (the compiled kernels
-    fuse and reorder float operations, so they agree to rounding, not bit for bit)."""
+    logits and reconstruction, L_cls + L_mim and every gradient agree with eager to 1e-4 (the
+    compiled kernels fuse and reorder float operations, so they agree to rounding, not bit for
+    bit)."""
     torch.manual_seed(0)
     model = must.MUSTModel(tiny_clip().visual, torch.randn(32, 3), 100.0)
     x, mask = torch.randn(4, 3, 32, 32), torch.zeros(4, 16, dtype=torch.bool)
@@ -566,14 +638,16 @@ def test_compile_gives_the_eager_loss_and_gradients():
         logits, _, _, recon = model(x, mask)
         loss = must.loss_cls(logits, labels, confident, 4) + must.loss_mim(recon, x, mask, 8)
         loss.backward()
-        return logits.detach(), loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        return logits.detach(), loss.item(), grads
 
     eager = loss_and_grads()
     keys = list(model.state_dict())
     model.compile()
     compiled = loss_and_grads()
     assert list(model.state_dict()) == keys  # checkpoints keep their names
-    assert torch.allclose(compiled[0], eager[0], atol=1e-4) and compiled[1] == pytest.approx(eager[1], rel=1e-5)
+    assert (torch.allclose(compiled[0], eager[0], atol=1e-4)
+            and compiled[1] == pytest.approx(eager[1], rel=1e-5))
     for name, grad in eager[2].items():
         assert torch.allclose(compiled[2][name], grad, atol=1e-4, rtol=1e-3), name
 
@@ -586,12 +660,15 @@ def test_compile_flag_compiles_both_towers(world, tmp_path, monkeypatch):
     assert compiled[0] is not compiled[1]
 
 
-def test_non_finite_loss_between_log_steps_is_caught_before_the_checkpoint(world, tmp_path, monkeypatch):
-    """The device counts non-finite losses without stopping the host; the count is read at the next log step or
-    checkpoint, so the message names the range of steps whose updates it discards, and no checkpoint holds them."""
+def test_non_finite_loss_between_log_steps_is_caught_before_the_checkpoint(
+        world, tmp_path, monkeypatch):
+    """The device counts non-finite losses without stopping the host; the count is read at the next
+    log step or checkpoint, so the message names the range of steps whose updates it discards, and
+    no checkpoint holds them."""
     monkeypatch.setattr(must, "loss_align", lambda *a, **k: torch.tensor(float("nan")))
     out = tmp_path / "late"
-    message = error_of(argv(world, out, "--log-freq", "5"))  # 3 steps per epoch: the epoch end checks first
-    assert "non-finite loss in optimizer step(s) 1-3; their updates are not saved; no checkpoint was written yet" \
-        in message
+    # 3 steps per epoch: the epoch end checks first
+    message = error_of(argv(world, out, "--log-freq", "5"))
+    assert ("non-finite loss in optimizer step(s) 1-3; their updates are not saved; "
+            "no checkpoint was written yet") in message
     assert not os.path.exists(os.path.join(out, train.CHECKPOINT))
