@@ -2,10 +2,11 @@
 transformer, and MUST's patch to the image tower (paper §3, Figure 2): a learnable [MSK] embedding,
 a LayerNorm over the patch outputs and a SimMIM linear decoder.
 
-Parameter names and shapes are those of OpenAI's checkpoints, so a released state dict loads with
-strict matching, and build_model reads the architecture from the state dict. Tokens are
-batch-first, (B, L, C), throughout. Loading files is clip_load.py's; the tokenizer is
-tokenizer.py.
+Parameter names and shapes are those of OpenAI's checkpoints (open_clip keeps them), so a released
+state dict loads with strict matching, and build_model reads the architecture from the state dict.
+The activation is not in a state dict: OpenAI's CLIPs use QuickGELU, many open ones GELU, and
+whoever builds a CLIP says which (clip_load knows it for every checkpoint it reads). Tokens are
+batch-first, (B, L, C), throughout. Loading files is clip_load.py's; the tokenizer is tokenizer.py.
 """
 from collections import OrderedDict
 
@@ -25,6 +26,10 @@ class QuickGELU(nn.Module):
 
     def forward(self, x):
         return x * torch.sigmoid(1.702 * x)
+
+
+# The MLP activations of the CLIPs this project reads, by the names open_clip and transformers use.
+ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": nn.GELU}
 
 
 class Attention(nn.Module):
@@ -53,14 +58,14 @@ class Attention(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width, heads):
+    def __init__(self, width, heads, activation):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(OrderedDict([
             ("c_fc", nn.Linear(width, 4 * width)),
-            ("gelu", QuickGELU()),
+            ("gelu", ACTIVATIONS[activation]()),
             ("c_proj", nn.Linear(4 * width, width)),
         ]))
 
@@ -70,10 +75,10 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width, layers, heads):
+    def __init__(self, width, layers, heads, activation="quick_gelu"):
         super().__init__()
         self.width, self.layers = width, layers
-        blocks = [ResidualAttentionBlock(width, heads) for _ in range(layers)]
+        blocks = [ResidualAttentionBlock(width, heads, activation) for _ in range(layers)]
         self.resblocks = nn.ModuleList(blocks)
 
     def forward(self, x, causal=False):
@@ -105,7 +110,8 @@ def _heads(width):
 # The image tower, with MUST's patch
 
 class VisionTransformer(nn.Module):
-    def __init__(self, input_resolution, patch_size, width, layers, output_dim):
+    def __init__(self, input_resolution, patch_size, width, layers, output_dim,
+                 activation="quick_gelu"):
         super().__init__()
         self.input_resolution, self.patch_size = input_resolution, patch_size
         self.grid_size = input_resolution // patch_size
@@ -116,7 +122,7 @@ class VisionTransformer(nn.Module):
         positions = scale * torch.randn(self.grid_size ** 2 + 1, width)
         self.positional_embedding = nn.Parameter(positions)
         self.ln_pre = nn.LayerNorm(width)
-        self.transformer = Transformer(width, layers, _heads(width))
+        self.transformer = Transformer(width, layers, _heads(width), activation)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
@@ -181,13 +187,13 @@ class VisionTransformer(nn.Module):
 class CLIP(nn.Module):
     def __init__(self, embed_dim, image_resolution, vision_layers, vision_width,
                  vision_patch_size, context_length, vocab_size, transformer_width,
-                 transformer_layers):
+                 transformer_layers, activation="quick_gelu"):
         super().__init__()
         self.context_length = context_length
         self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width,
-                                        vision_layers, embed_dim)
+                                        vision_layers, embed_dim, activation)
         heads = _heads(transformer_width)
-        self.transformer = Transformer(transformer_width, transformer_layers, heads)
+        self.transformer = Transformer(transformer_width, transformer_layers, heads, activation)
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
         self.ln_final = nn.LayerNorm(transformer_width)
@@ -286,27 +292,33 @@ def _load_strict(module, state_dict):
     return module
 
 
-def build_model(state_dict):
-    """A CLIP whose architecture is read from an OpenAI-format state dict, loaded with strict key
-    matching."""
-    sd = {k: v for k, v in state_dict.items() if k not in _NON_PARAMETER_KEYS}
+def architecture(state_dict):
+    """The CLIP(...) arguments but the activation, read from an OpenAI-format state dict;
+    ValueError in one line when it is not a CLIP ViT's."""
+    sd = state_dict
     v = _vision_config(sd, "visual.")  # first, so that a ResNet checkpoint gets its own message
     for key in ("text_projection", "positional_embedding", "token_embedding.weight",
                 "ln_final.weight"):
         if key not in sd:
             raise ValueError(f"not a CLIP checkpoint: missing key '{key}'")
-    model = CLIP(
+    return dict(
         embed_dim=sd["text_projection"].shape[1], image_resolution=v["input_resolution"],
         vision_layers=v["layers"], vision_width=v["width"], vision_patch_size=v["patch_size"],
         context_length=sd["positional_embedding"].shape[0],
         vocab_size=sd["token_embedding.weight"].shape[0],
         transformer_width=sd["ln_final.weight"].shape[0],
-        transformer_layers=_count_blocks(sd, "transformer.resblocks."),
-    )
-    return _load_strict(model, sd)
+        transformer_layers=_count_blocks(sd, "transformer.resblocks."))
 
 
-def build_visual(state_dict):
+def build_model(state_dict, activation):
+    """A CLIP whose architecture is read from an OpenAI-format state dict, loaded with strict key
+    matching. activation: "quick_gelu" or "gelu", which the state dict cannot say."""
+    sd = {k: v for k, v in state_dict.items() if k not in _NON_PARAMETER_KEYS}
+    return _load_strict(CLIP(**architecture(sd), activation=activation), sd)
+
+
+def build_visual(state_dict, activation):
     """The image tower alone, from its state dict without the `visual.` prefix (as a MUST
     checkpoint holds it)."""
-    return _load_strict(VisionTransformer(**_vision_config(state_dict)), state_dict)
+    tower = VisionTransformer(**_vision_config(state_dict), activation=activation)
+    return _load_strict(tower, state_dict)

@@ -18,7 +18,7 @@ import clip_load
 import data
 import folders
 import toy  # noqa: F401 -- registers --data toy, the offline demo world
-from runtime import add_machine_flags, fail
+from runtime import add_machine_flags, fail, fingerprint
 
 # ----------------------------------------------------------------------------------------------
 # The paper's Table 10, as released
@@ -96,10 +96,8 @@ def _snap_mask_unit(mask_unit, patch_size, input_size):
 
 
 def model_key(name, visual):
-    """The model name Table 10 knows for a CLIP given by name or path (by its geometry), else the
-    path."""
-    if name in clip_load.available_models():
-        return name
+    """The model name Table 10 knows for a CLIP, by its architecture, whatever its source: an open
+    ViT-B/16 (ViT-B-16/dfn2b, a file) takes the ViT-B/16 rows; else the name itself."""
     by_geometry = {geometry: known for known, geometry in MODEL_GEOMETRY.items()}
     return by_geometry.get((visual.patch_size, visual.input_resolution, visual.width), name)
 
@@ -344,8 +342,11 @@ def split_batch(args, world_size):
 # ----------------------------------------------------------------------------------------------
 # The identity of a run
 
-_WHAT = {"model": "CLIP weights (--model)", "classes": "class list (names or their order)",
-         "templates": "prompt templates"}
+_WHAT = {"model": "CLIP weights (--model)",
+         "clip_spec": "CLIP activation or image normalization (--model's config)",
+         "classes": "class list (names or their order)", "templates": "prompt templates"}
+# What checkpoints older than their record of it were made with: the only CLIP there was then.
+_OLDER = {"clip_spec": fingerprint(list(clip_load.OPENAI_SPEC))}
 
 
 def check_same_run(what, theirs, their_fingerprints, args, fingerprints, resume):
@@ -354,8 +355,9 @@ def check_same_run(what, theirs, their_fingerprints, args, fingerprints, resume)
     resuming also needs the same dataset, training images, class list, templates and RUN_DEFINING
     settings (continuing under others would silently make a hybrid run). One line saying what
     differs."""
-    keys = ("model", "classes", "templates") if resume else ("model",)
-    differ = [_WHAT[k] for k in keys if their_fingerprints.get(k) != fingerprints[k]]
+    keys = ("model", "clip_spec", "classes", "templates") if resume else ("model", "clip_spec")
+    differ = [_WHAT[k] for k in keys
+              if their_fingerprints.get(k, _OLDER.get(k)) != fingerprints[k]]
     anew = "start anew with another --out-dir or --resume none"
     if differ:
         fail(f"{what} was made with other {' and other '.join(differ)}; give the same ones, or "

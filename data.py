@@ -28,8 +28,8 @@ from torchvision.transforms import InterpolationMode
 import clip_load
 import folders
 import prompts
-from clip_load import CLIP_MEAN, CLIP_STD
-from randaugment import RandAugment
+from clip_load import CLIP_MEAN, OPENAI_SPEC
+from randaugment import RandAugment, fill_color
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,7 +76,7 @@ class MaskGenerator:
 STRONG_VIEWS = ("paper", "light")
 
 
-def strong_view(input_size, kind="paper"):
+def strong_view(input_size, kind="paper", mean=CLIP_MEAN):
     """The student's strong augmentation (PIL image -> PIL image), before ToTensor and
     normalization.
 
@@ -85,14 +85,15 @@ def strong_view(input_size, kind="paper"):
     side (edge padding) + flip + brightness/contrast jitter 0.3. At 32 px the paper's ops (crops of
     a third of the image, posterize, equalize, 9/30 translations) destroy the object, and a CLIP
     pretrained on a small world was never taught to read them. light is the toy world's view, and
-    the toy CLIP is pretrained with it (toy.PRETRAIN).
+    the toy CLIP is pretrained with it (toy.PRETRAIN). mean: the CLIP's normalization mean, whose
+    colour RandAugment gives the pixels its geometric ops uncover.
     """
     if kind == "paper":
         return T.Compose([
             T.RandomResizedCrop(input_size, scale=(0.3, 1.0),
                                 interpolation=InterpolationMode.BICUBIC),
             T.RandomHorizontalFlip(),
-            RandAugment(num_ops=2, magnitude=9.0, magnitude_std=0.5)])
+            RandAugment(num_ops=2, magnitude=9.0, magnitude_std=0.5, fill=fill_color(mean))])
     if kind == "light":
         return T.Compose([
             T.Resize(input_size, interpolation=InterpolationMode.BICUBIC),
@@ -106,17 +107,20 @@ def strong_view(input_size, kind="paper"):
 class TrainTransform:
     """One decoded PIL image -> (weak, strong, mask).
 
-    weak is the teacher's view (bicubic resize + random crop), strong the student's view
-    (strong_view(input_size, strong): 'paper' or 'light'), and mask the strong view's patch mask.
+    weak is the teacher's view (resize + random crop), strong the student's view
+    (strong_view(input_size, strong): 'paper' or 'light'), and mask the strong view's patch mask;
+    both views are normalized as the CLIP's spec (clip_load.ClipSpec) says.
     """
 
-    def __init__(self, input_size, mask_generator, strong="paper"):
+    def __init__(self, input_size, mask_generator, strong="paper", spec=OPENAI_SPEC):
+        resize = clip_load.INTERPOLATIONS[spec.interpolation]
+        normalize = T.Normalize(spec.mean, spec.std)
         self.weak = T.Compose([
-            T.Resize(input_size, interpolation=InterpolationMode.BICUBIC), T.RandomCrop(input_size),
-            T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+            T.Resize(input_size, interpolation=resize), T.RandomCrop(input_size),
+            T.ToTensor(), normalize])
         self.strong = T.Compose([
-            strong_view(input_size, strong),
-            T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+            strong_view(input_size, strong, spec.mean),
+            T.ToTensor(), normalize])
         self.mask_generator = mask_generator
 
     def __call__(self, img):

@@ -658,9 +658,9 @@ def save_json(path, report):
 
 def load_models(args):
     """-> (models {name: MUSTModel}, their class identities, the checkpoint's run args, the CLIP
-    to score zero-shot or None, its name). Everything is a MUSTModel; CLIP zero-shot becomes one
-    once its head is built."""
-    models, run, model_ids = {}, {}, {}
+    to score zero-shot or None, its name, the clip_load.ClipSpec the images are prepared by).
+    Everything is a MUSTModel; CLIP zero-shot becomes one once its head is built."""
+    models, run, model_ids, specs = {}, {}, {}, {}
     if args.checkpoint:
         try:
             ckpt = read_checkpoint(args.checkpoint)
@@ -678,6 +678,9 @@ def load_models(args):
         ids = class_ids(run.get("data"), run["classnames"])
         models.update(student=student, teacher=teacher)
         model_ids.update(student=ids, teacher=ids)
+        # Checkpoints older than their record of it started from OpenAI's CLIPs, the only ones.
+        spec = ckpt.get("clip", clip_load.OPENAI_SPEC._asdict())
+        specs[args.checkpoint] = clip_load.ClipSpec(**spec)
     clip_name = args.model or (None if args.checkpoint else "ViT-B/16")
     clip = None
     if clip_name:
@@ -685,11 +688,17 @@ def load_models(args):
             clip, _ = clip_load.load(clip_name, device="cpu", download_root=args.download_root)
         except (FileNotFoundError, ValueError, RuntimeError) as e:
             fail(str(e))
+        specs[clip_name] = clip.spec
     size = clip.visual.input_resolution if clip is not None else None
     if clip is not None and models and size != student.visual.input_resolution:
         fail(f"CLIP {clip_name} takes {size} px images, the checkpoint "
              f"{student.visual.input_resolution} px")
-    return models, model_ids, run, clip, clip_name
+    seen = {spec._replace(activation="") for spec in specs.values()}  # one preparation for all
+    if len(seen) > 1:
+        fail(f"CLIP {clip_name} and the checkpoint {args.checkpoint} prepare images differently "
+             f"({' vs '.join(str(s.mean) + ' ' + str(s.std) for s in seen)}); score them with "
+             f"one eval.py each")
+    return models, model_ids, run, clip, clip_name, next(iter(specs.values()))
 
 
 def add_zero_shot(args, models, model_ids, clip, sets, device, out_dir):
@@ -771,9 +780,10 @@ def main(argv=None):
     check_flags(args)
     device = pick_device(args.device)
     amp_dtype, _ = autocast_for(args.amp, device)  # eval runs no backward: no GradScaler
-    models, model_ids, run, clip, clip_name = load_models(args)
+    models, model_ids, run, clip, clip_name, spec = load_models(args)
     visual = (models["student"] if models else clip).visual
-    mode, sets, found = resolve_sets(args, run, data.test_transform(visual.input_resolution))
+    transform = data.test_transform(visual.input_resolution, spec)
+    mode, sets, found = resolve_sets(args, run, transform)
     out_dir = args.out_dir  # made by check_flags
     if clip is not None:
         models = add_zero_shot(args, models, model_ids, clip, sets, device, out_dir)
@@ -809,8 +819,8 @@ def main(argv=None):
         fail(nothing_scored)
     if args.figures:
         prefix = os.path.join(out_dir, mode)
-        report["figures"] = figures.make_figures(args, run, sets, models, columns, visual, prefix,
-                                                 device)
+        report["figures"] = figures.make_figures(args, run, sets, models, columns, visual, spec,
+                                                 prefix, device)
         if report["figures"]:
             print("figures: " + ", ".join(report["figures"]))
         save_json(json_path, report)

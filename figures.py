@@ -13,14 +13,14 @@ from PIL import Image, ImageDraw, ImageFont
 import config
 import data
 import must
-from clip_load import CLIP_MEAN, CLIP_STD
+from clip_load import OPENAI_SPEC
 from runtime import fail
 
 
-def to_pil(image):
-    """CLIP-normalized (3,H,W) -> RGB PIL image."""
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+def to_pil(image, spec=OPENAI_SPEC):
+    """A (3,H,W) image normalized as the CLIP's spec says -> RGB PIL image."""
+    mean = torch.tensor(spec.mean).view(3, 1, 1)
+    std = torch.tensor(spec.std).view(3, 1, 1)
     x = (image.detach().float().cpu() * std + mean).clamp(0, 1)
     return Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
@@ -144,12 +144,13 @@ def readable_picks(ds, n, name):
     return picks, [items[i] for i in picks]
 
 
-def make_figures(args, run, sets, models, columns, visual, prefix, device):
+def make_figures(args, run, sets, models, columns, visual, spec, prefix, device):
     """PNG files of args.figures images of the first set that the most models score -> paths.
 
     <prefix>-attention.png shows the image | each model's GradCAM, captioned with its prediction.
     For a MUST checkpoint, <prefix>-reconstruction.png shows original | masked | recovered of the
-    student, with masks as the checkpoint was trained (Table 10).
+    student, with masks as the checkpoint was trained (Table 10). spec: how the images were
+    normalized (clip_load.ClipSpec), to show them as they are.
     """
     first = max(range(len(sets)),
                 key=lambda i: (sum((i, n) in columns for n in models), -i))
@@ -166,7 +167,7 @@ def make_figures(args, run, sets, models, columns, visual, prefix, device):
     cams = {n: attention_cam(m, images, columns[(first, n)]) for n, m in models.items()}
     rows = []
     for b in range(len(picks)):
-        original = to_pil(images[b])
+        original = to_pil(images[b], spec)
         truth = names[labels[b]] if labels[b] >= 0 else ""
         heat_cells = [(heat_overlay(original, cams[n][0][b].cpu()), names[int(cams[n][1][b])])
                       for n in models]
@@ -188,7 +189,7 @@ def make_figures(args, run, sets, models, columns, visual, prefix, device):
         torch.manual_seed(args.seed)
         masks = torch.stack([generator() for _ in picks]).to(device)
         triplets = mim_triplets(models["student"], images, masks)
-        rows = [[(to_pil(t[b]), "") for t in triplets] for b in range(len(picks))]
+        rows = [[(to_pil(t[b], spec), "") for t in triplets] for b in range(len(picks))]
         paths.append(f"{prefix}-reconstruction.png")
         titles = ["original", f"masked ({mask_ratio:.0%})", "recovered"]
         compose_grid(rows, titles, cell).save(paths[-1])

@@ -21,7 +21,13 @@ from clip_load import CLIP_MEAN
 
 _MAX_MAGNITUDE = 10.0
 # Pixels a geometric op uncovers get the mean color.
-_FILL = tuple(min(255, round(255 * m)) for m in CLIP_MEAN)
+def fill_color(mean):
+    """The colour that pixels a geometric op uncovers get: the normalization's mean in 0-255, as
+    the release's img_mean."""
+    return tuple(min(255, round(255 * m)) for m in mean)
+
+
+_FILL = fill_color(CLIP_MEAN)
 _RESAMPLE = Image.BICUBIC
 
 
@@ -38,16 +44,17 @@ def _lut(img, table):
     return img.point(table * len(img.getbands()))
 
 
-def _unparameterized(op, img, magnitude, negate):  # AutoContrast, Equalize, Invert
+def _unparameterized(op, img, magnitude, negate, fill=None):  # AutoContrast, Equalize, Invert
     return op(img)
 
 
-def _rotate(img, magnitude, negate):
+def _rotate(img, magnitude, negate, fill=None):
     # about the centre, same canvas, up to ±30°
-    return img.rotate(_level(magnitude, 30.0, negate), resample=_RESAMPLE, fillcolor=_FILL)
+    angle = _level(magnitude, 30.0, negate)
+    return img.rotate(angle, resample=_RESAMPLE, fillcolor=fill or _FILL)
 
 
-def _posterize_increasing(img, magnitude, negate):
+def _posterize_increasing(img, magnitude, negate, fill=None):
     # Keeps 4 bits at magnitude 0 down to 0 bits (a black image) at 10. This is our own table, not
     # ImageOps.posterize, because Pillow of the release's era accepted 0 bits and current Pillow
     # raises on it.
@@ -56,23 +63,23 @@ def _posterize_increasing(img, magnitude, negate):
     return _lut(img, [i & keep for i in range(256)])
 
 
-def _solarize_increasing(img, magnitude, negate):
+def _solarize_increasing(img, magnitude, negate, fill=None):
     # inverts values >= threshold; the threshold falls from 256 (no-op) to 0 (full inversion)
     return ImageOps.solarize(img, 256 - int(_level(magnitude, 256)))
 
 
-def _solarize_add(img, magnitude, negate):
+def _solarize_add(img, magnitude, negate, fill=None):
     add = int(_level(magnitude, 110))
     return _lut(img, [min(255, i + add) if i < 128 else i for i in range(256)])
 
 
-def _enhance(enhancer, img, magnitude, negate):
+def _enhance(enhancer, img, magnitude, negate, fill=None):
     # enhancer is an ImageEnhance class: Color, Contrast, Brightness or Sharpness.
     # 1 is the identity; the distortion grows with magnitude towards 0.1 or 1.9.
     return enhancer(img).enhance(1.0 + _level(magnitude, 0.9, negate))
 
 
-def _affine(name, img, magnitude, negate):
+def _affine(name, img, magnitude, negate, fill=None):
     # PIL's affine maps output pixel (x, y) to input (a·x + b·y + c, d·x + e·y + f). Shears pivot on
     # the top-left corner, not the centre, and translations (up to 45% of the side) may be
     # fractional (then bicubic-resampled).
@@ -80,7 +87,8 @@ def _affine(name, img, magnitude, negate):
     coeffs = {"ShearX": (1, shear, 0, 0, 1, 0), "ShearY": (1, 0, 0, shear, 1, 0),
               "TranslateXRel": (1, 0, shift * img.size[0], 0, 1, 0),
               "TranslateYRel": (1, 0, 0, 0, 1, shift * img.size[1])}[name]
-    return img.transform(img.size, Image.AFFINE, coeffs, resample=_RESAMPLE, fillcolor=_FILL)
+    fillcolor = fill or _FILL
+    return img.transform(img.size, Image.AFFINE, coeffs, resample=_RESAMPLE, fillcolor=fillcolor)
 
 
 # timm's 'inc1' op list, in its order (the order matters: the op index is a random draw)
@@ -127,8 +135,9 @@ class RandAugment:
     random.random), so only the random source differs.
     """
 
-    def __init__(self, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=0.5):
+    def __init__(self, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=0.5, fill=_FILL):
         self.num_ops = num_ops
+        self.fill = fill  # the uncovered pixels' colour: the CLIP's mean colour
         self.magnitude = magnitude
         self.magnitude_std = magnitude_std
         self.prob = prob
@@ -144,5 +153,6 @@ class RandAugment:
                 m += self.magnitude_std * torch.randn(()).item()
             name = self.op_names[i]
             negate = name in _SIGNED_OPS and torch.rand(()).item() > 0.5
-            img = _RANDAUG_OPS[name](img, min(max(m, 0.0), _MAX_MAGNITUDE), negate)
+            magnitude = min(max(m, 0.0), _MAX_MAGNITUDE)
+            img = _RANDAUG_OPS[name](img, magnitude, negate, fill=self.fill)
         return img

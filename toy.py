@@ -23,6 +23,7 @@ from PIL import Image
 from torchvision.transforms.functional import normalize
 from tqdm import tqdm
 
+import clip_load
 import clip_model
 import data
 from clip_load import CLIP_MEAN, CLIP_STD
@@ -63,6 +64,10 @@ WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_clip.pt"
 # (any string) and rerun `python toy.py pretrain --out toy_clip.pt`. tests/test_toy.py pins a
 # digest of what RECIPE covers, so a forgotten one fails there.
 RECIPE = "f273c18e9c"
+# The committed toy_clip.pt predates the config note that pretrain now writes: it is known by its
+# SHA-256 instead, as OpenAI's files are (a QuickGELU CLIP fed OpenAI's normalization).
+WEIGHTS_SHA256 = "4826d1516b4b3f4e239c0b66dd7aa07f53d2729142183a502919eece8d74987f"
+clip_load.register_file(WEIGHTS_SHA256, clip_load.OPENAI_SPEC)
 
 
 # Renderer -------------------------------------------------------------------------------------
@@ -279,7 +284,8 @@ def pretrain(out_path):
     """Contrastive pretraining (symmetric InfoNCE, learnable temperature) of a tiny CLIP.
 
     It trains on freshly rendered source image-caption batches with the PRETRAIN recipe, and writes
-    its stored_state() to out_path.
+    its stored_state() to out_path, with the note that says its activation and normalization
+    (a QuickGELU CLIP fed OpenAI's normalization), so that clip_load reads any file it makes.
 
     It is deterministic: batch s is drawn from seed [1000 + PRETRAIN['seed'], s] (no overlap with
     the splits). It uses AdamW, linear warmup, cosine decay, and CLIP's clamp of the temperature at
@@ -322,7 +328,8 @@ def pretrain(out_path):
             model.logit_scale.clamp_(0, math.log(100))  # CLIP's clamp
         bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{model.logit_scale.exp().item():.1f}",
                         refresh=False)
-    save_atomic(stored_state(model), out_path)
+    note = clip_load.config_note(clip_load.OPENAI_SPEC)
+    save_atomic({**stored_state(model), "open_clip_config": note}, out_path)
 
 
 def toy_token_ids(context_length):
@@ -337,7 +344,7 @@ def toy_token_ids(context_length):
 
 
 def stored_state(model):
-    """The tiny CLIP's state dict as toy_clip.pt stores it, which clip_model.load reads as it is.
+    """The tiny CLIP's state dict as toy_clip.pt stores it, which clip_load.load reads as it is.
 
     The token embedding is stored by the rows toy texts use (`.ids`, `.rows`, `.vocab_size`),
     because the other rows are most of the parameters and never get a gradient. RECIPE is stored as

@@ -84,6 +84,7 @@ class Run:
     prev_path: str
     log_path: str
     fingerprints: dict  # SHA-256 of the CLIP, classes, templates and training images
+    clip_spec: clip_load.ClipSpec  # what the CLIP's tensors do not say: activation, normalization
     # Progress, saved in checkpoints.
     step: int = 0  # optimizer steps done
     evals: list = field(default_factory=list)  # the evaluation records so far
@@ -392,7 +393,8 @@ def save_checkpoint(run):
                      "fairness": run.fairness.state_dict(), "step": run.step,
                      "epoch": run.step // run.steps_per_epoch, "rng": states, "evals": run.evals,
                      "args": vars(run.args), "classnames": list(run.train_set.classnames),
-                     "fingerprints": run.fingerprints, "unreadable": sorted(run.reported)},
+                     "fingerprints": run.fingerprints, "clip": run.clip_spec._asdict(),
+                     "unreadable": sorted(run.reported)},
                     run.ckpt_path)
     run.saved = (run.step, len(run.evals))
     barrier()
@@ -522,13 +524,15 @@ def build_run(args, rank, world, device, stop):
             fail(str(e))
     config.resolve_config(args, clip.visual)  # Table 10's values where no flag was given
     _, micro_batch, accum = config.split_batch(args, world)
-    train_set, test_set = build_datasets(args, clip.visual, rank)
+    train_set, test_set = build_datasets(args, clip.visual, clip.spec, rank)
     fingerprints = {"model": fingerprint(clip.state_dict()),
+                    "clip_spec": fingerprint(list(clip.spec)),
                     "classes": fingerprint(train_set.classnames),
                     "templates": fingerprint(train_set.templates),
                     "train_images": len(train_set),
                     "train_listing": fingerprint(listing(train_set, args.data_root))}
     student = build_student(args, clip, train_set, fingerprints, device, rank)
+    clip_spec = clip.spec
     del clip  # the text tower is done: the classifier holds what it knew
     steps_per_epoch = len(train_set) // args.global_batch
     if steps_per_epoch == 0:
@@ -554,6 +558,7 @@ def build_run(args, rank, world, device, stop):
         ckpt_path=os.path.join(args.out_dir, CHECKPOINT),
         prev_path=os.path.join(args.out_dir, PREVIOUS),
         log_path=os.path.join(args.out_dir, "log.jsonl"), fingerprints=fingerprints,
+        clip_spec=clip_spec,
         nonfinite=torch.zeros((), dtype=torch.float64, device=device))
     if args.compile:  # in place: the state dict keeps its names, so checkpoints do not change
         run.student.compile()
@@ -561,12 +566,12 @@ def build_run(args, rank, world, device, stop):
     return run
 
 
-def build_datasets(args, visual, rank):
+def build_datasets(args, visual, spec, rank):
     """(the unlabeled training set with its views and masks, the labeled test set, or None for a
     folder without --eval-root)"""
     size = visual.input_resolution
     masks = data.MaskGenerator(size, args.mask_unit, visual.patch_size, args.mask_ratio)
-    views = data.TrainTransform(size, masks, args.strong_view)
+    views = data.TrainTransform(size, masks, args.strong_view, spec)
     evaluated = not (args.data == "folder" and not args.eval_root)
     try:
         # With --download, one process at a time fetches the files.
@@ -574,7 +579,7 @@ def build_datasets(args, visual, rank):
             train_set = data.build_dataset(args.data, args.data_root, "train", views, args.classes,
                                            args.templates, args.eval_root, args.download)
             test_set = data.build_dataset(args.data, args.data_root, "test",
-                                          data.test_transform(size), args.classes,
+                                          data.test_transform(size, spec), args.classes,
                                           args.templates, args.eval_root,
                                           args.download) if evaluated else None
     except (FileNotFoundError, ValueError) as e:

@@ -2,10 +2,12 @@ import os
 import sys
 
 import pytest
+import torch
 
 # The project is a flat folder of modules; tests import them from the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import clip_load  # noqa: E402
 import clip_model  # noqa: E402
 import toy  # noqa: E402
 
@@ -17,6 +19,12 @@ def tiny_clip(**overrides):
                   transformer_layers=2)
     config.update(overrides)
     return clip_model.CLIP(**config)
+
+
+def save_clip(model, path, spec=clip_load.OPENAI_SPEC):
+    """A CLIP's state dict as this project's CLIP files store it: with the `open_clip_config`
+    note that says what its tensors cannot (tiny_clip builds OpenAI's QuickGELU architecture)."""
+    torch.save({**model.state_dict(), "open_clip_config": clip_load.config_note(spec)}, path)
 
 
 # A 3-step pretraining recipe of a smaller tiny CLIP (tests/test_toy.py pretrains with it)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import clip_model
-from conftest import tiny_clip
+from conftest import save_clip, tiny_clip
 import clip_load
 import runtime
 import tokenizer
@@ -21,6 +21,10 @@ import tokenizer
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 FP16 = os.path.join(DATA, "ref_clip_fp16.pt")
 JIT = os.path.join(DATA, "ref_clip_jit.pt")
+# The reference CLIP is OpenAI's architecture, built by OpenAI's code: a known file, as OpenAI's
+# releases are.
+with open(FP16, "rb") as _f:
+    clip_load.register_file(hashlib.sha256(_f.read()).hexdigest(), clip_load.OPENAI_SPEC)
 REF = torch.load(os.path.join(DATA, "ref_clip_outputs.pt"), weights_only=True)
 ATOL = 1e-5
 
@@ -76,19 +80,21 @@ def test_load_published_torchscript_archive(monkeypatch):
 
 def test_load_resaved_fp32_state_dict(ref_model, tmp_path):
     path = tmp_path / "resaved.pt"
-    torch.save(ref_model.state_dict(), path)
+    save_clip(ref_model, path)
     model, _ = clip_load.load(str(path))
     _check_against_reference(model)
-    _check_against_reference(clip_model.build_model(torch.load(path, weights_only=True)).eval())
+    state = torch.load(path, weights_only=True)
+    state.pop("open_clip_config")
+    _check_against_reference(clip_model.build_model(state, "quick_gelu").eval())
 
 
 def test_build_model_is_strict():
     sd = torch.load(FP16, weights_only=True)
     with pytest.raises(RuntimeError, match="visual.unexpected"):
-        clip_model.build_model({**sd, "visual.unexpected": torch.zeros(3)})
+        clip_model.build_model({**sd, "visual.unexpected": torch.zeros(3)}, "quick_gelu")
     del sd["visual.ln_post.bias"]
     with pytest.raises(RuntimeError, match="visual.ln_post.bias"):
-        clip_model.build_model(sd)
+        clip_model.build_model(sd, "quick_gelu")
 
 
 def test_preprocess_gives_model_sized_normalized_tensor():
@@ -104,7 +110,9 @@ def test_logit_scale_and_public_constants(ref_model):
     expected_scale = torch.tensor(3.9).half().float().exp().item()
     assert abs(ref_model.logit_scale.exp().item() - expected_scale) < 1e-4
     assert len(clip_load.CLIP_MEAN) == len(clip_load.CLIP_STD) == 3
-    assert clip_load.available_models() == ["ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336px"]
+    openai = ["ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336px"]
+    assert clip_load.available_models()[:4] == openai  # then the open checkpoints' names
+    assert all("-" in name.split("/")[0][4:] for name in clip_load.available_models()[4:])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -184,13 +192,14 @@ def test_build_model_round_trips_must_heads(must_model, tmp_path):
     sd = must_model.state_dict()
     assert {"visual.mask_token", "visual.ln_patch.weight", "visual.decoder.0.weight"} <= set(sd)
     mask = torch.rand(3, must_model.visual.grid_size ** 2) < 0.4
-    rebuilt = clip_model.build_model(sd).eval()
+    rebuilt = clip_model.build_model(sd, "quick_gelu").eval()
     assert rebuilt.visual.has_must_heads
     assert set(rebuilt.state_dict()) == set(sd)
-    torch.save(sd, tmp_path / "must.pt")
+    torch.save({**sd, "open_clip_config": clip_load.config_note(clip_load.OPENAI_SPEC)},
+               tmp_path / "must.pt")
     reloaded, _ = clip_load.load(str(tmp_path / "must.pt"))
     visual_sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
-    visual = clip_model.build_visual(visual_sd)
+    visual = clip_model.build_visual(visual_sd, "quick_gelu")
     with torch.no_grad():
         expected = must_model.visual.forward_must(REF["images"], mask)
         for model in (rebuilt.visual, reloaded.visual, visual.eval()):
@@ -207,7 +216,7 @@ def test_tiny_clip_works_with_real_tokenizer():
         texts = tokenizer.tokenize(["a photo of a dog.", "a cat"])
         logits, _ = model(images, texts)
     assert logits.shape == (2, 2) and torch.isfinite(logits).all()
-    rebuilt = clip_model.build_model(model.state_dict())
+    rebuilt = clip_model.build_model(model.state_dict(), "quick_gelu")
     assert set(rebuilt.state_dict()) == set(model.state_dict())
 
 
@@ -284,7 +293,7 @@ def _resnet_state_dict():
 def test_resnet_clip_is_rejected(tmp_path):
     sd = _resnet_state_dict()
     with pytest.raises(ValueError, match="ResNet"):
-        clip_model.build_model(sd)
+        clip_model.build_model(sd, "quick_gelu")
     torch.save(sd, tmp_path / "rn50.pt")
     with pytest.raises(ValueError, match="ResNet"):
         clip_load.load(str(tmp_path / "rn50.pt"))
@@ -325,7 +334,8 @@ def test_malformed_sparse_rows_are_refused(change, tmp_path):
     sd = torch.load(FP16, weights_only=True)
     weight = sd.pop("token_embedding.weight")
     sd.update({"token_embedding.ids": torch.tensor([3, 7]), "token_embedding.rows": weight[[3, 7]],
-               "token_embedding.vocab_size": weight.shape[0], "note": "made by hand"})
+               "token_embedding.vocab_size": weight.shape[0], "note": "made by hand",
+               "open_clip_config": clip_load.config_note(clip_load.OPENAI_SPEC)})
     torch.save(sd, tmp_path / "sparse.pt")
     model, _ = clip_load.load(str(tmp_path / "sparse.pt"))
     assert torch.equal(model.token_embedding.weight[[3, 7]], weight[[3, 7]].float())
@@ -410,7 +420,7 @@ def test_vit_without_proj_is_not_called_resnet():
     sd = torch.load(FP16, weights_only=True)
     del sd["visual.proj"]
     with pytest.raises(ValueError, match=r"^not a CLIP ViT checkpoint: missing key 'visual.proj' "):
-        clip_model.build_model(sd)
+        clip_model.build_model(sd, "quick_gelu")
 
 
 def test_key_mismatch_is_one_line_with_counts_and_examples():
@@ -420,7 +430,7 @@ def test_key_mismatch_is_one_line_with_counts_and_examples():
     sd.update({"extra.a": torch.zeros(1), "extra.b": torch.zeros(1)})
     sd["visual.class_embedding"] = sd["visual.class_embedding"][:-1]
     with pytest.raises(RuntimeError) as e:
-        clip_model.build_model(sd)
+        clip_model.build_model(sd, "quick_gelu")
     width = sd["visual.conv1.weight"].shape[0]
     assert str(e.value) == (
         "the state dict does not fit the CLIP its tensors describe: 3 key(s) missing (e.g. "

@@ -14,10 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-import data
-import prompts
+import clip_load
 import config
+import data
 import folders
+import prompts
 import randaugment
 
 
@@ -275,11 +276,15 @@ def test_randaugment_every_op_every_level():
 
 def test_test_transform():
     tf = data.test_transform(32)
-    mean_color = tuple(round(255 * m) for m in data.CLIP_MEAN)
+    mean_color = tuple(round(255 * m) for m in clip_load.CLIP_MEAN)
     x = tf(Image.new("RGB", (64, 48), mean_color))
     assert x.shape == (3, 32, 32) and x.abs().max() < 0.02  # CLIP normalization
-    assert data.CLIP_MEAN == (0.48145466, 0.4578275, 0.40821073)
-    assert data.CLIP_STD == (0.26862954, 0.26130258, 0.27577711)
+    assert clip_load.CLIP_MEAN == (0.48145466, 0.4578275, 0.40821073)
+    assert clip_load.CLIP_STD == (0.26862954, 0.26130258, 0.27577711)
+    # Another CLIP's normalization: its mean colour is its zero.
+    spec = clip_load.OPENAI_SPEC._replace(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    assert data.test_transform(32, spec)(Image.new("RGB", (64, 48), (128, 128, 128))).abs().max() \
+        < 0.01
 
 
 # --------------------------------------------------------------------------------------------------

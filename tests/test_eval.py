@@ -21,7 +21,7 @@ import must
 import prompts
 import runtime
 import train
-from conftest import tiny_clip
+from conftest import save_clip, tiny_clip
 import clip_load
 
 WNIDS = prompts.IMAGENET_WNIDS
@@ -75,7 +75,7 @@ def save_checkpoint(path, dataset, classnames, clip_path, data_root):
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_world")
     torch.manual_seed(0)
-    torch.save(tiny_clip().state_dict(), root / "clip.pt")
+    save_clip(tiny_clip(), root / "clip.pt")
     (root / "templates.txt").write_text("a photo of a {}.\n")
     imagenet_classes = prompts.DATASETS["imagenet"]["classes"]
     r_classes = data.dataset_prompts("imagenet-r")[0]
@@ -403,3 +403,12 @@ def test_every_flag_has_help():
         bare = [a.option_strings for a in actions
                 if a.option_strings and not (a.help or "").strip()]
         assert len(actions) > 10 and not bare, bare
+
+
+def test_figures_show_images_with_the_clip_s_own_normalization():
+    """to_pil undoes the normalization the CLIP's spec gives: a normalized 0 is its mean colour."""
+    zero = torch.zeros(3, 4, 4)
+    openai = figures.to_pil(zero).getpixel((0, 0))
+    half = clip_load.OPENAI_SPEC._replace(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    assert openai == tuple(round(255 * m) for m in clip_load.CLIP_MEAN)
+    assert figures.to_pil(zero, half).getpixel((0, 0)) == (128, 128, 128)

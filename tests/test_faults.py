@@ -26,15 +26,16 @@ import pytest
 import torch
 from PIL import Image
 
+import clip_load
 import data
 import eval as ev
 import figures
+import folders
 import must
 import prompts
 import runtime
 import train
-from conftest import tiny_clip
-import folders
+from conftest import save_clip, tiny_clip
 
 # Tiny models: one thread is several times faster than two on a shared 2-core machine, and as
 # deterministic.
@@ -71,9 +72,9 @@ def world(tmp_path_factory):
         folder.mkdir(parents=True, exist_ok=True)
         _png(folder / f"{i}.png", seed=100 + i)
     torch.manual_seed(0)
-    torch.save(tiny_clip().state_dict(), root / "tiny.pt")
+    save_clip(tiny_clip(), root / "tiny.pt")
     torch.manual_seed(1)
-    torch.save(tiny_clip().state_dict(), root / "other.pt")
+    save_clip(tiny_clip(), root / "other.pt")
     return root
 
 
@@ -832,6 +833,14 @@ def _other_images(n, rename=False):
     return mutate
 
 
+def _other_spec(world, tmp, ck):
+    """The same weights, said to be GELU's: another CLIP as far as the run can tell."""
+    sd = torch.load(tmp / "model.pt", weights_only=True)
+    gelu = clip_load.OPENAI_SPEC._replace(activation="gelu")
+    torch.save({**sd, "open_clip_config": clip_load.config_note(gelu)}, tmp / "model.pt")
+    return []
+
+
 def _init_from(mutate_ck):
     """--init a copy of the base checkpoint (changed by mutate_ck) into a fresh out-dir."""
     def mutate(world, tmp, ck):
@@ -840,6 +849,10 @@ def _init_from(mutate_ck):
         extra = mutate_ck(world, tmp, str(init)) if mutate_ck else []
         return extra + ["--init", str(init), "--out-dir", str(tmp / "fresh")]
     return mutate
+
+
+def _init_from_other_spec(world, tmp, ck):
+    return _other_spec(world, tmp, ck) + _init_from(None)(world, tmp, ck)
 
 
 def _init_then_other_model(world, tmp, ck):
@@ -870,6 +883,8 @@ CHECKPOINT_REFUSALS = [
      "was made with other class list (names or their order)"),
     ("templates-changed", _templates("a photo of a {}.\n"),
      "resume checkpoint {ck} was made with other prompt templates"),
+    ("other-activation-same-weights", _other_spec,
+     "resume checkpoint {ck} was made with other CLIP activation or image normalization"),
     ("templates-reordered", _templates("\n".join(data.DEFAULT_TEMPLATES[::-1])),
      "was made with other prompt templates"),
     ("other-dataset", _resave(_other_dataset),
@@ -894,6 +909,8 @@ CHECKPOINT_REFUSALS = [
      "{init} holds a CLIP's weights, not a checkpoint"),
     ("init-other-model", _init_then_other_model,
      "--init checkpoint {init} was made with other CLIP weights (--model)"),
+    ("init-other-activation", _init_from_other_spec,
+     "--init checkpoint {init} was made with other CLIP activation or image normalization"),
 ]
 
 
@@ -1720,6 +1737,13 @@ LOAD_ERRORS = [
     ("a-tensor-of-another-shape", _state_dict(_reshaped),
      DOES_NOT_FIT + " 0 key(s) missing, 0 unexpected, 1 of another shape ('visual.ln_post.weight': "
      "(3,) in the file, (64,) in the model)"),
+    ("activation-not-said", _state_dict(_drop("open_clip_config")),
+     "{path}: it holds a CLIP's weights but not its activation (GELU or QuickGELU) or image "
+     "normalization, which a state dict cannot store: put the open_clip_config.json it came with "
+     "beside it, or load it by name"),
+    ("a-config-it-cannot-follow",
+     _state_dict(_drop(open_clip_config='{"preprocess_cfg": {"resize_mode": "squash"}}')),
+     "{path}: resize_mode 'squash' is not supported"),
 ]
 
 

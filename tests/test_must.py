@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import clip_load
+import clip_model
 import must
 import runtime
 from conftest import tiny_clip
@@ -376,3 +378,15 @@ def test_load_checkpoint_roundtrip(tmp_path):
         assert torch.allclose(t_loaded(x).logits, teacher(x).logits, atol=1e-6)
     with pytest.raises(ValueError):
         must.load_checkpoint(ckpt, "ema")
+
+
+def test_load_checkpoint_rebuilds_the_activation_the_run_started_from(tmp_path):
+    """A run from a GELU CLIP records its spec; the tower comes back with GELU. Checkpoints older
+    than that record were all QuickGELU's."""
+    model, _, _ = tiny_must(num_classes=4)
+    state = model.state_dict()
+    gelu = clip_load.OPENAI_SPEC._replace(activation="gelu")
+    for record, expected in (({"clip": gelu._asdict()}, nn.GELU), ({}, clip_model.QuickGELU)):
+        rebuilt = must.load_checkpoint({"student": state, "teacher": state, **record})
+        block = rebuilt.visual.transformer.resblocks[0]
+        assert type(block.mlp.gelu) is expected

@@ -92,7 +92,7 @@ def _recording_ops(monkeypatch):
     log = []
     for name in randaugment._RANDAUG_OPS:
         monkeypatch.setitem(randaugment._RANDAUG_OPS, name,
-                            lambda img, m, neg, name=name: log.append((name, m, neg)) or img)
+                            lambda img, m, neg, fill, name=name: log.append((name, m, neg)) or img)
     return log
 
 

@@ -45,7 +45,7 @@ def toy_must_model(toy_state, extra, logit_scale):
     """The toy CLIP's image tower with the release's [MSK] / patch LayerNorm / decoder and
     classifier."""
     visual_state = {k[len("visual."):]: v for k, v in toy_state.items() if k.startswith("visual.")}
-    visual = clip_model.build_visual(visual_state)
+    visual = clip_model.build_visual(visual_state, "quick_gelu")  # the toy CLIP's
     model = must.MUSTModel(visual, extra["classifier.weight"].t(), logit_scale)
     state = model.state_dict()
     assert set(extra) <= set(state)
@@ -96,7 +96,7 @@ def test_masked_forward_matches_release(release, toy_state):
 
 
 def test_zero_shot_head_matches_release(release, toy_state):
-    clip = clip_model.build_model(toy_state)
+    clip = clip_model.build_model(toy_state, "quick_gelu")
     head = prompts.zero_shot_head(clip, toy.SHAPES, toy.TEMPLATES)  # (D, K)
     expected = release["forward"]["extra"]["classifier.weight"].t()
     torch.testing.assert_close(head, expected, rtol=0, atol=1e-6)

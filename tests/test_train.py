@@ -13,11 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
+import clip_load
 import config
 import must
 import runtime
 import train
-from conftest import tiny_clip
+from conftest import save_clip, tiny_clip
 
 # tiny models: one thread is several times faster than two on a shared 2-core machine,
 # and as deterministic
@@ -40,9 +41,9 @@ def world(tmp_path_factory):
             pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(folder / f"{i}.png")
     torch.manual_seed(0)
-    torch.save(tiny_clip().state_dict(), root / "tiny.pt")
+    save_clip(tiny_clip(), root / "tiny.pt")
     torch.manual_seed(1)
-    torch.save(tiny_clip().state_dict(), root / "other.pt")
+    save_clip(tiny_clip(), root / "other.pt")
     return root
 
 
@@ -319,7 +320,7 @@ def test_strong_view_flag(world, tmp_path, monkeypatch):
     monkeypatch.setattr(data, "TrainTransform",
                         lambda *a, **k: seen.append(a[2:] + tuple(k.values())) or real(*a, **k))
     train.main(argv(world, tmp_path / "light", "--strong-view", "light", "--max-steps", "1"))
-    assert seen == [("light",)]
+    assert seen == [("light", clip_load.OPENAI_SPEC)]  # the view, and the CLIP's normalization
     assert "--strong-view heavy is not allowed: it must be one of paper, light" in error_of(
         argv(world, tmp_path / "heavy", "--strong-view", "heavy"))
 

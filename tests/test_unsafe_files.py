@@ -128,7 +128,7 @@ def _assert_unpublished_archive_message(message, path):
             and "not one of OpenAI's published files" in message)
     assert "never runs code from a file" in message
     # It tells how to convert a trusted file.
-    assert f"torch.save(torch.jit.load({path!r}).state_dict(), 'clip.pt')" in message
+    assert f"sd = torch.jit.load({path!r}).state_dict(); sd['open_clip_config'] = " in message
 
 
 @pytest.mark.parametrize("kind", CRAFTED)
@@ -203,7 +203,8 @@ def test_published_archive_goes_through_torch_jit_load(tmp_path, monkeypatch):
                         lambda f, **kw: calls.append(f) or real_jit_load(f, **kw))
     sha = clip_load._sha256(JIT)
     monkeypatch.setitem(clip_load._MODELS, "Fake-1", f"file:///nowhere/{sha}/Fake-1.pt")
-    sd = clip_load._read_state_dict(JIT)
+    sd, notes = clip_load._read_state_dict(JIT)
+    assert notes == {}
     assert len(calls) == 1 and isinstance(calls[0], io.BufferedReader)
     assert list(sd) == list(reference)  # parameters and buffers, in state_dict()'s order
     for k, v in reference.items():
