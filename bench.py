@@ -40,7 +40,7 @@ the patch embedding's backward is its weight gradient alone. Per image of an opt
 ViT-B/16 at 224 px (N = 196, T = 197, C = 768, L = 12, D = 512, K = 1000): F = 35.1 GFLOP,
 F_s = 35.5, a step 141.4 GFLOP per image, and 176.9 (+25%: about 5 forwards' worth instead of 4)
 with exact accumulation. tests/test_bench.py checks both formulas against torch.utils.flop_counter
-on a real train_step of the tiny model.
+on a real must.must_step of the tiny model.
 """
 import argparse
 import os

@@ -237,7 +237,7 @@ def require_dir(path, what):
 def scan_class_folders(split_dir, dataset, classnames, ignored=None):
     """Samples of an ImageFolder layout split_dir/<class>/**/<image>, labels mapped by name.
 
-    Entries the listing leaves out are appended to `ignored` (see _list_images).
+    Entries the listing leaves out are appended to `ignored` (see list_images).
     """
     try:
         entries = list(os.scandir(split_dir))
