@@ -277,18 +277,19 @@ def _download_from_hub(repo, filename, root):
 # What a file says about itself
 
 def _read_file(path):
-    """(state dict, ClipSpec or None) of a checkpoint file: the spec of its SHA-256 if it is a
-    known file, else of its own `open_clip_config` note, else of an open_clip_config.json beside
-    it."""
+    """(state dict, ClipSpec or None) of a checkpoint file. A TorchScript archive is read only when
+    its SHA-256 is one of OpenAI's, so it is OpenAI's CLIP; any other file says its spec by its own
+    `open_clip_config` note, an open_clip_config.json beside it, or its SHA-256 if it is a known
+    file (hashed last: an open checkpoint can be gigabytes)."""
     sd, notes = _read_state_dict(path)
     beside = os.path.join(os.path.dirname(os.path.abspath(path)), "open_clip_config.json")
-    sha = _sha256(path)
-    spec = OPENAI_SPEC if sha in _openai_sha256s() else _KNOWN_FILES.get(sha)
-    if spec is None and "open_clip_config" in notes:
-        spec = _open_clip_spec(_parse_json(notes["open_clip_config"], path), path, sd)
-    elif spec is None and os.path.isfile(beside):
-        spec = _open_clip_spec(_parse_json(_read_text(beside), beside), beside, sd)
-    return sd, spec  # None: the file does not say (load refuses it)
+    if _is_torchscript(path):
+        return sd, OPENAI_SPEC
+    if "open_clip_config" in notes:
+        return sd, _open_clip_spec(_parse_json(notes["open_clip_config"], path), path, sd)
+    if os.path.isfile(beside):
+        return sd, _open_clip_spec(_parse_json(_read_text(beside), beside), beside, sd)
+    return sd, _KNOWN_FILES.get(_sha256(path))  # None: the file does not say (load refuses it)
 
 
 def _read_text(path):

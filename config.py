@@ -18,7 +18,7 @@ import clip_load
 import data
 import folders
 import toy  # noqa: F401 -- registers --data toy, the offline demo world
-from runtime import add_machine_flags, fail, fingerprint
+from runtime import add_machine_flags, fail, fingerprint, make_folder
 
 # ----------------------------------------------------------------------------------------------
 # The paper's Table 10, as released
@@ -263,12 +263,7 @@ def check_flags(args):
     if args.global_batch is not None:
         split_batch(args, int(os.environ.get("WORLD_SIZE", 1)))
     args.out_dir = args.out_dir or os.path.join("out", args.data)
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-    except OSError as e:
-        fail(f"--out-dir {args.out_dir} cannot be created ({e.strerror})")
-    if not os.access(args.out_dir, os.W_OK):
-        fail(f"--out-dir {args.out_dir} is not writable")
+    make_folder("--out-dir", args.out_dir)
 
 
 def check_text_files(classes, templates):

@@ -48,7 +48,8 @@ import must
 import prompts
 import toy  # noqa: F401 -- registers --data toy
 from runtime import (add_machine_flags, all_reduce, any_process, autocast_for, fail,
-                     ignore_stop_signals, is_distributed, pick_device, read_checkpoint, save_atomic)
+                     ignore_stop_signals, is_distributed, make_folder, pick_device, read_checkpoint,
+                     save_atomic)
 
 
 # ImageNet-C's 15 benchmark corruptions and AlexNet's error on each, averaged over the 5 severities
@@ -523,18 +524,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _make_folder(flag, path, folder):
-    """Create `folder`, where `flag`'s output goes, now: a path that cannot hold the output is then
-    refused before any model is loaded, not after the whole evaluation."""
-    where = "" if path == folder else f": its folder {folder}"
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        fail(f"{flag} {path}{where} cannot be created ({e.strerror})")
-    if not os.access(folder, os.W_OK):
-        fail(f"{flag} {path}{where} is not writable")
-
-
 def check_flags(args):
     """Every flag and file that can be checked without a model, one line each. Sets args.out_dir to
     the folder the outputs go to, made here as train.py makes its own."""
@@ -555,9 +544,9 @@ def check_flags(args):
     if args.out_dir is None:  # the checkpoint's folder, now known to exist, or out/eval
         args.out_dir = os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint else \
             os.path.join("out", "eval")
-    _make_folder("--out-dir", args.out_dir, args.out_dir)
+    make_folder("--out-dir", args.out_dir)
     if args.json:
-        _make_folder("--json", args.json, os.path.dirname(os.path.abspath(args.json)))
+        make_folder("--json", args.json, os.path.dirname(os.path.abspath(args.json)))
 
 
 def resolve_sets(args, run, transform):

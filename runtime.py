@@ -231,6 +231,19 @@ def save_atomic(obj, path, write=None):
         os.close(fd)
 
 
+def make_folder(flag, path, folder=None):
+    """Create `folder` (path itself by default), where a flag's output goes, before any work: a
+    path that cannot hold the output is a one-line error now, not after a run."""
+    folder = folder or path
+    where = "" if path == folder else f": its folder {folder}"
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        fail(f"{flag} {path}{where} cannot be created ({e.strerror})")
+    if not os.access(folder, os.W_OK):
+        fail(f"{flag} {path}{where} is not writable")
+
+
 def _weights_only_refusal(e):
     """torch's own line in an error of torch.load(..., weights_only=True), such as 'Unsupported
     operand 108' or 'Unsupported global: GLOBAL io.open was not an allowed global by default';
