@@ -5,7 +5,7 @@
     # exact accumulation, torch.compile
     python bench.py --model ViT-B/16 --batch 128 --accum 2 --compile
     python bench.py --model ViT-S/16 --batch 16 --device cpu --amp fp32
-    python bench.py --pipeline --model ViT-B/16 --workers 8 --step-images-per-s 900
+    python bench.py --pipeline --model ViT-B/16 --workers 8 --step-images-per-s 2500
 
 Step mode times must.must_step, which is all of an optimizer step (the passes counted below, and
 AdamW over train.param_groups) but the data loader. The weights are random (architectures by name,
@@ -18,9 +18,11 @@ ms per step, achieved TFLOP/s from the analytic count below, utilization of a kn
 RSS, Python and torch included).
 
 Pipeline mode (--pipeline) times data.TrainTransform (decode + weak view + the paper's strong view
-with RandAugment + mask) on generated photo-sized JPEGs, on one core in this process and with
---workers DataLoader processes, and says how many cores per GPU a step speed (--step-images-per-s,
-or measured first) needs.
+with RandAugment + mask, as uint8) on generated photo-sized JPEGs: on one core in this process,
+then through train.py's own loader with --workers processes for --seconds after their start-up
+(on a GPU with the copy and normalization of each batch). Its figure is images per CPU second of
+the workers and the process together, the whole cost of an image on a core, and from it the cores
+per GPU that a step speed (--step-images-per-s, or measured first) needs.
 
 FLOP count (vit_forward_flops, train_flops_per_image). A multiply-add is 2 FLOPs. Only matmuls and
 convolutions are counted: LayerNorm, softmax, GELU and the losses are O(T·C) or O(T²·heads) per
@@ -51,7 +53,6 @@ import time
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
 import clip_load
 import clip_model
@@ -59,6 +60,7 @@ import config
 import data
 import folders
 import must
+import runtime
 import train
 from runtime import add_machine_flags, autocast_for, fail, pick_device
 
@@ -243,8 +245,9 @@ def make_jpegs(folder, count, width, height, seed=0):
 
 
 def bench_pipeline(args):
-    """Decode + weak view + strong view + mask per image: on one core, with --workers, and the
-    cores a step needs."""
+    """The views' cost per image: the transform alone on one core in this process, then the loader
+    as train.py runs it (train.train_loader) with --workers processes, timed in its steady state,
+    and the cores a step needs."""
     visual, what, hp, gen = build_tower(args)
     size = visual.input_resolution
     width, height = (int(v) for v in args.jpeg_size.lower().split("x"))
@@ -253,45 +256,85 @@ def bench_pipeline(args):
         kib = sum(os.path.getsize(p) for p in paths) / len(paths) / 1024
         samples = [(paths[i % len(paths)], -1) for i in range(args.images)]
         dataset = folders.ImageList(samples, [], [], data.TrainTransform(size, gen, "paper"))
-        torch.manual_seed(0)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # in this process on one thread, as in a DataLoader worker
-        dataset[0]  # first call: lazy imports and allocations
-        tic, cpu = time.perf_counter(), time.process_time()
-        for i in range(args.images):
-            dataset[i]
-        wall = args.images / (time.perf_counter() - tic)
-        # The CPU time measures the cost of an image on a core, whatever else runs.
-        one_core = args.images / (time.process_time() - cpu)
-        torch.set_num_threads(threads)
-        loader = None
-        if args.workers:  # timed from the first batch on (worker start-up left out)
-            data_loader = DataLoader(dataset, batch_size=args.loader_batch,
-                                     num_workers=args.workers)
-            batches = iter(data_loader)
-            next(batches)
-            tic, seen = time.perf_counter(), 0
-            for (weak, _, _), _ in batches:
-                seen += len(weak)
-            loader = seen / (time.perf_counter() - tic) if seen else float("nan")
+        one_core = time_one_core(dataset)
+        loader = time_loader(args, dataset) if args.workers else None
     print(f"pipeline       {what}: {size} px views, paper strong view (RandAugment), "
-          f"mask unit {hp['mask_unit']}, {args.images} images from {len(paths)} JPEGs of "
-          f"{width}x{height} ({kib:.0f} KiB on average, page-cached)")
-    print(f"one core       {one_core:.1f} images per CPU second ({wall:.1f} per wall second)")
+          f"mask unit {hp['mask_unit']}, from {len(paths)} JPEGs of {width}x{height} "
+          f"({kib:.0f} KiB on average, page-cached)")
+    print(f"one core       {one_core:.1f} images per CPU second (the transform alone, "
+          f"{args.images} images)")
+    per_core = one_core
     if loader is not None:
-        share = loader / (args.workers * one_core)
-        print(f"{args.workers} workers      {loader:.1f} images/s ({share:.0%} of "
-              f"{args.workers} x one core)")
+        per_core = loader["per_cpu_s"]
+        print(f"{args.workers} workers      {loader['per_s']:.1f} images/s, "
+              f"{per_core:.1f} per CPU second of the workers and this process together "
+              f"({loader['images']} images in {loader['seconds']:.1f} s after "
+              f"{loader['warmup']} batches of {args.loader_batch})")
     step = args.step_images_per_s
     if step is None:
         print("measuring the step to feed (give --step-images-per-s to skip):")
         step = bench_step(args)["images_per_s"]
-    cores = step / one_core
+    cores = step / per_core
     print(f"cores/GPU      {cores:.3g} to feed {step:.4g} images/s "
-          "(at the one-core rate per CPU second)")
-    return {"one_core_images_per_s": one_core, "one_core_wall_images_per_s": wall,
-            "loader_images_per_s": loader, "step_images_per_s": step, "cores_per_gpu": cores,
-            "jpeg_kib": kib}
+          f"(at {per_core:.1f} images per CPU second)")
+    return {"one_core_images_per_s": one_core, "loader": loader, "step_images_per_s": step,
+            "images_per_core_s": per_core, "cores_per_gpu": cores, "jpeg_kib": kib}
+
+
+def time_one_core(dataset):
+    """Images per CPU second of the transform, on one thread in this process as in a worker."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    dataset[0]  # first call: lazy imports and allocations
+    cpu = time.process_time()
+    for i in range(len(dataset)):
+        dataset[i]
+    torch.set_num_threads(threads)
+    return len(dataset) / (time.process_time() - cpu)
+
+
+def time_loader(args, dataset):
+    """train.py's loader over the dataset, repeated, in its steady state: timed after the first
+    2 batches per worker (their start-up), for --seconds. On a GPU each batch is copied and
+    normalized as the trainer does (train.next_parts). The CPU time counted is the workers'
+    (from /proc) and this process's, so other processes' turns on a shared machine do not count.
+    -> {"per_s", "per_cpu_s", "images", "seconds", "warmup"}"""
+    device = pick_device(args.device)
+    repeats = torch.utils.data.ConcatDataset([dataset] * 1000)
+    sampler = runtime.ResumableSampler(repeats, num_replicas=1, rank=0, drop_last=True)
+    settings = argparse.Namespace(num_workers=args.workers, seed=0)
+    loader = train.train_loader(repeats, sampler, args.loader_batch, settings, device)
+    batches = iter(loader)
+    warmup = 2 * args.workers
+    for _ in range(warmup):
+        next(batches)
+    workers = [w.pid for w in batches._workers]
+    tic, cpu = time.perf_counter(), cpu_seconds(workers) + time.process_time()
+    images = 0
+    while time.perf_counter() - tic < args.seconds:
+        (weak, strong, _), _ = next(batches)
+        if device.type == "cuda":
+            for views in (weak, strong):
+                data.normalize(views.to(device, non_blocking=True), clip_load.OPENAI_SPEC)
+        images += len(weak)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - tic
+    cpu = cpu_seconds(workers) + time.process_time() - cpu
+    train.end_workers(loader)
+    return {"per_s": images / seconds, "per_cpu_s": images / cpu, "images": images,
+            "seconds": seconds, "warmup": warmup}
+
+
+def cpu_seconds(pids):
+    """The user + system CPU seconds that processes have used so far (Linux's /proc)."""
+    ticks = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime and stime, fields 14 and 15
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -320,16 +363,21 @@ def parse_args(argv=None):
     g = p.add_argument_group("pipeline")
     g.add_argument("--pipeline", action="store_true",
                    help="time data.TrainTransform instead of the step")
-    g.add_argument("--workers", type=int, default=0,
-                   help="also time a DataLoader with this many worker processes")
+    g.add_argument("--workers", type=int, default=runtime.default_workers(),
+                   help="also time train.py's loader with this many worker processes; 0: the "
+                        "transform alone (default: train.py's --num-workers, %(default)s here)")
+    g.add_argument("--seconds", type=float, default=20.0,
+                   help="how long the loader is timed, after its start-up (default: "
+                        "%(default)s)")
     g.add_argument("--images", type=int, default=256,
-                   help="images to transform per measurement (default: %(default)s)")
+                   help="images transformed on one core (default: %(default)s)")
     g.add_argument("--jpeg-count", type=int, default=16,
                    help="distinct JPEGs generated (default: %(default)s)")
     g.add_argument("--jpeg-size", default="500x375",
                    help="their WxH, ImageNet's typical (default: %(default)s)")
-    g.add_argument("--loader-batch", type=int, default=32,
-                   help="DataLoader batch size (default: %(default)s)")
+    g.add_argument("--loader-batch", type=int, default=128,
+                   help="the loader's batch, a process's micro-batch (default: %(default)s, "
+                        "ViT-B/16's on 8 GPUs)")
     g.add_argument("--step-images-per-s", type=float,
                    help="the step speed to feed [measured first]")
     args = p.parse_args(argv)
@@ -338,6 +386,8 @@ def parse_args(argv=None):
             fail(f"--{name.replace('_', '-')} must be at least 1")
     if args.warmup < 0 or args.workers < 0:
         fail("--warmup and --workers must be 0 or more")
+    if args.seconds <= 0:
+        fail("--seconds must be more than 0")
     return args
 
 

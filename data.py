@@ -108,23 +108,33 @@ class TrainTransform:
     """One decoded PIL image -> (weak, strong, mask).
 
     weak is the teacher's view (resize + random crop), strong the student's view
-    (strong_view(input_size, strong): 'paper' or 'light'), and mask the strong view's patch mask;
-    both views are normalized as the CLIP's spec (clip_load.ClipSpec) says.
+    (strong_view(input_size, strong): 'paper' or 'light'), and mask the strong view's patch mask.
+    The views are uint8 (3, H, W), a quarter of float32's bytes to pass from a loader worker and
+    to copy to the GPU; normalize() makes them the CLIP's input where they are used. spec
+    (clip_load.ClipSpec) gives the resize's interpolation and RandAugment's fill colour.
     """
 
     def __init__(self, input_size, mask_generator, strong="paper", spec=OPENAI_SPEC):
         resize = clip_load.INTERPOLATIONS[spec.interpolation]
-        normalize = T.Normalize(spec.mean, spec.std)
         self.weak = T.Compose([
             T.Resize(input_size, interpolation=resize), T.RandomCrop(input_size),
-            T.ToTensor(), normalize])
-        self.strong = T.Compose([
-            strong_view(input_size, strong, spec.mean),
-            T.ToTensor(), normalize])
+            T.PILToTensor()])
+        self.strong = T.Compose([strong_view(input_size, strong, spec.mean), T.PILToTensor()])
         self.mask_generator = mask_generator
 
     def __call__(self, img):
         return self.weak(img), self.strong(img), self.mask_generator()
+
+
+def normalize(images, spec):
+    """uint8 views (..., 3, H, W), on any device -> float32, normalized as the CLIP's spec says.
+
+    The arithmetic is T.ToTensor's and T.Normalize's, in their order: on the CPU the result is
+    bit for bit theirs, and on a GPU it runs after the copy, off the loader workers' cores.
+    """
+    mean = torch.tensor(spec.mean, device=images.device).view(-1, 1, 1)
+    std = torch.tensor(spec.std, device=images.device).view(-1, 1, 1)
+    return images.float().div(255).sub(mean).div(std)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ import prompts
 import toy  # noqa: F401 -- registers --data toy
 from runtime import (add_machine_flags, all_reduce, any_process, autocast_for, fail,
                      ignore_stop_signals, is_distributed, make_folder, pick_device, read_checkpoint,
-                     save_atomic)
+                     save_atomic, shared_memory_problem)
 
 
 # ImageNet-C's 15 benchmark corruptions and AlexNet's error on each, averaged over the 5 severities
@@ -771,7 +771,11 @@ def main(argv=None):
     amp_dtype, _ = autocast_for(args.amp, device)  # eval runs no backward: no GradScaler
     models, model_ids, run, clip, clip_name, spec = load_models(args)
     visual = (models["student"] if models else clip).visual
-    transform = data.test_transform(visual.input_resolution, spec)
+    size = visual.input_resolution
+    problem = shared_memory_problem(args.num_workers, args.batch_size * (4 * 3 * size ** 2 + 8))
+    if problem:
+        fail(problem)
+    transform = data.test_transform(size, spec)
     mode, sets, found = resolve_sets(args, run, transform)
     out_dir = args.out_dir  # made by check_flags
     if clip is not None:

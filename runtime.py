@@ -11,6 +11,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -61,10 +62,22 @@ def add_machine_flags(parser, workers=True, download_root=True):
                    help="mixed precision: auto = bf16 on GPUs that support it, fp32 on CPU; fp16 "
                         "adds a GradScaler in training (default: auto)")
     if workers:
-        g.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
-                       help="data loader processes per process [min(8, CPU cores)]")
+        g.add_argument("--num-workers", type=int, default=default_workers(),
+                       help="data loader processes per process: the views of a ViT-B/16 step "
+                            "need about 16 cores per GPU (bench.py --pipeline) [the cores this "
+                            "process may use, shared by torchrun's processes on this node, less "
+                            "one for the process itself]")
     if download_root:
         g.add_argument("--download-root", help="where CLIP checkpoints are cached [~/.cache/clip]")
+
+
+def default_workers():
+    """Loader workers per process: the cores this process may use (its CPU affinity), divided
+    among the LOCAL_WORLD_SIZE processes torchrun starts on this node, less one core for the
+    process itself (at least one worker)."""
+    cores = len(os.sched_getaffinity(0))
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, cores // processes - 1)
 
 
 def autocast_for(amp, device):
@@ -156,6 +169,25 @@ def set_rng_state(state):
     random.setstate((version, tuple(internal), gauss))
 
 
+def shared_memory_problem(workers, batch_bytes, folder="/dev/shm"):
+    """Why `workers` loader processes per process cannot hand over batches of batch_bytes, or
+    None. They pass them through shared memory, up to two batches each in flight; a container's
+    default 64 MiB there ends the run with a bus error at its first batch. Every process that
+    torchrun starts on this node needs as much."""
+    if not workers or not os.path.isdir(folder):
+        return None
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    need, free = processes * workers * 2 * batch_bytes, shutil.disk_usage(folder).free
+    if free >= need:
+        return None
+    mib = 2 ** 20
+    return (f"{folder} has {free / mib:.0f} MiB free, and the loader workers of this node's "
+            f"{processes} process(es) pass their batches through it: about {need / mib:.0f} MiB "
+            f"({workers} workers x 2 batches of {batch_bytes / mib:.0f} MiB each); give it more "
+            f"room (docker run --shm-size {math.ceil(need / 2 ** 30)}g) or lower --num-workers "
+            f"(0 loads in the process itself)")
+
+
 # --------------------------------------------------------------------------------------------------
 # data order: the same samples and random views at every split and after a resume
 
@@ -163,16 +195,19 @@ class SeededViews(Dataset):
     """Draws each training image's random views and mask from a seed of (seed, epoch, index) alone,
     so the global batch of a step is the same whatever the number of processes or workers, and a
     resumed run sees exactly the views of an uninterrupted one (as long as the augmentations draw
-    from torch's RNG only, as data.py's do)."""
+    from torch's RNG only, as data.py's do). Its items are keyed (epoch, index), as
+    ResumableSampler yields them: the epoch travels with each index, so that persistent loader
+    workers, which keep their own copy of this object, draw each epoch's views."""
 
     def __init__(self, dataset, seed):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
+        self.dataset, self.seed = dataset, seed
 
     def __len__(self):
         return len(self.dataset)
 
-    def __getitem__(self, index):
-        key = f"{self.seed}/{self.epoch}/{index}".encode()
+    def __getitem__(self, key):
+        epoch, index = key
+        key = f"{self.seed}/{epoch}/{index}".encode()
         digest = hashlib.blake2b(key, digest_size=8).digest()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int.from_bytes(digest, "little") & (2 ** 63 - 1))
@@ -181,13 +216,14 @@ class SeededViews(Dataset):
 
 class ResumableSampler(DistributedSampler):
     """DistributedSampler (shuffled, drop_last) that can start inside an epoch, skipping `start`
-    samples of this rank's share. With drop_last, step k of every rank covers global positions
-    [k·B, (k+1)·B) of the epoch's permutation, so the union over ranks is the one-process batch."""
+    samples of this rank's share, and yields (epoch, index) keys (SeededViews). With drop_last,
+    step k of every rank covers global positions [k·B, (k+1)·B) of the epoch's permutation, so
+    the union over ranks is the one-process batch."""
 
     start = 0
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.start:])
+        return iter([(self.epoch, i) for i in list(super().__iter__())[self.start:]])
 
     def __len__(self):
         return self.num_samples - self.start

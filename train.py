@@ -41,7 +41,7 @@ from eval import EvalSet, evaluate, report_listing, report_unreadable
 from runtime import (ResumableSampler, RunLock, SeededViews, StopRequest, all_reduce, any_process,
                      autocast_for, barrier, fail, fingerprint, ignore_stop_signals, is_distributed,
                      rank_zero_first, read_checkpoint, rng_state, save_atomic, set_rng_state,
-                     setup_distributed)
+                     setup_distributed, shared_memory_problem)
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"  # the checkpoint before, kept until the newest is known good
@@ -69,8 +69,8 @@ class Run:
     # The data: unlabeled training images, labeled test images (None: not evaluated).
     train_set: torch.utils.data.Dataset
     test_set: Optional[torch.utils.data.Dataset]
-    views: SeededViews  # each training image's (weak, strong, mask), seeded by image and epoch
     sampler: ResumableSampler  # this process's share of an epoch, in an order resumes keep
+    loader: DataLoader  # its (weak, strong, mask) views, seeded by image and epoch, as uint8
     micro_batch: int  # images per forward pass
     accum: int  # micro-batches per optimizer step on this process
     # The schedule (§3.4) and the metric.
@@ -162,61 +162,57 @@ def train_one_epoch(run):
     flight finished)."""
     args = run.args
     epoch, first = divmod(run.step, run.steps_per_epoch)
-    run.views.epoch = epoch
-    run.sampler.set_epoch(epoch)
+    run.sampler.set_epoch(epoch)  # it hands the epoch to the workers with each index
     run.sampler.start = first * run.accum * run.micro_batch  # this process's samples per step
-    loader = DataLoader(run.views, batch_size=run.micro_batch, sampler=run.sampler,
-                        num_workers=args.num_workers, pin_memory=run.device.type == "cuda",
-                        drop_last=True, worker_init_fn=ignore_stop_signals)
-    batches = iter(loader)
-    try:
-        run.model.train()
-        bar = tqdm(range(first, run.steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}",
-                   disable=run.rank != 0, initial=first, total=run.steps_per_epoch,
-                   dynamic_ncols=True)
-        tic, seen = time.time(), 0
-        for _ in bar:
-            if args.max_steps is not None and run.step >= args.max_steps:
-                return "max-steps"
-            set_lr(run.optimizer, cosine_lr(run.step, run.total_steps, run.lr, run.min_lr))
-            mu = must.ema_momentum(run.step, args.ema_mu0, args.ema_mu_n)
-            stats = must.must_step(
-                run.student, run.teacher, run.model, run.optimizer, run.scaler, run.fairness,
-                next_parts(batches, run.accum), conf_threshold=args.conf_threshold,
-                lambda_reg=args.lambda_reg, lambda_align=args.lambda_align, align_k=args.align_k,
-                patch_size=run.student.visual.patch_size, global_batch=args.global_batch,
-                ema_mu=mu, new_epoch=run.step % run.steps_per_epoch == 0, use_reg=not args.no_reg,
-                use_mim=not args.no_mim, use_align=not args.no_align, amp_dtype=run.amp_dtype,
-                world=run.world)
-            run.nonfinite += stats["nonfinite"]
-            run.step += 1
-            seen += args.global_batch
-            stop = stop_requested(run)  # every rank ends at the same step
-            if run.step % args.log_freq == 0 or run.step % run.steps_per_epoch == 0 or stop:
-                check_health(run)
-                record = log_train(run, stats, mu, seen / (time.time() - tic))
-                bar.set_postfix(loss=f"{record['loss']:.3f}", conf=f"{record['conf_ratio']:.2f}")
-                tic, seen = time.time(), 0
-            if stop:
-                return "signal"
-            if args.save_freq and run.step % args.save_freq == 0 and run.step % run.steps_per_epoch:
-                save_checkpoint(run)
-        return "epoch"
-    finally:
-        # A worker ignores SIGTERM (ignore_stop_signals), so the interpreter's exit cannot stop
-        # one that an error left running (a worker's exception keeps the loader alive in a
-        # reference cycle until the process ends, and the exit then waits for it forever): the
-        # workers are ended here, whatever ended the epoch.
-        getattr(batches, "_shutdown_workers", lambda: None)()
+    batches = iter(run.loader)
+    run.model.train()
+    bar = tqdm(range(first, run.steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}",
+               disable=run.rank != 0, initial=first, total=run.steps_per_epoch, dynamic_ncols=True)
+    tic, seen = time.time(), 0
+    for _ in bar:
+        if args.max_steps is not None and run.step >= args.max_steps:
+            return "max-steps"
+        set_lr(run.optimizer, cosine_lr(run.step, run.total_steps, run.lr, run.min_lr))
+        mu = must.ema_momentum(run.step, args.ema_mu0, args.ema_mu_n)
+        stats = must.must_step(
+            run.student, run.teacher, run.model, run.optimizer, run.scaler, run.fairness,
+            next_parts(run, batches), conf_threshold=args.conf_threshold,
+            lambda_reg=args.lambda_reg, lambda_align=args.lambda_align, align_k=args.align_k,
+            patch_size=run.student.visual.patch_size, global_batch=args.global_batch,
+            ema_mu=mu, new_epoch=run.step % run.steps_per_epoch == 0, use_reg=not args.no_reg,
+            use_mim=not args.no_mim, use_align=not args.no_align, amp_dtype=run.amp_dtype,
+            world=run.world)
+        run.nonfinite += stats["nonfinite"]
+        run.step += 1
+        seen += args.global_batch
+        stop = stop_requested(run)  # every rank ends at the same step
+        if run.step % args.log_freq == 0 or run.step % run.steps_per_epoch == 0 or stop:
+            check_health(run)
+            record = log_train(run, stats, mu, seen / (time.time() - tic))
+            bar.set_postfix(loss=f"{record['loss']:.3f}", conf=f"{record['conf_ratio']:.2f}")
+            tic, seen = time.time(), 0
+        if stop:
+            return "signal"
+        if args.save_freq and run.step % args.save_freq == 0 and run.step % run.steps_per_epoch:
+            save_checkpoint(run)
+    return "epoch"
 
 
-def next_parts(batches, accum):
-    """This process's accumulation micro-batches of the next step:
-    [((weak, strong, mask), target)]."""
+def next_parts(run, batches):
+    """This process's accumulation micro-batches of the next step, on its device:
+    [((weak, strong, mask), target)], the views normalized there (data.normalize). From pinned
+    memory the copies do not wait for the device."""
     try:
-        return [next(batches) for _ in range(accum)]
+        parts = [next(batches) for _ in range(run.accum)]
     except folders.UnreadableDataset as e:  # from a worker: the message ends its traceback
         fail(str(e).strip().splitlines()[-1].removeprefix("folders.UnreadableDataset: "))
+    on_device = []
+    for (weak, strong, mask), target in parts:
+        weak, strong, mask, target = (t.to(run.device, non_blocking=True)
+                                      for t in (weak, strong, mask, target))
+        views = (data.normalize(weak, run.clip_spec), data.normalize(strong, run.clip_spec), mask)
+        on_device.append((views, target))
+    return on_device
 
 
 def stop_requested(run):
@@ -329,13 +325,16 @@ def train(run):
     args = run.args
     # Zero-shot (or the --init model) before training, or an evaluation a stop cut short.
     why = "epoch" if run_eval(run) else "signal"
-    while why == "epoch" and run.step < run.total_steps:
-        why = train_one_epoch(run)
-        save_checkpoint(run)
-        if why == "epoch" and not run_eval(run):
-            why = "signal"
-        if why == "epoch" and args.max_steps is not None and run.step >= args.max_steps:
-            why = "max-steps"
+    try:
+        while why == "epoch" and run.step < run.total_steps:
+            why = train_one_epoch(run)
+            save_checkpoint(run)
+            if why == "epoch" and not run_eval(run):
+                why = "signal"
+            if why == "epoch" and args.max_steps is not None and run.step >= args.max_steps:
+                why = "max-steps"
+    finally:
+        end_workers(run.loader)
     save_checkpoint(run)  # the last evaluation joins the checkpoint
     if run.rank == 0:
         if run.step == run.total_steps:  # the run is over: its last checkpoint is its result
@@ -540,7 +539,8 @@ def build_run(args, rank, world, device, stop):
              f"{args.global_batch}")
     lr, min_lr = (x * args.global_batch / 256 for x in (args.base_lr, args.base_min_lr))
     amp_dtype, use_scaler = autocast_for(args.amp, device)
-    views = SeededViews(train_set, args.seed)
+    sampler = ResumableSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
+                               seed=args.seed, drop_last=True)
     ddp_devices = [device.index] if device.type == "cuda" else None
     run = Run(
         args=args, rank=rank, world=world, device=device, stop=stop,
@@ -549,9 +549,8 @@ def build_run(args, rank, world, device, stop):
         optimizer=make_optimizer(student, args.weight_decay, args.layer_decay, lr, device),
         scaler=torch.amp.GradScaler(device.type, enabled=use_scaler),
         fairness=must.FairnessMean(student.num_classes), amp_dtype=amp_dtype,
-        train_set=train_set, test_set=test_set, views=views,
-        sampler=ResumableSampler(views, num_replicas=world, rank=rank, shuffle=True,
-                                 seed=args.seed, drop_last=True),
+        train_set=train_set, test_set=test_set, sampler=sampler,
+        loader=train_loader(train_set, sampler, micro_batch, args, device),
         micro_batch=micro_batch, accum=accum, steps_per_epoch=steps_per_epoch,
         total_steps=args.epochs * steps_per_epoch, lr=lr, min_lr=min_lr,
         mean_per_class=args.data in data.MEAN_PER_CLASS,
@@ -564,6 +563,26 @@ def build_run(args, rank, world, device, stop):
         run.student.compile()
         run.teacher.compile()
     return run
+
+
+def train_loader(train_set, sampler, micro_batch, args, device):
+    """This process's micro-batches of (weak, strong, mask) views, made by --num-workers
+    processes. They are persistent (no start-up at each epoch): the sampler hands them the
+    epoch with each index (SeededViews). Batches arrive in pinned memory when the device is a
+    GPU, so that their copies do not wait."""
+    views = SeededViews(train_set, args.seed)
+    return DataLoader(views, batch_size=micro_batch, sampler=sampler, drop_last=True,
+                      num_workers=args.num_workers, persistent_workers=args.num_workers > 0,
+                      pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
+
+
+def end_workers(loader):
+    """Stop the loader's worker processes, if it started them. They ignore SIGTERM
+    (ignore_stop_signals), so the interpreter's exit cannot stop them: when an error ends the run
+    while they are alive, the exit would otherwise wait for them forever."""
+    workers = getattr(loader, "_iterator", None)
+    if workers is not None:
+        workers._shutdown_workers()
 
 
 def build_datasets(args, visual, spec, rank):
@@ -658,6 +677,17 @@ def check_out_dir(run):
         fail(problem or "rank 0 cannot write its checkpoints (see its message)")
 
 
+def check_shared_memory(run):
+    """Enough shared memory for the loader workers, checked before any work: for the larger of a
+    training batch (two uint8 views and a mask) and an evaluation batch (float32 images)."""
+    size = run.student.visual.input_resolution
+    grid = (size // run.student.visual.patch_size) ** 2
+    batch = run.micro_batch * max(2 * 3 * size ** 2 + grid + 8, 4 * 3 * size ** 2 + 8)
+    problem = shared_memory_problem(run.args.num_workers, batch)
+    if any_process(problem is not None):
+        fail(problem or "another node has too little shared memory (see its message)")
+
+
 def checkpoint_bytes(run):
     """About the size of this run's checkpoint: the student's and teacher's weights, and AdamW's
     two moments per trained weight."""
@@ -677,6 +707,7 @@ def start(run):
     elif path is not None and not os.path.isfile(path):
         fail(f"no checkpoint at {path}")
     check_out_dir(run)
+    check_shared_memory(run)
     seed = (args.seed + run.rank) % 2 ** 32  # per-rank RNGs for anything else; numpy's take < 2^32
     torch.manual_seed(seed)
     np.random.seed(seed)

@@ -3,6 +3,9 @@ mode (accumulation 1 and 2) and pipeline mode, and the analytic FLOP count again
 counter on a real must.must_step. Nothing here asserts a speed: the numbers only have to exist, be
 finite and positive, and agree with each other."""
 import math
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -107,22 +110,42 @@ def test_make_jpegs_writes_photo_sized_jpegs(tmp_path):
 
 def test_pipeline_mode_reports_sane_numbers(capsys):
     res = bench.main(["--pipeline", "--model", "tiny", "--jpeg-count", "3", "--jpeg-size", "64x48",
-                      "--images", "4", "--step-images-per-s", "100"])
+                      "--images", "4", "--workers", "0", "--step-images-per-s", "100"])
     out = capsys.readouterr().out
     assert "one core" in out and "cores/GPU" in out and "mask unit 8" in out
-    for key in ("one_core_images_per_s", "one_core_wall_images_per_s", "jpeg_kib"):
+    for key in ("one_core_images_per_s", "jpeg_kib"):
         assert positive(res[key]), (key, res[key])
-    assert res["loader_images_per_s"] is None  # --workers 0: no loader measured
+    assert res["loader"] is None  # --workers 0: no loader measured
     assert res["cores_per_gpu"] == pytest.approx(100 / res["one_core_images_per_s"])
 
 
-def test_pipeline_mode_measures_the_step_and_a_loader(capsys):
+def test_pipeline_mode_measures_the_step_and_train_pys_loader(capsys):
     res = bench.main(["--pipeline", "--model", "tiny", "--jpeg-count", "2", "--jpeg-size", "64x48",
-                      "--images", "6", "--workers", "1", "--loader-batch", "2", *STEP[2:]])
+                      "--images", "6", "--workers", "1", "--loader-batch", "2", "--seconds", "1",
+                      *STEP[2:]])
     out = capsys.readouterr().out
-    assert "1 workers" in out and "measuring the step" in out and "images/s" in out
-    for key in ("one_core_images_per_s", "loader_images_per_s", "step_images_per_s",
-                "cores_per_gpu"):
-        assert positive(res[key]), (key, res[key])
-    cores_per_gpu = res["step_images_per_s"] / res["one_core_images_per_s"]
-    assert res["cores_per_gpu"] == pytest.approx(cores_per_gpu)
+    assert "1 workers" in out and "measuring the step" in out and "per CPU second" in out
+    loader = res["loader"]
+    assert loader["warmup"] == 2 and loader["seconds"] >= 1 and loader["images"] % 2 == 0
+    for value in (loader["per_s"], loader["per_cpu_s"], res["step_images_per_s"],
+                  res["cores_per_gpu"]):
+        assert positive(value), value
+    # The figure is the loader's: the whole cost of an image, the workers' CPU time counted.
+    assert res["images_per_core_s"] == loader["per_cpu_s"]
+    assert res["cores_per_gpu"] == pytest.approx(res["step_images_per_s"] / loader["per_cpu_s"])
+
+
+def test_cpu_seconds_counts_a_busy_child():
+    """The workers' CPU time comes from /proc: a child that spins for 0.5 s of CPU shows it."""
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import time\nt = time.process_time()\n"
+                              "while time.process_time() - t < 0.5: pass\ninput()"],
+                             stdin=subprocess.PIPE)
+    try:
+        deadline = time.time() + 30
+        while bench.cpu_seconds([child.pid]) < 0.5 and time.time() < deadline:
+            time.sleep(0.05)
+        assert 0.5 <= bench.cpu_seconds([child.pid]) < 5
+    finally:
+        child.kill()
+        child.wait()

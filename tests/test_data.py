@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms as T
 
 import clip_load
 import config
@@ -221,7 +222,7 @@ def test_train_transform_views():
     torch.manual_seed(0)
     weak, strong, mask = tf(_photo())
     assert weak.shape == strong.shape == (3, 32, 32)
-    assert weak.dtype == strong.dtype == torch.float32
+    assert weak.dtype == strong.dtype == torch.uint8  # normalized where used (data.normalize)
     assert mask.shape == (16,) and mask.dtype == torch.bool and mask.sum() == 2 * 4
     assert not torch.allclose(weak, strong)
     # reproducible from torch's seed alone
@@ -236,6 +237,18 @@ def test_train_transform_views():
     assert weak.shape == strong.shape == (3, 32, 32)
 
 
+@pytest.mark.parametrize("spec", [clip_load.OPENAI_SPEC, clip_load.ClipSpec(
+    "gelu", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")], ids=["openai", "open_clip"])
+def test_normalize_is_to_tensor_and_normalize_bit_for_bit(spec):
+    """The workers hand over uint8 views and the trainer normalizes them on its device: on the
+    CPU that is exactly what T.ToTensor and T.Normalize computed in the workers, so CPU runs and
+    the release fixtures are unchanged."""
+    photo = _photo((40, 36))
+    before = T.Normalize(spec.mean, spec.std)(T.ToTensor()(photo))
+    after = data.normalize(T.PILToTensor()(photo).unsqueeze(0), spec)
+    assert after.dtype == torch.float32 and torch.equal(after[0], before)
+
+
 def test_light_strong_view():
     """The small-image view: a translation of at most 10% of the side, a flip, brightness/contrast;
     never a crop that loses the object, and any input size comes out at input_size."""
@@ -246,13 +259,13 @@ def test_light_strong_view():
     for _ in range(20):
         weak, strong, _ = tf(Image.fromarray(arr))
         assert weak.shape == strong.shape == (3, 32, 32)
-        bright = strong.mean(0) > strong.mean()
+        bright = strong.float().mean(0) > strong.float().mean()
         ys, xs = bright.nonzero(as_tuple=True)
         assert (12 - 3 <= ys.min() and ys.max() <= 19 + 3
                 and 12 - 3 <= xs.min() and xs.max() <= 19 + 3)
         assert bright.sum() >= 40  # the square survives whole
-    views = torch.stack([tf(Image.fromarray(arr))[1] for _ in range(8)])
-    assert views.std(0).max() > 0.1  # random, not a fixed transform
+    views = torch.stack([tf(Image.fromarray(arr))[1] for _ in range(8)]).float()
+    assert views.std(0).max() > 7  # random, not a fixed transform (0.1 of a normalized unit)
     assert tf(_photo((20, 50)))[1].shape == (3, 32, 32)
     assert isinstance(pickle.loads(pickle.dumps(tf)), data.TrainTransform)
     with pytest.raises(ValueError, match="unknown strong view 'mild'.*paper, light"):

@@ -1177,6 +1177,43 @@ def test_save_atomic_on_a_full_disk(tmp_path):
     assert torch.load(path, weights_only=True) == {"step": 1} and not os.path.lexists(path + ".tmp")
 
 
+# ---------------------------------------------------------------------------------- shared memory
+
+def _shm_free(monkeypatch, free):
+    """/dev/shm with `free` bytes free, as a container's --shm-size would leave it."""
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda p: real(p)._replace(free=free) if p == "/dev/shm" else real(p))
+
+
+needs_dev_shm = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm")
+
+
+@needs_dev_shm
+def test_too_little_shared_memory_for_the_workers_is_refused_before_any_work(world, tmp_path,
+                                                                            monkeypatch):
+    """Docker's default 64 MiB /dev/shm would end a run with a bus error at its first batch. The
+    tiny world's evaluation batch (4 float32 images of 32 px) is the larger: 48 KiB and 32 bytes,
+    2 in flight per worker, for each of the node's 4 processes."""
+    _shm_free(monkeypatch, 100_000)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    out = tmp_path / "out"
+    message = train_error(argv(world, world / "good", out, "--num-workers", "2"))
+    need = 4 * 2 * 2 * 4 * (4 * 3 * 32 ** 2 + 8)
+    assert message == (f"error: /dev/shm has 0 MiB free, and the loader workers of this node's 4 "
+                       f"process(es) pass their batches through it: about {need / 2 ** 20:.0f} "
+                       f"MiB (2 workers x 2 batches of 0 MiB each); give it more room (docker run "
+                       f"--shm-size 1g) or lower --num-workers (0 loads in the process itself)")
+    assert not os.path.exists(out / "log.jsonl")  # refused before any work
+    train.main(argv(world, world / "good", out, "--num-workers", "0", "--max-steps", "1"))
+    _shm_free(monkeypatch, need)
+    train.main(argv(world, world / "good", out, "--num-workers", "2", "--max-steps", "2"))
+    assert ckpt(out)["step"] == 2
+    assert "/dev/shm has" in error_of(ev.main, [
+        "--checkpoint", str(out / train.CHECKPOINT), "--device", "cpu", "--num-workers", "1",
+        "--batch-size", "1000", "--out-dir", str(tmp_path / "eval")])
+
+
 # -------------------------------------------------------------------------------- non-finite values
 
 NONFINITE = [  # (loss term made non-finite, value, a checkpoint exists)

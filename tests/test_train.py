@@ -1,6 +1,7 @@
 """train.py end to end on CPU: a tiny CLIP (saved state dict) and generated images in a 'folder'
 dataset. Layer-wise lr decay x cosine, a few-step run, 2-process torchrun == 1 process on the same
 global batch, kill-and-resume == uninterrupted, the NaN guard, one-line errors."""
+import argparse
 import json
 import os
 import signal
@@ -174,6 +175,46 @@ def test_kill_and_resume_equals_uninterrupted(world, full_run, tmp_path):
     assert torch.equal(a["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
     assert [r["loss"] for r in records(full_run[0], "train")] == [
         r["loss"] for r in records(out, "train")]
+
+
+def test_loader_workers_give_the_same_run(world, full_run, tmp_path):
+    """Two persistent loader workers feed the run that the process fed itself, bit for bit: over
+    two epochs (each epoch's views reach the workers with the indices) and with accumulation."""
+    out = tmp_path / "workers"
+    train.main(argv(world, out, "--batch-size-per-gpu", "4", "--num-workers", "2"))
+    a, b = ckpt(full_run[0]), ckpt(out)
+    assert all(torch.equal(a[key][name], b[key][name]) for key in ("student", "teacher")
+               for name in a[key])
+    assert [r["loss"] for r in records(full_run[0], "train")] == [
+        r["loss"] for r in records(out, "train")]
+
+
+def test_persistent_workers_draw_each_epochs_views():
+    """The same worker processes serve every epoch, and draw each epoch's views: the sampler
+    hands them the epoch with each index (runtime.SeededViews)."""
+    class Draws(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, index):
+            return torch.rand(2)
+
+    sampler = runtime.ResumableSampler(Draws(), num_replicas=1, rank=0, seed=0, drop_last=True)
+    settings = argparse.Namespace(num_workers=2, seed=0)
+    loader = train.train_loader(Draws(), sampler, 4, settings, torch.device("cpu"))
+    inline = train.train_loader(Draws(), sampler, 4, argparse.Namespace(num_workers=0, seed=0),
+                                torch.device("cpu"))
+    views, workers = [], []
+    for epoch in (0, 1, 0):
+        sampler.set_epoch(epoch)
+        views.append(torch.cat(list(loader)))
+        assert torch.equal(views[-1], torch.cat(list(inline)))
+        workers.append([w.pid for w in loader._iterator._workers])
+    assert workers[0] == workers[1] == workers[2]
+    assert torch.equal(views[0], views[2])
+    assert not (views[0][:, None] == views[1][None]).all(-1).any()  # no view drawn twice
+    train.end_workers(loader)
+    assert not any(w.is_alive() for w in loader._iterator._workers)
 
 
 def test_two_process_torchrun_equals_one_process(world, tmp_path):
