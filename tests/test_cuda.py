@@ -1,14 +1,21 @@
-"""The CUDA paths, run only where a GPU is (gpu.sh runs them with bench.py on a lent GPU machine):
-a bf16 step, an fp16 step with its GradScaler, DDP over a 1-process NCCL group, pinned-memory
-loading. Skipped on CPU machines."""
+"""The CUDA paths, run only where a GPU is (gpu.sh runs them first): a bf16 step, an fp16 step with
+its GradScaler, DDP over a 1-process NCCL group, train.py's loader into pinned memory and the
+views' normalization on the GPU, flash attention at ViT-B/16's shapes. Skipped on CPU machines;
+gpu.sh runs the multi-process paths under torchrun."""
+import argparse
+
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 from PIL import Image
 
+import bench
+import clip_load
+import clip_model
 import data
 import must
+import runtime
 import train
 from conftest import tiny_clip
 from test_train import argv, ckpt, records, world  # noqa: F401 -- the tiny world fixture
@@ -51,12 +58,43 @@ def test_ddp_over_a_one_process_nccl_group(tmp_path):
         dist.destroy_process_group()
 
 
-def test_pinned_memory_loading(tmp_path):
+def test_loader_pins_uint8_views_and_the_gpu_normalizes_them(tmp_path):
+    """train.py's loader hands over uint8 views in pinned memory; normalized on the GPU they are
+    the CPU's normalization to float32 rounding."""
+    rng = np.random.default_rng(0)
     for i in range(4):
-        Image.fromarray(np.full((40, 30, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (40, 30, 3), np.uint8)).save(tmp_path / f"{i}.png")
     items = [(str(tmp_path / f"{i}.png"), i % 2) for i in range(4)]
-    ds = folders.ImageList(items, ["a", "b"], ["{}"], data.test_transform(32))
-    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, pin_memory=True)
-    images, labels = next(iter(loader))
-    assert images.is_pinned() and images.shape == (2, 3, 32, 32)
-    assert images.to("cuda", non_blocking=True).device.type == "cuda"
+    views = data.TrainTransform(32, data.MaskGenerator(32, 16, 8, 0.5))
+    ds = folders.ImageList(items, ["a", "b"], ["{}"], views)
+    sampler = runtime.ResumableSampler(ds, num_replicas=1, rank=0, drop_last=True)
+    settings = argparse.Namespace(num_workers=2, seed=0)
+    loader = train.train_loader(ds, sampler, 2, settings, torch.device("cuda"))
+    (weak, strong, mask), _ = next(iter(loader))
+    assert weak.is_pinned() and weak.dtype == torch.uint8 and weak.shape == (2, 3, 32, 32)
+    on_gpu = data.normalize(weak.to("cuda", non_blocking=True), clip_load.OPENAI_SPEC)
+    on_cpu = data.normalize(weak, clip_load.OPENAI_SPEC)
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=0, atol=1e-6)
+    train.end_workers(loader)
+
+
+@pytest.mark.parametrize("model", ["ViT-B/16", "ViT-L/14"])
+def test_fused_attention_runs_at_the_paper_shapes(model):
+    """In bf16 the image tower's attention (F.scaled_dot_product_attention: 197 or 257 tokens,
+    head dim 64) dispatches to a fused kernel, flash attention (or cuDNN's, which torch may prefer
+    on Hopper), forward and backward: not the math fallback that materializes every score."""
+    torch.manual_seed(0)
+    visual = clip_model.VisionTransformer(*bench.SHAPES[model]).cuda()
+    visual.transformer.init_weights()
+    images = torch.randn(4, 3, 224, 224, device="cuda")
+    with torch.profiler.profile() as prof:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = visual(images)
+        out.float().sum().backward()
+        torch.cuda.synchronize()
+    ops = {e.key for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product")}
+    fused = [kind for kind in ("flash", "cudnn")
+             if {f"aten::_scaled_dot_product_{kind}_attention",
+                 f"aten::_scaled_dot_product_{kind}_attention_backward"} <= ops]
+    assert fused, ops
+    print(f"{model}: {fused[0]} attention")
