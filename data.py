@@ -19,6 +19,7 @@ Layouts accepted by build_dataset (root = --data-root):
     folder          root/**/* unlabeled images + a class-names file; split "test" reads
                     eval_root/<class>/*
 """
+import functools
 import math
 
 import torch
@@ -132,9 +133,15 @@ def normalize(images, spec):
     The arithmetic is T.ToTensor's and T.Normalize's, in their order: on the CPU the result is
     bit for bit theirs, and on a GPU it runs after the copy, off the loader workers' cores.
     """
-    mean = torch.tensor(spec.mean, device=images.device).view(-1, 1, 1)
-    std = torch.tensor(spec.std, device=images.device).view(-1, 1, 1)
+    mean, std = (_channels(values, images.device) for values in (spec.mean, spec.std))
     return images.float().div(255).sub(mean).div(std)
+
+
+@functools.cache
+def _channels(values, device):
+    """Per-channel values as a (3, 1, 1) float32 tensor on the device, made once: a tensor made
+    from a list on a GPU is a copy that waits for the GPU, at every step."""
+    return torch.tensor(values, device=device).view(-1, 1, 1)
 
 
 # ----------------------------------------------------------------------------------------------

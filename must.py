@@ -380,11 +380,13 @@ def must_step(student, teacher, model, optimizer, scaler, fairness, micro_batche
                 lambda_reg=lambda_reg, lambda_align=lambda_align, align_k=align_k,
                 patch_size=patch_size, use_mim=use_mim, use_align=use_align)
             scaler.scale(loss * world).backward()
-        # This micro-batch's numbers, counted without boolean indexing, so that nothing waits for
+        # This micro-batch's numbers, counted without boolean indexing and made on the device
+        # (torch.full; torch.tensor would copy from the host and wait), so that nothing waits for
         # the device.
         labeled = confident & (target >= 0)
-        counts = {"confident": confident.sum(), "images": torch.tensor(len(target), device=device),
-                  "labeled": labeled.sum(), "correct": (labeled & (labels == target)).sum(),
+        counts = {"confident": confident.sum(), "labeled": labeled.sum(),
+                  "images": torch.full((), len(target), device=device),
+                  "correct": (labeled & (labels == target)).sum(),
                   "nonfinite": ~torch.isfinite(loss.detach())}
         for name, value in {**terms, **counts}.items():
             stats[name] = stats[name] + value.float().double()

@@ -37,6 +37,46 @@ def test_step_on_gpu(world, tmp_path, amp):  # noqa: F811
         assert c["scaler"]["scale"] > 0
 
 
+@pytest.mark.parametrize("accum", [1, 2])
+def test_the_step_never_waits_for_the_gpu(accum):
+    """must.must_step and the trainer's copy and normalization of its batches (train.next_parts)
+    queue their work without a host sync: CUDA's sync debug mode raises at any wait. The first
+    step, which makes cuBLAS's handles and the optimizer's state, is run before it is on."""
+    torch.manual_seed(0)
+    student = must.MUSTModel(tiny_clip().visual, torch.randn(32, 3), 100.0).cuda()
+    teacher = must.make_teacher(student)
+    optimizer = train.make_optimizer(student, 0.05, 0.65, 1e-4, torch.device("cuda"))
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    fairness = must.FairnessMean(3)
+    run = argparse.Namespace(accum=accum, device=torch.device("cuda"),
+                             clip_spec=clip_load.OPENAI_SPEC)
+    masks = data.MaskGenerator(32, 16, 8, 0.5)
+
+    def pinned_parts():  # as the loader's pinning thread hands them over
+        parts = []
+        for _ in range(accum):
+            views = torch.randint(0, 256, (2, 4, 3, 32, 32), dtype=torch.uint8).pin_memory()
+            mask = torch.stack([masks() for _ in range(4)]).pin_memory()
+            parts.append(((views[0], views[1], mask), torch.full((4,), -1).pin_memory()))
+        return iter(parts)
+
+    def step(parts):
+        return must.must_step(
+            student, teacher, student, optimizer, scaler, fairness, train.next_parts(run, parts),
+            conf_threshold=0.0, lambda_reg=1.0, lambda_align=0.1, align_k=None, patch_size=8,
+            global_batch=4 * accum, ema_mu=0.99, new_epoch=False, amp_dtype=torch.bfloat16)
+
+    step(pinned_parts())
+    parts = pinned_parts()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stats = step(parts)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(stats["loss_cls"]) and stats["images"] == 4 * accum
+
+
 def test_ddp_over_a_one_process_nccl_group(tmp_path):
     init_method = f"file://{tmp_path / 'rendezvous'}"
     dist.init_process_group("nccl", init_method=init_method, rank=0, world_size=1)
