@@ -159,7 +159,13 @@ SETTINGS = [
     Setting("log_freq", int, 10, _AT_LEAST_1, "run", "log every this many optimizer steps",
             defines=False),
     Setting("save_freq", int, 0, (lambda v: v >= 0, "0 (off) or more"), "run",
-            "also checkpoint every this many steps (0: at epoch ends only)", defines=False),
+            "also checkpoint every this many steps (0: off)", defines=False),
+    Setting("save_minutes", float, 30.0, _AT_LEAST_0, "run",
+            "also checkpoint when this many minutes have passed since the last checkpoint, on "
+            "rank 0's clock (0: off): a crash or kill then loses at most about this much work, "
+            "where an ImageNet epoch takes hours, and a checkpoint's write of seconds to a "
+            "minute (several GB for ViT-L/14) costs a few %% of it",
+            defines=False),
     Setting("max_steps", int, None, _AT_LEAST_0, "run",
             "stop (with a checkpoint) after this many optimizer steps in total; the lr schedule "
             "still spans --epochs", defines=False),
@@ -229,7 +235,7 @@ def parse_args(argv=None):
     g.add_argument("--resume", default="auto",
                    help="checkpoint to resume; auto = out_dir/checkpoint.pt if it exists; none = "
                         "start afresh")
-    add_machine_flags(p)
+    add_machine_flags(p, process_group=True)
     return p.parse_args(argv)
 
 
@@ -246,6 +252,8 @@ def check_flags(args):
             fail(f"--{s.name.replace('_', '-')} {value} is not allowed: it must be {must}")
     if args.num_workers < 0:
         fail(f"--num-workers {args.num_workers} is not allowed: it must be 0 or more")
+    if not 0 < args.dist_timeout <= 1e6:  # about two years; inf is no length of time
+        fail(f"--dist-timeout {args.dist_timeout} is not allowed: it must be in (0, 1e6] minutes")
     if args.data not in data.DATASET_NAMES:
         fail(f"unknown dataset {args.data!r}; choose one of: {', '.join(data.DATASET_NAMES)}")
     if not data.is_registered(args.data) and not args.download:

@@ -6,9 +6,9 @@ Nothing here knows about MUST; it is what any long multi-process PyTorch run nee
 kill.
 """
 import contextlib
+import datetime
 import errno
 import fcntl
-import functools
 import hashlib
 import json
 import math
@@ -53,9 +53,16 @@ def pick_device(flag):
     return device
 
 
-def add_machine_flags(parser, workers=True, download_root=True):
+# How long a collective may wait (--dist-timeout). torch's 10 minutes for NCCL can be less than
+# rank 0's lone work on slow storage or network; a failed process ends the run without waiting for
+# it (end_distributed), so a longer one only delays noticing a real hang.
+DIST_TIMEOUT_MINUTES = 60.0
+
+
+def add_machine_flags(parser, workers=True, download_root=True, process_group=False):
     """The flags of where and how a command computes, as train.py, eval.py and bench.py share them:
-    --device and --amp (pick_device, autocast_for), --num-workers and --download-root."""
+    --device and --amp (pick_device, autocast_for), --num-workers and --download-root, and, for a
+    command that runs under torchrun, --dist-timeout (setup_distributed)."""
     g = parser.add_argument_group("machine")
     g.add_argument("--device", help="cuda, cuda:N or cpu [cuda if available]")
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
@@ -69,6 +76,15 @@ def add_machine_flags(parser, workers=True, download_root=True):
                             "one for the process itself]")
     if download_root:
         g.add_argument("--download-root", help="where CLIP checkpoints are cached [~/.cache/clip]")
+    if process_group:
+        g.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT_MINUTES,
+                       help="minutes a process waits in a collective before the run counts as "
+                            "hung and ends; the others wait while rank 0 works alone, which on "
+                            "slow network or storage can take long: a cold download of ViT-L/14 "
+                            "(890 MB), encoding ImageNet's 80,000 prompts, writing a checkpoint "
+                            "of several GB. torch's 10 minutes for NCCL can be too short for "
+                            "that, an hour covers it; a process that fails ends the run at once "
+                            "whatever this is")
 
 
 def default_workers():
@@ -89,9 +105,10 @@ def autocast_for(amp, device):
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp], amp == "fp16"
 
 
-def setup_distributed(device_flag):
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is one process.
-    -> (rank, world, device)"""
+def setup_distributed(device_flag, timeout_minutes=DIST_TIMEOUT_MINUTES):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is one process. The default
+    process group and the hosts' gloo group (_host_group) both wait up to timeout_minutes in a
+    collective. -> (rank, world, device)"""
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -100,7 +117,9 @@ def setup_distributed(device_flag):
         device = torch.device("cuda", local if device.index is None else device.index)
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+        _host_group(timeout)  # made now, while every process is here, with this timeout
     return rank, world, device
 
 
@@ -109,8 +128,11 @@ def is_distributed():
 
 
 def barrier():
+    """Wait for every process, on the hosts: the waits are for rank 0's files (rank_zero_first,
+    checkpoints), not for GPU work, and a host wait ends with an error as soon as a process dies,
+    where one in an NCCL barrier would block until the timeout."""
     if is_distributed():
-        dist.barrier()
+        dist.barrier(group=_host_group())
 
 
 def all_reduce(tensor, device, op=None):
@@ -123,22 +145,58 @@ def all_reduce(tensor, device, op=None):
     return t.to(tensor.device)
 
 
-def any_process(flag):
-    """Whether `flag` holds on any process. It is agreed on the hosts (through a gloo group when
-    the default one is NCCL), so it costs no wait for the GPU's queue and can be asked every
-    step."""
+def any_process(*flags):
+    """Whether each flag holds on any process: a bool for one flag, a tuple of bools for several,
+    agreed in one all-reduce. It is agreed on the hosts (through a gloo group when the default one
+    is NCCL), so it costs no wait for the GPU's queue and can be asked every step."""
+    if is_distributed():
+        t = torch.tensor([float(flag) for flag in flags])
+        dist.all_reduce(t, group=_host_group())
+        flags = (t > 0).tolist()
+    agreed = tuple(bool(flag) for flag in flags)
+    return agreed[0] if len(agreed) == 1 else agreed
+
+
+_host_groups = {}  # the default process group -> the group its processes agree through on the hosts
+
+
+def _host_group(timeout=None):
+    """A gloo group over the default group when that is NCCL, else the default group itself. It is
+    made once: by setup_distributed with the run's timeout, or at the first call (every process
+    makes that call at the same point) with torch's default for process groups made elsewhere."""
+    world = dist.group.WORLD
+    if world not in _host_groups:
+        nccl = dist.get_backend(world) == "nccl"
+        _host_groups[world] = dist.new_group(backend="gloo", timeout=timeout) if nccl else world
+    return _host_groups[world]
+
+
+# The words of gloo's error when the process at the other end of a connection is gone; every
+# process meets one in its next host-side collective (any_process each step, barrier).
+_PEER_GONE = ("closed by peer", "reset by peer", "socket closed")
+
+
+def peer_failed(error):
+    """Whether an exception is a collective's report that another process of the run has died
+    (its own error is in its output), rather than an error of this process."""
+    return (is_distributed() and isinstance(error, RuntimeError)
+            and any(words in str(error).lower() for words in _PEER_GONE))
+
+
+def end_distributed(failed):
+    """This process's end of the run's process groups. After a success or a stop with its
+    checkpoint, every process is here at the same point and the groups are destroyed. After a
+    failure they are aborted (every group, the default one too): destroying an NCCL group waits
+    for collectives that the others, blocked or gone, never complete, and the abort closes the
+    connections at once, so that a process waiting on this one gets an error (peer_failed) now,
+    not when the timeout ends. torch documents the abort for NCCL; it closes gloo's too."""
     if not is_distributed():
-        return bool(flag)
-    t = torch.tensor(float(flag))
-    dist.all_reduce(t, group=_host_group(dist.group.WORLD))
-    return t.item() > 0
-
-
-@functools.cache
-def _host_group(world):
-    """A gloo group over `world` when that is NCCL, made once (every rank reaches the first call at
-    the same step)."""
-    return dist.new_group(backend="gloo") if dist.get_backend(world) == "nccl" else world
+        return
+    if failed:
+        dist.distributed_c10d._abort_process_group()
+    else:
+        dist.destroy_process_group()
+    _host_groups.clear()
 
 
 @contextlib.contextmanager

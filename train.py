@@ -39,9 +39,9 @@ import must
 import prompts
 from eval import EvalSet, evaluate, report_listing, report_unreadable
 from runtime import (ResumableSampler, RunLock, SeededViews, StopRequest, all_reduce, any_process,
-                     autocast_for, barrier, fail, fingerprint, ignore_stop_signals, is_distributed,
-                     rank_zero_first, read_checkpoint, rng_state, save_atomic, set_rng_state,
-                     setup_distributed, shared_memory_problem)
+                     autocast_for, barrier, end_distributed, fail, fingerprint, ignore_stop_signals,
+                     is_distributed, peer_failed, rank_zero_first, read_checkpoint, rng_state,
+                     save_atomic, set_rng_state, setup_distributed, shared_memory_problem)
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"  # the checkpoint before, kept until the newest is known good
@@ -94,6 +94,7 @@ class Run:
     nonfinite: Optional[torch.Tensor] = None  # non-finite losses since the step `checked`
     checked: int = 0  # the last step whose losses were read
     saved: tuple = (0, 0)  # (step, number of evaluations) of the checkpoint on disk
+    saved_at: float = 0.0  # time.monotonic() of the last checkpoint written, or of the start
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,7 +186,8 @@ def train_one_epoch(run):
         run.nonfinite += stats["nonfinite"]
         run.step += 1
         seen += args.global_batch
-        stop = stop_requested(run)  # every rank ends at the same step
+        # One agreement per step: every rank stops, or checkpoints, at the same step.
+        stop, save = any_process(run.stop.signum is not None, save_due(run))
         if run.step % args.log_freq == 0 or run.step % run.steps_per_epoch == 0 or stop:
             check_health(run)
             record = log_train(run, stats, mu, seen / (time.time() - tic))
@@ -193,7 +195,7 @@ def train_one_epoch(run):
             tic, seen = time.time(), 0
         if stop:
             return "signal"
-        if args.save_freq and run.step % args.save_freq == 0 and run.step % run.steps_per_epoch:
+        if save:
             save_checkpoint(run)
     return "epoch"
 
@@ -219,6 +221,20 @@ def stop_requested(run):
     """Whether a process was asked to stop (runtime.StopRequest); all processes get the same
     answer."""
     return any_process(run.stop.signum is not None)
+
+
+def save_due(run):
+    """Whether this process calls for a checkpoint inside the epoch after the step just done: every
+    --save-freq steps, or, on rank 0 only, when --save-minutes have passed on its clock since the
+    last checkpoint, so that the processes' agreement is rank 0's decision. An epoch's end saves
+    anyway."""
+    args = run.args
+    if run.step % run.steps_per_epoch == 0:
+        return False
+    if args.save_freq and run.step % args.save_freq == 0:
+        return True
+    minutes = (time.monotonic() - run.saved_at) / 60
+    return run.rank == 0 and args.save_minutes > 0 and minutes >= args.save_minutes
 
 
 def log(run, record):
@@ -396,6 +412,7 @@ def save_checkpoint(run):
                      "unreadable": sorted(run.reported)},
                     run.ckpt_path)
     run.saved = (run.step, len(run.evals))
+    run.saved_at = time.monotonic()
     barrier()
 
 
@@ -708,6 +725,7 @@ def start(run):
         fail(f"no checkpoint at {path}")
     check_out_dir(run)
     check_shared_memory(run)
+    run.saved_at = time.monotonic()  # --save-minutes counts from here
     seed = (args.seed + run.rank) % 2 ** 32  # per-rank RNGs for anything else; numpy's take < 2^32
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -730,18 +748,29 @@ def start(run):
 def main(argv=None):
     args = config.parse_args(argv)
     config.check_flags(args)  # every flag, before any process group, model or data exists
-    rank, world, device = setup_distributed(args.device)
+    rank, world, device = setup_distributed(args.device, args.dist_timeout)
     lock = RunLock(args.out_dir) if rank == 0 else None
+    failed = True  # until the run ends, or stops on a signal with its checkpoint
     try:
         with StopRequest() as stop:
             run = build_run(args, rank, world, device, stop)
             start(run)
-            return train(run)
+            evals = train(run)
+        failed = False
+        return evals
+    except SystemExit as e:
+        failed = not isinstance(e.code, int)  # a stop exits 128 + signal; fail(), with a message
+        raise
+    except RuntimeError as e:
+        if peer_failed(e):
+            fail("another process of this run failed (its error is in the run's output) and "
+                 "this one stopped with it; a checkpoint written before is intact, and rerunning "
+                 "the same command resumes from it")
+        raise
     finally:
         if lock is not None:
             lock.release()
-        if is_distributed():
-            torch.distributed.destroy_process_group()
+        end_distributed(failed)
 
 
 if __name__ == "__main__":

@@ -520,6 +520,47 @@ def test_sigterm_on_one_of_two_processes_resumes_bit_exact(world, tmp_path):
             assert torch.equal(a[key][name], b[key][name]), (key, name)
 
 
+@pytest.mark.parametrize("minutes,written", [(30, [2, 3, 5, 6, 6]), (0, [3, 6, 6])])
+def test_save_minutes_checkpoints_inside_an_epoch(world, tmp_path, monkeypatch, minutes, written):
+    """A clock that advances 20 minutes a step, epochs of 3 steps: with --save-minutes 30 a
+    checkpoint is written inside each epoch as soon as 30 minutes have passed since the last one
+    (steps 2 and 5), besides each epoch's end and the final one that adds the last evaluation;
+    with 0, only those."""
+    clock, steps, real_step, real_save = [0.0], [], must.must_step, train.save_atomic
+
+    def must_step(*args, **kwargs):
+        clock[0] += 20 * 60
+        return real_step(*args, **kwargs)
+
+    def save_atomic(obj, path, write=None):
+        steps.append(obj["step"])
+        return real_save(obj, path, write)
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(must, "must_step", must_step)
+    monkeypatch.setattr(train, "save_atomic", save_atomic)
+    train.main(argv(world, tmp_path / "out", "--save-minutes", str(minutes)))
+    assert steps == written
+
+
+def _agree(rank, rendezvous, out):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
+                                         world_size=2)
+    answers = [runtime.any_process(rank == 0, False, True), runtime.any_process(rank == 1)]
+    torch.save(answers, f"{out}.{rank}")
+    runtime.end_distributed(failed=False)
+
+
+def test_processes_agree_on_several_flags_at_once(tmp_path):
+    """runtime.any_process over 2 gloo processes: a flag that holds on one process (rank 0's
+    decision to checkpoint, rank 1's stop request) holds on both."""
+    out = str(tmp_path / "answers")
+    # Forked: the processes start at once, with the modules already imported.
+    torch.multiprocessing.start_processes(_agree, args=(str(tmp_path / "rendezvous"), out),
+                                          nprocs=2, start_method="fork")
+    for rank in (0, 1):
+        assert torch.load(f"{out}.{rank}", weights_only=True) == [(True, False, True), True]
+
+
 def eval_signal_wrapper(tmp_path, evaluation, seconds_per_batch, rank=None):
     """A train.py entry point that sends itself SIGTERM in the first batch of its n-th evaluation
     (1 = zero-shot, 2 = after epoch 1), whose batches from then on take seconds_per_batch each, as a
