@@ -228,8 +228,9 @@ def parse_args(argv=None):
                         "images (self-training only)")
     g = groups["optimization"]
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the student and the teacher (the first steps are slow "
-                        "while it compiles)")
+                   help="torch.compile the student and the teacher in place for the training "
+                        "steps (evaluation runs them eagerly); the first steps are slow while "
+                        "they compile; torch 2.6 or later")
     g = groups["run"]
     g.add_argument("--out-dir", help="log, zero-shot head cache and checkpoint [out/<data>]")
     g.add_argument("--resume", default="auto",

@@ -288,8 +288,15 @@ def run_eval(run):
         return not stop_requested(run)
     models = {"student": run.student, "teacher": run.teacher}
     test = EvalSet("test", run.args.data, run.test_set, run.train_set.classnames, None)
-    counts, _ = evaluate(models, [test], {(0, name): None for name in models}, run.device,
-                         run.micro_batch, run.args.num_workers, run.amp_dtype, stop=run.stop)
+    # --compile compiled the towers for must_step; evaluation runs them eagerly, as compiling it
+    # would add graphs (inference mode, the last batch's size) on every rank to save little.
+    # Without --compile nothing is set, so that torch < 2.6 (no set_stance) still evaluates.
+    eager = contextlib.nullcontext()
+    if run.args.compile:
+        eager = torch.compiler.set_stance("force_eager")
+    with eager:
+        counts, _ = evaluate(models, [test], {(0, name): None for name in models}, run.device,
+                             run.micro_batch, run.args.num_workers, run.amp_dtype, stop=run.stop)
     if counts is None:
         return False
     key = "mean_per_class" if run.mean_per_class else "top1"
@@ -576,7 +583,10 @@ def build_run(args, rank, world, device, stop):
         log_path=os.path.join(args.out_dir, "log.jsonl"), fingerprints=fingerprints,
         clip_spec=clip_spec,
         nonfinite=torch.zeros((), dtype=torch.float64, device=device))
-    if args.compile:  # in place: the state dict keeps its names, so checkpoints do not change
+    # In place, so that the state dicts, and so checkpoints, keep their names; run_eval runs the
+    # towers eagerly, so the compiled graphs are must_step's: the teacher's forward, the student's
+    # forward and backward (through DDP with several processes) and its no-grad p̄ pass.
+    if args.compile:
         run.student.compile()
         run.teacher.compile()
     return run
