@@ -230,7 +230,7 @@ def parse_args(argv=None):
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the student and the teacher in place for the training "
                         "steps (evaluation runs them eagerly); the first steps are slow while "
-                        "they compile; torch 2.6 or later")
+                        "they compile")
     g = groups["run"]
     g.add_argument("--out-dir", help="log, zero-shot head cache and checkpoint [out/<data>]")
     g.add_argument("--resume", default="auto",

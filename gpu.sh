@@ -115,7 +115,18 @@ figure "- SIGTERM to torchrun at step >= 4: exit $status after $took s, with the
 
 # 5. One rank fails: the others must not wait out the process group's timeout.
 if [ "$procs" -ge 2 ]; then
-  INJECT_FAILURE
+  echo "== failure"
+  status=0
+  "${torchrun[@]}" tests/inject_failure.py 1 3 "${toy[@]}" --max-steps 400 \
+    --out-dir "$out/failure" >"$out/failure.txt" 2>&1 || status=$?
+  ended=$(date +%s.%N)
+  [ "$status" -ne 0 ]
+  grep -q "injected failure on rank 1 at step 3" "$out/failure.txt"
+  injected=$(grep -o "injecting a failure at [0-9.]*" "$out/failure.txt" | awk '{print $5}')
+  took=$(python -c "print(f'{$ended - $injected:.1f}')")
+  python -c "assert $took < 60, 'the job ran $took s after the error'"
+  figure "- error injected on rank 1 at step 3 of $procs NCCL processes: the job exited $status" \
+         "$took s after it"
 else
   figure "- injected failure: not checked (one GPU: it needs two processes)"
 fi

@@ -288,13 +288,9 @@ def run_eval(run):
         return not stop_requested(run)
     models = {"student": run.student, "teacher": run.teacher}
     test = EvalSet("test", run.args.data, run.test_set, run.train_set.classnames, None)
-    # --compile compiled the towers for must_step; evaluation runs them eagerly, as compiling it
-    # would add graphs (inference mode, the last batch's size) on every rank to save little.
-    # Without --compile nothing is set, so that torch < 2.6 (no set_stance) still evaluates.
-    eager = contextlib.nullcontext()
-    if run.args.compile:
-        eager = torch.compiler.set_stance("force_eager")
-    with eager:
+    # Evaluation runs the towers eagerly, --compile or not: compiling it would add graphs
+    # (inference mode, the last batch's size) on every rank, to save little.
+    with torch.compiler.set_stance("force_eager"):
         counts, _ = evaluate(models, [test], {(0, name): None for name in models}, run.device,
                              run.micro_batch, run.args.num_workers, run.amp_dtype, stop=run.stop)
     if counts is None:
