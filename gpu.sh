@@ -33,7 +33,7 @@ check() {  # check NAME COMMAND...: run it, its output to the screen and to NAME
   echo "== $name: passed in $((SECONDS - start)) s"
 }
 figure() { echo "$*" | tee -a "$figures"; }
-field() { grep "^$1" "$out/$2.txt" | tail -1 | sed "s/^$1 *//"; }  # a bench.py line's value
+field() { grep "^$1" "$out/$2.txt" | tail -1 | sed "s|^$1 *||"; }  # a bench.py line's value
 logged() {  # logged OUT_DIR PYTHON_EXPRESSION over r, the last train record of OUT_DIR/log.jsonl
   python -c "import json, sys; rs = [json.loads(l) for l in open('$1/log.jsonl')];
 r = [x for x in rs if x['type'] == 'train'][-1]; print($2)"
@@ -60,8 +60,9 @@ for amp in bf16 fp16; do
     --warmup 3
 done
 for run in b16 b16_compiled l14_bf16 l14_fp16; do
-  figure "- bench $run: $(field images/s "bench_$run") images/s, $(field TFLOP/s "bench_$run")" \
-         "TFLOP/s, $(field utilization "bench_$run"), peak memory $(field 'peak memory' "bench_$run")"
+  figure "- bench $run: $(field images/s "bench_$run") images/s," \
+         "$(field TFLOP/s "bench_$run") TFLOP/s, $(field utilization "bench_$run")," \
+         "peak memory $(field 'peak memory' "bench_$run")"
 done
 step_rate=$(field images/s bench_b16)
 
@@ -135,15 +136,16 @@ fi
 check pipeline env LOCAL_WORLD_SIZE="$procs" python bench.py --pipeline --model ViT-B/16 \
   --step-images-per-s "$step_rate"
 figure "- pipeline: $(grep ' workers ' "$out/pipeline.txt" | sed 's/  */ /g');" \
-       "$(field cores/GPU pipeline)"
+       "cores per GPU: $(field cores/GPU pipeline)"
 
 # 7. Real ImageNet steps, when the data and the weights are on this machine.
 weights="${CLIP_DOWNLOAD_ROOT:-$HOME/.cache/clip}/ViT-B-16.pt"
 if [ -d /data/imagenet/train ] && [ -f "$weights" ]; then
   check imagenet "${torchrun[@]}" train.py --data imagenet --data-root /data/imagenet \
-    --model ViT-B/16 --max-steps 80 --log-freq 20 --out-dir "$out/imagenet"
-  figure "- ImageNet, ViT-B/16, $procs GPU(s): $(logged "$out/imagenet" \
-    "f\"{r['images_per_s']:.0f} images/s at steps 61-80\"") against $procs x $step_rate from bench"
+    --model ViT-B/16 --batch-size-per-gpu 128 --max-steps 80 --log-freq 20 --out-dir "$out/imagenet"
+  rate="f\"{r['images_per_s']:.0f} images/s, {r['images_per_s'] / ($procs * $step_rate):.0%}\""
+  figure "- ImageNet, ViT-B/16, $procs GPU(s), steps 61-80: $(logged "$out/imagenet" "$rate") of" \
+         "$procs x bench's $step_rate images/s (below 100%: the GPUs waited for data or each other)"
 else
   figure "- ImageNet: not run (no /data/imagenet/train, or no $weights)"
 fi

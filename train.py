@@ -2,7 +2,8 @@
 
     python train.py --data toy                                       # CPU-sized synthetic run
     python train.py --data imagenet --data-root /data/imagenet --model ViT-B/16
-    torchrun --nproc_per_node 8 train.py --data imagenet --data-root /data/imagenet
+    torchrun --nproc_per_node 8 --shutdown-timeout 300 train.py --data imagenet \
+        --data-root /data/imagenet   # 300 s for the checkpoint after a SIGTERM
 
 Top to bottom: the state of a run (Run) -> the optimizer and its schedule (§3.4) -> one epoch of
 optimizer steps (must.must_step) -> evaluation -> the epoch loop -> checkpoints and their health ->
