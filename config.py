@@ -177,11 +177,14 @@ RUN_DEFINING = tuple(s.name for s in SETTINGS if s.defines) + (
 
 
 class _Help(argparse.HelpFormatter):
-    """Show a flag's default only when it has one (unset Table 10 flags say so in their help)."""
+    """Show a flag's default only when it has one (unset Table 10 flags say so in their help) and
+    its help does not say it already (the machine flags, which eval.py and bench.py share)."""
 
     def _get_help_string(self, action):
         default = action.default
         if default is None or default is False or default == argparse.SUPPRESS:
+            return action.help
+        if "(default:" in action.help:
             return action.help
         return action.help + " (default: %(default)s)"
 

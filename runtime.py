@@ -70,21 +70,20 @@ def add_machine_flags(parser, workers=True, download_root=True, process_group=Fa
                         "adds a GradScaler in training (default: auto)")
     if workers:
         g.add_argument("--num-workers", type=int, default=default_workers(),
-                       help="data loader processes per process: the views of a ViT-B/16 step "
-                            "need about 16 cores per GPU (bench.py --pipeline) [the cores this "
-                            "process may use, shared by torchrun's processes on this node, less "
-                            "one for the process itself]")
+                       help="data loader processes per process; a ViT-B/16 step at 2,500 "
+                            "images/s needs about 20 cores' worth per GPU (bench.py --pipeline) "
+                            "[the cores this process may use, shared by torchrun's processes on "
+                            "this node, less one for the process itself]")
     if download_root:
         g.add_argument("--download-root", help="where CLIP checkpoints are cached [~/.cache/clip]")
     if process_group:
         g.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT_MINUTES,
                        help="minutes a process waits in a collective before the run counts as "
-                            "hung and ends; the others wait while rank 0 works alone, which on "
-                            "slow network or storage can take long: a cold download of ViT-L/14 "
-                            "(890 MB), encoding ImageNet's 80,000 prompts, writing a checkpoint "
-                            "of several GB. torch's 10 minutes for NCCL can be too short for "
-                            "that, an hour covers it; a process that fails ends the run at once "
-                            "whatever this is")
+                            "hung: the others wait while rank 0 works alone (a cold download of "
+                            "ViT-L/14, encoding ImageNet's 80,000 prompts, writing a checkpoint "
+                            "of several GB), and torch's 10 minutes for NCCL can be too short on "
+                            "slow network or storage; a failing process ends the run at once "
+                            "regardless")
 
 
 def default_workers():
