@@ -41,9 +41,9 @@ r = [x for x in rs if x['type'] == 'train'][-1]; print($2)"
 
 figure "## GPU smoke test, $(date -u +%F)"
 figure ""
-figure "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | sort |
-          uniq -c | sed 's/^ *//') GPU(s); torch $(python -c 'import torch; print(torch.__version__,
-          "CUDA", torch.version.cuda)'); $(nproc) cores"
+gpu=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -1)
+figure "$gpus x $gpu (name, memory, driver); $(nproc) cores; torch" \
+       "$(python -c 'import torch; print(torch.__version__, "with CUDA", torch.version.cuda)')"
 figure ""
 
 # 1. The CUDA tests.
