@@ -336,6 +336,12 @@ class Counts:
 
 
 @torch.inference_mode()
+def batch_bytes(batch_size, size):
+    """The bytes of an evaluation batch as loader workers hand it over: float32 images of
+    size x size px and int64 labels (for runtime.shared_memory_problem)."""
+    return batch_size * (4 * 3 * size ** 2 + 8)
+
+
 def evaluate(models, sets, columns, device, batch_size=256, num_workers=8, amp_dtype=None,
              limit=None, stop=None):
     """Score every set with every model in one pass over the images; eval.py and train.py both
@@ -772,7 +778,7 @@ def main(argv=None):
     models, model_ids, run, clip, clip_name, spec = load_models(args)
     visual = (models["student"] if models else clip).visual
     size = visual.input_resolution
-    problem = shared_memory_problem(args.num_workers, args.batch_size * (4 * 3 * size ** 2 + 8))
+    problem = shared_memory_problem(args.num_workers, batch_bytes(args.batch_size, size))
     if problem:
         fail(problem)
     transform = data.test_transform(size, spec)

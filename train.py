@@ -38,7 +38,7 @@ import data
 import folders
 import must
 import prompts
-from eval import EvalSet, evaluate, report_listing, report_unreadable
+from eval import EvalSet, batch_bytes, evaluate, report_listing, report_unreadable
 from runtime import (ResumableSampler, RunLock, SeededViews, StopRequest, all_reduce, any_process,
                      autocast_for, barrier, end_distributed, fail, fingerprint, ignore_stop_signals,
                      is_distributed, peer_failed, rank_zero_first, read_checkpoint, rng_state,
@@ -706,8 +706,9 @@ def check_shared_memory(run):
     training batch (two uint8 views and a mask) and an evaluation batch (float32 images)."""
     size = run.student.visual.input_resolution
     grid = (size // run.student.visual.patch_size) ** 2
-    batch = run.micro_batch * max(2 * 3 * size ** 2 + grid + 8, 4 * 3 * size ** 2 + 8)
-    problem = shared_memory_problem(run.args.num_workers, batch)
+    views = run.micro_batch * (2 * 3 * size ** 2 + grid + 8)  # uint8 views, bool mask, int64 label
+    problem = shared_memory_problem(run.args.num_workers,
+                                    max(views, batch_bytes(run.micro_batch, size)))
     if any_process(problem is not None):
         fail(problem or "another node has too little shared memory (see its message)")
 
