@@ -6,6 +6,8 @@ whether a checkpoint was made by the same run.
 A hyperparameter is added in one place, a SETTINGS row: from there it becomes a flag in its --help
 group, is checked against its domain, takes Table 10's value when the flag is not given and the
 table has one, and, when it decides the weights (defines), must be the same to resume.
+A new weight-deciding setting must default to the old behaviour: a checkpoint that does not
+record it counts as made with its default, and a resume with another value is refused.
 """
 import argparse
 import math
@@ -172,8 +174,10 @@ SETTINGS = [
 ]
 # The switches that decide the weights besides SETTINGS; the CLIP, classes and templates are
 # compared by content.
-RUN_DEFINING = tuple(s.name for s in SETTINGS if s.defines) + (
-    "freeze_classifier", "no_reg", "no_mim", "no_align")
+_SWITCHES = ("freeze_classifier", "no_reg", "no_mim", "no_align")  # off by default
+RUN_DEFINING = tuple(s.name for s in SETTINGS if s.defines) + _SWITCHES
+# What a run has without the flag; Table 10's value where resolve_config fills one (args.table10).
+DEFAULTS = {**{s.name: s.default for s in SETTINGS}, **dict.fromkeys(_SWITCHES, False)}
 
 
 class _Help(argparse.HelpFormatter):
@@ -296,6 +300,7 @@ def resolve_config(args, visual):
     hp = hparams(args.data, model_key(args.model, visual), visual.patch_size,
                  visual.input_resolution)
     hp["global_batch"] = hp.pop("batch_size")
+    args.table10 = {s.name: hp[s.name] for s in SETTINGS if s.name in hp}
     for s in SETTINGS:
         if getattr(args, s.name) is None and s.name in hp:
             setattr(args, s.name, hp[s.name])
@@ -379,8 +384,11 @@ def check_same_run(what, theirs, their_fingerprints, args, fingerprints, resume)
         change = f"{n} -> {m} images" if n != m else f"the same number of images ({n}), other files"
         fail(f"{what} was trained on other training images ({change} under --data-root); resume "
              f"on the same images, or {anew}")
-    changed = [f"--{k.replace('_', '-')} {theirs[k]} -> {getattr(args, k)}" for k in RUN_DEFINING
-               if k in theirs and theirs[k] != getattr(args, k)]
+    # A setting the checkpoint does not record is newer than it: its run had the default.
+    defaults = {**DEFAULTS, **getattr(args, "table10", {})}
+    recorded = {k: theirs.get(k, defaults[k]) for k in RUN_DEFINING}
+    changed = [f"--{k.replace('_', '-')} {recorded[k]} -> {getattr(args, k)}" for k in RUN_DEFINING
+               if recorded[k] != getattr(args, k)]
     if changed:
         fail(f"{what} was made with other settings ({'; '.join(changed)}); resume with the same "
              f"flags, or {anew}")

@@ -37,7 +37,8 @@ def called_from(calls, name):
     return found
 
 
-def test_only_the_students_training_forward_builds_a_graph(world, tmp_path, monkeypatch):
+def test_only_the_students_training_forward_builds_a_graph(world, tmp_path,  # noqa: F811
+                                                            monkeypatch):
     forwards = record(monkeypatch, must.MUSTModel, "forward")
     texts = record(monkeypatch, clip_model.CLIP, "encode_text")
     tokens = record(monkeypatch, clip_model.VisionTransformer, "tokens")

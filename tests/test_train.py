@@ -332,6 +332,25 @@ def test_one_line_errors(world, tmp_path, monkeypatch):
                                           + ["--resume", str(tmp_path / "absent.pt")])
 
 
+def test_a_setting_the_checkpoint_does_not_record_counts_as_its_default(world, tmp_path):
+    """A checkpoint of a code version without a setting was made with that setting's default
+    (a static one, or Table 10's): resuming with another value is refused, with it goes on."""
+    out = tmp_path / "run"
+    train.main(argv(world, out, "--max-steps", "1"))
+    c = ckpt(out)
+    for key in ("align_k", "no_mim", "lambda_reg"):
+        del c["args"][key]
+    older = str(tmp_path / "older.pt")
+    torch.save(c, older)
+    for flags, change in ((["--align-k", "2"], "--align-k None -> 2"),
+                          (["--no-mim"], "--no-mim False -> True"),
+                          (["--lambda-reg", "0.5"], "--lambda-reg 1.0 -> 0.5")):
+        message = error_of(argv(world, out, "--resume", older, *flags))
+        assert f"other settings ({change})" in message
+    train.main(argv(world, out, "--resume", older, "--max-steps", "2", "--lambda-reg", "1.0"))
+    assert ckpt(out)["step"] == 2
+
+
 def test_warmup_with_frozen_classifier_then_init(world, tmp_path):
     """§4.4: warm up with a frozen classifier, then start another run's tower from that
     checkpoint."""
