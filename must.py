@@ -191,12 +191,15 @@ def loss_reg(mean_probs):
 
 
 class FairnessMean:
-    """The p̄ fed to eq. 3: the global-batch mean p̄_batch, or, with many classes (K ≥ 512,
-    "K > B" in §3.1), a running mean as in the release: p̄ ← ½(p̄_prev.detach() + p̄_batch), with
-    the loss divided by ½ so that the gradient reaching the current batch keeps the batch-mean
-    scale. At the first step of every epoch (reset=True) the release sets p̄ = p̄_batch, with its
-    full gradient, and still divides by ½. The state is saved in checkpoints (state_dict /
-    load_state_dict).
+    """The p̄ fed to eq. 3: the global-batch mean p̄_batch, or a running mean
+    p̄ ← ½(p̄_prev.detach() + p̄_batch), with the loss divided by ½ so that the gradient reaching
+    the current batch keeps the batch-mean scale.
+
+    §3.1 takes the running mean when K > B; the code follows the release's rule, K ≥ 512, which
+    differs: ImageNet (K = 1000 < B = 1024) gets the running mean, while SUN397, Food101, UCF101
+    and Caltech101 at a batch of 64 (K > B) get the batch mean. At the first step of every epoch
+    (reset=True) the release sets p̄ = p̄_batch, with its full gradient, and still divides by ½.
+    The state is saved in checkpoints (state_dict / load_state_dict).
     """
 
     def __init__(self, num_classes):

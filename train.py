@@ -380,8 +380,8 @@ def report_end(run, why):
         print(f"skipped {len(run.reported)} unreadable training image(s) (named above); each was "
               f"replaced by the next readable one")
     if why == "max-steps":
-        print(f"stopped after step {run.step} of {run.total_steps} (--max-steps); rerun to resume "
-              f"from {run.ckpt_path}")
+        print(f"stopped after step {run.step} of {run.total_steps} (--max-steps); to go on, rerun "
+              f"with a larger --max-steps or without it (it resumes from {run.ckpt_path})")
     if run.evals:
         start = "--init model" if args.init else "CLIP zero-shot"
         print_table(run.evals, args.data, run.mean_per_class, start)
