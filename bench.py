@@ -150,12 +150,13 @@ def make_step(args, device):
     parts = [((images(), images(), torch.stack([gen() for _ in range(micro)]).to(device)),
               torch.full((micro,), -1, device=device)) for _ in range(args.accum)]
 
+    # τ = 0 makes every sample confident, so that every term of eq. 6 is computed.
+    method = must.Hparams(0.0, hp["lambda_reg"], hp["lambda_align"], None, visual.patch_size,
+                          args.batch, amp_dtype=amp_dtype)
+
     def step():
-        # τ = 0 makes every sample confident, so that every term of eq. 6 is computed.
-        must.must_step(student, teacher, student, optimizer, scaler, fairness, parts,
-                       conf_threshold=0.0, lambda_reg=hp["lambda_reg"],
-                       lambda_align=hp["lambda_align"], align_k=None, patch_size=visual.patch_size,
-                       global_batch=args.batch, ema_mu=0.999, new_epoch=False, amp_dtype=amp_dtype)
+        must.must_step(student, teacher, student, optimizer, scaler, fairness, parts, method,
+                       ema_mu=0.999, new_epoch=False)
     return step, student, teacher, parts, what, amp_dtype
 
 

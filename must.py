@@ -15,6 +15,7 @@ One function per equation of the paper, then the optimizer step that uses them a
 """
 import contextlib
 import copy
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
@@ -22,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import clip_model
-from runtime import all_reduce
+from runtime import all_reduce, is_distributed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,106 +296,114 @@ def loss_align(v_cls, v_patch, mask, k=None):
 # ----------------------------------------------------------------------------------------------
 # eq. 6: total loss
 
-def must_loss(out, images_strong, mask, labels, confident, num_confident, global_batch,
-              reg_weights, *, lambda_reg, lambda_align, align_k, patch_size, use_mim, use_align):
+@dataclass(frozen=True)
+class Hparams:
+    """The settings one optimizer step reads (Table 10 and the ablation switches)."""
+    conf_threshold: float  # τ (eq. 2)
+    lambda_reg: float  # λ_reg (eq. 6)
+    lambda_align: float  # λ_align (eq. 6)
+    align_k: Optional[int]  # align [CLS] with its k nearest [MSK] only (Table 6); None = all
+    patch_size: int  # px; the masks' and the decoder's unit (eq. 4)
+    global_batch: int  # B: the images of one optimizer step over all processes
+    use_reg: bool = True  # the terms of eq. 6; the ablations switch them off (Tables 5, 7)
+    use_mim: bool = True
+    use_align: bool = True
+    amp_dtype: Optional[torch.dtype] = None  # the autocast dtype; None = fp32
+
+
+def must_loss(out, images_strong, mask, labels, confident, num_confident, reg_weights, hp):
     """eq. 6: this part's share of L = L_cls + λ_reg L_reg + L_mim + λ_align L_align over a global
-    batch of `global_batch` images (see the note above eq. 2: shares add up to the global-batch
+    batch of hp.global_batch images (see the note above eq. 2: shares add up to the global-batch
     loss).
 
     out: the student's MUSTOutput on this part (masked when use_mim or use_align); images_strong
     (b,3,H,W) CLIP-normalized; mask (b,N) bool; labels, confident (b,) from pseudo_labels;
     num_confident: confident samples in the global batch; reg_weights: w of fairness_weights, None
     = no L_reg. L_mim and L_align are means over equally many masked pixels / tokens per image, so
-    a part's share is its mean times b / global_batch. use_mim / use_align switch terms off for the
-    ablations (Tables 5, 7).
+    a part's share is its mean times b / global_batch. hp.use_mim / hp.use_align switch terms off
+    for the ablations (Tables 5, 7).
     -> (loss share, {"loss_cls", "loss_mim", "loss_align"}: the detached shares of the terms used)
     """
-    part = images_strong.shape[0] / global_batch
+    part = images_strong.shape[0] / hp.global_batch
     terms = {"loss_cls": loss_cls(out.logits, labels, confident, num_confident)}
     loss = terms["loss_cls"]
     if reg_weights is not None:  # its value is fairness_weights' L_reg; this carries its gradient
-        loss = loss + lambda_reg * part * (reg_weights * mean_probs(out.logits)).sum()
-    if use_mim:
-        terms["loss_mim"] = part * loss_mim(out.recon, images_strong, mask, patch_size)
+        loss = loss + hp.lambda_reg * part * (reg_weights * mean_probs(out.logits)).sum()
+    if hp.use_mim:
+        terms["loss_mim"] = part * loss_mim(out.recon, images_strong, mask, hp.patch_size)
         loss = loss + terms["loss_mim"]
-    if use_align:
-        terms["loss_align"] = part * loss_align(out.v_cls, out.v_patch, mask, align_k)
-        loss = loss + lambda_align * terms["loss_align"]
+    if hp.use_align:
+        terms["loss_align"] = part * loss_align(out.v_cls, out.v_patch, mask, hp.align_k)
+        loss = loss + hp.lambda_align * terms["loss_align"]
     return loss, {name: value.detach() for name, value in terms.items()}
 
 
 # ----------------------------------------------------------------------------------------------
 # one optimizer step
 
-def must_step(student, teacher, model, optimizer, scaler, fairness, micro_batches, *,
-              conf_threshold, lambda_reg, lambda_align, align_k, patch_size, global_batch,
-              ema_mu, new_epoch, use_reg=True, use_mim=True, use_align=True, amp_dtype=None,
-              world=1):
-    """One MUST optimizer step on a global batch of `global_batch` images, of which this process
-    holds `micro_batches`: [((weak view, strong view, mask), target)], its accumulation
-    micro-batches. The result is the one-process step on the whole batch, at every split.
+def part_counts(loss, labels, confident, target):
+    """One micro-batch's numbers for the log: its confident, all, labeled and correctly
+    pseudo-labeled images (target >= 0 is a known label, only logged) and whether its loss is
+    non-finite. Counted without boolean indexing and made on the device (torch.full; torch.tensor
+    would copy from the host and wait), so that nothing waits for the device."""
+    labeled = confident & (target >= 0)
+    images = torch.full((), len(target), device=target.device)
+    return {"confident": confident.sum(), "images": images, "labeled": labeled.sum(),
+            "correct": (labeled & (labels == target)).sum(),
+            "nonfinite": ~torch.isfinite(loss.detach())}
 
-    model: what computes the student's forward, DistributedDataParallel(student) with several
-    processes (`world`), else the student itself. new_epoch: the step starts an epoch (the running
-    p̄ restarts). use_reg / use_mim / use_align: the terms of eq. 6 (the ablations switch them
-    off). Nothing here waits for the device.
-    -> {name: 0-dim tensor on the device}: this process's shares of the loss terms, its numbers of
-    confident, all, labeled and correctly pseudo-labeled images (target >= 0 is a known label,
-    only logged), and "nonfinite", how many of its micro-batches had a non-finite loss.
+
+def must_step(student, teacher, model, optimizer, scaler, fairness, micro_batches, hp, ema_mu,
+              new_epoch):
+    """One MUST optimizer step on a global batch of hp.global_batch images, of which this process
+    holds `micro_batches` on its device: [((weak, strong, mask), target)]. At every split it is the
+    one-process step on the whole batch. model: DistributedDataParallel(student) with several
+    processes, else the student. new_epoch restarts the running p̄. Nothing here waits for the
+    device. -> {name: 0-dim float64}: this process's loss-term shares and part_counts.
     """
     device = next(student.parameters()).device
-    masked = use_mim or use_align
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    batches = [[t.to(device, non_blocking=True) for t in (*views, target)]
-               for views, target in micro_batches]  # [weak, strong, mask, target] per micro-batch
+    world = torch.distributed.get_world_size() if is_distributed() else 1
+    masked = hp.use_mim or hp.use_align
+    autocast = torch.autocast(device.type, dtype=hp.amp_dtype, enabled=hp.amp_dtype is not None)
+    batches = [[*views, target] for views, target in micro_batches]  # [weak, strong, mask, target]
 
     # 1. The teacher labels every micro-batch first, from the weak view without a mask (eq. 2): the
     #    confident samples of the whole global batch are counted before any backward pass.
     with torch.no_grad(), autocast:
-        targets = [pseudo_labels(teacher(weak).logits, conf_threshold) for weak, *_ in batches]
+        targets = [pseudo_labels(teacher(weak).logits, hp.conf_threshold)
+                   for weak, *_ in batches]
     num_confident = all_reduce(sum(confident.sum() for _, confident in targets), device)
 
     # 2. p̄ of the global batch (eq. 3). With accumulation, a no-grad pass of the student gives
     #    every micro-batch's probabilities first; with one micro-batch, its forward below does.
     reg_weights = reg_value = None
-    if use_reg and len(batches) > 1:
+    if hp.use_reg and len(batches) > 1:
         with torch.no_grad(), autocast:
             logits = [student(strong, mask if masked else None).logits
                       for _, strong, mask, _ in batches]
-        reg_weights, reg_value = fairness_weights(global_mean_probs(logits, global_batch),
+        reg_weights, reg_value = fairness_weights(global_mean_probs(logits, hp.global_batch),
                                                   fairness, new_epoch)
 
     # 3. Each micro-batch back-propagates its share of eq. 6. DDP averages the gradients over the
     #    processes, so each share is scaled by their number: the shares add up to the gradient of
     #    the whole batch. Gradients are synchronized once, with the last micro-batch.
-    stats = dict.fromkeys(("loss_cls", "loss_reg", "loss_mim", "loss_align", "confident",
-                           "images", "labeled", "correct", "nonfinite"),
-                          torch.zeros((), dtype=torch.float64, device=device))
+    stats = {}
     for i, ((_, strong, mask, target), (labels, confident)) in enumerate(zip(batches, targets)):
         last = i == len(batches) - 1
         with contextlib.nullcontext() if last or world == 1 else model.no_sync():
             with autocast:
                 out = model(strong, mask if masked else None)
-            if use_reg and reg_weights is None:  # one micro-batch: p̄ from this very forward
-                p_bar = global_mean_probs([out.logits.detach()], global_batch)
+            if hp.use_reg and reg_weights is None:  # one micro-batch: p̄ from this very forward
+                p_bar = global_mean_probs([out.logits.detach()], hp.global_batch)
                 reg_weights, reg_value = fairness_weights(p_bar, fairness, new_epoch)
-            loss, terms = must_loss(
-                out, strong, mask, labels, confident, num_confident, global_batch, reg_weights,
-                lambda_reg=lambda_reg, lambda_align=lambda_align, align_k=align_k,
-                patch_size=patch_size, use_mim=use_mim, use_align=use_align)
+            loss, terms = must_loss(out, strong, mask, labels, confident, num_confident,
+                                    reg_weights, hp)
             scaler.scale(loss * world).backward()
-        # This micro-batch's numbers, counted without boolean indexing and made on the device
-        # (torch.full; torch.tensor would copy from the host and wait), so that nothing waits for
-        # the device.
-        labeled = confident & (target >= 0)
-        counts = {"confident": confident.sum(), "labeled": labeled.sum(),
-                  "images": torch.full((), len(target), device=device),
-                  "correct": (labeled & (labels == target)).sum(),
-                  "nonfinite": ~torch.isfinite(loss.detach())}
-        for name, value in {**terms, **counts}.items():
-            stats[name] = stats[name] + value.float().double()
-    if use_reg:  # the same global value on every process: the sum over them gives it back
-        stats["loss_reg"] = (reg_value / world).double()
+        for name, value in {**terms, **part_counts(loss, labels, confident, target)}.items():
+            stats[name] = stats.get(name, 0) + value.float().double()
+    if hp.use_reg:  # the same global value on every process: the sum over them gives it back
+        stats = {"loss_cls": stats.pop("loss_cls"), "loss_reg": (reg_value / world).double(),
+                 **stats}
 
     # 4. The optimizer steps on the summed gradient.
     scaler.step(optimizer)

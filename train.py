@@ -66,7 +66,7 @@ class Run:
     optimizer: torch.optim.Optimizer  # AdamW over param_groups (layer-wise lr decay)
     scaler: torch.amp.GradScaler  # enabled by --amp fp16 only
     fairness: must.FairnessMean  # eq. 3's p̄, a running mean with many classes
-    amp_dtype: Optional[torch.dtype]  # the autocast dtype; None in fp32
+    hp: must.Hparams  # what must_step reads: τ, λ_reg, λ_align, k, the switches, autocast
     # The data: unlabeled training images, labeled test images (None: not evaluated).
     train_set: torch.utils.data.Dataset
     test_set: Optional[torch.utils.data.Dataset]
@@ -176,14 +176,9 @@ def train_one_epoch(run):
             return "max-steps"
         set_lr(run.optimizer, cosine_lr(run.step, run.total_steps, run.lr, run.min_lr))
         mu = must.ema_momentum(run.step, args.ema_mu0, args.ema_mu_n)
-        stats = must.must_step(
-            run.student, run.teacher, run.model, run.optimizer, run.scaler, run.fairness,
-            next_parts(run, batches), conf_threshold=args.conf_threshold,
-            lambda_reg=args.lambda_reg, lambda_align=args.lambda_align, align_k=args.align_k,
-            patch_size=run.student.visual.patch_size, global_batch=args.global_batch,
-            ema_mu=mu, new_epoch=run.step % run.steps_per_epoch == 0, use_reg=not args.no_reg,
-            use_mim=not args.no_mim, use_align=not args.no_align, amp_dtype=run.amp_dtype,
-            world=run.world)
+        new_epoch = run.step % run.steps_per_epoch == 0
+        stats = must.must_step(run.student, run.teacher, run.model, run.optimizer, run.scaler,
+                               run.fairness, next_parts(run, batches), run.hp, mu, new_epoch)
         run.nonfinite += stats["nonfinite"]
         run.step += 1
         seen += args.global_batch
@@ -259,14 +254,11 @@ def log_train(run, stats, mu, images_per_s):
     if readable < args.global_batch:
         fail(f"only {readable} of the {len(run.train_set)} training images can be read: fewer "
              f"than one global batch of {args.global_batch} (see the warnings above)")
-    weights = {"loss_cls": 1.0, "loss_reg": args.lambda_reg, "loss_mim": 1.0,
-               "loss_align": args.lambda_align}
-    switched_on = (True, not args.no_reg, not args.no_mim, not args.no_align)
-    on = [term for term, used in zip(weights, switched_on) if used]
+    weights = {"loss_reg": args.lambda_reg, "loss_align": args.lambda_align}  # eq. 6
+    loss = sum(weights.get(k, 1.0) * v for k, v in total.items() if k.startswith("loss_"))
     labeled = total["labeled"]
     record = {"type": "train", "step": run.step, "epoch": run.step / run.steps_per_epoch,
-              "loss": sum(weights[k] * total[k] for k in on), **{k: total[k] for k in on},
-              "lr": run.optimizer.param_groups[-1]["lr"], "ema_mu": mu,
+              "loss": loss, **total, "lr": run.optimizer.param_groups[-1]["lr"], "ema_mu": mu,
               "conf_ratio": total["confident"] / total["images"],
               "pseudo_label_acc": total["correct"] / labeled if labeled else None,
               "images_per_s": images_per_s, "skipped": skipped}
@@ -293,7 +285,7 @@ def run_eval(run):
     # (inference mode, the last batch's size) on every rank, to save little.
     with torch.compiler.set_stance("force_eager"):
         counts, _ = evaluate(models, [test], {(0, name): None for name in models}, run.device,
-                             run.micro_batch, run.args.num_workers, run.amp_dtype, stop=run.stop)
+                             run.micro_batch, run.args.num_workers, run.hp.amp_dtype, stop=run.stop)
     if counts is None:
         return False
     key = "mean_per_class" if run.mean_per_class else "top1"
@@ -569,7 +561,10 @@ def build_run(args, rank, world, device, stop):
         model=DistributedDataParallel(student, ddp_devices) if world > 1 else student,
         optimizer=make_optimizer(student, args.weight_decay, args.layer_decay, lr, device),
         scaler=torch.amp.GradScaler(device.type, enabled=use_scaler),
-        fairness=must.FairnessMean(student.num_classes), amp_dtype=amp_dtype,
+        fairness=must.FairnessMean(student.num_classes),
+        hp=must.Hparams(args.conf_threshold, args.lambda_reg, args.lambda_align, args.align_k,
+                        student.visual.patch_size, args.global_batch, not args.no_reg,
+                        not args.no_mim, not args.no_align, amp_dtype),
         train_set=train_set, test_set=test_set, sampler=sampler,
         loader=train_loader(train_set, sampler, micro_batch, args, device),
         micro_batch=micro_batch, accum=accum, steps_per_epoch=steps_per_epoch,

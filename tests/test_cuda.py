@@ -61,10 +61,9 @@ def test_the_step_never_waits_for_the_gpu(accum):
         return iter(parts)
 
     def step(parts):
-        return must.must_step(
-            student, teacher, student, optimizer, scaler, fairness, train.next_parts(run, parts),
-            conf_threshold=0.0, lambda_reg=1.0, lambda_align=0.1, align_k=None, patch_size=8,
-            global_batch=4 * accum, ema_mu=0.99, new_epoch=False, amp_dtype=torch.bfloat16)
+        method = must.Hparams(0.0, 1.0, 0.1, None, 8, 4 * accum, amp_dtype=torch.bfloat16)
+        return must.must_step(student, teacher, student, optimizer, scaler, fairness,
+                              train.next_parts(run, parts), method, 0.99, new_epoch=False)
 
     step(pinned_parts())
     parts = pinned_parts()

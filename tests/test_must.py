@@ -314,8 +314,7 @@ def test_must_loss_shares_add_up_to_the_global_batch_loss_and_gradient():
     # the same number of masked patches in every image, as MaskGenerator draws
     mask[:, [0, 5, 10]] = True
     teacher_logits = torch.randn(6, 5) * 2
-    kw = dict(lambda_reg=0.3, lambda_align=0.7, align_k=None, patch_size=8, use_mim=True,
-              use_align=True)
+    hp = must.Hparams(0.75, 0.3, 0.7, None, 8, 6)
     expect = release_loss(model, teacher_logits, x, mask, 0.75, 0.3, 0.7)
     params = [p for p in model.parameters()]
     expect_grads = torch.autograd.grad(expect, params, allow_unused=True)
@@ -327,7 +326,7 @@ def test_must_loss_shares_add_up_to_the_global_batch_loss_and_gradient():
     total, terms_sum = 0.0, {}
     for part in (slice(0, 2), slice(2, 6)):
         loss, terms = must.must_loss(model(x[part], mask[part]), x[part], mask[part], labels[part],
-                                     confident[part], confident.sum(), 6, w, **kw)
+                                     confident[part], confident.sum(), w, hp)
         loss.backward()
         total += loss.item()
         terms_sum = {k: terms_sum.get(k, 0.0) + v.item() for k, v in terms.items()}
@@ -347,14 +346,14 @@ def test_must_loss_switches():
     x, mask = torch.randn(4, 3, 32, 32), torch.zeros(4, 16, dtype=torch.bool)
     mask[:, :3] = True
     labels, confident = must.pseudo_labels(torch.randn(4, 5) * 5, 0.5)
-    kw = dict(lambda_reg=0.3, lambda_align=0.7, align_k=None, patch_size=8)
-    _, terms = must.must_loss(model(x, mask), x, mask, labels, confident, confident.sum(), 4, None,
-                              use_mim=True, use_align=True, **kw)
+    hp = must.Hparams(0.5, 0.3, 0.7, None, 8, 4)
+    _, terms = must.must_loss(model(x, mask), x, mask, labels, confident, confident.sum(), None,
+                              hp)
     assert set(terms) == {"loss_cls", "loss_mim", "loss_align"}
     out = model(x)
     logits = out.logits
-    loss, terms = must.must_loss(out, x, mask, labels, confident, confident.sum(), 4, None,
-                                 use_mim=False, use_align=False, **kw)
+    hp = must.Hparams(0.5, 0.3, 0.7, None, 8, 4, use_mim=False, use_align=False)
+    loss, terms = must.must_loss(out, x, mask, labels, confident, confident.sum(), None, hp)
     assert set(terms) == {"loss_cls"}
     expect = must.loss_cls(logits, labels, confident, confident.sum()).item()
     assert loss.item() == pytest.approx(expect, rel=1e-6)

@@ -211,11 +211,10 @@ def release_steps_run(fx, toy_state, mode, accum, rank=0, world=1):
         rows = [slice(start + i * micro, start + (i + 1) * micro) for i in range(accum)]
         parts = [((fx["weak"][r].float(), fx["strong"][r].float(), fx["mask"][r]), fx["target"][r])
                  for r in rows]
-        stats = must.must_step(
-            student, teacher, model, optimizer, scaler, fairness, parts,
-            conf_threshold=hp["conf_threshold"], lambda_reg=hp["lambda_reg"],
-            lambda_align=hp["lambda_align"], align_k=None, patch_size=student.visual.patch_size,
-            global_batch=B, ema_mu=mu, new_epoch=s % hp["steps_per_epoch"] == 0, world=world)
+        method = must.Hparams(hp["conf_threshold"], hp["lambda_reg"], hp["lambda_align"], None,
+                              student.visual.patch_size, B)
+        stats = must.must_step(student, teacher, model, optimizer, scaler, fairness, parts,
+                               method, mu, new_epoch=s % hp["steps_per_epoch"] == 0)
         total = train.all_reduce(torch.stack(list(stats.values())), torch.device("cpu"))
         records.append({**dict(zip(stats, total.tolist())), "mu": mu,
                         "lr": optimizer.param_groups[-1]["lr"]})
