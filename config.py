@@ -108,12 +108,11 @@ def model_key(name, visual):
 # Every setting
 
 # One row of SETTINGS; domain = (the test a given value must pass, what it must be, as the error
-# message says).
+# message says), or a list of choices. A row of type bool is a switch, off by default.
 Setting = namedtuple("Setting", "name type default domain group help defines", defaults=(True,))
 _AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
 _AT_LEAST_0 = (lambda v: 0 <= v < math.inf, "0 or more")
 _UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
-_VIEWS = (lambda v: v in data.STRONG_VIEWS, f"one of {', '.join(data.STRONG_VIEWS)}")
 
 SETTINGS = [
     Setting("conf_threshold", float, None,
@@ -133,10 +132,17 @@ SETTINGS = [
             "µ0: initial EMA decay of the teacher (eq. 1) [Table 10]"),
     Setting("ema_mu_n", int, None, _AT_LEAST_0, "method",
             "µn: iterations over which µ ramps linearly from µ0 to 0.9998 [Table 10]"),
-    Setting("strong_view", str, None, _VIEWS, "method",
+    Setting("strong_view", str, None, list(data.STRONG_VIEWS), "method",
             "the student's augmentation: paper = RandomResizedCrop 0.3-1 + flip + RandAugment "
             "(224 px photos); light = 10%% translation + flip + brightness/contrast (small "
             "images) [paper; toy: light]"),
+    Setting("freeze_classifier", bool, False, None, "model",
+            "keep the zero-shot classifier W fixed (the ImageNet warm-up of §4.4)"),
+    Setting("no_reg", bool, False, None, "method", "ablation: drop L_reg (Table 7)"),
+    Setting("no_mim", bool, False, None, "method", "ablation: drop L_mim (Table 5)"),
+    Setting("no_align", bool, False, None, "method",
+            "ablation: drop L_align (Table 5); with --no-mim the student sees unmasked images "
+            "(self-training only)"),
     Setting("base_lr", float, None, (lambda v: 0 < v < math.inf, "a positive number"),
             "optimization", "base_lr; lr = base_lr × global_batch / 256 [Table 10]"),
     Setting("base_min_lr", float, 1e-6, _AT_LEAST_0, "optimization",
@@ -174,10 +180,9 @@ SETTINGS = [
 ]
 # The switches that decide the weights besides SETTINGS; the CLIP, classes and templates are
 # compared by content.
-_SWITCHES = ("freeze_classifier", "no_reg", "no_mim", "no_align")  # off by default
-RUN_DEFINING = tuple(s.name for s in SETTINGS if s.defines) + _SWITCHES
+RUN_DEFINING = tuple(s.name for s in SETTINGS if s.defines)
 # What a run has without the flag; Table 10's value where resolve_config fills one (args.table10).
-DEFAULTS = {**{s.name: s.default for s in SETTINGS}, **dict.fromkeys(_SWITCHES, False)}
+DEFAULTS = {s.name: s.default for s in SETTINGS}
 
 
 class _Help(argparse.HelpFormatter):
@@ -222,17 +227,14 @@ def parse_args(argv=None):
                                    "[ViT-B/16; toy: its pretrained tiny CLIP]")
     g.add_argument("--init", help="start from this MUST checkpoint's image tower (ImageNet "
                                   "warm-up, §4.4)")
-    g.add_argument("--freeze-classifier", action="store_true",
-                   help="keep the zero-shot classifier W fixed (the ImageNet warm-up of §4.4)")
     for s in SETTINGS:
         flag = "--" + s.name.replace("_", "-")
-        groups[s.group].add_argument(flag, type=s.type, default=s.default, help=s.help)
-    g = groups["method"]
-    g.add_argument("--no-reg", action="store_true", help="ablation: drop L_reg (Table 7)")
-    g.add_argument("--no-mim", action="store_true", help="ablation: drop L_mim (Table 5)")
-    g.add_argument("--no-align", action="store_true",
-                   help="ablation: drop L_align (Table 5); with --no-mim the student sees unmasked "
-                        "images (self-training only)")
+        if s.type is bool:
+            groups[s.group].add_argument(flag, action="store_true", help=s.help)
+        else:
+            choices = s.domain if isinstance(s.domain, list) else None
+            groups[s.group].add_argument(flag, type=s.type, default=s.default, help=s.help,
+                                         choices=choices)
     g = groups["optimization"]
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the student and the teacher in place for the training "
@@ -254,6 +256,8 @@ def check_flags(args):
     """Every flag in its domain and every named file readable, before any work; one line for the
     first that is not. Flags Table 10 fills later are valid by construction."""
     for s in SETTINGS:
+        if not isinstance(s.domain, tuple):  # a switch, or argparse's choices
+            continue
         ok, must = s.domain
         value = getattr(args, s.name)
         if value is not None and not ok(value):
