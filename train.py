@@ -245,8 +245,8 @@ def log(run, record):
 
 
 def log_train(run, stats, mu, images_per_s):
-    """Rank 0 appends one "train" record for the step just done: the terms switched on, summed
-    over processes."""
+    """Rank 0 appends one "train" record for the step just done, every statistic of must_step
+    summed over processes, and prints its loss terms, confident share and lr."""
     args = run.args
     total = dict(zip(stats, all_reduce(torch.stack(list(stats.values())), run.device).tolist()))
     skipped = report_unreadable(run.train_set, "training", run.reported, run.device)
@@ -263,22 +263,28 @@ def log_train(run, stats, mu, images_per_s):
               "pseudo_label_acc": total["correct"] / labeled if labeled else None,
               "images_per_s": images_per_s, "skipped": skipped}
     log(run, record)
+    if run.rank == 0:
+        terms = " ".join(f"{k[5:]} {v:.4f}" for k, v in total.items() if k.startswith("loss_"))
+        tqdm.write(f"step {run.step}: loss {loss:.4f} ({terms}), confident "
+                   f"{record['conf_ratio']:.2f}, lr {record['lr']:.3g}")
     return record
 
 
 # ----------------------------------------------------------------------------------------------
 # evaluation
 
-def run_eval(run):
-    """Score student and teacher at the start of an epoch where that is due: before training,
-    every --eval-freq epochs and after the last; each epoch once. -> False when a stop was
-    requested, before or during it (a stopped evaluation is dropped: a resumed run evaluates
-    again)."""
+def run_eval(run, at_stop=False):
+    """Score student and teacher where that is due: before training, every --eval-freq epochs,
+    after the last, and where --max-steps stops the run (at_stop); each step once. -> False when
+    a stop was requested, before or during it (a stopped evaluation is dropped: a resumed run
+    evaluates again)."""
     epoch, into_epoch = divmod(run.step, run.steps_per_epoch)
     due = epoch == 0 or epoch % run.args.eval_freq == 0 or epoch == run.args.epochs
-    done = any(e["epoch"] == epoch for e in run.evals)
-    if run.test_set is None or into_epoch or not due or done:
+    done = any(e["step"] == run.step for e in run.evals)
+    if run.test_set is None or done or not (at_stop or due and not into_epoch):
         return not stop_requested(run)
+    if into_epoch:
+        epoch = round(run.step / run.steps_per_epoch, 2)
     models = {"student": run.student, "teacher": run.teacher}
     test = EvalSet("test", run.args.data, run.test_set, run.train_set.classnames, None)
     # Evaluation runs the towers eagerly, --compile or not: compiling it would add graphs
@@ -345,6 +351,8 @@ def train(run):
                 why = "signal"
             if why == "epoch" and args.max_steps is not None and run.step >= args.max_steps:
                 why = "max-steps"
+            if why == "max-steps" and not run_eval(run, at_stop=True):
+                why = "signal"
     finally:
         end_workers(run.loader)
     save_checkpoint(run)  # the last evaluation joins the checkpoint

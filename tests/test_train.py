@@ -163,6 +163,8 @@ def test_kill_and_resume_equals_uninterrupted(world, full_run, tmp_path):
     # "killed" inside epoch 1
     train.main(argv(world, out, "--batch-size-per-gpu", "4", "--max-steps", "2"))
     assert ckpt(out)["step"] == 2
+    # A run that --max-steps ends is evaluated where it stops.
+    assert [(e["epoch"], e["step"]) for e in ckpt(out)["evals"]] == [(0, 0), (0.67, 2)]
     # resumes, stops in epoch 2
     train.main(argv(world, out, "--batch-size-per-gpu", "4", "--max-steps", "4"))
     assert ckpt(out)["step"] == 4
@@ -381,6 +383,10 @@ def test_strong_view_flag(world, tmp_path, monkeypatch, capsys):
                         lambda *a, **k: seen.append(a[2:] + tuple(k.values())) or real(*a, **k))
     train.main(argv(world, tmp_path / "light", "--strong-view", "light", "--max-steps", "1"))
     assert seen == [("light", clip_load.OPENAI_SPEC)]  # the view, and the CLIP's normalization
+    # Each log step prints its line; a run that --max-steps ends has its trained rows.
+    out = capsys.readouterr().out
+    assert "step 1: loss " in out and "cls " in out and "confident " in out and "lr " in out
+    assert "MUST student" in out and "epoch 0.33" in out
     with pytest.raises(SystemExit):
         train.main(argv(world, tmp_path / "heavy", "--strong-view", "heavy"))
     assert "--strong-view: invalid choice: 'heavy'" in capsys.readouterr().err
@@ -795,10 +801,10 @@ def test_compile_evaluates_trains_and_resumes_as_eager(world, tmp_path):
             if not name.endswith("attn.in_proj_bias"):
                 torch.testing.assert_close(b[key][name], a[key][name], rtol=0, atol=0.1 * lr,
                                            msg=f"{key} {name}")
-    # The evaluations before and after training run eagerly on these weights, so they agree
-    # exactly: an image's prediction flips only where its top logits tie to about 1e-6 (the
-    # smallest margin here is 0.2).
-    assert [e["epoch"] for e in compiled_evals] == [0, 1]
+    # The evaluations before training, where --max-steps stopped it and after it run eagerly on
+    # these weights, so they agree exactly: an image's prediction flips only where its top logits
+    # tie to about 1e-6 (the smallest margin here is 0.2).
+    assert [e["epoch"] for e in compiled_evals] == [0, 0.67, 1]
     assert compiled_evals == eager_evals
 
 
