@@ -118,8 +118,7 @@ def build_tower(args):
     dataset = "toy" if args.model == "tiny" else "imagenet"
     model_name = config.model_key(args.model, visual)
     hp = config.hparams(dataset, model_name, visual.patch_size, visual.input_resolution)
-    gen = data.MaskGenerator(visual.input_resolution, hp["mask_unit"], visual.patch_size,
-                             hp["mask_ratio"])
+    gen = config.mask_generator(visual, hp["mask_unit"], hp["mask_ratio"], masked=False)
     return visual, what, hp, gen
 
 

@@ -299,8 +299,7 @@ def check_text_files(classes, templates):
 
 
 def resolve_config(args, visual):
-    """Fill the unset flags from Table 10 (hparams) and check the mask geometry against the
-    model."""
+    """Fill the unset flags from Table 10 (hparams). -> the run's mask_generator."""
     hp = hparams(args.data, model_key(args.model, visual), visual.patch_size,
                  visual.input_resolution)
     hp["global_batch"] = hp.pop("batch_size")
@@ -309,18 +308,26 @@ def resolve_config(args, visual):
         if getattr(args, s.name) is None and s.name in hp:
             setattr(args, s.name, hp[s.name])
     check_lr(args)
+    return mask_generator(visual, args.mask_unit, args.mask_ratio,
+                          masked=not (args.no_mim and args.no_align))
+
+
+def mask_generator(visual, mask_unit, mask_ratio, masked=True):
+    """The student's masks (§3.2) for this image tower, checked: the unit tiles its input, and,
+    where MIM or alignment is on (masked), the ratio masks some units but not all."""
     size, patch = visual.input_resolution, visual.patch_size
     try:
-        masks = data.MaskGenerator(size, args.mask_unit, patch, args.mask_ratio)
+        masks = data.MaskGenerator(size, mask_unit, patch, mask_ratio)
     except ValueError as e:
-        fail(f"{e} ({args.model}: {size} px input, {patch} px patches)")
+        fail(f"{e} ({size} px input, {patch} px patches)")
     units = masks.units_per_side ** 2
-    if not (args.no_mim and args.no_align) and masks.num_masked in (0, units):
+    if masked and masks.num_masked in (0, units):
         what = "no" if masks.num_masked == 0 else "every"
-        fail(f"--mask-ratio {args.mask_ratio} masks {what} one of the {units} mask unit(s) of "
-             f"{args.mask_unit} px on the {size} px input, so the MIM and alignment terms would "
+        fail(f"--mask-ratio {mask_ratio} masks {what} one of the {units} mask unit(s) of "
+             f"{mask_unit} px on the {size} px input, so the MIM and alignment terms would "
              f"be {'0' if what == 'no' else 'meaningless'}: change --mask-ratio, or --mask-unit "
              f"(a multiple of {patch} px that divides {size}), or pass --no-mim --no-align")
+    return masks
 
 
 def check_lr(args):

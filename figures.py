@@ -11,10 +11,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 import config
-import data
 import must
 from clip_load import OPENAI_SPEC
-from runtime import fail
 
 
 def to_pil(image, spec=OPENAI_SPEC):
@@ -181,11 +179,7 @@ def make_figures(args, run, sets, models, columns, visual, spec, prefix, device)
             hp = config.hparams(run.get("data") or "imagenet", run.get("model"), visual.patch_size,
                               visual.input_resolution)
             mask_unit, mask_ratio = hp["mask_unit"], hp["mask_ratio"]
-        try:
-            generator = data.MaskGenerator(visual.input_resolution, mask_unit,
-                                           visual.patch_size, mask_ratio)
-        except ValueError as e:  # a mask unit that does not tile the model's input
-            fail(f"figures: {e}")
+        generator = config.mask_generator(visual, mask_unit, mask_ratio, masked=False)
         torch.manual_seed(args.seed)
         masks = torch.stack([generator() for _ in picks]).to(device)
         triplets = mim_triplets(models["student"], images, masks)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import clip_load
-import data
+import config
 import must
 import prompts
 import toy
@@ -98,8 +98,7 @@ def probe(path, which="teacher", mask_ratio=None, n_train=5000, taus=(0.5, 0.7, 
     r["linear_probe_target"] = _acc(linear(fte * model.logit_scale).argmax(1), yte)
     if trained:
         ratio = toy.HPARAMS["mask_ratio"] if mask_ratio is None else mask_ratio
-        gen = data.MaskGenerator(toy.IMAGE_SIZE, toy.HPARAMS["mask_unit"],
-                                 model.visual.patch_size, ratio)
+        gen = config.mask_generator(model.visual, toy.HPARAMS["mask_unit"], ratio)
         torch.manual_seed(0)
         pred = embed(model, xte, torch.stack([gen() for _ in range(len(xte))]))[1].argmax(1)
         r["head_target_masked"], r["masked_class_share"] = _acc(pred, yte), _shares(pred)

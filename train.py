@@ -542,9 +542,9 @@ def build_run(args, rank, world, device, stop):
             clip, _ = clip_load.load(args.model, device="cpu", download_root=args.download_root)
         except (FileNotFoundError, ValueError, RuntimeError) as e:
             fail(str(e))
-    config.resolve_config(args, clip.visual)  # Table 10's values where no flag was given
+    masks = config.resolve_config(args, clip.visual)  # Table 10's values where no flag was given
     _, micro_batch, accum = config.split_batch(args, world)
-    train_set, test_set = build_datasets(args, clip.visual, clip.spec, rank)
+    train_set, test_set = build_datasets(args, clip.visual, clip.spec, masks, rank)
     fingerprints = {"model": fingerprint(clip.state_dict()),
                     "clip_spec": fingerprint(list(clip.spec)),
                     "classes": fingerprint(train_set.classnames),
@@ -612,11 +612,10 @@ def end_workers(loader):
         workers._shutdown_workers()
 
 
-def build_datasets(args, visual, spec, rank):
+def build_datasets(args, visual, spec, masks, rank):
     """(the unlabeled training set with its views and masks, the labeled test set, or None for a
     folder without --eval-root)"""
     size = visual.input_resolution
-    masks = data.MaskGenerator(size, args.mask_unit, visual.patch_size, args.mask_ratio)
     views = data.TrainTransform(size, masks, args.strong_view, spec)
     evaluated = not (args.data == "folder" and not args.eval_root)
     try:
