@@ -64,11 +64,14 @@ import runtime
 import train
 from runtime import add_machine_flags, autocast_for, fail, pick_device
 
-# The shapes (input px, patch, width, layers, embed_dim) of OpenAI's image towers, a DeiT-S-like
-# one and a tiny one for tests.
+# The shapes (input px, patch, width, layers, embed_dim) of OpenAI's image towers, open_clip's
+# ViT-H/14 (in 16 heads of 80, HEADS; the others' are 64 wide), a DeiT-S-like one and a tiny one
+# for tests.
 SHAPES = {"tiny": (32, 8, 64, 2, 32), "ViT-S/16": (224, 16, 384, 12, 384),
           "ViT-B/32": (224, 32, 768, 12, 512), "ViT-B/16": (224, 16, 768, 12, 512),
-          "ViT-L/14": (224, 14, 1024, 24, 768), "ViT-L/14@336px": (336, 14, 1024, 24, 768)}
+          "ViT-L/14": (224, 14, 1024, 24, 768), "ViT-L/14@336px": (336, 14, 1024, 24, 768),
+          "ViT-H/14": (224, 14, 1280, 32, 1024)}
+HEADS = {"ViT-H/14": 16}
 # Dense bf16 / fp16 tensor-core peaks in TFLOP/s, by substring of torch.cuda.get_device_name. They
 # are the SXM parts' peaks; an H100 PCIe peaks at 756, so pass --peak-tflops for it.
 PEAK_TFLOPS = (("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
@@ -106,7 +109,7 @@ def build_tower(args):
     ImageNet settings for it (the toy world's for --model tiny), its data.MaskGenerator)."""
     if args.model in SHAPES:
         torch.manual_seed(0)
-        visual = clip_model.VisionTransformer(*SHAPES[args.model])
+        visual = clip_model.VisionTransformer(*SHAPES[args.model], heads=HEADS.get(args.model))
         # CLIP's init, because the constructor leaves the blocks' weights empty.
         visual.transformer.init_weights()
         what = f"{args.model} (random weights)"

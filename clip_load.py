@@ -5,12 +5,13 @@ what a file does not say.
     load(name_or_path, device="cpu", download_root=None) -> (model, preprocess)
 
 The model carries `model.spec`, a ClipSpec: what its tensors cannot store and MUST needs to use it
-right (the MLP activation, the image normalization, the resize interpolation). It comes from a
-known checksum (OpenAI's archives), a table row (the named open checkpoints below), or a config
+right (the MLP activation, the head counts, how images are resized and normalized). It comes from
+a known checksum (OpenAI's archives), a table row (the named open checkpoints below), or a config
 file: open_clip's open_clip_config.json beside the weights, or the same JSON stored in the state
 dict as the string entry `open_clip_config`; a Hugging Face CLIPModel folder's config.json and
 preprocessor_config.json. A state dict that says none of this is refused: its activation may be
-GELU or QuickGELU, and a wrong one costs accuracy silently.
+GELU or QuickGELU, and a wrong one costs accuracy silently. Config files are read through one
+reader (_Fields), which refuses in one line any field the code cannot follow exactly.
 
 A name downloads its file, checked against a SHA-256: OpenAI's published ones, or the one the
 Hugging Face hub states for the file. A TorchScript archive is a program: torch.jit.load runs its
@@ -21,24 +22,28 @@ the tokenizer is tokenizer.py.
 """
 import hashlib
 import json
+import math
 import os
 import re
 import urllib.error
 import urllib.request
 import warnings
 import zipfile
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torchvision import transforms
 
-from clip_model import ACTIVATIONS, architecture, build_model
+from clip_model import ACTIVATIONS, architecture, build_model, clip_heads
 from runtime import load_error_detail
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 INTERPOLATIONS = {"bicubic": transforms.InterpolationMode.BICUBIC,
                   "bilinear": transforms.InterpolationMode.BILINEAR}
+# How an image becomes the square input: its short side resized, then a center crop (OpenAI's);
+# or the whole image resized to the square (DFN's).
+RESIZE_MODES = ("shortest", "squash")
 
 
 class ClipSpec(NamedTuple):
@@ -47,6 +52,15 @@ class ClipSpec(NamedTuple):
     mean: tuple  # image normalization, per RGB channel
     std: tuple
     interpolation: str  # how an image is resized: "bicubic" or "bilinear"
+    resize_mode: str = "shortest"  # one of RESIZE_MODES
+    vision_heads: Optional[int] = None  # attention heads per tower; None: OpenAI's 64-wide heads
+    text_heads: Optional[int] = None
+
+    def identity(self):
+        """The values a run's fingerprint covers: the first four alone while the others are their
+        defaults, so that checkpoints that recorded only those four still match."""
+        rest = list(self[4:])
+        return list(self[:4]) + ([] if rest == list(self._field_defaults.values()) else rest)
 
 
 OPENAI_SPEC = ClipSpec("quick_gelu", CLIP_MEAN, CLIP_STD, "bicubic")
@@ -64,27 +78,43 @@ _MODELS = {
                       "ViT-L-14-336px.pt",
 }
 _INCEPTION = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+_H14 = dict(vision_heads=16)  # 1280 wide in heads of 80; bigG/14's 1664 in heads of 104
+_DFN = dict(_H14, resize_mode="squash")
 # Open checkpoints by open_clip's model name and pretrained tag, as its pretrained.py lists them:
 # (the Hugging Face hub repository that holds open_clip_pytorch_model.bin, the activation they were
-# trained with, their normalization where it is not OpenAI's). All are 224 px, resized bicubic.
+# trained with, their input px, their other ClipSpec values where they are not OpenAI's).
 _OPEN_CLIP = {
-    "ViT-B-32/laion2b_s34b_b79k": ("laion/CLIP-ViT-B-32-laion2B-s34B-b79K", "gelu", {}),
-    "ViT-B-32/datacomp_xl_s13b_b90k": ("laion/CLIP-ViT-B-32-DataComp.XL-s13B-b90K", "gelu", {}),
-    "ViT-B-32/metaclip_400m": ("timm/vit_base_patch32_clip_224.metaclip_400m", "quick_gelu", {}),
+    "ViT-B-32/laion2b_s34b_b79k": ("laion/CLIP-ViT-B-32-laion2B-s34B-b79K", "gelu", 224, {}),
+    "ViT-B-32/datacomp_xl_s13b_b90k": ("laion/CLIP-ViT-B-32-DataComp.XL-s13B-b90K", "gelu", 224,
+                                       {}),
+    "ViT-B-32/metaclip_400m": ("timm/vit_base_patch32_clip_224.metaclip_400m", "quick_gelu", 224,
+                               {}),
     "ViT-B-32/metaclip_fullcc": ("timm/vit_base_patch32_clip_224.metaclip_2pt5b", "quick_gelu",
-                                 {}),
-    "ViT-B-16/laion2b_s34b_b88k": ("laion/CLIP-ViT-B-16-laion2B-s34B-b88K", "gelu", {}),
-    "ViT-B-16/datacomp_xl_s13b_b90k": ("laion/CLIP-ViT-B-16-DataComp.XL-s13B-b90K", "gelu", {}),
-    "ViT-B-16/dfn2b": ("apple/DFN2B-CLIP-ViT-B-16", "quick_gelu", {}),
-    "ViT-B-16/metaclip_400m": ("timm/vit_base_patch16_clip_224.metaclip_400m", "quick_gelu", {}),
+                                 224, {}),
+    "ViT-B-16/laion2b_s34b_b88k": ("laion/CLIP-ViT-B-16-laion2B-s34B-b88K", "gelu", 224, {}),
+    "ViT-B-16/datacomp_xl_s13b_b90k": ("laion/CLIP-ViT-B-16-DataComp.XL-s13B-b90K", "gelu", 224,
+                                       {}),
+    "ViT-B-16/dfn2b": ("apple/DFN2B-CLIP-ViT-B-16", "quick_gelu", 224, {}),
+    "ViT-B-16/metaclip_400m": ("timm/vit_base_patch16_clip_224.metaclip_400m", "quick_gelu", 224,
+                               {}),
     "ViT-B-16/metaclip_fullcc": ("timm/vit_base_patch16_clip_224.metaclip_2pt5b", "quick_gelu",
-                                 {}),
-    "ViT-L-14/laion2b_s32b_b82k": ("laion/CLIP-ViT-L-14-laion2B-s32B-b82K", "gelu", _INCEPTION),
-    "ViT-L-14/datacomp_xl_s13b_b90k": ("laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K", "gelu", {}),
-    "ViT-L-14/dfn2b": ("apple/DFN2B-CLIP-ViT-L-14", "quick_gelu", {}),
-    "ViT-L-14/metaclip_400m": ("timm/vit_large_patch14_clip_224.metaclip_400m", "quick_gelu", {}),
+                                 224, {}),
+    "ViT-L-14/laion2b_s32b_b82k": ("laion/CLIP-ViT-L-14-laion2B-s32B-b82K", "gelu", 224,
+                                   _INCEPTION),
+    "ViT-L-14/datacomp_xl_s13b_b90k": ("laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K", "gelu", 224,
+                                       {}),
+    "ViT-L-14/dfn2b": ("apple/DFN2B-CLIP-ViT-L-14", "quick_gelu", 224, {}),
+    "ViT-L-14/metaclip_400m": ("timm/vit_large_patch14_clip_224.metaclip_400m", "quick_gelu", 224,
+                               {}),
     "ViT-L-14/metaclip_fullcc": ("timm/vit_large_patch14_clip_224.metaclip_2pt5b", "quick_gelu",
-                                 {}),
+                                 224, {}),
+    "ViT-H-14/laion2b_s32b_b79k": ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "gelu", 224, _H14),
+    "ViT-H-14/dfn5b": ("apple/DFN5B-CLIP-ViT-H-14", "quick_gelu", 224, _DFN),
+    "ViT-H-14-378/dfn5b": ("apple/DFN5B-CLIP-ViT-H-14-378", "quick_gelu", 378, _DFN),
+    "ViT-H-14/metaclip_fullcc": ("timm/vit_huge_patch14_clip_224.metaclip_2pt5b", "quick_gelu",
+                                 224, _H14),
+    "ViT-bigG-14/laion2b_s39b_b160k": ("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", "gelu", 224,
+                                       _H14),
 }
 _HUB = "https://huggingface.co"
 _HUB_FILE = "open_clip_pytorch_model.bin"
@@ -102,12 +132,23 @@ def register_file(sha256, spec):
     _KNOWN_FILES[sha256] = spec
 
 
-def config_note(spec):
+def config_note(spec, model=None):
     """open_clip's config JSON for `spec`, which a state dict may carry as its `open_clip_config`
-    string entry to say what its tensors cannot (this project's own CLIP files do)."""
-    return json.dumps({"model_cfg": {"quick_gelu": spec.activation == "quick_gelu"},
-                       "preprocess_cfg": {"mean": list(spec.mean), "std": list(spec.std),
-                                          "interpolation": spec.interpolation}})
+    string entry to say what its tensors cannot (this project's own CLIP files do). open_clip
+    states the image tower's heads by their width, so a spec with other heads than OpenAI's needs
+    the CLIP `model` too."""
+    model_cfg = {"quick_gelu": spec.activation == "quick_gelu"}
+    if spec.vision_heads:
+        if model is None:
+            raise ValueError("config_note needs the CLIP to state its image tower's heads")
+        model_cfg["vision_cfg"] = {"head_width": model.visual.width // spec.vision_heads}
+    if spec.text_heads:
+        model_cfg["text_cfg"] = {"heads": spec.text_heads}
+    preprocess = {"mean": list(spec.mean), "std": list(spec.std),
+                  "interpolation": spec.interpolation}
+    if spec.resize_mode != "shortest":
+        preprocess["resize_mode"] = spec.resize_mode
+    return json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess})
 
 
 def _openai_sha256s():
@@ -117,8 +158,8 @@ def _openai_sha256s():
 
 def open_clip_spec(name):
     """The ClipSpec of a named open checkpoint (its table row)."""
-    _, activation, normalization = _OPEN_CLIP[name]
-    return OPENAI_SPEC._replace(activation=activation, **normalization)
+    _, activation, _, values = _OPEN_CLIP[name]
+    return OPENAI_SPEC._replace(activation=activation, **values)
 
 
 def load(name_or_path, device="cpu", download_root=None):
@@ -141,7 +182,8 @@ def load(name_or_path, device="cpu", download_root=None):
         # downloaded are reused.
         sd, spec = _read_file(_download(_MODELS[name_or_path], root))
     elif name_or_path in _OPEN_CLIP:
-        sd, _ = _read_state_dict(_download_from_hub(_OPEN_CLIP[name_or_path][0], _HUB_FILE, root))
+        path = _download_from_hub(_OPEN_CLIP[name_or_path][0], _HUB_FILE, root)
+        sd, _ = _read_state_dict(path)
         spec = open_clip_spec(name_or_path)
     elif os.path.isdir(path):
         sd, spec = _read_folder(path)
@@ -154,13 +196,18 @@ def load(name_or_path, device="cpu", download_root=None):
         raise ValueError(f"unknown model '{name_or_path}'; available models are "
                          f"{available_models()}, or pass the path of a checkpoint file")
     try:
-        architecture(sd)  # a CLIP ViT's tensors, or one line that says what is missing
+        shape = architecture(sd)  # a CLIP ViT's tensors, or one line that says what is missing
+        size = shape["image_resolution"]
+        if name_or_path in _OPEN_CLIP and size != _OPEN_CLIP[name_or_path][2]:
+            raise ValueError(f"its input is {size} px, not the {_OPEN_CLIP[name_or_path][2]} px "
+                             f"of {name_or_path}: it is another model's file")
         if spec is None:
             raise ValueError("it holds a CLIP's weights but not its activation (GELU or "
                              "QuickGELU) or image normalization, which a state dict cannot "
                              "store: put the open_clip_config.json it came with beside it, or "
                              f"load it by name (one of {available_models()})")
-        model = build_model(sd, spec.activation)  # fp32: fp16 weights are cast as they are copied
+        # fp32: fp16 weights are cast as they are copied.
+        model = build_model(sd, spec.activation, spec.vision_heads, spec.text_heads)
     except (ValueError, RuntimeError) as e:  # named after the file, as errors in reading it are
         raise type(e)(f"{path}: {e}") from None
     model.spec = spec
@@ -173,11 +220,12 @@ def _to_rgb(image):
 
 
 def image_transform(n_px, spec=OPENAI_SPEC):
-    """CLIP's test-time preprocessing: resize of the short side, center crop, normalization, as
-    the checkpoint's spec says. Picklable, so that data loader workers started with spawn can use
-    it."""
+    """CLIP's test-time preprocessing: resize (of the short side, or of the whole image to the
+    square), center crop, normalization, as the checkpoint's spec says. Picklable, so that data
+    loader workers started with spawn can use it."""
+    size = n_px if spec.resize_mode == "shortest" else (n_px, n_px)
     return transforms.Compose([
-        transforms.Resize(n_px, interpolation=INTERPOLATIONS[spec.interpolation]),
+        transforms.Resize(size, interpolation=INTERPOLATIONS[spec.interpolation]),
         transforms.CenterCrop(n_px),
         _to_rgb,
         transforms.ToTensor(),
@@ -279,71 +327,254 @@ def _download_from_hub(repo, filename, root):
 def _read_file(path):
     """(state dict, ClipSpec or None) of a checkpoint file. A TorchScript archive is read only when
     its SHA-256 is one of OpenAI's, so it is OpenAI's CLIP; any other file says its spec by its own
-    `open_clip_config` note, an open_clip_config.json beside it, or its SHA-256 if it is a known
-    file (hashed last: an open checkpoint can be gigabytes)."""
+    `open_clip_config` note or an open_clip_config.json beside it (both must say the same), or by
+    its SHA-256 if it is a known file (hashed last: an open checkpoint can be gigabytes)."""
     sd, notes = _read_state_dict(path)
-    beside = os.path.join(os.path.dirname(os.path.abspath(path)), "open_clip_config.json")
     if _is_torchscript(path):
         return sd, OPENAI_SPEC
+    said = []  # (where, the spec it gives)
     if "open_clip_config" in notes:
-        return sd, _open_clip_spec(_parse_json(notes["open_clip_config"], path), path, sd)
+        where = f"{path}'s open_clip_config note"
+        said.append((where, _open_clip_spec(_Fields.parse(notes["open_clip_config"], where), sd,
+                                            path)))
+    beside = os.path.join(os.path.dirname(os.path.abspath(path)), "open_clip_config.json")
     if os.path.isfile(beside):
-        return sd, _open_clip_spec(_parse_json(_read_text(beside), beside), beside, sd)
+        said.append((beside, _open_clip_spec(_Fields.read(beside), sd, path)))
+    if len(said) == 2 and said[0][1] != said[1][1]:
+        (note, ours), (_, theirs) = said
+        differ = [f"{field} {a!r} vs {b!r}"
+                  for field, a, b in zip(ClipSpec._fields, ours, theirs) if a != b]
+        raise ValueError(f"{note} and {beside} disagree ({'; '.join(differ)}): correct or remove "
+                         "the wrong one")
+    if said:
+        return sd, said[0][1]
     return sd, _KNOWN_FILES.get(_sha256(path))  # None: the file does not say (load refuses it)
 
 
-def _read_text(path):
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+def _finite(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _parse_json(text, where):
+def _whole(x):
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+# The JSON types the config readers take: (the test, what a refusal says it must be).
+_KINDS = {
+    "object": (lambda v: isinstance(v, dict), "a JSON object"),
+    "flag": (lambda v: isinstance(v, bool), "true or false"),
+    "count": (_whole, "a whole number of at least 1"),
+    "side": (lambda v: _whole(v) or (isinstance(v, list) and len(v) == 2 and v[0] == v[1]
+                                     and _whole(v[0])), "a square's side in px, or [side, side]"),
+    "number": (_finite, "a finite number"),
+    "text": (lambda v: isinstance(v, str), "a string"),
+    "rgb": (lambda v: isinstance(v, list) and len(v) == 3 and all(map(_finite, v)),
+            "a list of 3 finite numbers"),
+    "rgb>0": (lambda v: isinstance(v, list) and len(v) == 3 and all(map(_finite, v))
+              and min(v) > 0, "a list of 3 positive finite numbers"),
+}
+
+
+def _shown(value):
+    """A config value as its file spells it, cut short for a one-line message."""
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Fields:
+    """A config file's JSON object, or a section of it, read field by field. Every field the
+    readers below take goes through its methods, which refuse a field of another JSON type or
+    value in one line that names the file and the field. A null field counts as absent."""
+
+    def __init__(self, values, where, prefix=""):
+        self.values, self.where, self.prefix = values, where, prefix
+
+    @classmethod
+    def read(cls, path):
+        """A UTF-8 JSON file's object; one line when it cannot be read or is not one."""
+        try:
+            with open(path, "rb") as f:
+                text = f.read().decode("utf-8")
+        except OSError as e:
+            raise ValueError(f"{path} cannot be read ({e.strerror})") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text (byte {e.start}: "
+                             f"{e.object[e.start]:#04x}); save it as UTF-8") from None
+        return cls.parse(text, path)
+
+    @classmethod
+    def parse(cls, text, where):
+        try:
+            values = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"{where} is not valid JSON ({e})") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{where} holds no JSON object")
+        return cls(values, where)
+
+    def __contains__(self, key):
+        return self.values.get(key) is not None
+
+    def fail(self, key, why):
+        raise ValueError(f"{self.where}: {self.prefix}{key} {why}")
+
+    def get(self, key, kind, default=None):
+        """The field, which must be of `kind` (one of _KINDS); `default` when it is absent."""
+        value = self.values.get(key)
+        if value is None:
+            return default
+        test, what = _KINDS[kind]
+        if not test(value):
+            self.fail(key, f"is {_shown(value)}, not {what}")
+        return value
+
+    def section(self, key):
+        """The field, a JSON object, as _Fields of its own."""
+        return _Fields(self.get(key, "object", {}), self.where, f"{self.prefix}{key}.")
+
+    def choice(self, key, choices, default):
+        """choices[the field], which must be one of choices' keys; choices[default] when absent."""
+        value = self.values.get(key)
+        if value is None:
+            value = default
+        if type(value) not in (str, int) or value not in choices:
+            self.fail(key, f"is {_shown(value)}, not one of {', '.join(map(_shown, choices))}")
+        return choices[value]
+
+    def matches(self, key, kind, weights, default=None):
+        """A field of geometry, which must be the weights' own (`default`: the format's value
+        for a file that leaves it out, None: no check then)."""
+        value = self.get(key, kind, default)
+        if isinstance(value, list):  # a "side" given as [height, width]
+            value = value[0]
+        if value is not None and value != weights:
+            self.fail(key, f"is {_shown(value)}, the weights' {weights}")
+        return value
+
+    def only(self, built, other, what):
+        """Refuse a key that is neither in `other` (keys read or without effect) nor at a value in
+        `built` (key -> the values the code builds, the format's default first)."""
+        for key, value in self.values.items():
+            if value is not None and key in built and not any(
+                    value == v and type(value) is type(v) for v in built[key]):
+                default = built[key][0]
+                has = f"no {key}" if default is None else f"{key} {_shown(default)}"
+                self.fail(key, f"{_shown(value)} is not supported (the CLIP built here has {has})")
+            if key not in built and key not in other:
+                self.fail(key, f"is not one of open_clip's {what} keys")
+
+
+def _shape(sd, path):
+    """clip_model.architecture(sd), named after the file when it is not a CLIP's."""
     try:
-        value = json.loads(text)
+        return architecture(sd)
     except ValueError as e:
-        raise ValueError(f"{where} is not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{where} holds no JSON object")
-    return value
+        raise ValueError(f"{path}: {e}") from None
 
 
-def _open_clip_spec(config, where, sd):
-    """The ClipSpec an open_clip_config.json gives, with open_clip's own defaults for what it
-    leaves out (GELU, OpenAI's normalization, bicubic); its geometry must be the weights'."""
-    model_cfg, pre = config.get("model_cfg", {}), config.get("preprocess_cfg", {})
-    vision = model_cfg.get("vision_cfg", {})
-    if vision.get("timm_model_name") or model_cfg.get("text_cfg", {}).get("hf_model_name"):
-        raise ValueError(f"{where} describes a CLIP whose towers are not CLIP's ViT and text "
-                         "transformer; MUST runs on those only")
-    if pre.get("resize_mode", "shortest") != "shortest":
-        raise ValueError(f"{where}: resize_mode {pre['resize_mode']!r} is not supported (CLIP's "
-                         "'shortest' is)")
-    if {"visual.positional_embedding", "visual.conv1.weight"} <= set(sd):  # else build_model says
-        width, _, patch, _ = sd["visual.conv1.weight"].shape
-        grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-        weights = {"image_size": grid * patch, "patch_size": patch, "width": width}
-        for key, value in weights.items():
-            if key in vision and vision[key] != value:
-                raise ValueError(f"{where} gives vision {key} {vision[key]}, the weights {value}")
-    activation = "quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu"
-    return _checked_spec(activation, pre.get("mean", CLIP_MEAN), pre.get("std", CLIP_STD),
-                         pre.get("interpolation", "bicubic"), where)
+def _stated(heads, width):
+    """A tower's head count as ClipSpec holds it: None for OpenAI's 64-wide heads."""
+    return None if heads == clip_heads(width) else heads
 
 
-def _checked_spec(activation, mean, std, interpolation, where):
-    """A ClipSpec from a config's values, refused in one line when one cannot be used."""
-    triples = [m for m in (mean, std) if isinstance(m, (list, tuple)) and len(m) == 3]
-    if len(triples) != 2 or not all(isinstance(x, (int, float)) for m in triples for x in m):
-        raise ValueError(f"{where}: mean and std must be 3 numbers each, not {mean} and {std}")
-    if min(std) <= 0:
-        raise ValueError(f"{where}: std {std} must be positive")
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"{where}: interpolation {interpolation!r} is not one of "
-                         f"{', '.join(INTERPOLATIONS)}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"{where}: activation {activation!r} is not one of "
-                         f"{', '.join(ACTIVATIONS)}")
-    return ClipSpec(activation, tuple(map(float, mean)), tuple(map(float, std)), interpolation)
+# open_clip's config keys (open-clip-torch 3.3.0 and its main branch), in three kinds. A key that
+# changes what a tower computes is taken only at the values clip_model builds (open_clip's default
+# first); keys read or without effect on the features (training, outputs, the settings of towers
+# refused anyway) are taken as they are; any other key is refused.
+_BLOCK_BUILT = {"ls_init_value": (None,), "final_ln_after_pool": (False,),
+                "act_kwargs": (None, {}), "norm_kwargs": (None, {}),
+                "block_type": (None, "default"), "qk_norm": (False,),
+                "scaled_cosine_attn": (False,), "scale_heads": (False,),
+                "scale_attn_inner": (False,), "scale_attn": (False,), "scale_fc": (False,)}
+_VISION_BUILT = dict(_BLOCK_BUILT, timm_model_name=(None, ""), attentional_pool=(False,),
+                     no_ln_pre=(False,), pos_embed_type=("learnable",), pool_type=("tok",),
+                     image_seq_len=(None,))
+_VISION_OTHER = {"layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size",
+                 "patch_dropout", "attn_pooler_queries", "attn_pooler_heads", "output_tokens",
+                 "timm_model_pretrained", "timm_pool", "timm_proj", "timm_proj_bias", "timm_drop",
+                 "timm_drop_path", "timm_model_kwargs"}
+_TEXT_BUILT = dict(_BLOCK_BUILT, text_arch=("clip",), hf_model_name=(None, ""),
+                   variable_text=(False,), hf_tokenizer_name=(None, ""), tokenizer_mode=(None,),
+                   tokenizer_kwargs=(None, {}), tokenizer_type=("",), embed_cls=(False,),
+                   pad_id=(0,), bos_id=(None,), no_causal_mask=(False,), pool_type=("argmax",),
+                   proj_type=("linear",), proj_bias=(False,))
+_TEXT_OTHER = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "eos_id",
+               "output_tokens", "tiktoken_name", "hf_model_pretrained", "hf_proj_type",
+               "hf_pooler_type", "hf_model_config", "attention_mode", "pos_embed",
+               "rope_temperature", "mlp_type", "norm_type", "norm_eps", "attn_gated", "pre_norm",
+               "norm_placement", "zero_init_residual", "reg_tokens", "value_residual",
+               "attention_bias", "mlp_bias", "gate_bias"}  # the last 15: text_arch "modern"'s
+_MODEL_BUILT = {"custom_text": (False,), "multimodal_cfg": (None,), "init_logit_bias": (None,),
+                "nonscalar_logit_scale": (False,)}
+_MODEL_OTHER = {"embed_dim", "quick_gelu", "vision_cfg", "text_cfg", "init_logit_scale",
+                "cast_dtype", "output_dict"}
+
+
+def _open_clip_spec(config, sd, path):
+    """The ClipSpec an open_clip config (a _Fields) gives for the weights `sd` of the file `path`,
+    with open_clip's own defaults for what it leaves out (GELU, OpenAI's normalization, bicubic,
+    the short side); the geometry it states must be the weights'."""
+    shape = _shape(sd, path)
+    model, pre = config.section("model_cfg"), config.section("preprocess_cfg")
+    model.only(_MODEL_BUILT, _MODEL_OTHER, "model_cfg")
+    model.matches("embed_dim", "count", shape["embed_dim"])
+    activation = "quick_gelu" if model.get("quick_gelu", "flag", False) else "gelu"
+    vision_heads = _open_clip_vision(model.section("vision_cfg"), shape)
+    # open_clip's CLIPTextCfg has 8 heads where it gives none; a config without a text_cfg (this
+    # project's notes) says nothing of the text tower.
+    text_heads = _open_clip_text(model.section("text_cfg"), shape,
+                                 8 if "text_cfg" in model else None)
+    pre.matches("size", "side", shape["image_resolution"])
+    pre.choice("mode", {"RGB": "RGB"}, "RGB")
+    return ClipSpec(activation, tuple(map(float, pre.get("mean", "rgb", CLIP_MEAN))),
+                    tuple(map(float, pre.get("std", "rgb>0", CLIP_STD))),
+                    pre.choice("interpolation", {k: k for k in INTERPOLATIONS}, "bicubic"),
+                    pre.choice("resize_mode", {k: k for k in RESIZE_MODES}, "shortest"),
+                    vision_heads, text_heads)
+
+
+def _open_clip_vision(vision, shape):
+    """The image tower's head count (as ClipSpec holds it) from open_clip's vision_cfg: width //
+    head_width, OpenAI's 64-wide heads where it gives no head_width."""
+    vision.only(_VISION_BUILT, _VISION_OTHER, "CLIPVisionCfg")
+    width = shape["vision_width"]
+    for key, weights in (("image_size", shape["image_resolution"]),
+                         ("patch_size", shape["vision_patch_size"]), ("width", width),
+                         ("layers", shape["vision_layers"])):
+        vision.matches(key, "side" if key == "image_size" else "count", weights)
+    _check_mlp(vision, width, shape["vision_mlp_width"])
+    head_width = vision.get("head_width", "count")
+    if head_width is None:
+        return None
+    heads = width // head_width
+    if heads < 1 or width % heads:
+        vision.fail("head_width", f"{head_width} does not divide the width {width} into heads")
+    return _stated(heads, width)
+
+
+def _open_clip_text(text, shape, default_heads):
+    """The text tower's head count (as ClipSpec holds it) from open_clip's text_cfg: its heads,
+    else `default_heads`, else OpenAI's 64-wide heads."""
+    text.only(_TEXT_BUILT, _TEXT_OTHER, "CLIPTextCfg")
+    width = shape["transformer_width"]
+    for key, weights in (("context_length", shape["context_length"]),
+                         ("vocab_size", shape["vocab_size"]), ("width", width),
+                         ("layers", shape["transformer_layers"])):
+        text.matches(key, "count", weights)
+    _check_mlp(text, width, shape["transformer_mlp_width"])
+    heads = text.get("heads", "count", default_heads)
+    if heads is not None and width % heads:
+        text.fail("heads", f"{heads} does not divide the width {width}")
+    return None if heads is None else _stated(heads, width)
+
+
+def _check_mlp(tower, width, weights):
+    """open_clip's MLP width is int(width * mlp_ratio); where a config gives the ratio, the
+    weights' must be it (the model is built with the weights' own)."""
+    ratio = tower.get("mlp_ratio", "number")
+    if ratio is not None and weights is not None and int(width * ratio) != weights:
+        tower.fail("mlp_ratio", f"{ratio} gives MLPs {int(width * ratio)} wide, the weights' are "
+                                f"{weights}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,6 +595,11 @@ _HF_NAMES = [  # (transformers' name, OpenAI's), for the parts of a name that di
     (".layer_norm1.", ".ln_1."), (".layer_norm2.", ".ln_2."),
     (".mlp.fc1.", ".mlp.c_fc."), (".mlp.fc2.", ".mlp.c_proj."),
 ]
+# transformers' CLIPVisionConfig and CLIPTextConfig defaults, which a config.json may leave out.
+_HF_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                  num_attention_heads=12, image_size=224, patch_size=32)
+_HF_TEXT = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                num_attention_heads=8, max_position_embeddings=77, vocab_size=49408)
 
 
 def _read_folder(folder):
@@ -377,40 +613,88 @@ def _read_folder(folder):
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{folder} holds neither a transformers CLIPModel (config.json) "
                                 "nor an open_clip checkpoint (open_clip_pytorch_model.bin)")
-    config = _parse_json(_read_text(config_path), config_path)
-    if config.get("model_type") != "clip":
-        raise ValueError(f"{config_path} is a {config.get('model_type')!r} model, not a CLIP "
-                         "(model_type 'clip')")
+    config = _Fields.read(config_path)
+    if config.get("model_type", "text") != "clip":
+        raise ValueError(f"{config_path} is a {config.values.get('model_type')!r} model, not a "
+                         "CLIP (model_type 'clip')")
     weights = [os.path.join(folder, n) for n in ("model.safetensors", "pytorch_model.bin")]
     weights = [w for w in weights if os.path.isfile(w)]
     if not weights:
         raise FileNotFoundError(f"{folder} has no model.safetensors or pytorch_model.bin")
-    sd, _ = _read_state_dict(weights[0])
-    return _from_transformers(sd, weights[0]), _hf_spec(config, folder)
+    sd = _from_transformers(_read_state_dict(weights[0])[0], weights[0])
+    return sd, _hf_spec(config, _shape(sd, weights[0]), folder)
 
 
-def _hf_spec(config, folder):
-    """The ClipSpec of a transformers CLIP: the activation from config.json (the same in both
-    towers), the preprocessing from preprocessor_config.json, with the defaults of transformers'
-    CLIPImageProcessor (OpenAI's normalization, bicubic) for what it leaves out."""
-    towers = [config.get("vision_config", {}), config.get("text_config", {})]
-    acts = {tower.get("hidden_act", "quick_gelu") for tower in towers}
-    for tower in towers:
-        width = tower.get("hidden_size", 0)
-        if tower.get("intermediate_size", 4 * width) != 4 * width or (
-                width and tower.get("num_attention_heads", width // 64) != max(1, width // 64)):
-            raise ValueError(f"{folder}: a tower of {width} wide without CLIP's 64-wide heads and "
-                             "4x MLP is not supported")
-        if tower.get("layer_norm_eps", 1e-5) != 1e-5:
-            raise ValueError(f"{folder}: layer_norm_eps {tower['layer_norm_eps']} is not CLIP's "
-                             "1e-5")
-    if len(acts) != 1:
-        raise ValueError(f"{folder}/config.json gives the towers different activations {acts}")
+def _hf_spec(config, shape, folder):
+    """The ClipSpec of a transformers CLIP: the activation and head counts from config.json (whose
+    geometry must be the weights' `shape`), the preprocessing from preprocessor_config.json; what
+    a file leaves out is transformers' default."""
+    config.matches("projection_dim", "count", shape["embed_dim"], 512)
+    towers = {"vision_config": (_HF_VISION, dict(
+                  hidden_size=shape["vision_width"], intermediate_size=shape["vision_mlp_width"],
+                  num_hidden_layers=shape["vision_layers"], image_size=shape["image_resolution"],
+                  patch_size=shape["vision_patch_size"])),
+              "text_config": (_HF_TEXT, dict(
+                  hidden_size=shape["transformer_width"],
+                  intermediate_size=shape["transformer_mlp_width"],
+                  num_hidden_layers=shape["transformer_layers"],
+                  max_position_embeddings=shape["context_length"],
+                  vocab_size=shape["vocab_size"]))}
+    heads, activations = [], set()
+    for name, (defaults, weights) in towers.items():
+        tower = config.section(name)
+        for key, value in weights.items():
+            if value is not None:  # a tower without blocks has no MLP width
+                tower.matches(key, "count", value, defaults[key])
+        width = weights["hidden_size"]
+        count = tower.get("num_attention_heads", "count", defaults["num_attention_heads"])
+        if width % count:
+            tower.fail("num_attention_heads", f"{count} does not divide the width {width}")
+        heads.append(_stated(count, width))
+        if tower.get("layer_norm_eps", "number", 1e-5) != 1e-5:
+            tower.fail("layer_norm_eps", "is not CLIP's 1e-5")
+        activations.add(tower.choice("hidden_act", {a: a for a in ACTIVATIONS}, "quick_gelu"))
+    if len(activations) != 1:
+        raise ValueError(f"{folder}/config.json gives the towers different activations "
+                         f"{sorted(activations)}")
+    return ClipSpec(activations.pop(), **_hf_preprocessing(folder, shape["image_resolution"]),
+                    vision_heads=heads[0], text_heads=heads[1])
+
+
+def _hf_preprocessing(folder, size):
+    """The ClipSpec's preprocessing values from a transformers folder's preprocessor_config.json,
+    with CLIPImageProcessor's defaults for what it leaves out: a resize of the short side (of the
+    whole image, where the size is a height and a width) and a center crop to 224 px, which must be
+    the weights' input px; pixels / 255; OpenAI's normalization unless do_normalize is false
+    (then none: mean 0, std 1). A folder without the file is prepared at the weights' px."""
     path = os.path.join(folder, "preprocessor_config.json")
-    pre = _parse_json(_read_text(path), path) if os.path.isfile(path) else {}
-    resample = {3: "bicubic", 2: "bilinear"}.get(pre.get("resample", 3), pre.get("resample"))
-    return _checked_spec(acts.pop(), pre.get("image_mean", CLIP_MEAN),
-                         pre.get("image_std", CLIP_STD), resample, path)
+    pre = _Fields.read(path) if os.path.isfile(path) else _Fields({}, path)
+    for key in ("do_resize", "do_center_crop", "do_rescale", "do_convert_rgb"):
+        if not pre.get(key, "flag", True):
+            pre.fail(key, "is false: only CLIP's preprocessing, which does it, is supported")
+    if abs(pre.get("rescale_factor", "number", 1 / 255) * 255 - 1) > 1e-6:
+        pre.fail("rescale_factor", "is not 1/255")
+    side = 224 if os.path.isfile(path) else size  # where the file gives no size
+    resize = pre.values.get("size")
+    squash = isinstance(resize, dict) and "shortest_edge" not in resize
+    _check_side(pre, "size", size, side, ("height", "width") if squash else ("shortest_edge",))
+    _check_side(pre, "crop_size", size, side, ("height", "width"))
+    normalize = pre.get("do_normalize", "flag", True)
+    mean = pre.get("image_mean", "rgb", CLIP_MEAN) if normalize else (0, 0, 0)
+    std = pre.get("image_std", "rgb>0", CLIP_STD) if normalize else (1, 1, 1)
+    return dict(mean=tuple(map(float, mean)), std=tuple(map(float, std)),
+                interpolation=pre.choice("resample", {3: "bicubic", 2: "bilinear"}, 3),
+                resize_mode="squash" if squash else "shortest")
+
+
+def _check_side(pre, key, size, side, names):
+    """A preprocessor_config.json size: a number (older files) or an object of `names`, each of
+    which must be the weights' input px `size` (`side` where the file leaves it out)."""
+    if isinstance(pre.values.get(key), dict):
+        for name in names:
+            pre.section(key).matches(name, "count", size, side)
+    else:
+        pre.matches(key, "count", size, side)
 
 
 def _from_transformers(sd, where):

@@ -5,8 +5,10 @@ a LayerNorm over the patch outputs and a SimMIM linear decoder.
 Parameter names and shapes are those of OpenAI's checkpoints (open_clip keeps them), so a released
 state dict loads with strict matching, and build_model reads the architecture from the state dict.
 The activation is not in a state dict: OpenAI's CLIPs use QuickGELU, many open ones GELU, and
-whoever builds a CLIP says which (clip_load knows it for every checkpoint it reads). Tokens are
-batch-first, (B, L, C), throughout. Loading files is clip_load.py's; the tokenizer is tokenizer.py.
+whoever builds a CLIP says which (clip_load knows it for every checkpoint it reads). Nor is the
+head count: OpenAI's heads are 64 wide, ViT-H/14's 80; the builder says it where it differs.
+Tokens are batch-first, (B, L, C), throughout. Loading files is clip_load.py's; the tokenizer is
+tokenizer.py.
 """
 from collections import OrderedDict
 
@@ -38,6 +40,8 @@ class Attention(nn.Module):
 
     def __init__(self, width, heads):
         super().__init__()
+        if heads < 1 or width % heads:
+            raise ValueError(f"a width of {width} does not split into {heads} attention heads")
         self.heads = heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
@@ -58,15 +62,16 @@ class Attention(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width, heads, activation):
+    def __init__(self, width, heads, activation, mlp_width=None):
         super().__init__()
+        mlp_width = mlp_width or 4 * width  # OpenAI's CLIPs; ViT-g/14 and bigG/14 have others
         self.ln_1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(width, 4 * width)),
+            ("c_fc", nn.Linear(width, mlp_width)),
             ("gelu", ACTIVATIONS[activation]()),
-            ("c_proj", nn.Linear(4 * width, width)),
+            ("c_proj", nn.Linear(mlp_width, width)),
         ]))
 
     def forward(self, x, causal=False):
@@ -75,10 +80,11 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width, layers, heads, activation="quick_gelu"):
+    def __init__(self, width, layers, heads, activation="quick_gelu", mlp_width=None):
         super().__init__()
         self.width, self.layers = width, layers
-        blocks = [ResidualAttentionBlock(width, heads, activation) for _ in range(layers)]
+        blocks = [ResidualAttentionBlock(width, heads, activation, mlp_width)
+                  for _ in range(layers)]
         self.resblocks = nn.ModuleList(blocks)
 
     def forward(self, x, causal=False):
@@ -100,9 +106,9 @@ class Transformer(nn.Module):
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
 
 
-def _heads(width):
-    """CLIP's ViTs use 64-dim heads; a state dict does not store the head count, so it is
-    derived."""
+def clip_heads(width):
+    """The head count of OpenAI's CLIPs, whose heads are 64 wide. A state dict does not store it:
+    a checkpoint with other heads says so (clip_load reads it into the ClipSpec)."""
     return max(1, width // 64)
 
 
@@ -111,7 +117,7 @@ def _heads(width):
 
 class VisionTransformer(nn.Module):
     def __init__(self, input_resolution, patch_size, width, layers, output_dim,
-                 activation="quick_gelu"):
+                 activation="quick_gelu", heads=None, mlp_width=None):
         super().__init__()
         self.input_resolution, self.patch_size = input_resolution, patch_size
         self.grid_size = input_resolution // patch_size
@@ -122,7 +128,8 @@ class VisionTransformer(nn.Module):
         positions = scale * torch.randn(self.grid_size ** 2 + 1, width)
         self.positional_embedding = nn.Parameter(positions)
         self.ln_pre = nn.LayerNorm(width)
-        self.transformer = Transformer(width, layers, _heads(width), activation)
+        self.transformer = Transformer(width, layers, heads or clip_heads(width), activation,
+                                       mlp_width)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
@@ -187,13 +194,16 @@ class VisionTransformer(nn.Module):
 class CLIP(nn.Module):
     def __init__(self, embed_dim, image_resolution, vision_layers, vision_width,
                  vision_patch_size, context_length, vocab_size, transformer_width,
-                 transformer_layers, activation="quick_gelu"):
+                 transformer_layers, activation="quick_gelu", vision_heads=None,
+                 transformer_heads=None, vision_mlp_width=None, transformer_mlp_width=None):
         super().__init__()
         self.context_length = context_length
         self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width,
-                                        vision_layers, embed_dim, activation)
-        heads = _heads(transformer_width)
-        self.transformer = Transformer(transformer_width, transformer_layers, heads, activation)
+                                        vision_layers, embed_dim, activation, vision_heads,
+                                        vision_mlp_width)
+        heads = transformer_heads or clip_heads(transformer_width)
+        self.transformer = Transformer(transformer_width, transformer_layers, heads, activation,
+                                       transformer_mlp_width)
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
         self.ln_final = nn.LayerNorm(transformer_width)
@@ -237,6 +247,13 @@ def _count_blocks(state_dict, prefix):
                 if k.startswith(prefix) and k.endswith(".attn.in_proj_weight")})
 
 
+def _mlp_width(state_dict, prefix):
+    """The MLP width of the blocks under `prefix`, read from the first one's weights (None: no
+    blocks); a block of another width is refused as a shape mismatch when the weights are loaded."""
+    first = state_dict.get(prefix + "0.mlp.c_fc.weight")
+    return None if first is None else first.shape[0]
+
+
 def _examples(keys, n=2):
     """The first n keys of a list, for one-line messages: 'a', 'b' or e.g. 'a', 'b' (of more)."""
     return ("e.g. " if len(keys) > n else "") + ", ".join(f"'{k}'" for k in keys[:n])
@@ -256,9 +273,10 @@ def _vision_config(sd, prefix=""):
                              f"{len(sd)} tensor(s): {_examples(list(sd)) or 'none'})")
     width, _, patch, _ = sd[prefix + "conv1.weight"].shape
     grid = round((sd[prefix + "positional_embedding"].shape[0] - 1) ** 0.5)
-    layers = _count_blocks(sd, prefix + "transformer.resblocks.")
-    return dict(input_resolution=patch * grid, patch_size=patch, width=width, layers=layers,
-                output_dim=sd[prefix + "proj"].shape[1])
+    blocks = prefix + "transformer.resblocks."
+    return dict(input_resolution=patch * grid, patch_size=patch, width=width,
+                layers=_count_blocks(sd, blocks), output_dim=sd[prefix + "proj"].shape[1],
+                mlp_width=_mlp_width(sd, blocks))
 
 
 def _mismatch(module, state_dict):
@@ -293,8 +311,9 @@ def _load_strict(module, state_dict):
 
 
 def architecture(state_dict):
-    """The CLIP(...) arguments but the activation, read from an OpenAI-format state dict;
-    ValueError in one line when it is not a CLIP ViT's."""
+    """The CLIP(...) arguments that a state dict's shapes say (all but the activation and the head
+    counts), read from an OpenAI-format state dict; ValueError in one line when it is not a CLIP
+    ViT's."""
     sd = state_dict
     v = _vision_config(sd, "visual.")  # first, so that a ResNet checkpoint gets its own message
     for key in ("text_projection", "positional_embedding", "token_embedding.weight",
@@ -304,21 +323,25 @@ def architecture(state_dict):
     return dict(
         embed_dim=sd["text_projection"].shape[1], image_resolution=v["input_resolution"],
         vision_layers=v["layers"], vision_width=v["width"], vision_patch_size=v["patch_size"],
-        context_length=sd["positional_embedding"].shape[0],
+        vision_mlp_width=v["mlp_width"], context_length=sd["positional_embedding"].shape[0],
         vocab_size=sd["token_embedding.weight"].shape[0],
         transformer_width=sd["ln_final.weight"].shape[0],
-        transformer_layers=_count_blocks(sd, "transformer.resblocks."))
+        transformer_layers=_count_blocks(sd, "transformer.resblocks."),
+        transformer_mlp_width=_mlp_width(sd, "transformer.resblocks."))
 
 
-def build_model(state_dict, activation):
+def build_model(state_dict, activation, vision_heads=None, transformer_heads=None):
     """A CLIP whose architecture is read from an OpenAI-format state dict, loaded with strict key
-    matching. activation: "quick_gelu" or "gelu", which the state dict cannot say."""
+    matching. What the state dict cannot say: activation, "quick_gelu" or "gelu"; the head count of
+    each tower, None for OpenAI's 64-wide heads."""
     sd = {k: v for k, v in state_dict.items() if k not in _NON_PARAMETER_KEYS}
-    return _load_strict(CLIP(**architecture(sd), activation=activation), sd)
+    model = CLIP(**architecture(sd), activation=activation, vision_heads=vision_heads,
+                 transformer_heads=transformer_heads)
+    return _load_strict(model, sd)
 
 
-def build_visual(state_dict, activation):
+def build_visual(state_dict, activation, heads=None):
     """The image tower alone, from its state dict without the `visual.` prefix (as a MUST
-    checkpoint holds it)."""
-    tower = VisionTransformer(**_vision_config(state_dict), activation=activation)
+    checkpoint holds it), with `heads` attention heads (None: 64-wide ones)."""
+    tower = VisionTransformer(**_vision_config(state_dict), activation=activation, heads=heads)
     return _load_strict(tower, state_dict)

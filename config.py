@@ -49,11 +49,15 @@ GLOBAL_BATCH = {"ViT-B/16": 1024, "ViT-L/14": 512}
 
 # (patch size, input px, width) of the released CLIPs, by which a CLIP file finds its rows.
 MODEL_GEOMETRY = {"ViT-B/32": (32, 224, 768), "ViT-B/16": (16, 224, 768),
-                  "ViT-L/14": (14, 224, 1024), "ViT-L/14@336px": (14, 336, 1024)}
-# The models whose Table 10 rows a model borrows, best first.
+                  "ViT-L/14": (14, 224, 1024), "ViT-L/14@336px": (14, 336, 1024),
+                  "ViT-H/14": (14, 224, 1280), "ViT-H/14@378px": (14, 378, 1280),
+                  "ViT-bigG/14": (14, 224, 1664)}
+# The models whose Table 10 rows a model borrows, best first. The paper has no ViT-H/14 or
+# bigG/14 rows: they take ViT-L/14's, the largest model and the same patch.
 _ROW_PREFERENCE = {"ViT-B/32": ("ViT-B/16", "ViT-L/14"), "ViT-B/16": ("ViT-B/16", "ViT-L/14"),
-                   "ViT-L/14": ("ViT-L/14", "ViT-B/16"),
-                   "ViT-L/14@336px": ("ViT-L/14", "ViT-B/16")}
+                   **{model: ("ViT-L/14", "ViT-B/16") for model in (
+                       "ViT-L/14", "ViT-L/14@336px", "ViT-H/14", "ViT-H/14@378px",
+                       "ViT-bigG/14")}}
 
 
 def hparams(dataset, model_name, patch_size=None, input_size=None):
@@ -61,12 +65,13 @@ def hparams(dataset, model_name, patch_size=None, input_size=None):
     batch_size (global). -> a fresh plain dict: train.py overrides any value
 
     Combinations the paper did not run borrow the nearest row: 'folder' and the shifted ImageNets
-    use ImageNet's; ViT-B/32 uses ViT-B/16's and ViT-L/14@336px ViT-L/14's; a dataset with only a
-    ViT-B/16 row (pets, caltech101) lends it to ViT-L. A borrowed row's base_lr is rescaled so that
-    the absolute lr (base_lr × batch / 256) is unchanged, and its mask unit is snapped to a
-    multiple of the model's patch size that tiles the input. Unknown model names (e.g. a checkpoint
-    path) use the ViT-B/16 row; patch_size / input_size (the loaded model's) override the released
-    geometry of model_name when given.
+    use ImageNet's; ViT-B/32 uses ViT-B/16's; ViT-L/14@336px, ViT-H/14 (at 224 or 378 px) and
+    ViT-bigG/14 use ViT-L/14's; a dataset with only a ViT-B/16 row (pets, caltech101) lends it to
+    ViT-L and larger. A borrowed row's base_lr is rescaled so that the absolute lr (base_lr ×
+    batch / 256) is unchanged, and its mask unit is snapped to a multiple of the model's patch
+    size that tiles the input. Unknown model names (e.g. a checkpoint path) use the ViT-B/16 row;
+    patch_size / input_size (the loaded model's) override the released geometry of model_name when
+    given.
     """
     if data.is_registered(dataset):
         return data.registered_hparams(dataset)
@@ -223,8 +228,9 @@ def parse_args(argv=None):
                    help="let torchvision fetch food101 / dtd / gtsrb / pets / caltech101 / sun397 "
                         "into --data-root")
     g = groups["model"]
-    g.add_argument("--model", help="CLIP name (ViT-B/16, ViT-L/14, ...) or checkpoint path "
-                                   "[ViT-B/16; toy: its pretrained tiny CLIP]")
+    g.add_argument("--model", help="CLIP name (ViT-B/16, ViT-H-14/dfn5b, ...) or checkpoint path; "
+                                   "Table 10 by architecture, ViT-H/14 and bigG/14 taking "
+                                   "ViT-L/14's rows [ViT-B/16; toy: its pretrained tiny CLIP]")
     g.add_argument("--init", help="start from this MUST checkpoint's image tower (ImageNet "
                                   "warm-up, §4.4)")
     for s in SETTINGS:
@@ -366,10 +372,10 @@ def split_batch(args, world_size):
 # The identity of a run
 
 _WHAT = {"model": "CLIP weights (--model)",
-         "clip_spec": "CLIP activation or image normalization (--model's config)",
+         "clip_spec": "CLIP activation, heads or image preprocessing (--model's config)",
          "classes": "class list (names or their order)", "templates": "prompt templates"}
 # What checkpoints older than their record of it were made with: the only CLIP there was then.
-_OLDER = {"clip_spec": fingerprint(list(clip_load.OPENAI_SPEC))}
+_OLDER = {"clip_spec": fingerprint(clip_load.OPENAI_SPEC.identity())}
 
 
 def check_same_run(what, theirs, their_fingerprints, args, fingerprints, resume):

@@ -688,11 +688,12 @@ def load_models(args):
     if clip is not None and models and size != student.visual.input_resolution:
         fail(f"CLIP {clip_name} takes {size} px images, the checkpoint "
              f"{student.visual.input_resolution} px")
-    seen = {spec._replace(activation="") for spec in specs.values()}  # one preparation for all
+    # One preparation of the images for all.
+    seen = {(s.mean, s.std, s.interpolation, s.resize_mode) for s in specs.values()}
     if len(seen) > 1:
         fail(f"CLIP {clip_name} and the checkpoint {args.checkpoint} prepare images differently "
-             f"({' vs '.join(str(s.mean) + ' ' + str(s.std) for s in seen)}); score them with "
-             f"one eval.py each")
+             f"({' vs '.join(' '.join(map(str, s)) for s in seen)}); score them with one eval.py "
+             "each")
     return models, model_ids, run, clip, clip_name, next(iter(specs.values()))
 
 

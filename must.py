@@ -92,15 +92,17 @@ class MUSTModel(nn.Module):
 def load_checkpoint(ckpt, which="student"):
     """The student or the EMA teacher ("teacher") of a train.py checkpoint, read with
     runtime.read_checkpoint -> MUSTModel on CPU in eval mode. Needs no CLIP weights on disk: the
-    tower is rebuilt from the checkpoint's own tensor shapes, with the activation of the CLIP it
-    started from (QuickGELU in checkpoints older than that record: the only one there was)."""
+    tower is rebuilt from the checkpoint's own tensor shapes, with the activation and head count of
+    the CLIP it started from (QuickGELU and 64-wide heads in checkpoints older than that record:
+    the only ones there were)."""
     if which not in ("student", "teacher"):
         raise ValueError(f"which must be 'student' or 'teacher', not {which!r}")
     state = ckpt[which]
-    activation = ckpt.get("clip", {}).get("activation", "quick_gelu")
+    spec = ckpt.get("clip", {})
     tower = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
-    model = MUSTModel(clip_model.build_visual(tower, activation), state["classifier.weight"].t(),
-                      state["logit_scale"].item())
+    visual = clip_model.build_visual(tower, spec.get("activation", "quick_gelu"),
+                                     spec.get("vision_heads"))
+    model = MUSTModel(visual, state["classifier.weight"].t(), state["logit_scale"].item())
     model.load_state_dict(state)
     return model.eval()
 

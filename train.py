@@ -85,7 +85,7 @@ class Run:
     prev_path: str
     log_path: str
     fingerprints: dict  # SHA-256 of the CLIP, classes, templates and training images
-    clip_spec: clip_load.ClipSpec  # what the CLIP's tensors do not say: activation, normalization
+    clip_spec: clip_load.ClipSpec  # what the CLIP's tensors do not say: activation, heads, ...
     # Progress, saved in checkpoints.
     step: int = 0  # optimizer steps done
     evals: list = field(default_factory=list)  # the evaluation records so far
@@ -546,7 +546,7 @@ def build_run(args, rank, world, device, stop):
     _, micro_batch, accum = config.split_batch(args, world)
     train_set, test_set = build_datasets(args, clip.visual, clip.spec, masks, rank)
     fingerprints = {"model": fingerprint(clip.state_dict()),
-                    "clip_spec": fingerprint(list(clip.spec)),
+                    "clip_spec": fingerprint(clip.spec.identity()),
                     "classes": fingerprint(train_set.classnames),
                     "templates": fingerprint(train_set.templates),
                     "train_images": len(train_set),

@@ -16,13 +16,21 @@ Each CLIP: a 32-px image tower with 8-px patches, 64 wide, 2 blocks; a text towe
 blocks, with OpenAI's vocabulary of 49,408 tokens, of which only the rows that the fixture's
 prompts use are non-zero, and only those are stored (the tests rebuild the whole table). Every
 parameter is random at a trained CLIP's scale, so that a loader that drops, transposes or
-mis-assigns a tensor, or picks the wrong activation, changes the outputs.
+mis-assigns a tensor, or picks the wrong activation or head count, changes the outputs.
 
     open_clip_gelu       open_clip CLIP, nn.GELU (LAION-2B's and DataComp's activation)
     open_clip_quickgelu  open_clip CLIP, QuickGELU (DFN's, MetaCLIP's), as its config says
     open_clip_mean_std   open_clip CLIP, GELU, normalized with mean = std = 0.5 (LAION ViT-L/14's)
     transformers         transformers CLIPModel: config.json, model.safetensors, preprocessing
+    open_clip_h14_heads  ViT-H/14's heads: an image tower 320 wide (1 block, MLP 80 wide) in 80-wide
+                         heads, 4 where 64-wide ones would be 5; text heads 16 wide; QuickGELU and
+                         DFN5B's resize of the whole image to the square (resize_mode squash)
+    open_clip_mlp_ratio  ViT-bigG/14's MLP ratio 4.9231 in the image tower, g/14's 4.3637 in the
+                         text tower (1 block each)
+    transformers_heads   transformers CLIPModel with 16- and 32-wide heads, MLPs not 4x wide, GELU,
+                         do_normalize false (1 block each)
 """
+import dataclasses
 import json
 import os
 
@@ -91,16 +99,18 @@ def picture():
     return rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)
 
 
-def open_clip_fixture(quick_gelu, mean, std, seed):
-    model_cfg = dict(embed_dim=32, quick_gelu=quick_gelu, vision_cfg=VISION, text_cfg=TEXT)
+def open_clip_fixture(quick_gelu, mean, std, seed, vision=VISION, text=TEXT,
+                      resize_mode="shortest"):
+    model_cfg = dict(embed_dim=32, quick_gelu=quick_gelu, vision_cfg=vision, text_cfg=text)
     torch.manual_seed(seed)
-    model = open_clip.model.CLIP(32, open_clip.model.CLIPVisionCfg(**VISION),
-                                 open_clip.model.CLIPTextCfg(**TEXT), quick_gelu=quick_gelu).eval()
+    model = open_clip.model.CLIP(32, open_clip.model.CLIPVisionCfg(**vision),
+                                 open_clip.model.CLIPTextCfg(**text), quick_gelu=quick_gelu).eval()
     randomize_(model, seed)
     texts, tokens, ids = the_prompts()
     rows = keep_rows(model, "token_embedding.weight", ids)
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-    preprocess = open_clip.image_transform(32, is_train=False, mean=mean, std=std)
+    preprocess = open_clip.image_transform(32, is_train=False, mean=mean, std=std,
+                                           resize_mode=resize_mode)
     with torch.no_grad():
         outputs = dict(image_features=model.encode_image(images),
                        text_features=model.encode_text(tokens),
@@ -108,7 +118,7 @@ def open_clip_fixture(quick_gelu, mean, std, seed):
     state = {k: v.half() for k, v in model.state_dict().items() if k != "token_embedding.weight"}
     config = {"model_cfg": model_cfg, "preprocess_cfg": {"mean": list(mean), "std": list(std),
                                                          "interpolation": "bicubic",
-                                                         "resize_mode": "shortest"}}
+                                                         "resize_mode": resize_mode}}
     return dict(format="open_clip", config=json.dumps(config), state=state,
                 embedding=("token_embedding.weight", ids, rows), images=images, texts=texts,
                 tokens=tokens, picture=torch.from_numpy(picture()),
@@ -116,11 +126,12 @@ def open_clip_fixture(quick_gelu, mean, std, seed):
                 logit_scale=model.logit_scale.exp().item(), **outputs)
 
 
-def transformers_fixture(seed):
+def transformers_fixture(seed, vision=None, text=None, **processing):
     towers = dict(hidden_size=64, intermediate_size=256, num_attention_heads=1, num_hidden_layers=2,
                   hidden_act="quick_gelu")
-    config = CLIPConfig(text_config=dict(towers, max_position_embeddings=77, vocab_size=49408),
-                        vision_config=dict(towers, image_size=32, patch_size=8),
+    config = CLIPConfig(text_config=dict(towers, max_position_embeddings=77, vocab_size=49408,
+                                         **(text or {})),
+                        vision_config=dict(towers, image_size=32, patch_size=8, **(vision or {})),
                         projection_dim=32)
     torch.manual_seed(seed)
     model = CLIPModel(config).eval()
@@ -130,7 +141,7 @@ def transformers_fixture(seed):
     rows = keep_rows(model, key, ids)
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
     processor = CLIPImageProcessor(size={"shortest_edge": 32},
-                                   crop_size={"height": 32, "width": 32})
+                                   crop_size={"height": 32, "width": 32}, **processing)
 
     def encode_text(t):
         return model.get_text_features(input_ids=t).pooler_output  # transformers 5: an output
@@ -162,7 +173,24 @@ def main():
         "open_clip_quickgelu": open_clip_fixture(True, OPENAI_MEAN, OPENAI_STD, seed=2),
         "open_clip_mean_std": open_clip_fixture(False, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), seed=3),
         "transformers": transformers_fixture(seed=4),
+        "open_clip_h14_heads": open_clip_fixture(
+            True, OPENAI_MEAN, OPENAI_STD, seed=5, resize_mode="squash",
+            vision=dict(VISION, width=320, head_width=80, layers=1, mlp_ratio=0.25),
+            text=dict(TEXT, heads=4)),
+        "open_clip_mlp_ratio": open_clip_fixture(
+            False, OPENAI_MEAN, OPENAI_STD, seed=6, vision=dict(VISION, layers=1, mlp_ratio=4.9231),
+            text=dict(TEXT, layers=1, mlp_ratio=4.3637)),
+        "transformers_heads": transformers_fixture(
+            seed=7, vision=dict(num_attention_heads=4, intermediate_size=200, hidden_act="gelu",
+                                num_hidden_layers=1),
+            text=dict(num_attention_heads=2, intermediate_size=100, hidden_act="gelu",
+                      num_hidden_layers=1),
+            do_normalize=False),
     }
+    # The keys open_clip's configs know, which clip_load must each build, take or refuse.
+    fixtures["open_clip_keys"] = {
+        "vision_cfg": [f.name for f in dataclasses.fields(open_clip.model.CLIPVisionCfg)],
+        "text_cfg": [f.name for f in dataclasses.fields(open_clip.model.CLIPTextCfg)]}
     fixtures["about"] = (f"made by tests/make_open_clip_fixtures.py with open_clip "
                          f"{open_clip.__version__} and transformers "
                          f"{__import__('transformers').__version__}")

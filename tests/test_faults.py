@@ -888,7 +888,7 @@ CHECKPOINT_REFUSALS = [
     ("templates-changed", _templates("a photo of a {}.\n"),
      "resume checkpoint {ck} was made with other prompt templates"),
     ("other-activation-same-weights", _other_spec,
-     "resume checkpoint {ck} was made with other CLIP activation or image normalization"),
+     "resume checkpoint {ck} was made with other CLIP activation, heads or image preprocessing"),
     ("templates-reordered", _templates("\n".join(data.DEFAULT_TEMPLATES[::-1])),
      "was made with other prompt templates"),
     ("other-dataset", _resave(_other_dataset),
@@ -914,7 +914,7 @@ CHECKPOINT_REFUSALS = [
     ("init-other-model", _init_then_other_model,
      "--init checkpoint {init} was made with other CLIP weights (--model)"),
     ("init-other-activation", _init_from_other_spec,
-     "--init checkpoint {init} was made with other CLIP activation or image normalization"),
+     "--init checkpoint {init} was made with other CLIP activation, heads or image preprocessing"),
 ]
 
 
@@ -1806,8 +1806,8 @@ LOAD_ERRORS = [
      "normalization, which a state dict cannot store: put the open_clip_config.json it came with "
      "beside it, or load it by name"),
     ("a-config-it-cannot-follow",
-     _state_dict(_drop(open_clip_config='{"preprocess_cfg": {"resize_mode": "squash"}}')),
-     "{path}: resize_mode 'squash' is not supported"),
+     _state_dict(_drop(open_clip_config='{"preprocess_cfg": {"resize_mode": "longest"}}')),
+     "{path}'s open_clip_config note: preprocess_cfg.resize_mode is \"longest\", not one of"),
 ]
 
 
