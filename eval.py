@@ -343,13 +343,13 @@ class Counts:
                 "mean_per_class": 100.0 * float(np.mean(self.top1[present] / self.n[present]))}
 
 
-@torch.inference_mode()
 def batch_bytes(batch_size, size):
     """The bytes of an evaluation batch as loader workers hand it over: float32 images of
     size x size px and int64 labels (for runtime.shared_memory_problem)."""
     return batch_size * (4 * 3 * size ** 2 + 8)
 
 
+@torch.inference_mode()
 def evaluate(models, sets, columns, device, batch_size=256, num_workers=8, amp_dtype=None,
              limit=None, stop=None):
     """Score every set with every model in one pass over the images; eval.py and train.py both

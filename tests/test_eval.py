@@ -412,3 +412,20 @@ def test_figures_show_images_with_the_clip_s_own_normalization():
     half = clip_load.OPENAI_SPEC._replace(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     assert openai == tuple(round(255 * m) for m in clip_load.CLIP_MEAN)
     assert figures.to_pil(zero, half).getpixel((0, 0)) == (128, 128, 128)
+
+
+def test_evaluation_runs_in_inference_mode(world):
+    """evaluate builds no autograd graph: train.py's models require grad, and a graph per batch
+    would hold memory for nothing."""
+    modes = []
+
+    class Recorder(ColorOracle):
+        def forward(self, images):
+            modes.append(torch.is_inference_mode_enabled())
+            return super().forward(images)
+
+    s = ev.build_set("imagenet-r", "imagenet-r", str(world["shift"] / "imagenet-r"),
+                     data.test_transform(32))
+    ev.evaluate({"r": Recorder()}, [s], {(0, "r"): ev.columns_for(WNIDS, s.ids)},
+                torch.device("cpu"), batch_size=4, num_workers=0)
+    assert modes == [True, True]
