@@ -817,11 +817,12 @@ def check_classify_flags(args):
     if not 0.0 <= args.min_prob <= 1.0:
         fail(f"--min-prob {args.min_prob} is not allowed: it must be in [0, 1]")
     args.csv = args.csv or os.path.join(args.out_dir, "predictions.csv")
-    for flag, path in (("--csv", args.classify and args.csv), ("--export", args.export)):
-        if path and os.path.isdir(path):
+    for flag, path in (("--csv", args.csv if args.classify else None), ("--export", args.export)):
+        if path is None:
+            continue
+        if os.path.isdir(path):
             fail(f"{flag} {path} is a folder: give the name of the file to write")
-        if path:
-            make_folder(flag, path, os.path.dirname(os.path.abspath(path)))
+        make_folder(flag, path, os.path.dirname(os.path.abspath(path)))
 
 
 def zero_shot_prompts(args):
