@@ -16,6 +16,9 @@ image modeling triplets).
         --checkpoint out/imagenet-r/checkpoint.pt
     # + CLIP row and figures
     python eval.py --checkpoint out/pets/checkpoint.pt --model ViT-B/16 --figures 8
+    # your own unlabeled images: a CSV of predictions; a standalone classifier file
+    python eval.py --classify ~/my_images --checkpoint out/folder/checkpoint.pt
+    python eval.py --checkpoint out/folder/checkpoint.pt --export classifier.pt
 
 The layouts it reads besides data.py's (ImageNet-C, --shift-root): docs/usage.md.
 
@@ -23,10 +26,14 @@ A classifier scores a set whose classes it covers: a 1000-way ImageNet head scor
 with its logits restricted to the 200 present classes (indexed by wnid); a head trained
 transductively on ImageNet-R is already 200-way. Each image is decoded once; every model scores it
 in the same pass.
-Outputs: a table on stdout, a JSON file with every number, PNG figures with --figures.
+Outputs: a table on stdout, a JSON file with every number, PNG figures with --figures; with
+--classify a CSV of every image's top-5 classes and a summary; with --export a classifier file
+(must.load_classifier).
 """
 import argparse
 import bisect
+import csv
+import io
 import json
 import math
 import os
@@ -47,9 +54,10 @@ import folders
 import must
 import prompts
 import toy  # noqa: F401 -- registers --data toy
-from runtime import (add_machine_flags, all_reduce, any_process, autocast_for, fail,
-                     ignore_stop_signals, is_distributed, make_folder, pick_device, read_checkpoint,
-                     save_atomic, shared_memory_problem)
+from runtime import (add_machine_flags, all_reduce, any_process, autocast_for, end_distributed,
+                     fail, ignore_stop_signals, is_distributed, make_folder, peer_failed,
+                     pick_device, rank_zero_first, read_checkpoint, save_atomic, setup_distributed,
+                     shared_memory_problem)
 
 
 # ImageNet-C's 15 benchmark corruptions and AlexNet's error on each, averaged over the 5 severities
@@ -526,6 +534,20 @@ def parse_args(argv=None):
                    help="where the JSON, figures and zero-shot head cache go [the checkpoint's "
                         "folder, else out/eval]")
     g.add_argument("--json", help="JSON file with every number [OUT_DIR/eval-<data>.json]")
+    g = p.add_argument_group("classify your own images (instead of evaluating)")
+    g.add_argument("--classify", metavar="DIR",
+                   help="write the predicted class of every image under DIR (any nesting) to a "
+                        "CSV: the checkpoint's model, or CLIP zero-shot of --model")
+    g.add_argument("--which", choices=["student", "teacher"], default="student",
+                   help="the checkpoint's model for --classify and --export [student: the "
+                        "higher in the README's result table (toy: 74.95%% against 74.70%%)]")
+    g.add_argument("--csv", help="the CSV file --classify writes [OUT_DIR/predictions.csv]")
+    g.add_argument("--min-prob", type=float, default=0.5,
+                   help="the summary counts the images predicted with a lower probability, to "
+                        "check by hand [%(default)s]")
+    g.add_argument("--export", metavar="FILE",
+                   help="write that model as a standalone classifier file, which "
+                        "must.load_classifier reads")
     add_machine_flags(p)
     return p.parse_args(argv)
 
@@ -708,12 +730,17 @@ def add_zero_shot(args, models, model_ids, clip, sets, device, out_dir):
         if args.templates:  # checked by check_flags
             templates = folders.read_templates(args.templates)
     model_ids["clip"] = class_ids(kind, names)
+    return {"clip": zero_shot_model(clip, names, templates, device, out_dir), **models}
+
+
+def zero_shot_model(clip, names, templates, device, cache_dir):
+    """CLIP zero-shot over `names` as a MUSTModel in eval mode (its head cached in cache_dir)."""
     try:
         head = prompts.zero_shot_head(clip.to(device), names, templates, device=device,
-                                      cache_dir=out_dir)
+                                      cache_dir=cache_dir)
     except ValueError as e:  # a prompt longer than CLIP's context
         fail(str(e))
-    return {"clip": must.MUSTModel.from_clip(clip, head.cpu()).eval(), **models}
+    return must.MUSTModel.from_clip(clip, head.cpu()).eval()
 
 
 def scorable(sets, models, model_ids):
@@ -771,9 +798,190 @@ def check_scored(results):
             "(see the warnings above)")
 
 
+# --------------------------------------------------------------------------------------------------
+# your own images: --classify writes a CSV of predictions, --export a standalone classifier
+
+
+def check_classify_flags(args):
+    """The flags of --classify and --export, one line each, after check_flags. Sets args.csv."""
+    evaluation_only = (("--shift", args.shift), ("--data-root", args.data_root),
+                       ("--limit", args.limit), ("--figures", args.figures),
+                       ("--mean-per-class", args.mean_per_class), ("--json", args.json))
+    for flag, given in evaluation_only:
+        if given:
+            fail(f"{flag} is for evaluating labeled images, not for --classify or --export")
+    if args.checkpoint and (args.model or args.classes or args.templates or args.data):
+        fail("--classify and --export use the checkpoint's model and classes; --model, --data, "
+             "--classes and --templates are for CLIP zero-shot without a checkpoint")
+    if args.classify and not os.path.isdir(args.classify):
+        fail(f"--classify {args.classify!r} does not exist or is not a directory")
+    if not 0.0 <= args.min_prob <= 1.0:
+        fail(f"--min-prob {args.min_prob} is not allowed: it must be in [0, 1]")
+    args.csv = args.csv or os.path.join(args.out_dir, "predictions.csv")
+    for flag, path in (("--csv", args.csv if args.classify else None), ("--export", args.export)):
+        if path is None:
+            continue
+        if os.path.isdir(path):
+            fail(f"{flag} {path} is a folder: give the name of the file to write")
+        make_folder(flag, path, os.path.dirname(os.path.abspath(path)))
+
+
+def zero_shot_prompts(args):
+    """The class names and templates of CLIP zero-shot: --classes (with the 'a photo of a {}.'
+    family) or --data's published names; --templates replaces the templates."""
+    if args.classes is None and args.data is None:
+        fail("CLIP zero-shot needs its classes: give --classes FILE (one name per line), "
+             "--data NAME (a dataset's names) or a --checkpoint")
+    if args.classes is None and (args.data == "folder" or data.is_registered(args.data)
+                                 or args.data not in data.DATASET_NAMES):
+        fail(f"--data {args.data} has no published class names: give --classes FILE")
+    name = "folder" if args.classes else args.data
+    return data.class_prompts(name, args.classes, args.templates)
+
+
+def chosen_classifier(args, device, rank):
+    """-> (the MUSTModel that --classify and --export use, its class names, the clip_load.ClipSpec
+    its images are prepared by): the checkpoint's --which model, or CLIP zero-shot."""
+    with rank_zero_first(rank):  # rank 0 downloads the CLIP and caches the head first
+        models, _, run, clip, _, spec = load_models(args)
+        if models:
+            return models[args.which], run["classnames"], spec
+        names, templates = zero_shot_prompts(args)
+        return zero_shot_model(clip, names, templates, device, args.out_dir), names, spec
+
+
+def image_folder(root, transform):
+    """Every image under root, as training lists them (folders.list_images), in the order of
+    their paths relative to root; an unreadable one is flagged, not fatal (folders.ImageList)."""
+    ignored = []
+    paths = folders.list_images(root, ignored=ignored)
+    if not paths:
+        fail(f"no images ({'/'.join(folders.IMG_EXTENSIONS)}) found under "
+             f"{root!r}{folders.left_out(ignored)}")
+    paths.sort(key=lambda path: os.path.relpath(path, root))
+    return folders.ImageList([(path, -1) for path in paths], [], [], transform, "skip", ignored)
+
+
+@torch.inference_mode()
+def predict(model, dataset, device, batch_size, num_workers, amp_dtype, k=5):
+    """The k most probable classes of every image of dataset, best first -> (probabilities (N, k)
+    float32, classes (N, k) int64). Under torch.distributed each process scores every world-th
+    image and every process gets all rows."""
+    rank, world = ((torch.distributed.get_rank(), torch.distributed.get_world_size())
+                   if is_distributed() else (0, 1))
+    share = _Tagged([dataset], None, rank, world)
+    loader = DataLoader(share, batch_size=batch_size, num_workers=num_workers,
+                        pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
+    k = min(k, model.num_classes)
+    probs, classes = torch.zeros(len(dataset), k), torch.zeros(len(dataset), k, dtype=torch.long)
+    done = 0
+    for images, _, _ in tqdm(loader, desc="classify", dynamic_ncols=True, mininterval=2,
+                             disable=rank != 0, leave=False):
+        rows = torch.tensor(share.positions[done:done + len(images)])
+        done += len(images)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                            enabled=amp_dtype is not None):
+            logits = model(images.to(device, non_blocking=True)).logits.float()
+        top = logits.softmax(dim=1).topk(k, dim=1)
+        probs[rows], classes[rows] = top.values.cpu(), top.indices.cpu()
+    # Each row was filled by one process and is zero on the others, so the sum is exact.
+    return all_reduce(probs, device), all_reduce(classes, device)
+
+
+def write_predictions(path, root, dataset, probs, classes, classnames):
+    """The CSV of --classify, written atomically: one row per image in the dataset's order, its
+    path relative to root, the k most probable classes and their probabilities; an unreadable
+    image's row has no class and says why."""
+    unreadable = {index: why for index, _, why in dataset.bad_files()}
+    k = probs.shape[1]
+    header = ["path", "class", "prob"]
+    header += [f"{column}{j}" for j in range(2, k + 1) for column in ("class", "prob")]
+    text = io.StringIO()
+    rows = csv.writer(text, lineterminator="\n")
+    rows.writerow(header + ["error"])
+    for index, (image, _) in enumerate(dataset.samples):
+        relative = os.path.relpath(image, root)
+        if index in unreadable:
+            rows.writerow([relative] + [""] * 2 * k + [unreadable[index]])
+            continue
+        top = zip(classes[index].tolist(), probs[index].tolist())
+        rows.writerow([relative] + [v for c, p in top for v in (classnames[c], f"{p:.4f}")] + [""])
+    # A file name that is not UTF-8 keeps its bytes.
+    save_atomic(text.getvalue(), path,
+                write=lambda t, f: f.write(t.encode("utf-8", "surrogateescape")))
+
+
+def prediction_summary(probs, classes, unreadable, classnames, min_prob):
+    """Images per predicted class and how many of them are under min_prob -> (table, numbers)."""
+    read = torch.ones(len(probs), dtype=torch.bool)
+    read[list(unreadable)] = False
+    top, low = classes[read, 0], probs[read, 0] < min_prob
+    per_class = torch.bincount(top, minlength=len(classnames)).tolist()
+    low_per_class = torch.bincount(top[low], minlength=len(classnames)).tolist()
+    head = f"{'predicted class':30s} {'images':>8s} {f'p < {min_prob:g}':>10s}"
+    lines = [head, "-" * len(head)]
+    lines += [f"{name[:30]:30s} {n:8d} {n_low:10d}"
+              for name, n, n_low in zip(classnames, per_class, low_per_class)]
+    n, n_low = int(read.sum()), int(low.sum())
+    lines.append(f"{n} images classified, {n_low} ({100 * n_low / max(n, 1):.1f}%) with a "
+                 f"probability under {min_prob:g}; {len(unreadable)} unreadable")
+    numbers = {"images": n, "unreadable": len(unreadable), "under_min_prob": n_low,
+               "per_class": dict(zip(classnames, per_class))}
+    return "\n".join(lines), numbers
+
+
+def classify_folder(args, model, classnames, spec, device, rank):
+    """--classify: every image under the folder scored, the CSV written and summed up by rank 0
+    -> the summary's numbers."""
+    size = model.visual.input_resolution
+    problem = shared_memory_problem(args.num_workers, batch_bytes(args.batch_size, size))
+    if problem:
+        fail(problem)
+    images = image_folder(args.classify, data.test_transform(size, spec))
+    if rank == 0:
+        report_listing(images, args.classify)
+    amp_dtype, _ = autocast_for(args.amp, device)
+    probs, classes = predict(model.to(device), images, device, args.batch_size,
+                             args.num_workers, amp_dtype)
+    report_unreadable(images, "the", set(), device)  # every process's flags, merged
+    if rank != 0:
+        return None
+    write_predictions(args.csv, args.classify, images, probs, classes, classnames)
+    unreadable = [index for index, _, _ in images.bad_files()]
+    table, numbers = prediction_summary(probs, classes, unreadable, classnames, args.min_prob)
+    print(f"{table}\nwrote {args.csv}")
+    return numbers
+
+
+def classify_main(args):
+    """--classify and --export, on one process or several under torchrun."""
+    check_classify_flags(args)
+    rank, _, device = setup_distributed(args.device)
+    failed = True
+    try:
+        model, classnames, spec = chosen_classifier(args, device, rank)
+        if args.export and rank == 0:
+            must.save_classifier(model, classnames, spec, args.export)
+            print(f"wrote {args.export}: a {model.num_classes}-class classifier, which "
+                  f"must.load_classifier reads")
+        numbers = None
+        if args.classify:
+            numbers = classify_folder(args, model, classnames, spec, device, rank)
+        failed = False
+        return numbers
+    except RuntimeError as e:
+        if peer_failed(e):
+            fail("another process failed (its error is above), and this one stopped with it")
+        raise
+    finally:
+        end_distributed(failed)
+
+
 def main(argv=None):
     args = parse_args(argv)
     check_flags(args)
+    if args.classify or args.export:
+        return classify_main(args)
     device = pick_device(args.device)
     amp_dtype, _ = autocast_for(args.amp, device)  # eval runs no backward: no GradScaler
     models, model_ids, run, clip, clip_name, spec = load_models(args)

@@ -12,6 +12,7 @@ One function per equation of the paper, then the optimizer step that uses them a
     eq. 5  loss_align                  global-local (CLS-MSK) feature alignment
     eq. 6  must_loss                   L = L_cls + λ_reg L_reg + L_mim + λ_align L_align
            must_step                   one optimizer step on a global batch, eq. 1-6 in order
+A trained model leaves as a standalone classifier file: save_classifier, load_classifier.
 """
 import contextlib
 import copy
@@ -22,8 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import clip_load
 import clip_model
-from runtime import all_reduce, is_distributed
+from runtime import all_reduce, is_distributed, save_atomic
 
 
 # ----------------------------------------------------------------------------------------------
@@ -45,11 +47,13 @@ class MUSTModel(nn.Module):
     CLIP checkpoint's own logit scale exp(logit_scale) (exactly 100 for OpenAI's CLIPs, which the
     release hard-codes). Stored as self.classifier = nn.Linear(embed_dim, K, bias=False)
     (weight = W.T) and the buffer self.logit_scale (the multiplier s itself, not its log).
+    must_heads=False leaves the tower without [MSK], patch LayerNorm and decoder: a classifier
+    only (load_classifier).
     """
 
-    def __init__(self, visual, head, logit_scale, freeze_classifier=False):
+    def __init__(self, visual, head, logit_scale, freeze_classifier=False, must_heads=True):
         super().__init__()
-        if not visual.has_must_heads:
+        if must_heads and not visual.has_must_heads:
             visual.add_must_heads()
         self.visual = visual
         embed_dim, num_classes = head.shape
@@ -97,14 +101,51 @@ def load_checkpoint(ckpt, which="student"):
     the only ones there were)."""
     if which not in ("student", "teacher"):
         raise ValueError(f"which must be 'student' or 'teacher', not {which!r}")
-    state = ckpt[which]
-    spec = ckpt.get("clip", {})
+    return _from_state(ckpt[which], ckpt.get("clip", {}))
+
+
+def _from_state(state, spec):
+    """A MUSTModel's state dict -> the MUSTModel on CPU in eval mode, loaded strictly; with the
+    MUST heads if the state holds them (a checkpoint's), without if not (a classifier file's).
+    spec: the CLIP's spec as a dict (QuickGELU and 64-wide heads where it says none)."""
     tower = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
     visual = clip_model.build_visual(tower, spec.get("activation", "quick_gelu"),
                                      spec.get("vision_heads"))
-    model = MUSTModel(visual, state["classifier.weight"].t(), state["logit_scale"].item())
+    model = MUSTModel(visual, state["classifier.weight"].t(), state["logit_scale"].item(),
+                      must_heads="visual.mask_token" in state)
     model.load_state_dict(state)
     return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# the standalone classifier (eval.py --export)
+
+# What MUST adds to CLIP's tower to train it (VisionTransformer.add_must_heads): classifying
+# needs none of it.
+_TRAINING_HEADS = ("visual.mask_token", "visual.ln_patch.", "visual.decoder.")
+
+
+def save_classifier(model, classnames, spec, path):
+    """Write a MUSTModel as a classifier file: the tower's and the classifier's tensors (the logit
+    scale among them), the class names and the clip_load.ClipSpec that prepares its images. No
+    optimizer, no teacher, no MUST heads. load_classifier reads it."""
+    state = {k: v.cpu() for k, v in model.state_dict().items()
+             if not k.startswith(_TRAINING_HEADS)}
+    save_atomic({"model": state, "classnames": list(classnames), "clip": spec._asdict()}, path)
+
+
+def load_classifier(path):
+    """A classifier file that eval.py --export wrote -> (MUSTModel on CPU in eval mode, the
+    transform that prepares a PIL image for it, the class names). It is read with
+    torch.load(weights_only=True), so nothing in the file runs:
+
+        model, preprocess, classnames = must.load_classifier("classifier.pt")
+        probs = model(preprocess(image).unsqueeze(0)).logits.softmax(-1)
+    """
+    file = torch.load(path, map_location="cpu", weights_only=True)
+    spec = clip_load.ClipSpec(**file["clip"])
+    model = _from_state(file["model"], file["clip"])
+    return model, clip_load.image_transform(model.visual.input_resolution, spec), file["classnames"]
 
 
 # ----------------------------------------------------------------------------------------------

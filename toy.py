@@ -392,15 +392,32 @@ def build_dataset(root, split, transform=None):
 data.register_dataset("toy", build_dataset, HPARAMS, lambda root: WEIGHTS)
 
 
+def write_images(split, folder):
+    """A split's images as PNG files folder/<class>/<index>.png, for eval.py --classify: PNG is
+    lossless, so each file reads back as the pixels the split's dataset gives."""
+    images, labels = render_split(split)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        os.makedirs(os.path.join(folder, SHAPES[label]), exist_ok=True)
+        Image.fromarray(image).save(os.path.join(folder, SHAPES[label], f"{i:04d}.png"))
+
+
 def main(argv=None):
-    description = ("Pretrain the toy world's tiny CLIP from scratch (~7 min on 2 cores). "
-                   "Probes, the ablation and pictures of the world: toy_experiments.py.")
+    description = ("Pretrain the toy world's tiny CLIP from scratch (~7 min on 2 cores), or write "
+                   "its 2,000 test images as files. Probes, the ablation and pictures of the "
+                   "world: toy_experiments.py.")
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("command", choices=["pretrain"])
-    parser.add_argument("--out", default=os.path.join("out", "toy_clip.pt"),
-                        help="where to write the weights; toy_clip.pt replaces the committed file "
-                             "[out/toy_clip.pt]")
+    parser.add_argument("command", choices=["pretrain", "images"])
+    parser.add_argument("--out",
+                        help="where to write: pretrain's weights (toy_clip.pt replaces the "
+                             "committed file) [out/toy_clip.pt]; the test images' folder "
+                             "[out/toy/test-images]")
     args = parser.parse_args(argv)
+    if args.command == "images":
+        args.out = args.out or os.path.join("out", "toy", "test-images")
+        write_images("test", args.out)
+        print(f"wrote the test images to {args.out}/<class>/<index>.png")
+        return
+    args.out = args.out or os.path.join("out", "toy_clip.pt")
     pretrain(args.out)
     with open(args.out, "rb") as f:
         print(f"wrote {args.out}, sha256 {hashlib.sha256(f.read()).hexdigest()}")

@@ -70,3 +70,9 @@ def test_only_the_students_training_forward_builds_a_graph(world, tmp_path,  # n
     # GradCAM differentiates the last block only: the tokens and earlier blocks run without it.
     for c in called_from(tokens, "attention_cam") + called_from(masked, "mim_triplets"):
         assert not c["grad"]
+
+    forwards.clear()
+    ev.main(["--classify", str(world / "test"), "--checkpoint", str(out / train.CHECKPOINT),
+             "--num-workers", "0", "--out-dir", str(tmp_path / "classify")])
+    for c in called_from(forwards, "predict"):
+        assert not c["grad"] and c["inference"]
