@@ -47,8 +47,9 @@ import folders
 import must
 import prompts
 import toy  # noqa: F401 -- registers --data toy
-from runtime import (add_machine_flags, all_reduce, any_process, autocast_for, fail,
-                     ignore_stop_signals, is_distributed, make_folder, pick_device, read_checkpoint,
+from runtime import (StopRequest, add_machine_flags, all_reduce, any_process, autocast_for,
+                     dead_workers_found_by_waits, end_workers, fail, ignore_stop_signals,
+                     is_distributed, make_folder, not_a_clip, pick_device, read_checkpoint,
                      save_atomic, shared_memory_problem)
 
 
@@ -371,13 +372,16 @@ def evaluate(models, sets, columns, device, batch_size=256, num_workers=8, amp_d
     tic, seen = time.time(), 0
     progress = tqdm(range(rounds), desc="eval", dynamic_ncols=True, mininterval=2,
                     disable=rank != 0, leave=False)
-    for _ in progress:
-        if stop is not None and any_process(stop.signum is not None):
-            return None, 0.0
-        batch = next(batches, None)
-        if batch is not None:
-            score_batch(models, sets, cols, counts, *batch, device, amp_dtype)
-            seen += len(batch[0])
+    try:
+        for _ in progress:
+            if stop is not None and any_process(stop.signum is not None):
+                return None, 0.0
+            batch = next(batches, None)
+            if batch is not None:
+                score_batch(models, sets, cols, counts, *batch, device, amp_dtype)
+                seen += len(batch[0])
+    finally:  # the workers ignore stop signals: a stop or an error must end them
+        end_workers(batches)
     for c in counts.values():
         c.all_reduce(device)
     return counts, seen / max(time.time() - tic, 1e-9)
@@ -682,7 +686,7 @@ def load_models(args):
         try:
             clip, _ = clip_load.load(clip_name, device="cpu", download_root=args.download_root)
         except (FileNotFoundError, ValueError, RuntimeError) as e:
-            fail(str(e))
+            fail(not_a_clip(clip_name, e, "score it with --checkpoint"))
         specs[clip_name] = clip.spec
     size = clip.visual.input_resolution if clip is not None else None
     if clip is not None and models and size != student.visual.input_resolution:
@@ -773,6 +777,14 @@ def check_scored(results):
 def main(argv=None):
     args = parse_args(argv)
     check_flags(args)
+    # SIGINT, SIGTERM or SIGHUP ends eval.py at once, in one line (there is nothing to save), and
+    # evaluate ends its loader workers on the way out.
+    with StopRequest(at_once=True), dead_workers_found_by_waits():
+        return score(args)
+
+
+def score(args):
+    """Everything eval.py does after its flags are checked. -> the report"""
     device = pick_device(args.device)
     amp_dtype, _ = autocast_for(args.amp, device)  # eval runs no backward: no GradScaler
     models, model_ids, run, clip, clip_name, spec = load_models(args)
