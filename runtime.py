@@ -561,8 +561,9 @@ def dead_workers_found_by_waits():
 def loader_worker_died(error):
     """Whether an error from a DataLoader's iterator says that one of its workers died: torch's
     own words, or the connection that passed a batch, reset by the dying worker before torch's
-    check could see it dead."""
-    return isinstance(error, ConnectionError) or "DataLoader worker (pid" in str(error)
+    check could see it dead (which, on a GPU, ends the thread that pins batches)."""
+    words = ("DataLoader worker (pid", "Pin memory thread exited unexpectedly")
+    return isinstance(error, ConnectionError) or any(w in str(error) for w in words)
 
 
 def ignore_stop_signals(_worker_id=None):
