@@ -249,8 +249,8 @@ def parse_args(argv=None):
     g = groups["run"]
     g.add_argument("--out-dir", help="log, zero-shot head cache and checkpoint [out/<data>]")
     g.add_argument("--resume", default="auto",
-                   help="checkpoint to resume; auto = out_dir/checkpoint.pt if it exists; none = "
-                        "start afresh")
+                   help="checkpoint to resume; auto = out_dir/checkpoint.pt if it exists, else "
+                        "the checkpoint.prev.pt before it; none = start afresh")
     add_machine_flags(p, process_group=True)
     return p.parse_args(argv)
 

@@ -54,10 +54,11 @@ import folders
 import must
 import prompts
 import toy  # noqa: F401 -- registers --data toy
-from runtime import (add_machine_flags, all_reduce, any_process, autocast_for, end_distributed,
-                     fail, ignore_stop_signals, is_distributed, make_folder, peer_failed,
-                     pick_device, rank_zero_first, read_checkpoint, save_atomic, setup_distributed,
-                     shared_memory_problem)
+from runtime import (StopRequest, add_machine_flags, all_reduce, any_process, autocast_for,
+                     dead_workers_found_by_waits, end_distributed, end_workers, fail,
+                     ignore_stop_signals, is_distributed, make_folder, not_a_clip, peer_failed,
+                     pick_device, rank_zero_first, read_checkpoint, save_atomic,
+                     setup_distributed, shared_memory_problem)
 
 
 # ImageNet-C's 15 benchmark corruptions and AlexNet's error on each, averaged over the 5 severities
@@ -379,13 +380,16 @@ def evaluate(models, sets, columns, device, batch_size=256, num_workers=8, amp_d
     tic, seen = time.time(), 0
     progress = tqdm(range(rounds), desc="eval", dynamic_ncols=True, mininterval=2,
                     disable=rank != 0, leave=False)
-    for _ in progress:
-        if stop is not None and any_process(stop.signum is not None):
-            return None, 0.0
-        batch = next(batches, None)
-        if batch is not None:
-            score_batch(models, sets, cols, counts, *batch, device, amp_dtype)
-            seen += len(batch[0])
+    try:
+        for _ in progress:
+            if stop is not None and any_process(stop.signum is not None):
+                return None, 0.0
+            batch = next(batches, None)
+            if batch is not None:
+                score_batch(models, sets, cols, counts, *batch, device, amp_dtype)
+                seen += len(batch[0])
+    finally:  # the workers ignore stop signals: a stop or an error must end them
+        end_workers(batches)
     for c in counts.values():
         c.all_reduce(device)
     return counts, seen / max(time.time() - tic, 1e-9)
@@ -704,7 +708,7 @@ def load_models(args):
         try:
             clip, _ = clip_load.load(clip_name, device="cpu", download_root=args.download_root)
         except (FileNotFoundError, ValueError, RuntimeError) as e:
-            fail(str(e))
+            fail(not_a_clip(clip_name, e, "score it with --checkpoint"))
         specs[clip_name] = clip.spec
     size = clip.visual.input_resolution if clip is not None else None
     if clip is not None and models and size != student.visual.input_resolution:
@@ -874,16 +878,19 @@ def predict(model, dataset, device, batch_size, num_workers, amp_dtype, k=5):
                         pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
     k = min(k, model.num_classes)
     probs, classes = torch.zeros(len(dataset), k), torch.zeros(len(dataset), k, dtype=torch.long)
-    done = 0
-    for images, _, _ in tqdm(loader, desc="classify", dynamic_ncols=True, mininterval=2,
-                             disable=rank != 0, leave=False):
-        rows = torch.tensor(share.positions[done:done + len(images)])
-        done += len(images)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                            enabled=amp_dtype is not None):
-            logits = model(images.to(device, non_blocking=True)).logits.float()
-        top = logits.softmax(dim=1).topk(k, dim=1)
-        probs[rows], classes[rows] = top.values.cpu(), top.indices.cpu()
+    done, batches = 0, iter(loader)
+    try:
+        for images, _, _ in tqdm(batches, desc="classify", dynamic_ncols=True, mininterval=2,
+                                 disable=rank != 0, leave=False):
+            rows = torch.tensor(share.positions[done:done + len(images)])
+            done += len(images)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                enabled=amp_dtype is not None):
+                logits = model(images.to(device, non_blocking=True)).logits.float()
+            top = logits.softmax(dim=1).topk(k, dim=1)
+            probs[rows], classes[rows] = top.values.cpu(), top.indices.cpu()
+    finally:  # the workers ignore stop signals: a stop or an error must end them
+        end_workers(batches)
     # Each row was filled by one process and is zero on the others, so the sum is exact.
     return all_reduce(probs, device), all_reduce(classes, device)
 
@@ -980,8 +987,16 @@ def classify_main(args):
 def main(argv=None):
     args = parse_args(argv)
     check_flags(args)
-    if args.classify or args.export:
-        return classify_main(args)
+    # SIGINT, SIGTERM or SIGHUP ends eval.py at once, in one line (there is nothing to save), and
+    # evaluate and predict end their loader workers on the way out.
+    with StopRequest(at_once=True), dead_workers_found_by_waits():
+        if args.classify or args.export:
+            return classify_main(args)
+        return score(args)
+
+
+def score(args):
+    """Everything eval.py does after its flags are checked. -> the report"""
     device = pick_device(args.device)
     amp_dtype, _ = autocast_for(args.amp, device)  # eval runs no backward: no GradScaler
     models, model_ids, run, clip, clip_name, spec = load_models(args)

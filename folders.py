@@ -10,9 +10,9 @@ import collections
 import csv
 import json
 import os
-import re
 import stat
 import string
+import unicodedata
 import zlib
 
 import torch
@@ -42,12 +42,15 @@ _INDEX_NAMED = ("gtsrb", "imagenet-v2")
 
 
 def name_key(name):
-    """Spelling-insensitive key of a class name.
+    """Spelling-insensitive key of a class name: its letters, digits and combining marks, in any
+    script, case-folded, in Unicode's NFKC form (so that a name keys the same however it is
+    encoded).
 
     'Apply_Eye_Makeup', 'ApplyEyeMakeup', 'apply eye makeup' -> 'applyeyemakeup'; SUN397's
-    'apartment_building/outdoor' -> 'apartmentbuildingoutdoor'.
+    'apartment_building/outdoor' -> 'apartmentbuildingoutdoor'; '猫' -> '猫'.
     """
-    return re.sub(r"[^0-9a-z]", "", name.lower())
+    folded = unicodedata.normalize("NFKC", name).casefold()
+    return "".join(c for c in folded if unicodedata.category(c)[0] in "LMN")
 
 
 # The wnids of the ImageNets, in label order. They are the classes' identities, because names
@@ -187,9 +190,9 @@ class ImageList(Dataset):
 def list_images(root, seen=None, ignored=None):
     """Image files under root at any depth, sorted (hidden files and folders skipped).
 
-    Symbolic links are followed without loops, each real file is listed once (`seen`: (device,
-    inode) pairs shared across calls), and only regular files are kept. What is left out is appended
-    to `ignored` as (path, reason).
+    Symbolic links are followed without loops (a link to a folder above root is not followed), each
+    real file is listed once (`seen`: (device, inode) pairs shared across calls), and only regular
+    files are kept. What is left out is appended to `ignored` as (path, reason).
 
     A folder that cannot be listed is left out so too, not silently (os.walk's default).
     """
@@ -201,11 +204,19 @@ def list_images(root, seen=None, ignored=None):
         why = (e.strerror or type(e).__name__).lower()
         ignored.append((e.filename or root, f"folder cannot be read ({why})"))
 
+    real_root = os.path.realpath(root)
     for folder, dirs, files in os.walk(root, onerror=unreadable, followlinks=True):
         st = os.stat(folder)
         if (st.st_dev, st.st_ino) in visited_dirs:  # a link back up the tree: walk it once
             ignored.append((folder,
                             "folder already listed (a symbolic link to it, or a link loop)"))
+            dirs[:] = []
+            continue
+        # A link to a folder above root is a loop that passes through other folders (in a split,
+        # the other classes' folders) before it comes back: nothing it reaches is root's.
+        real = os.path.realpath(folder)
+        if real != real_root and os.path.commonpath([real, real_root]) == real:
+            ignored.append((folder, "a symbolic link to a folder above it (a link loop)"))
             dirs[:] = []
             continue
         visited_dirs.add((st.st_dev, st.st_ino))

@@ -237,12 +237,23 @@ def shared_memory_problem(workers, batch_bytes, folder="/dev/shm"):
     need, free = processes * workers * 2 * batch_bytes, shutil.disk_usage(folder).free
     if free >= need:
         return None
-    mib = 2 ** 20
-    return (f"{folder} has {free / mib:.0f} MiB free, and the loader workers of this node's "
-            f"{processes} process(es) pass their batches through it: about {need / mib:.0f} MiB "
-            f"({workers} workers x 2 batches of {batch_bytes / mib:.0f} MiB each); give it more "
+    return (f"{folder} has {size_text(free)} free, and the loader workers of this node's "
+            f"{processes} process(es) pass their batches through it: about {size_text(need)} "
+            f"({workers} workers x 2 batches of {size_text(batch_bytes)} each); give it more "
             f"room (docker run --shm-size {math.ceil(need / 2 ** 30)}g) or lower --num-workers "
             f"(0 loads in the process itself)")
+
+
+def size_text(n):
+    """A number of bytes in the largest binary unit it holds one of: '512 B', '9.5 KiB',
+    '768 MiB', '1.2 GiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            break
+        n /= 1024
+    else:
+        unit = "TiB"
+    return f"{n:.1f} {unit}" if n < 10 and unit != "B" else f"{n:.0f} {unit}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -313,7 +324,7 @@ def save_atomic(obj, path, write=None):
         if getattr(e, "errno", None) == errno.ENOSPC:
             reason = "the disk is full"
         elif free < (64 << 20):  # torch's zip writer reports a short write without an errno
-            reason = f"the disk is full: {free / 2 ** 20:.0f} MiB free"
+            reason = f"the disk is full: {size_text(free)} free"
         else:
             reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         kept = "the previous one is intact" if os.path.isfile(path) else "no earlier one exists"
@@ -402,6 +413,15 @@ def read_checkpoint(path, what="MUST checkpoint"):
                      f"'student' and 'teacher' weights ({holds})")
 
 
+def not_a_clip(path, error, hint):
+    """The line for a --model that the CLIP loader refused with `error`: for a checkpoint that
+    train.py wrote, that it is one, and `hint` (where it goes instead)."""
+    with contextlib.suppress(ValueError):
+        read_checkpoint(path)
+        return f"{path} is a MUST checkpoint written by train.py, not a CLIP: {hint}"
+    return str(error)
+
+
 def fingerprint(value):
     """SHA-256 of a state dict's tensors (names, dtypes, shapes, bytes), or of a list of strings or
     of such lists (in order)."""
@@ -452,17 +472,28 @@ class RunLock:
 class StopRequest:
     """SIGTERM (schedulers, torchrun), SIGINT (Ctrl-C) and SIGHUP (a closed terminal or ssh session)
     ask the run to stop after the step in flight; the trainer checkpoints and exits. A second SIGINT
-    aborts at once. Use it as a context manager; the previous handlers are restored on exit."""
+    aborts at once. With at_once (a command with nothing to save), the first one ends it at once:
+    one line, exit 128 + signal, later ones ignored while it unwinds (and ends its loader workers,
+    end_workers). Use it as a context manager; the previous handlers are restored on exit."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
-    def __init__(self):
+    def __init__(self, at_once=False):
         self.signum = None
+        self.at_once = at_once
         self._previous = {}
 
     def _handle(self, signum, frame):
         if signum == signal.SIGHUP:
             _leave_closed_terminal()
+        if self.at_once:
+            if self.signum is None:  # a later one would cut short the ending of the workers
+                self.signum = signum
+                with contextlib.suppress(OSError):
+                    print(f"\nstopped by {signal.Signals(signum).name}", file=sys.stderr,
+                          flush=True)
+                raise SystemExit(128 + signum)
+            return
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             fail("interrupted twice: aborted without a checkpoint (the last one is intact)")
         if self.signum is None:
@@ -496,6 +527,43 @@ def _leave_closed_terminal():
             if stat.S_ISCHR(os.fstat(fd).st_mode):
                 os.dup2(devnull, fd)
     os.close(devnull)
+
+
+def end_workers(loader):
+    """Stop the worker processes of a DataLoader (its persistent ones) or of one of its iterators,
+    if it started them. They ignore SIGTERM (ignore_stop_signals), so the interpreter's exit cannot
+    stop them: when an error or a signal ends the command while they are alive, the exit would
+    otherwise wait for them forever."""
+    workers = getattr(loader, "_iterator", loader)
+    if hasattr(workers, "_shutdown_workers"):
+        workers._shutdown_workers()
+
+
+@contextlib.contextmanager
+def dead_workers_found_by_waits():
+    """Run a block in which the death of a DataLoader worker (killed for lack of memory) is found
+    by the wait for one of its batches, which raises it (within 5 s), and not by torch's SIGCHLD
+    handler, which raises it wherever the main thread is: in the middle of an optimizer step, of
+    a checkpoint's write, or of ending the other workers. torch sets that handler once per
+    process, with a loader's first workers: it is set now, so that it can be off inside and back
+    after (in the main thread only, where handlers are)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    torch.utils.data._utils.signal_handling._set_SIGCHLD_handler()
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+
+
+def loader_worker_died(error):
+    """Whether an error from a DataLoader's iterator says that one of its workers died: torch's
+    own words, or the connection that passed a batch, reset by the dying worker before torch's
+    check could see it dead (which, on a GPU, ends the thread that pins batches)."""
+    words = ("DataLoader worker (pid", "Pin memory thread exited unexpectedly")
+    return isinstance(error, ConnectionError) or any(w in str(error) for w in words)
 
 
 def ignore_stop_signals(_worker_id=None):

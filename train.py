@@ -38,11 +38,14 @@ import data
 import folders
 import must
 import prompts
-from eval import EvalSet, batch_bytes, evaluate, report_listing, report_unreadable
+from eval import (EvalSet, batch_bytes, check_scored, evaluate, report_listing,
+                  report_unreadable)
 from runtime import (ResumableSampler, RunLock, SeededViews, StopRequest, all_reduce, any_process,
-                     autocast_for, barrier, end_distributed, fail, fingerprint, ignore_stop_signals,
-                     is_distributed, peer_failed, rank_zero_first, read_checkpoint, rng_state,
-                     save_atomic, set_rng_state, setup_distributed, shared_memory_problem)
+                     autocast_for, barrier, dead_workers_found_by_waits, end_distributed,
+                     end_workers, fail, fingerprint, ignore_stop_signals, is_distributed,
+                     loader_worker_died, not_a_clip, peer_failed, rank_zero_first, read_checkpoint,
+                     rng_state, save_atomic, set_rng_state, setup_distributed,
+                     shared_memory_problem, size_text)
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"  # the checkpoint before, kept until the newest is known good
@@ -296,7 +299,11 @@ def run_eval(run, at_stop=False):
         return False
     key = "mean_per_class" if run.mean_per_class else "top1"
     student, teacher = (counts[(0, name)].metrics() for name in models)
-    report_unreadable(run.test_set, "test", run.reported_test, run.device)
+    unreadable = report_unreadable(run.test_set, "test", run.reported_test, run.device)
+    nothing_scored = check_scored({"the test set": {"images": student["images"],
+                                                    "unreadable": unreadable}})
+    if nothing_scored:
+        fail(nothing_scored)
     run.evals.append({"epoch": epoch, "step": run.step, "student_acc": student[key],
                       "teacher_acc": teacher[key], "images": student["images"]})
     log(run, {"type": "eval", **run.evals[-1]})
@@ -341,21 +348,26 @@ def train(run):
     eval records. Each epoch's steps are checkpointed before its evaluation, so that a stop or a
     kill during a long evaluation loses no training."""
     args = run.args
-    # Zero-shot (or the --init model) before training, or an evaluation a stop cut short.
-    why = "epoch" if run_eval(run) else "signal"
-    try:
-        while why == "epoch" and run.step < run.total_steps:
-            why = train_one_epoch(run)
-            save_checkpoint(run)
-            if why == "epoch" and not run_eval(run):
-                why = "signal"
-            if why == "epoch" and args.max_steps is not None and run.step >= args.max_steps:
-                why = "max-steps"
-            if why == "max-steps" and not run_eval(run, at_stop=True):
-                why = "signal"
-    finally:
-        end_workers(run.loader)
-    save_checkpoint(run)  # the last evaluation joins the checkpoint
+    with dead_workers_found_by_waits():  # between steps, where stop_for_dead_worker can save
+        try:
+            # Zero-shot (or the --init model) before training, or an evaluation a stop cut short.
+            why = "epoch" if run_eval(run) else "signal"
+            while why == "epoch" and run.step < run.total_steps:
+                why = train_one_epoch(run)
+                save_checkpoint(run)
+                if why == "epoch" and not run_eval(run):
+                    why = "signal"
+                if why == "epoch" and args.max_steps is not None and run.step >= args.max_steps:
+                    why = "max-steps"
+                if why == "max-steps" and not run_eval(run, at_stop=True):
+                    why = "signal"
+        except (RuntimeError, ConnectionError) as e:
+            if not loader_worker_died(e):
+                raise
+            stop_for_dead_worker(run, e)
+        finally:
+            end_workers(run.loader)
+        save_checkpoint(run)  # the last evaluation joins the checkpoint
     if run.rank == 0:
         if run.step == run.total_steps:  # the run is over: its last checkpoint is its result
             with contextlib.suppress(FileNotFoundError):
@@ -371,6 +383,20 @@ def train(run):
                   file=sys.stderr)
         raise SystemExit(128 + signum)
     return run.evals
+
+
+def stop_for_dead_worker(run, error):
+    """A loader worker died, and its error came from a wait for one of its batches: between two
+    steps, or in an evaluation. With one process the steps done are checkpointed; with several,
+    the others may be in a step's collectives and end with this one (the checkpoint on disk is
+    intact). Then one line."""
+    if not is_distributed():
+        save_checkpoint(run)
+    saved = os.path.isfile(run.ckpt_path)
+    kept = f"{run.ckpt_path} holds step {run.saved[0]}" if saved else "nothing was saved"
+    fail(f"a data loader worker ended unexpectedly, most often killed for lack of memory (lower "
+         f"--num-workers): {str(error).splitlines()[0]}; {kept}; rerun the same command to "
+         f"{'resume' if saved else 'start'}")
 
 
 def report_end(run, why):
@@ -405,6 +431,9 @@ def save_checkpoint(run):
     if is_distributed():
         torch.distributed.all_gather_object(states, states[0])
     if run.rank == 0:
+        if not os.path.isdir(run.args.out_dir):  # save_atomic would make it anew, without a lock
+            fail(f"--out-dir {run.args.out_dir} was removed during the run: nothing more is "
+                 f"written (step {run.step} is not saved)")
         if run.step > run.saved[0]:  # new weights: the ones on disk stay until these are good
             keep_previous(run.ckpt_path, run.prev_path)
         save_atomic({"student": run.student.state_dict(), "teacher": run.teacher.state_dict(),
@@ -491,13 +520,27 @@ def load_checkpoint_for(path, args, fingerprints, resume):
     try:
         ckpt = read_checkpoint(path, what)
     except ValueError as e:
-        fail(str(e))
+        newest = resume and path == os.path.join(args.out_dir, CHECKPOINT)
+        fail(f"{e}{previous_readable(args.out_dir) if newest else ''}")
     if not {"args", "fingerprints"} <= set(ckpt):
         fail(f"{path} is not a MUST checkpoint written by this train.py (no settings or "
              f"fingerprints)")
     config.check_same_run(f"{what} {path}", ckpt["args"], ckpt["fingerprints"], args,
                           fingerprints, resume)
     return ckpt
+
+
+def previous_readable(out_dir):
+    """For a checkpoint.pt that cannot be read: '; ...' saying how to resume from the checkpoint
+    before it, if that one can be read; else ''."""
+    previous = os.path.join(out_dir, PREVIOUS)
+    try:
+        step = read_checkpoint(previous)["step"]
+    except (ValueError, KeyError):
+        return ""
+    return (f"; the checkpoint before it, {previous} (step {step}), can be read: move "
+            f"{os.path.join(out_dir, CHECKPOINT)} away and rerun the same command to resume "
+            f"from it")
 
 
 def resume(run, path):
@@ -527,6 +570,11 @@ def resume(run, path):
                   f"has {run.world}: the images, global batch and steps are the same, but sums "
                   f"over processes run in another order, so the weights will not be "
                   f"bit-identical to an uninterrupted run's")
+        if ckpt["args"].get("compile", False) != run.args.compile:
+            on, off = ("on", "off") if run.args.compile else ("off", "on")
+            print(f"note: --compile is {on} in this run and was {off} in the checkpoint's: "
+                  f"compiled and eager kernels round differently, so the weights will not be "
+                  f"bit-identical to an uninterrupted run's")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -541,7 +589,8 @@ def build_run(args, rank, world, device, stop):
         try:
             clip, _ = clip_load.load(args.model, device="cpu", download_root=args.download_root)
         except (FileNotFoundError, ValueError, RuntimeError) as e:
-            fail(str(e))
+            fail(not_a_clip(args.model, e, "give it as --init (with --model the CLIP it was "
+                                           "trained from), or score it with eval.py --checkpoint"))
     masks = config.resolve_config(args, clip.visual)  # Table 10's values where no flag was given
     _, micro_batch, accum = config.split_batch(args, world)
     train_set, test_set = build_datasets(args, clip.visual, clip.spec, masks, rank)
@@ -601,15 +650,6 @@ def train_loader(train_set, sampler, micro_batch, args, device):
     return DataLoader(views, batch_size=micro_batch, sampler=sampler, drop_last=True,
                       num_workers=args.num_workers, persistent_workers=args.num_workers > 0,
                       pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
-
-
-def end_workers(loader):
-    """Stop the loader's worker processes, if it started them. They ignore SIGTERM
-    (ignore_stop_signals), so the interpreter's exit cannot stop them: when an error ends the run
-    while they are alive, the exit would otherwise wait for them forever."""
-    workers = getattr(loader, "_iterator", None)
-    if workers is not None:
-        workers._shutdown_workers()
 
 
 def build_datasets(args, visual, spec, masks, rank):
@@ -685,7 +725,9 @@ def check_out_dir(run):
     checkpoints (the newest, and the one before it until the newest is known good)."""
     problem = None
     if run.rank == 0:
-        for path in (run.log_path, run.ckpt_path, run.prev_path):
+        # The files the run writes, and the temporary ones its checkpoints are written through.
+        for path in (run.log_path, run.ckpt_path, run.prev_path, run.ckpt_path + ".tmp",
+                     run.prev_path + ".tmp"):
             if os.path.isdir(path):
                 problem = (f"{path} is a folder, where the run writes a file: move it away or use "
                            f"another --out-dir")
@@ -694,11 +736,10 @@ def check_out_dir(run):
                       if os.path.isfile(p))
         free = shutil.disk_usage(run.args.out_dir).free
         if problem is None and free + on_disk < 2 * size:
-            gib = 2 ** 30
-            problem = (f"--out-dir {run.args.out_dir} has {free / gib:.2f} GiB free, and this run "
-                       f"needs about {(2 * size - on_disk) / gib:.2f} GiB more for its "
-                       f"checkpoints ({size / gib:.2f} GiB each; the newest and the one before it "
-                       f"are kept): free space or use another --out-dir")
+            problem = (f"--out-dir {run.args.out_dir} has {size_text(free)} free, and this run "
+                       f"needs about {size_text(2 * size - on_disk)} more for its checkpoints "
+                       f"({size_text(size)} each; the newest and the one before it are kept): "
+                       f"free space or use another --out-dir")
     if any_process(problem is not None):
         fail(problem or "rank 0 cannot write its checkpoints (see its message)")
 
@@ -725,11 +766,17 @@ def checkpoint_bytes(run):
 
 
 def start(run):
-    """Resume (--resume auto: OUT/checkpoint.pt if present) or start a fresh log; seed the
-    per-rank RNGs."""
+    """Resume (--resume auto: OUT/checkpoint.pt, or the checkpoint before it when it is missing)
+    or start a fresh log; seed the per-rank RNGs."""
     args = run.args
     path = {"none": None, "auto": run.ckpt_path}.get(args.resume, args.resume)
-    if path == run.ckpt_path and not os.path.isfile(path):
+    missing = path == run.ckpt_path and not os.path.isfile(path)
+    restore = missing and os.path.isfile(run.prev_path)
+    if restore:  # checkpoint.pt was removed: the one before it is resumed and takes its place
+        path = run.prev_path
+        if run.rank == 0:
+            print(f"{run.ckpt_path} is missing: resuming from the checkpoint before it")
+    elif missing:
         path = None
     elif path is not None and not os.path.isfile(path):
         fail(f"no checkpoint at {path}")
@@ -743,7 +790,12 @@ def start(run):
     if path is not None:
         resume(run, path)
     elif run.rank == 0:  # a fresh run starts a fresh log; a resumed one appends
+        if os.path.isfile(run.log_path) and os.path.getsize(run.log_path):
+            print(f"note: a new run starts in {args.out_dir}: the log and any checkpoint of the "
+                  f"run before are replaced")
         open(run.log_path, "w").close()
+    if restore and run.rank == 0:
+        keep_previous(run.prev_path, run.ckpt_path)
     if run.rank == 0:
         print(f"MUST on {args.data}: {len(run.train_set)} images, {run.student.num_classes} "
               f"classes, {run.world} process(es), global batch {args.global_batch} = {run.world} x "

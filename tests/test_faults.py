@@ -14,12 +14,14 @@ import json
 import multiprocessing
 import os
 import pickle
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import unicodedata
 
 import numpy as np
 import PIL.Image
@@ -361,6 +363,31 @@ def test_comment_and_blank_lines_are_ignored_in_class_and_template_files(world, 
         ["a photo of a {}.", "a {} on a table."])
 
 
+def test_class_names_in_any_script(world, tmp_path):
+    """A class is keyed by its letters, digits and marks in any script (folders.name_key): 猫 and
+    犬 train and evaluate, a folder matches its class in whichever Unicode form its name is stored
+    (macOS decomposes 'é'), and names that differ by a vowel sign stay apart. An ASCII name keys as
+    before: the [0-9a-z] of its lower case."""
+    for name in (f"A_b{chr(i)}9" for i in range(128)):
+        assert folders.name_key(name) == re.sub(r"[^0-9a-z]", "", name.lower())
+    (tmp_path / "hindi.txt").write_text("कम\nकमी\n")
+    assert folders.read_classnames(str(tmp_path / "hindi.txt")) == ["कम", "कमी"]
+    names = ["猫", "犬", "café"]
+    (tmp_path / "classes.txt").write_text("\n".join(names) + "\n")
+    test = tmp_path / "test"
+    for i, name in enumerate(names):
+        folder = test / unicodedata.normalize("NFD", name)
+        folder.mkdir(parents=True)
+        for j in range(2):
+            _png(folder / f"{j}.png", seed=200 + 2 * i + j)
+    out = tmp_path / "out"
+    evals = train.main(argv(world, world / "good", out, "--eval-root", str(test),
+                            "--classes", str(tmp_path / "classes.txt")))
+    assert [e["images"] for e in evals] == [6, 6] and ckpt(out)["classnames"] == names
+    report = ev.main(ckpt_argv(out / train.CHECKPOINT, tmp_path))
+    assert report["results"]["folder"]["images"] == 6
+
+
 # ---------------------------------------------------------------------------------- bad image files
 
 def _zero_byte(d):
@@ -645,6 +672,22 @@ def test_symlink_loops_list_each_real_file_once(world, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"warning: 3 training entries not listed: {LOOP} (e.g. {d / 'link'})\n" in out
     assert "MUST on folder: 12 images," in out
+
+
+def test_a_link_loop_in_a_class_folder_takes_no_other_class_images(world, tmp_path):
+    """test/blue circle/loop -> .. leads to the other classes' folders: their images listed through
+    it would be labeled blue circle, and their own listing dropped as duplicates. The link is
+    reported and not followed: every image keeps its class."""
+    d = tmp_path / "test"
+    shutil.copytree(world / "test", d)
+    os.symlink("..", d / CLASSES[1] / "loop")
+    ignored = []
+    listed = folders.scan_class_folders(str(d), "folder", CLASSES, ignored)
+    clean = folders.scan_class_folders(str(world / "test"), "folder", CLASSES)
+    assert ([(os.path.relpath(p, d), label) for p, label in listed]
+            == [(os.path.relpath(p, world / "test"), label) for p, label in clean])
+    assert ignored == [(str(d / CLASSES[1] / "loop"),
+                        "a symbolic link to a folder above it (a link loop)")]
 
 
 def test_fifo_is_never_opened(world, tmp_path):
@@ -986,6 +1029,48 @@ def test_checkpoint_identity_is_by_content(kind, mutate, world, tmp_path, capsys
     assert same_weights(ckpt(out), uninterrupted)  # the same run, continued
 
 
+def test_the_checkpoint_before_a_missing_or_unreadable_one_is_resumed(world, tmp_path, capsys,
+                                                                    uninterrupted):
+    """A truncated checkpoint.pt beside a good checkpoint.prev.pt: the error says how to resume
+    from the one before. Moved away, the rerun resumes from it (it takes checkpoint.pt's place,
+    and nothing deletes it before a newer one is written) and ends as an uninterrupted run."""
+    out = _base(world, tmp_path)
+    ck, prev = out / train.CHECKPOINT, out / train.PREVIOUS
+    shutil.copy(ck, prev)
+    _truncate(world, tmp_path, ck)
+    message = train_error(_ckpt_argv(world, tmp_path, out))
+    assert message.startswith(f"error: cannot read resume checkpoint {ck} (")
+    assert message.endswith(f"; the checkpoint before it, {prev} (step 1), can be read: move {ck} "
+                            f"away and rerun the same command to resume from it"), message
+    os.rename(ck, tmp_path / "truncated.pt")
+    capsys.readouterr()
+    train.main(_ckpt_argv(world, tmp_path, out))
+    assert (f"{ck} is missing: resuming from the checkpoint before it\nresumed from {prev} at step "
+            f"1 (epoch 0)\n") in capsys.readouterr().out
+    assert ckpt(out)["step"] == 2 and same_weights(ckpt(out), uninterrupted)
+
+
+def test_resuming_with_compile_toggled_says_the_weights_differ(world, tmp_path, capsys):
+    """As for another process count: compiled kernels round differently (about 1e-9)."""
+    out = _base(world, tmp_path)
+    _resave(lambda c: {**c, "args": {**c["args"], "compile": True}})(world, tmp_path,
+                                                                     out / train.CHECKPOINT)
+    capsys.readouterr()
+    train.main(_ckpt_argv(world, tmp_path, out))
+    assert ("note: --compile is off in this run and was on in the checkpoint's: compiled and eager "
+            "kernels round differently, so the weights will not be bit-identical to an "
+            "uninterrupted run's\n") in capsys.readouterr().out
+
+
+def test_starting_over_in_a_used_out_dir_says_so(world, tmp_path, capsys):
+    out = _base(world, tmp_path)
+    capsys.readouterr()
+    train.main(_ckpt_argv(world, tmp_path, out, "--resume", "none", "--max-steps", "1"))
+    assert (f"note: a new run starts in {out}: the log and any checkpoint of the run before are "
+            f"replaced\n") in capsys.readouterr().out
+    assert len(records(out, "config")) == 1
+
+
 def test_init_needs_only_the_same_clip(world, tmp_path):
     """--init takes the image tower of a run on another class list (order): only the CLIP weights
     must match."""
@@ -1092,11 +1177,11 @@ def _folder_named(name):
 
 
 def _little_disk(out, monkeypatch):
-    """A disk with 1 MiB free: the tiny model's checkpoint is about 0.8 MiB, and two are kept."""
+    """A disk with 1 MiB free: the tiny model's checkpoint is about 2 MiB, and two are kept."""
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=1 << 20))
-    return (f"--out-dir {out} has 0.00 GiB free, "
-            "and this run needs about 0.00 GiB more for its checkpoints")
+    return (f"--out-dir {out} has 1.0 MiB free, and this run needs about 3.9 MiB more for its "
+            f"checkpoints (2.0 MiB each; the newest and the one before it are kept)")
 
 
 # (id, make(out dir, monkeypatch) -> the message); refused after the model is built, before any
@@ -1105,6 +1190,8 @@ OUT_DIR_PROBLEMS = [
     ("checkpoint-is-a-folder", _folder_named(train.CHECKPOINT)),
     ("previous-checkpoint-is-a-folder", _folder_named(train.PREVIOUS)),
     ("log-is-a-folder", _folder_named("log.jsonl")),
+    ("checkpoint-temp-file-is-a-folder", _folder_named(train.CHECKPOINT + ".tmp")),
+    ("previous-checkpoint-temp-file-is-a-folder", _folder_named(train.PREVIOUS + ".tmp")),
     ("no-room-for-two-checkpoints", _little_disk),
 ]
 
@@ -1152,6 +1239,58 @@ def test_out_dir_removed_during_a_run_is_one_line(world, tmp_path, monkeypatch):
     assert (f"cannot append to {out / 'log.jsonl'} (No such file or directory); "
             f"was --out-dir {out} removed?"
             in train_error(argv(world, world / "good", out)))
+
+
+def test_out_dir_removed_before_a_checkpoint_is_one_line(world, tmp_path, monkeypatch):
+    """Removed when a checkpoint comes before the next log line: it is not made anew (without its
+    lock or config record)."""
+    out = tmp_path / "out"
+    real = must.ema_update
+
+    def remove_out_dir(*a, **k):
+        real(*a, **k)
+        shutil.rmtree(out)
+    monkeypatch.setattr(must, "ema_update", remove_out_dir)
+    message = train_error(argv(world, world / "good", out, "--log-freq", "100", "--save-freq", "1"))
+    assert message == (f"error: --out-dir {out} was removed during the run: nothing more is "
+                       f"written (step 1 is not saved)")
+    assert not os.path.exists(out)
+
+
+def test_sizes_are_said_in_a_unit_they_fill():
+    assert [runtime.size_text(n) for n in (0, 1023, 1024, 9.5 * 1024, 100_000, 1.2 * 2 ** 30,
+                                           3 * 2 ** 40)] == [
+        "0 B", "1023 B", "1.0 KiB", "9.5 KiB", "98 KiB", "1.2 GiB", "3.0 TiB"]
+
+
+def test_a_killed_loader_worker_stops_the_run_with_the_steps_done_saved(world, tmp_path,
+                                                                        monkeypatch):
+    """The out-of-memory killer takes a loader worker (SIGKILL, here in the middle of step 1). Its
+    death is found by the wait for one of its batches, between two steps, and not in the middle of
+    one: the steps done are checkpointed, the run stops in one line, and the rerun ends as an
+    uninterrupted run. 8 steps of one image, for the worker to have batches still to make."""
+    before = set(multiprocessing.active_children())
+    real, killed = must.ema_update, []
+
+    def kill_a_worker(*a, **k):
+        real(*a, **k)
+        if not killed:
+            worker = min(set(multiprocessing.active_children()) - before, key=lambda p: p.pid)
+            os.kill(worker.pid, signal.SIGKILL)
+            killed.append(worker.pid)
+    monkeypatch.setattr(must, "ema_update", kill_a_worker)
+    out, flags = tmp_path / "out", ("--global-batch", "1", "--num-workers", "2")
+    message = train_error(argv(world, world / "good", out, *flags))
+    step = ckpt(out)["step"]
+    assert message.startswith("error: a data loader worker ended unexpectedly, most often killed "
+                              "for lack of memory (lower --num-workers): "), message
+    assert message.endswith(f"; {out / train.CHECKPOINT} holds step {step}; rerun the same "
+                            f"command to resume"), message
+    assert 1 <= step < 8 and set(multiprocessing.active_children()) <= before
+    monkeypatch.setattr(must, "ema_update", real)
+    train.main(argv(world, world / "good", out, *flags))
+    train.main(argv(world, world / "good", tmp_path / "whole", "--global-batch", "1"))
+    assert same_weights(ckpt(out), ckpt(tmp_path / "whole"))
 
 
 # ---------------------------------------------------------------------------------------- full disk
@@ -1227,10 +1366,11 @@ def test_too_little_shared_memory_for_the_workers_is_refused_before_any_work(wor
     out = tmp_path / "out"
     message = train_error(argv(world, world / "good", out, "--num-workers", "2"))
     need = 4 * 2 * 2 * 4 * (4 * 3 * 32 ** 2 + 8)
-    assert message == (f"error: /dev/shm has 0 MiB free, and the loader workers of this node's 4 "
-                       f"process(es) pass their batches through it: about {need / 2 ** 20:.0f} "
-                       f"MiB (2 workers x 2 batches of 0 MiB each); give it more room (docker run "
-                       f"--shm-size 1g) or lower --num-workers (0 loads in the process itself)")
+    assert need == 786_944  # 768.5 KiB
+    assert message == ("error: /dev/shm has 98 KiB free, and the loader workers of this node's 4 "
+                       "process(es) pass their batches through it: about 768 KiB (2 workers x 2 "
+                       "batches of 48 KiB each); give it more room (docker run --shm-size 1g) or "
+                       "lower --num-workers (0 loads in the process itself)")
     assert not os.path.exists(out / "log.jsonl")  # refused before any work
     train.main(argv(world, world / "good", out, "--num-workers", "0", "--max-steps", "1"))
     _shm_free(monkeypatch, need)
@@ -1387,6 +1527,16 @@ def test_training_evaluation_skips_unreadable_test_images(workers, world, tmp_pa
     assert records(out, "train")[-1]["skipped"] == 0  # test images are not training images
 
 
+def test_training_evaluation_with_no_readable_test_image_is_one_line(world, tmp_path):
+    test = tmp_path / "test"
+    shutil.copytree(world / "test", test)
+    for path in test.glob("*/*.png"):
+        path.write_bytes(b"")
+    assert train_error(argv(world, world / "good", tmp_path / "out", "--eval-root", str(test))) \
+        == ("error: scored no image of the test set: all 6 images read were unreadable (see the "
+            "warnings above)")
+
+
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_eval_py_skips_unreadable_files_and_reports_them(workers, world, tmp_path, capsys):
     bad, link = _test_dir_with_faults(world, tmp_path / "test")
@@ -1514,6 +1664,66 @@ def test_eval_py_bad_flag_is_one_line_before_any_model(flags, message, world, tm
     assert error_of(ev.main, eval_argv(world, tmp_path, world / "test", *flags)) == \
         "error: " + _fill(message, world, tmp_path)
     assert (tmp_path / "a-file").read_text() == "not a folder"
+
+
+# eval.py whose image reads take half a second each and name the process that reads.
+SLOW_EVAL = """import os, sys, time
+sys.path.insert(0, {repo!r})
+import eval, folders
+real = folders.read_image
+def read_image(path):
+    with open({pids!r}, "a") as f:
+        f.write(f"{{os.getpid()}}\\n")
+    time.sleep(0.5)
+    return real(path)
+folders.read_image = read_image
+eval.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP],
+                         ids=lambda s: s.name)
+def test_eval_py_stops_on_a_signal_in_one_line_and_ends_its_workers(sig, world, tmp_path):
+    """Sent to the whole process group, as Ctrl-C is, while both loader workers read: they ignore
+    it, and eval.py ends them and exits 128 + signal with one line (the exit waited for them
+    forever)."""
+    pids, script = tmp_path / "pids", tmp_path / "slow_eval.py"
+    script.write_text(SLOW_EVAL.format(repo=REPO, pids=str(pids)))
+    (tmp_path / "templates.txt").write_text("a photo of a {}.\n")
+    flags = eval_argv(world, tmp_path, world / "test", "--num-workers", "2", "--batch-size", "1",
+                      "--templates", str(tmp_path / "templates.txt"))
+    proc = subprocess.Popen([sys.executable, str(script), *flags], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        started = time.time()
+        while len(set(pids.read_text().split()) if pids.exists() else ()) < 2:
+            assert proc.poll() is None and time.time() - started < 120, proc.stderr.read()
+            time.sleep(0.05)
+        os.killpg(proc.pid, sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + sig, err[-2000:]
+    assert f"\nstopped by {sig.name}\n" in err and "Traceback" not in err, err[-2000:]
+    for pid in map(int, pids.read_text().split()):
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+@pytest.mark.parametrize("tool", ["train", "eval"])
+def test_a_must_checkpoint_given_as_model_says_where_it_goes(tool, world, imagenet_ckpt,
+                                                             tmp_path):
+    out, ck = tmp_path / "out", imagenet_ckpt
+    if tool == "train":
+        got = train_error(argv(world, world / "good", out, "--model", str(ck)))
+        hint = ("give it as --init (with --model the CLIP it was trained from), or score it with "
+                "eval.py --checkpoint")
+    else:
+        got = error_of(ev.main, _eval_argv(world, out, "--model", str(ck)))
+        hint = "score it with --checkpoint"
+    assert got == f"error: {ck} is a MUST checkpoint written by train.py, not a CLIP: {hint}"
 
 
 def _saved(tmp_path, obj):
