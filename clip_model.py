@@ -16,6 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from util.clip_load import (architecture, clip_heads, image_transform, key_examples, read,
+                            vision_config)
+from util.clip_load import available_models  # noqa: F401 -- OpenAI's API: with load below
+
 # Entries of OpenAI's TorchScript archives that are not parameters.
 _NON_PARAMETER_KEYS = ("input_resolution", "context_length", "vocab_size")
 
@@ -30,7 +34,7 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-# The MLP activations of the CLIPs this project reads, by the names open_clip and transformers use.
+# The MLP activations of the CLIPs this project reads (clip_load.ACTIVATION_NAMES).
 ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": nn.GELU}
 
 
@@ -104,12 +108,6 @@ class Transformer(nn.Module):
             nn.init.zeros_(block.attn.out_proj.bias)
             nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
-
-
-def clip_heads(width):
-    """The head count of OpenAI's CLIPs, whose heads are 64 wide. A state dict does not store it:
-    a checkpoint with other heads says so (clip_load reads it into the ClipSpec)."""
-    return max(1, width // 64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,43 +240,6 @@ class CLIP(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Building a CLIP from a state dict
 
-def _count_blocks(state_dict, prefix):
-    return len({k[len(prefix):].split(".")[0] for k in state_dict
-                if k.startswith(prefix) and k.endswith(".attn.in_proj_weight")})
-
-
-def _mlp_width(state_dict, prefix):
-    """The MLP width of the blocks under `prefix`, read from the first one's weights (None: no
-    blocks); a block of another width is refused as a shape mismatch when the weights are loaded."""
-    first = state_dict.get(prefix + "0.mlp.c_fc.weight")
-    return None if first is None else first.shape[0]
-
-
-def _examples(keys, n=2):
-    """The first n keys of a list, for one-line messages: 'a', 'b' or e.g. 'a', 'b' (of more)."""
-    return ("e.g. " if len(keys) > n else "") + ", ".join(f"'{k}'" for k in keys[:n])
-
-
-def _vision_config(sd, prefix=""):
-    """The architecture of the image tower, read from a state dict whose keys start with
-    `prefix`."""
-    # Only ResNet keys make it a ResNet CLIP: any other state dict without a ViT's keys (a plain
-    # nn.Linear, a text model) is not a CLIP ViT, and the message names what it lacks and holds.
-    if any(k.startswith((prefix + "layer1.", prefix + "attnpool.")) for k in sd):
-        raise ValueError("ResNet CLIP checkpoints (RN50, RN101, ...) are not supported: MUST "
-                         "needs a ViT image tower, such as ViT-B/16's")
-    for key in ("conv1.weight", "positional_embedding", "class_embedding", "proj"):
-        if prefix + key not in sd:
-            raise ValueError(f"not a CLIP ViT checkpoint: missing key '{prefix + key}' (it holds "
-                             f"{len(sd)} tensor(s): {_examples(list(sd)) or 'none'})")
-    width, _, patch, _ = sd[prefix + "conv1.weight"].shape
-    grid = round((sd[prefix + "positional_embedding"].shape[0] - 1) ** 0.5)
-    blocks = prefix + "transformer.resblocks."
-    return dict(input_resolution=patch * grid, patch_size=patch, width=width,
-                layers=_count_blocks(sd, blocks), output_dim=sd[prefix + "proj"].shape[1],
-                mlp_width=_mlp_width(sd, blocks))
-
-
 def _mismatch(module, state_dict):
     """One line on how the keys of a state dict miss those of `module`, or None when they match."""
     expected = module.state_dict()
@@ -288,9 +249,9 @@ def _mismatch(module, state_dict):
                 if k in state_dict and state_dict[k].shape != expected[k].shape]
     if not (missing or unexpected or reshaped):
         return None
-    found = [f"{len(missing)} key(s) missing" + (f" ({_examples(missing)})" if missing else ""),
+    found = [f"{len(missing)} key(s) missing" + (f" ({key_examples(missing)})" if missing else ""),
              f"{len(unexpected)} unexpected"
-             + (f" ({_examples(unexpected)})" if unexpected else "")]
+             + (f" ({key_examples(unexpected)})" if unexpected else "")]
     if reshaped:
         k = reshaped[0]
         found.append(f"{len(reshaped)} of another shape ('{k}': {tuple(state_dict[k].shape)} in "
@@ -310,26 +271,6 @@ def _load_strict(module, state_dict):
     return module
 
 
-def architecture(state_dict):
-    """The CLIP(...) arguments that a state dict's shapes say (all but the activation and the head
-    counts), read from an OpenAI-format state dict; ValueError in one line when it is not a CLIP
-    ViT's."""
-    sd = state_dict
-    v = _vision_config(sd, "visual.")  # first, so that a ResNet checkpoint gets its own message
-    for key in ("text_projection", "positional_embedding", "token_embedding.weight",
-                "ln_final.weight"):
-        if key not in sd:
-            raise ValueError(f"not a CLIP checkpoint: missing key '{key}'")
-    return dict(
-        embed_dim=sd["text_projection"].shape[1], image_resolution=v["input_resolution"],
-        vision_layers=v["layers"], vision_width=v["width"], vision_patch_size=v["patch_size"],
-        vision_mlp_width=v["mlp_width"], context_length=sd["positional_embedding"].shape[0],
-        vocab_size=sd["token_embedding.weight"].shape[0],
-        transformer_width=sd["ln_final.weight"].shape[0],
-        transformer_layers=_count_blocks(sd, "transformer.resblocks."),
-        transformer_mlp_width=_mlp_width(sd, "transformer.resblocks."))
-
-
 def build_model(state_dict, activation, vision_heads=None, transformer_heads=None):
     """A CLIP whose architecture is read from an OpenAI-format state dict, loaded with strict key
     matching. What the state dict cannot say: activation, "quick_gelu" or "gelu"; the head count of
@@ -343,5 +284,20 @@ def build_model(state_dict, activation, vision_heads=None, transformer_heads=Non
 def build_visual(state_dict, activation, heads=None):
     """The image tower alone, from its state dict without the `visual.` prefix (as a MUST
     checkpoint holds it), with `heads` attention heads (None: 64-wide ones)."""
-    tower = VisionTransformer(**_vision_config(state_dict), activation=activation, heads=heads)
+    tower = VisionTransformer(**vision_config(state_dict), activation=activation, heads=heads)
     return _load_strict(tower, state_dict)
+
+
+def load(name_or_path, device="cpu", download_root=None):
+    """Load a CLIP ViT by name (downloaded and checksummed), from a local file, or from a Hugging
+    Face CLIPModel folder (clip_load.read); weights in fp32. -> (model in eval mode, preprocess
+    transform), as OpenAI's clip.load; model.spec says how it was trained to see images. The cache
+    directory is `download_root`, else $CLIP_DOWNLOAD_ROOT, else ~/.cache/clip."""
+    sd, spec, path = read(name_or_path, download_root)
+    try:  # fp32: fp16 weights are cast as they are copied
+        model = build_model(sd, spec.activation, spec.vision_heads, spec.text_heads)
+    except (ValueError, RuntimeError) as e:  # named after the file, as errors in reading it are
+        raise type(e)(f"{path}: {e}") from None
+    model.spec = spec
+    model = model.to(device).eval()
+    return model, image_transform(model.visual.input_resolution, spec)

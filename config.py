@@ -16,11 +16,10 @@ from collections import namedtuple
 
 import torch
 
-import clip_load
 import data
-import folders
-import toy  # noqa: F401 -- registers --data toy, the offline demo world
-from runtime import add_machine_flags, fail, fingerprint, make_folder
+from toy import world as toy
+from util import clip_load, folders
+from util.runtime import add_machine_flags, fail, fingerprint, make_folder
 
 # ----------------------------------------------------------------------------------------------
 # The paper's Table 10, as released
@@ -73,8 +72,8 @@ def hparams(dataset, model_name, patch_size=None, input_size=None):
     patch_size / input_size (the loaded model's) override the released geometry of model_name when
     given.
     """
-    if data.is_registered(dataset):
-        return data.registered_hparams(dataset)
+    if dataset == "toy":
+        return dict(toy.HPARAMS)
     if dataset not in data.DATASET_NAMES:
         raise ValueError(f"unknown dataset {dataset!r}; valid names: "
                          f"{', '.join(data.DATASET_NAMES)}")
@@ -274,7 +273,7 @@ def check_flags(args):
         fail(f"--dist-timeout {args.dist_timeout} is not allowed: it must be in (0, 1e6] minutes")
     if args.data not in data.DATASET_NAMES:
         fail(f"unknown dataset {args.data!r}; choose one of: {', '.join(data.DATASET_NAMES)}")
-    if not data.is_registered(args.data) and not args.download:
+    if args.data != "toy" and not args.download:
         root = args.data_root
         try:
             empty = not (root and os.path.isdir(root) and os.listdir(root))

@@ -26,11 +26,11 @@ import torch
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-import clip_load
-import folders
 import prompts
-from clip_load import CLIP_MEAN, OPENAI_SPEC
-from randaugment import RandAugment, fill_color
+from toy import world as toy
+from util import clip_load, folders
+from util.clip_load import CLIP_MEAN, OPENAI_SPEC
+from util.randaugment import RandAugment, fill_color
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,39 +151,13 @@ def _channels(values, device):
 MEAN_PER_CLASS = ("pets", "caltech101")
 _SHIFTED_IMAGENETS = ("imagenet-r", "imagenet-a", "imagenet-v2", "imagenet-sketch")
 DATASET_NAMES = ["imagenet", "sun397", "food101", "gtsrb", "dtd", "ucf101", "pets", "caltech101",
-                 *_SHIFTED_IMAGENETS, "folder"]
-# Datasets that bring their own data, hyperparameters and CLIP (toy.py's world).
-# register_dataset adds them.
-_REGISTERED = {}
+                 *_SHIFTED_IMAGENETS, "folder", "toy"]
 
 
-def register_dataset(name, build, hparams, default_model):
-    """Make `--data name` a dataset.
-
-    build(root, split, transform) -> a dataset with .classnames and .templates (data.build_dataset's
-    contract). hparams: its whole run configuration (hparams()'s keys). default_model(root) -> the
-    CLIP checkpoint path to use when --model is not given.
-    """
-    _REGISTERED[name] = (build, hparams, default_model)
-    if name not in DATASET_NAMES:
-        DATASET_NAMES.append(name)
-
-
-def is_registered(name):
-    return name in _REGISTERED
-
-
-def default_model(name, root):
-    """The CLIP a dataset runs with when --model is not given.
-
-    That is a registered dataset's own, else ViT-B/16.
-    """
-    return _REGISTERED[name][2](root) if name in _REGISTERED else "ViT-B/16"
-
-
-def registered_hparams(name):
-    """The whole run configuration a registered dataset brings (register_dataset's hparams)."""
-    return dict(_REGISTERED[name][1])
+def default_model(name):
+    """The CLIP a dataset runs with when --model is not given: the toy world's own, else
+    ViT-B/16."""
+    return toy.WEIGHTS if name == "toy" else "ViT-B/16"
 
 
 # The 'a photo of a {}.' family, for --data folder without a templates file.
@@ -199,7 +173,7 @@ def dataset_prompts(dataset):
     classes = list(entry["classes"])
     # imagenet-r and imagenet-a are 200-class subsets of ImageNet, in their own label order.
     if dataset in ("imagenet-r", "imagenet-a"):
-        classes = [classes[prompts.IMAGENET_WNIDS.index(w)] for w in folders.WNIDS[dataset]]
+        classes = [classes[prompts.IMAGENET_WNIDS.index(w)] for w in prompts.WNIDS[dataset]]
     return classes, list(entry["templates"])
 
 
@@ -216,8 +190,8 @@ def build_dataset(name, root, split, transform, classes_file=None, templates_fil
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if name in _REGISTERED:
-        return _REGISTERED[name][0](root, split, transform)
+    if name == "toy":  # rendered in memory: no root, files or class names to read
+        return toy.build_dataset(root, split, transform)
     classnames, templates = class_prompts(name, classes_file, templates_file)
     if name == "folder" and split == "test":
         if eval_root is None:
@@ -265,14 +239,16 @@ def list_samples(name, root, split, classnames, eval_root, download, ignored):
         return samples
     if name in _SHIFTED_IMAGENETS:  # transductive: both splits are the unlabeled test images
         images = folders.split_dir(root, split) or folders.split_dir(root, "test") or root
-        return folders.scan_class_folders(images, name, classnames, ignored)
+        return folders.scan_class_folders(images, name, classnames, ignored,
+                                          prompts.WNIDS.get(name, ()))
     if any(folders.split_dir(root, s) for s in ("train", "test")):
         split_dir = folders.split_dir(root, split)
         if split_dir is None:
             want = "train" if split == "train" else "test (or val)"
             raise FileNotFoundError(f"{root!r} has no {want} folder of class folders for split "
                                     f"{split!r}")
-        return folders.scan_class_folders(split_dir, name, classnames, ignored)
+        return folders.scan_class_folders(split_dir, name, classnames, ignored,
+                                          prompts.WNIDS.get(name, ()))
     if name in folders.TORCHVISION_LAYOUTS:
         return folders.torchvision_samples(name, root, split, download, classnames)
     what = ("<wnid>/*.JPEG and val/<wnid>" if name == "imagenet"

@@ -46,19 +46,19 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-import clip_load
+import clip_model
+from util import clip_load
 import config
 import data
 import figures
-import folders
+from util import folders
 import must
 import prompts
-import toy  # noqa: F401 -- registers --data toy
-from runtime import (StopRequest, add_machine_flags, all_reduce, any_process, autocast_for,
-                     dead_workers_found_by_waits, end_distributed, end_workers, fail,
-                     ignore_stop_signals, is_distributed, make_folder, not_a_clip, peer_failed,
-                     pick_device, rank_zero_first, read_checkpoint, save_atomic,
-                     setup_distributed, shared_memory_problem)
+from util.runtime import (StopRequest, add_machine_flags, all_reduce, any_process, autocast_for,
+                          dead_workers_found_by_waits, end_distributed, end_workers, fail,
+                          ignore_stop_signals, is_distributed, make_folder, not_a_clip,
+                          peer_failed, pick_device, rank_zero_first, read_checkpoint, save_atomic,
+                          setup_distributed, shared_memory_problem)
 
 
 # ImageNet-C's 15 benchmark corruptions and AlexNet's error on each, averaged over the 5 severities
@@ -91,9 +91,9 @@ PAPER_MCE = "CLIP 70.7, self-training 55.2, MUST 53.4, MAE+supervised 51.7"
 
 
 def class_ids(dataset, classnames):
-    """Identities of a label space: wnids for the ImageNets (folders.WNIDS), spelling-insensitive
+    """Identities of a label space: wnids for the ImageNets (prompts.WNIDS), spelling-insensitive
     names otherwise."""
-    wnids = folders.WNIDS.get(dataset)
+    wnids = prompts.WNIDS.get(dataset)
     if wnids is not None and len(wnids) == len(classnames):
         return list(wnids)
     return [folders.name_key(c) for c in classnames]
@@ -180,7 +180,8 @@ def severity_sets(root, corruption, folder, transform, missing, ignored):
             continue
         listing = []
         try:
-            samples = folders.scan_class_folders(path, "imagenet", classnames, listing)
+            samples = folders.scan_class_folders(path, "imagenet", classnames, listing,
+                                                 prompts.IMAGENET_WNIDS)
         except (OSError, ValueError) as e:  # no class folders, no images, folders that are no wnid
             leave_out(name, str(e), missing, "ImageNet-C ")
             continue
@@ -605,7 +606,7 @@ def resolve_sets(args, run, transform):
     # The run args hold the checkpoint's own --eval-root or --data-root.
     own_root_flag = "eval_root" if mode == "folder" else "data_root"
     root = args.data_root or (run.get(own_root_flag) if own else None)
-    if root is None and not data.is_registered(mode):
+    if root is None and mode != "toy":
         fail(f"give --data-root DIR for {mode}")
     if mode == "imagenet-c":
         sets, missing, ignored = find_corruption_sets(root, transform)
@@ -706,7 +707,7 @@ def load_models(args):
     clip = None
     if clip_name:
         try:
-            clip, _ = clip_load.load(clip_name, device="cpu", download_root=args.download_root)
+            clip, _ = clip_model.load(clip_name, device="cpu", download_root=args.download_root)
         except (FileNotFoundError, ValueError, RuntimeError) as e:
             fail(not_a_clip(clip_name, e, "score it with --checkpoint"))
         specs[clip_name] = clip.spec
@@ -836,7 +837,7 @@ def zero_shot_prompts(args):
     if args.classes is None and args.data is None:
         fail("CLIP zero-shot needs its classes: give --classes FILE (one name per line), "
              "--data NAME (a dataset's names) or a --checkpoint")
-    if args.classes is None and (args.data == "folder" or data.is_registered(args.data)
+    if args.classes is None and (args.data == "folder" or args.data == "toy"
                                  or args.data not in data.DATASET_NAMES):
         fail(f"--data {args.data} has no published class names: give --classes FILE")
     name = "folder" if args.classes else args.data

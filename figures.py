@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import config
 import must
-from clip_load import OPENAI_SPEC
+from util.clip_load import OPENAI_SPEC
 
 
 def to_pil(image, spec=OPENAI_SPEC):

@@ -23,9 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import clip_load
+from util import clip_load
 import clip_model
-from runtime import all_reduce, is_distributed, save_atomic
+from util.runtime import all_reduce, is_distributed, save_atomic
 
 
 # ----------------------------------------------------------------------------------------------

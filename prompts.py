@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import runtime
-from tokenizer import tokenize
+from util import runtime
+from util.tokenizer import tokenize
 
 _PROMPTS_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts.json")
 with open(_PROMPTS_JSON, encoding="utf-8") as _f:
@@ -24,6 +24,11 @@ DATASETS = {("ucf101" if name == "ucf101_frames" else name): d
 IMAGENET_WNIDS = _DATA["imagenet_wnids"]  # ImageNet-1k label order
 IMAGENET_R_WNIDS = _DATA["imagenet_r_wnids"]  # the 200-class subsets, in their label order
 IMAGENET_A_WNIDS = _DATA["imagenet_a_wnids"]
+# The wnids of the ImageNets, in label order. They are the classes' identities, because names
+# repeat there (two 'missile's).
+WNIDS = {"imagenet": IMAGENET_WNIDS, "imagenet-sketch": IMAGENET_WNIDS,
+         "imagenet-v2": IMAGENET_WNIDS, "imagenet-c": IMAGENET_WNIDS,
+         "imagenet-r": IMAGENET_R_WNIDS, "imagenet-a": IMAGENET_A_WNIDS}
 
 
 def _cache_key(model, classnames, templates):

@@ -32,20 +32,21 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import clip_load
+import clip_model
+from util import clip_load
 import config
 import data
-import folders
+from util import folders
 import must
 import prompts
 from eval import (EvalSet, batch_bytes, check_scored, evaluate, report_listing,
                   report_unreadable)
-from runtime import (ResumableSampler, RunLock, SeededViews, StopRequest, all_reduce, any_process,
-                     autocast_for, barrier, dead_workers_found_by_waits, end_distributed,
-                     end_workers, fail, fingerprint, ignore_stop_signals, is_distributed,
-                     loader_worker_died, not_a_clip, peer_failed, rank_zero_first, read_checkpoint,
-                     rng_state, save_atomic, set_rng_state, setup_distributed,
-                     shared_memory_problem, size_text)
+from util.runtime import (ResumableSampler, RunLock, SeededViews, StopRequest, all_reduce,
+                          any_process, autocast_for, barrier, dead_workers_found_by_waits,
+                          end_distributed, end_workers, fail, fingerprint, ignore_stop_signals,
+                          is_distributed, loader_worker_died, not_a_clip, peer_failed,
+                          rank_zero_first, read_checkpoint, rng_state, save_atomic, set_rng_state,
+                          setup_distributed, shared_memory_problem, size_text)
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"  # the checkpoint before, kept until the newest is known good
@@ -205,8 +206,8 @@ def next_parts(run, batches):
     memory the copies do not wait for the device."""
     try:
         parts = [next(batches) for _ in range(run.accum)]
-    except folders.UnreadableDataset as e:  # from a worker: the message ends its traceback
-        fail(str(e).strip().splitlines()[-1].removeprefix("folders.UnreadableDataset: "))
+    except folders.UnreadableDataset as e:  # from a worker, its message ends the traceback
+        fail(str(e).strip().splitlines()[-1].split("UnreadableDataset: ")[-1])
     on_device = []
     for (weak, strong, mask), target in parts:
         weak, strong, mask, target = (t.to(run.device, non_blocking=True)
@@ -585,9 +586,9 @@ def build_run(args, rank, world, device, stop):
     optimizer, the data, the schedule and the paths."""
     with rank_zero_first(rank):  # the CLIP of --model: rank 0 downloads it first
         if args.model is None:
-            args.model = data.default_model(args.data, args.data_root)
+            args.model = data.default_model(args.data)
         try:
-            clip, _ = clip_load.load(args.model, device="cpu", download_root=args.download_root)
+            clip, _ = clip_model.load(args.model, device="cpu", download_root=args.download_root)
         except (FileNotFoundError, ValueError, RuntimeError) as e:
             fail(not_a_clip(args.model, e, "give it as --init (with --model the CLIP it was "
                                            "trained from), or score it with eval.py --checkpoint"))

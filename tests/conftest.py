@@ -7,9 +7,9 @@ import torch
 # The project is a flat folder of modules; tests import them from the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import clip_load  # noqa: E402
+from util import clip_load  # noqa: E402
 import clip_model  # noqa: E402
-import toy  # noqa: E402
+from toy import world as toy
 
 
 def tiny_clip(**overrides):
@@ -44,4 +44,4 @@ def tiny_world(monkeypatch):
     monkeypatch.setitem(toy.SPLIT_SIZES, "source", 40)
     monkeypatch.setattr(toy, "PRETRAIN", TINY_PRETRAIN)
     for key, value in (("batch_size", 16), ("epochs", 1), ("eval_freq", 1)):
-        monkeypatch.setitem(toy.HPARAMS, key, value)  # the dict data.register_dataset holds
+        monkeypatch.setitem(toy.HPARAMS, key, value)  # the dict config.hparams copies

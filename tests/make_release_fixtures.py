@@ -54,7 +54,7 @@ ROOT = os.path.dirname(HERE)
 OUT = os.path.join(HERE, "data")
 sys.path.insert(0, ROOT)
 import data  # noqa: E402  (the project: toy images and views only)
-import toy  # noqa: E402
+from toy import world as toy  # noqa: E402
 
 RELEASE_COMMIT = "1e0f84eb77ed0a3e57f3c14e67e987bccf5212c7"
 SEED = 0

@@ -14,9 +14,9 @@ from PIL import Image
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-import bench
-import toy
-import folders
+from tools import bench
+from toy import world as toy
+from util import folders
 
 # tiny models: one thread is several times faster than two on a shared 2-core machine
 torch.set_num_threads(1)

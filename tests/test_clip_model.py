@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 import clip_model
 from conftest import save_clip, tiny_clip
-import clip_load
-import runtime
-import tokenizer
+from util import clip_load
+from util import runtime
+from util import tokenizer
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 FP16 = os.path.join(DATA, "ref_clip_fp16.pt")
@@ -52,7 +52,7 @@ def _check_against_reference(model):
 
 @pytest.fixture(scope="module")
 def ref_model():
-    model, _ = clip_load.load(FP16)
+    model, _ = clip_model.load(FP16)
     return model
 
 
@@ -72,7 +72,7 @@ def test_load_published_torchscript_archive(monkeypatch):
     SHA-256 get."""
     sha = hashlib.sha256(open(JIT, "rb").read()).hexdigest()
     monkeypatch.setitem(clip_load._MODELS, "Fake-1", f"file:///nowhere/{sha}/Fake-1.pt")
-    model, preprocess = clip_load.load(JIT)
+    model, preprocess = clip_model.load(JIT)
     _check_against_reference(model)
     archive_keys = set(torch.jit.load(JIT, map_location="cpu").state_dict())
     assert archive_keys == _reference_keys() | {"input_resolution", "context_length", "vocab_size"}
@@ -81,7 +81,7 @@ def test_load_published_torchscript_archive(monkeypatch):
 def test_load_resaved_fp32_state_dict(ref_model, tmp_path):
     path = tmp_path / "resaved.pt"
     save_clip(ref_model, path)
-    model, _ = clip_load.load(str(path))
+    model, _ = clip_model.load(str(path))
     _check_against_reference(model)
     state = torch.load(path, weights_only=True)
     state.pop("open_clip_config")
@@ -99,7 +99,7 @@ def test_build_model_is_strict():
 
 def test_preprocess_gives_model_sized_normalized_tensor():
     from PIL import Image
-    _, preprocess = clip_load.load(FP16)
+    _, preprocess = clip_model.load(FP16)
     image = Image.new("RGB", (50, 40), color=(124, 116, 104))  # ~ CLIP mean colour
     x = preprocess(image)
     assert x.shape == (3, 32, 32) and x.abs().max() < 0.05
@@ -121,7 +121,7 @@ def test_logit_scale_and_public_constants(ref_model):
 
 @pytest.fixture()
 def must_model():
-    model, _ = clip_load.load(FP16)
+    model, _ = clip_model.load(FP16)
     assert not model.visual.has_must_heads
     model.visual.add_must_heads()
     assert model.visual.has_must_heads
@@ -197,7 +197,7 @@ def test_build_model_round_trips_must_heads(must_model, tmp_path):
     assert set(rebuilt.state_dict()) == set(sd)
     torch.save({**sd, "open_clip_config": clip_load.config_note(clip_load.OPENAI_SPEC)},
                tmp_path / "must.pt")
-    reloaded, _ = clip_load.load(str(tmp_path / "must.pt"))
+    reloaded, _ = clip_model.load(str(tmp_path / "must.pt"))
     visual_sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
     visual = clip_model.build_visual(visual_sd, "quick_gelu")
     with torch.no_grad():
@@ -226,13 +226,13 @@ def test_tiny_clip_works_with_real_tokenizer():
 
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="ViT-B/16") as e:
-        clip_load.load("ViT-H/99")
+        clip_model.load("ViT-H/99")
     assert "ViT-L/14" in str(e.value)
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pt"):
-        clip_load.load(str(tmp_path / "nope.pt"))
+        clip_model.load(str(tmp_path / "nope.pt"))
 
 
 @pytest.mark.parametrize("source", [FP16, JIT])
@@ -241,7 +241,7 @@ def test_truncated_file(source, tmp_path):
     data = open(source, "rb").read()
     path.write_bytes(data[:len(data) // 2])
     with pytest.raises(RuntimeError, match=re.escape(str(path))):
-        clip_load.load(str(path))
+        clip_model.load(str(path))
 
 
 def _published(tmp_path, sha):
@@ -257,7 +257,7 @@ def test_download_checksum_mismatch_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setitem(clip_load._MODELS, "Fake-1", _published(tmp_path, "0" * 64))
     cache = tmp_path / "cache"
     with pytest.raises(RuntimeError, match="SHA-256|sha256|checksum"):
-        clip_load.load("Fake-1", download_root=str(cache))
+        clip_model.load("Fake-1", download_root=str(cache))
     left = os.listdir(cache) if cache.exists() else []
     assert not any(name.endswith(".pt") for name in left), left
 
@@ -271,7 +271,7 @@ def test_download_verifies_and_caches(tmp_path, monkeypatch):
     assert os.path.samefile(path, cache / "Fake-1.pt")
     assert os.listdir(cache) == ["Fake-1.pt"]
     shutil.rmtree(tmp_path / "server")  # the second load must come from the cache
-    model, _ = clip_load.load("Fake-1", download_root=str(cache))
+    model, _ = clip_model.load("Fake-1", download_root=str(cache))
     _check_against_reference(model.eval())
 
 
@@ -296,7 +296,7 @@ def test_resnet_clip_is_rejected(tmp_path):
         clip_model.build_model(sd, "quick_gelu")
     torch.save(sd, tmp_path / "rn50.pt")
     with pytest.raises(ValueError, match="ResNet"):
-        clip_load.load(str(tmp_path / "rn50.pt"))
+        clip_model.load(str(tmp_path / "rn50.pt"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,10 +304,10 @@ def test_resnet_clip_is_rejected(tmp_path):
 
 
 def test_committed_toy_clip_loads_as_its_unpacked_state_dict():
-    import toy
+    from toy import world as toy
     slim = torch.load(toy.WEIGHTS, weights_only=True)
     assert "token_embedding.weight" not in slim and isinstance(slim["recipe"], str)
-    model, preprocess = clip_load.load(toy.WEIGHTS)
+    model, preprocess = clip_model.load(toy.WEIGHTS)
     expected = {k: v for k, v in slim.items()
                 if torch.is_tensor(v) and not k.startswith("token_embedding.")}
     rows = slim["token_embedding.rows"]
@@ -337,12 +337,12 @@ def test_malformed_sparse_rows_are_refused(change, tmp_path):
                "token_embedding.vocab_size": weight.shape[0], "note": "made by hand",
                "open_clip_config": clip_load.config_note(clip_load.OPENAI_SPEC)})
     torch.save(sd, tmp_path / "sparse.pt")
-    model, _ = clip_load.load(str(tmp_path / "sparse.pt"))
+    model, _ = clip_model.load(str(tmp_path / "sparse.pt"))
     assert torch.equal(model.token_embedding.weight[[3, 7]], weight[[3, 7]].float())
     assert model.token_embedding.weight[[0, 1, 2, 4]].abs().sum() == 0
     torch.save({**sd, **change}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="token_embedding.ids/.rows/.vocab_size"):
-        clip_load.load(str(tmp_path / "bad.pt"))
+        clip_model.load(str(tmp_path / "bad.pt"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -362,7 +362,7 @@ def test_random_bytes_are_not_called_a_program(seed, tmp_path):
     path = tmp_path / "x.bin"
     path.write_bytes(np.random.default_rng(seed).bytes(4096))
     with pytest.raises(RuntimeError) as e:
-        clip_load.load(str(path))
+        clip_model.load(str(path))
     message = str(e.value)
     assert not isinstance(e.value, clip_load.UnsafeFileError) and "\n" not in message
     assert message.startswith(f"could not read {path}: it is truncated or not a checkpoint ("), (
@@ -378,7 +378,7 @@ def test_pickle_naming_code_is_refused_at_any_protocol(protocol, tmp_path, capsy
     path = tmp_path / "program.pkl"
     path.write_bytes(pickle.dumps({"visual.proj": Program()}, protocol))
     with pytest.raises(clip_load.UnsafeFileError) as e:
-        clip_load.load(str(path))
+        clip_model.load(str(path))
     message = str(e.value)
     assert message.startswith(f"could not read {path}: refused: it holds more than the tensors and "
                               "plain values that can be read without running code from the file (")
@@ -412,7 +412,7 @@ def test_load_error_detail_says_refused_only_for_pickles(tmp_path):
 def test_a_state_dict_without_vit_keys_is_not_called_resnet(sd, message, tmp_path):
     torch.save(sd, tmp_path / "sd.pt")
     with pytest.raises(ValueError) as e:
-        clip_load.load(str(tmp_path / "sd.pt"))
+        clip_model.load(str(tmp_path / "sd.pt"))
     assert str(e.value) == f"{tmp_path / 'sd.pt'}: {message}" and "ResNet" not in str(e.value)
 
 

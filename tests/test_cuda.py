@@ -10,16 +10,16 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-import bench
-import clip_load
+from tools import bench
+from util import clip_load
 import clip_model
 import data
 import must
-import runtime
+from util import runtime
 import train
 from conftest import tiny_clip
 from test_train import argv, ckpt, records, world  # noqa: F401 -- the tiny world fixture
-import folders
+from util import folders
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

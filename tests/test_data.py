@@ -15,12 +15,12 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-import clip_load
+from util import clip_load
 import config
 import data
-import folders
+from util import folders
 import prompts
-import randaugment
+from util import randaugment
 
 
 # --------------------------------------------------------------------------------------------------
@@ -658,7 +658,7 @@ def test_name_tables_hit_every_prompt_class_once():
         "dtd": _classes("dtd"),
     }
     for name, names in tv_names.items():
-        labels = folders.map_class_names(name, names, _classes(name))
+        labels = folders.map_class_names(name, names, _classes(name), prompts.WNIDS.get(name, ()))
         assert sorted(labels) == list(range(len(_classes(name)))), name
 
 
@@ -769,20 +769,3 @@ def test_clear_errors(tmp_path, monkeypatch):
     os.makedirs(tmp_path / "folders_only" / "train" / "banded")
     with pytest.raises(FileNotFoundError, match="no images"):
         data.build_dataset("dtd", str(tmp_path / "folders_only"), "train", None)
-
-
-def test_registered_dataset_brings_its_data_hparams_and_model(monkeypatch):
-    monkeypatch.setattr(data, "DATASET_NAMES", list(data.DATASET_NAMES))
-    monkeypatch.setattr(data, "_REGISTERED", {})
-    calls, hparams = [], {"mask_unit": 8, "batch_size": 64}
-    assert not data.is_registered("mine") and data.default_model("mine", None) == "ViT-B/16"
-    data.register_dataset("mine",
-                          lambda root, split, transform: calls.append((root, split)) or "ds",
-                          hparams, lambda root: f"{root}/clip.pt")
-    assert data.is_registered("mine") and "mine" in data.DATASET_NAMES
-    assert (data.build_dataset("mine", "/tmp/root", "test", None) == "ds"
-            and calls == [("/tmp/root", "test")])
-    hp = config.hparams("mine", "ViT-B/16")
-    # A fresh dict: train.py overrides its values.
-    assert hp == hparams and hp is not hparams
-    assert data.default_model("mine", "/tmp/root") == "/tmp/root/clip.pt"

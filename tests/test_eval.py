@@ -13,16 +13,17 @@ import pytest
 import torch
 from PIL import Image
 
+import clip_model
 import config
 import data
 import eval as ev
 import figures
 import must
 import prompts
-import runtime
+from util import runtime
 import train
 from conftest import save_clip, tiny_clip
-import clip_load
+from util import clip_load
 
 WNIDS = prompts.IMAGENET_WNIDS
 R_WNIDS, A_WNIDS = prompts.IMAGENET_R_WNIDS, prompts.IMAGENET_A_WNIDS
@@ -61,7 +62,7 @@ def tiny_must(num_classes, seed):
 
 def save_checkpoint(path, dataset, classnames, clip_path, data_root):
     student, teacher = tiny_must(len(classnames), 1), tiny_must(len(classnames), 2)
-    clip_state = clip_load.load(str(clip_path))[0].state_dict()
+    clip_state = clip_model.load(str(clip_path))[0].state_dict()
     torch.save({"student": student.state_dict(), "teacher": teacher.state_dict(), "step": 3,
                 "epoch": 1,
                 "args": {"data": dataset, "model": str(clip_path), "data_root": str(data_root),

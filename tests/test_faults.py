@@ -29,14 +29,14 @@ import pytest
 import torch
 from PIL import Image
 
-import clip_load
+from util import clip_load
 import data
 import eval as ev
 import figures
-import folders
+from util import folders
 import must
 import prompts
-import runtime
+from util import runtime
 import train
 from conftest import save_clip, tiny_clip
 
@@ -1669,7 +1669,8 @@ def test_eval_py_bad_flag_is_one_line_before_any_model(flags, message, world, tm
 # eval.py whose image reads take half a second each and name the process that reads.
 SLOW_EVAL = """import os, sys, time
 sys.path.insert(0, {repo!r})
-import eval, folders
+import eval
+from util import folders
 real = folders.read_image
 def read_image(path):
     with open({pids!r}, "a") as f:
@@ -1737,7 +1738,7 @@ NOT_MUST = ("{path} is not a MUST checkpoint written by train.py: it does not ho
             "and 'teacher' weights")
 # (kind, what --checkpoint is given, exact one-line error): files that are no train.py checkpoint.
 EVAL_CHECKPOINT_ERRORS = [
-    ("toy_clip", lambda world, tmp: os.path.join(REPO, "toy_clip.pt"), CLIP_NOT_MUST),
+    ("toy_clip", lambda world, tmp: os.path.join(REPO, "toy", "toy_clip.pt"), CLIP_NOT_MUST),
     ("tiny_clip", lambda world, tmp: str(world / "tiny.pt"), CLIP_NOT_MUST),
     ("other_dict", lambda world, tmp: _saved(tmp, {"step": 3, "epoch": 1}),
      NOT_MUST + " (its entries: step, epoch)"),

@@ -7,10 +7,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import clip_load
+from util import clip_load
 import clip_model
 import must
-import runtime
+from util import runtime
 from conftest import tiny_clip
 
 

@@ -18,13 +18,13 @@ import pytest
 import torch
 from PIL import Image
 
-import clip_load
+from util import clip_load
 import clip_model
 import config
 import must
 import prompts
-import runtime
-import tokenizer
+from util import runtime
+from util import tokenizer
 import train
 from conftest import save_clip, tiny_clip
 
@@ -81,7 +81,7 @@ def test_reads_the_checkpoint_exactly(kind, file_format, tmp_path):
     """Features, zero-shot head and logit scale to 1e-5 of their size; the preprocessing is the
     checkpoint's own; MUST's masked forward runs on it."""
     fx = FIXTURES[kind]
-    model, preprocess = clip_load.load(str(write(fx, tmp_path / "clip", file_format)))
+    model, preprocess = clip_model.load(str(write(fx, tmp_path / "clip", file_format)))
     assert torch.equal(tokenizer.tokenize(fx["texts"]), fx["tokens"])
     with torch.no_grad():
         image_features = model.encode_image(fx["images"])
@@ -112,7 +112,7 @@ def test_reads_the_checkpoint_exactly(kind, file_format, tmp_path):
 def test_what_the_configs_say(tmp_path):
     """The activation, the preprocessing and the head counts come from the files, each as its
     library says; the MLP widths from the weights."""
-    models = {kind: clip_load.load(str(write(FIXTURES[kind], tmp_path / kind, "bin")))[0]
+    models = {kind: clip_model.load(str(write(FIXTURES[kind], tmp_path / kind, "bin")))[0]
               for kind in KINDS}
     specs = {kind: model.spec for kind, model in models.items()}
     assert specs["open_clip_gelu"] == clip_load.OPENAI_SPEC._replace(activation="gelu")
@@ -141,7 +141,7 @@ def test_what_the_configs_say(tmp_path):
 def test_the_wrong_heads_would_show(kind, tmp_path):
     """The check has teeth: the same weights in OpenAI's 64-wide heads are far off."""
     fx = FIXTURES[kind]
-    model, _ = clip_load.load(str(write(fx, tmp_path / "clip", "safetensors")))
+    model, _ = clip_model.load(str(write(fx, tmp_path / "clip", "safetensors")))
     wrong = clip_model.build_model(model.state_dict(), model.spec.activation).eval()
     with torch.no_grad():
         assert relative_error(wrong.encode_image(fx["images"]), fx["image_features"]) > 1e-3
@@ -156,7 +156,7 @@ def test_the_wrong_activation_would_show(tmp_path):
     wrong = json.loads(config_path.read_text())
     wrong["model_cfg"]["quick_gelu"] = True
     config_path.write_text(json.dumps(wrong))
-    model, _ = clip_load.load(str(path))
+    model, _ = clip_model.load(str(path))
     with torch.no_grad():
         assert relative_error(model.encode_text(fx["tokens"]), fx["text_features"]) > 1e-3
         assert relative_error(model.encode_image(fx["images"]), fx["image_features"]) > 1e-3
@@ -166,7 +166,7 @@ def test_a_bare_state_dict_is_refused_rather_than_misloaded(tmp_path):
     path = tmp_path / "gelu_clip.pt"
     torch.save(full_state(FIXTURES["open_clip_gelu"]), path)
     with pytest.raises(ValueError) as e:
-        clip_load.load(str(path))
+        clip_model.load(str(path))
     message = str(e.value)
     assert message.startswith(f"{path}: it holds a CLIP's weights but not its activation (GELU "
                               "or QuickGELU) or image normalization")
@@ -179,7 +179,7 @@ def test_the_config_can_travel_inside_the_state_dict(tmp_path):
     sd = full_state(fx)
     sd["open_clip_config"] = fx["config"]
     torch.save(sd, tmp_path / "clip.pt")
-    model, _ = clip_load.load(str(tmp_path / "clip.pt"))
+    model, _ = clip_model.load(str(tmp_path / "clip.pt"))
     assert model.spec == clip_load.OPENAI_SPEC
     with torch.no_grad():
         assert relative_error(model.encode_text(fx["tokens"]), fx["text_features"]) < 1e-5
@@ -189,12 +189,12 @@ def test_a_note_says_the_heads_too(tmp_path):
     """config_note states other heads as open_clip does (the image tower's by their width, which
     it takes from the CLIP), so that a file carrying it loads with them."""
     fx = FIXTURES["open_clip_h14_heads"]
-    model, _ = clip_load.load(str(write(fx, tmp_path / "clip", "bin")))
+    model, _ = clip_model.load(str(write(fx, tmp_path / "clip", "bin")))
     with pytest.raises(ValueError, match="config_note needs the CLIP"):
         clip_load.config_note(model.spec)
     note = clip_load.config_note(model.spec, model)
     torch.save({**model.state_dict(), "open_clip_config": note}, tmp_path / "noted.pt")
-    again, _ = clip_load.load(str(tmp_path / "noted.pt"))
+    again, _ = clip_model.load(str(tmp_path / "noted.pt"))
     assert again.spec == model.spec
     with torch.no_grad():
         assert relative_error(again.encode_image(fx["images"]), fx["image_features"]) < 1e-5
@@ -213,7 +213,7 @@ def test_a_note_and_the_config_beside_it_must_agree(small_weights, tmp_path):
         "'gelu'): correct or remove the wrong one")
     gelu = clip_load.OPENAI_SPEC._replace(activation="gelu")
     torch.save({**sd, "open_clip_config": clip_load.config_note(gelu)}, path)
-    assert clip_load.load(str(path))[0].spec == gelu
+    assert clip_model.load(str(path))[0].spec == gelu
 
 
 def test_a_note_of_the_wrong_json_type_is_one_line(small_weights, tmp_path):
@@ -263,7 +263,7 @@ def edited(keys, value, config=FIXTURES["open_clip_gelu"]["config"]):
 
 def one_line_error(path, error=ValueError):
     with pytest.raises(error) as e:
-        clip_load.load(str(path))
+        clip_model.load(str(path))
     message = str(e.value)
     assert "\n" not in message, message
     return message
@@ -412,7 +412,7 @@ def hf_folder(weights, folder, **files):
 def test_a_transformers_folder_without_preprocessing_file_loads(hf_weights, tmp_path):
     folder = hf_folder(hf_weights, tmp_path / "clip")
     (folder / "preprocessor_config.json").unlink()
-    assert clip_load.load(str(folder))[0].spec == clip_load.OPENAI_SPEC
+    assert clip_model.load(str(folder))[0].spec == clip_load.OPENAI_SPEC
 
 
 # (id, the file, the keys of a field in it, a value, what the refusal says after the file's path)
@@ -457,7 +457,7 @@ def test_a_transformers_size_of_height_and_width_squashes(hf_weights, tmp_path):
     square = edited(("size",), {"height": 32, "width": 32},
                     FIXTURES["transformers"]["preprocessor_config"])
     folder = hf_folder(hf_weights, tmp_path / "clip", preprocessor_config=square)
-    assert clip_load.load(str(folder))[0].spec.resize_mode == "squash"
+    assert clip_model.load(str(folder))[0].spec.resize_mode == "squash"
 
 
 @pytest.mark.parametrize("how", [
@@ -578,23 +578,23 @@ def test_a_named_checkpoint_downloads_checked_and_is_cached(hub, tmp_path, monke
         tmp_path / "published" / "open_clip_pytorch_model.bin").read_bytes()
     monkeypatch.setitem(clip_load._OPEN_CLIP, "Tiny/gelu", ("org/tiny-clip", "gelu", 32, {}))
     cache = tmp_path / "cache"
-    model, _ = clip_load.load("Tiny/gelu", download_root=str(cache))
+    model, _ = clip_model.load("Tiny/gelu", download_root=str(cache))
     assert model.spec.activation == "gelu"
     with torch.no_grad():
         assert relative_error(model.encode_text(fx["tokens"]), fx["text_features"]) < 1e-5
     assert sorted(os.listdir(cache / "org" / "tiny-clip")) == ["open_clip_pytorch_model.bin",
                                                             "open_clip_pytorch_model.bin.sha256"]
     hub.clear()  # the second load comes from the cache, checked against the kept checksum
-    assert clip_load.load("Tiny/gelu", download_root=str(cache))[0].spec.activation == "gelu"
+    assert clip_model.load("Tiny/gelu", download_root=str(cache))[0].spec.activation == "gelu"
     # A row's input px is checked: another model's file is one line.
     monkeypatch.setitem(clip_load._OPEN_CLIP, "Tiny/gelu", ("org/tiny-clip", "gelu", 378, {}))
     with pytest.raises(ValueError) as e:
-        clip_load.load("Tiny/gelu", download_root=str(cache))
+        clip_model.load("Tiny/gelu", download_root=str(cache))
     assert str(e.value).endswith(": its input is 32 px, not the 378 px of Tiny/gelu: it is another "
                                  "model's file")
     (cache / "org" / "tiny-clip" / "open_clip_pytorch_model.bin").write_bytes(b"damaged")
     with pytest.raises(RuntimeError, match="does not match its published SHA-256"):
-        clip_load.load("Tiny/gelu", download_root=str(cache))
+        clip_model.load("Tiny/gelu", download_root=str(cache))
 
 
 def test_a_download_that_does_not_match_the_stated_checksum_leaves_nothing(hub, tmp_path,
@@ -609,7 +609,7 @@ def test_a_download_that_does_not_match_the_stated_checksum_leaves_nothing(hub, 
     monkeypatch.setitem(clip_load._OPEN_CLIP, "Tiny/gelu", ("org/tiny-clip", "gelu", 32, {}))
     cache = tmp_path / "cache"
     with pytest.raises(RuntimeError, match="SHA-256"):
-        clip_load.load("Tiny/gelu", download_root=str(cache))
+        clip_model.load("Tiny/gelu", download_root=str(cache))
     left = os.listdir(cache / "org" / "tiny-clip") if (cache / "org").exists() else []
     assert left == [], left
 
@@ -649,7 +649,7 @@ def test_a_run_keeps_the_heads_it_started_from(images, tmp_path):
     assert (ckpt["clip"]["vision_heads"], ckpt["clip"]["resize_mode"]) == (4, "squash")
     student = must.load_checkpoint(ckpt)
     assert student.visual.transformer.resblocks[0].attn.heads == 4
-    same = must.MUSTModel.from_clip(clip_load.load(str(clip_path))[0], torch.zeros(32, 3))
+    same = must.MUSTModel.from_clip(clip_model.load(str(clip_path))[0], torch.zeros(32, 3))
     same.load_state_dict(ckpt["student"])
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

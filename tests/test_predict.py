@@ -13,12 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-import clip_load
+import clip_model
+from util import clip_load
 import eval as ev
-import folders
+from util import folders
 import must
 import prompts
-import toy
+from toy import world as toy
+from tools import toy_experiments
 import train
 from conftest import save_clip, tiny_clip
 
@@ -216,7 +218,7 @@ def test_exported_classifier_gives_the_checkpoint_s_logits(world, tmp_path):
     path = tmp_path / "zero-shot.pt"
     classify(world, tmp_path, "--model", world / "clip.pt", "--classes", world / "classes.txt",
              "--export", path)
-    clip, preprocess = clip_load.load(str(world / "clip.pt"))
+    clip, preprocess = clip_model.load(str(world / "clip.pt"))
     head = prompts.zero_shot_head(clip, CLASSES, ev.data.DEFAULT_TEMPLATES)
     model, _, classnames = must.load_classifier(str(path))
     images = torch.stack([preprocess(folders.read_image(p)) for p in paths])
@@ -230,7 +232,7 @@ def test_zero_shot_classifies_a_folder(world, tmp_path):
     classify(world, tmp_path, "--classify", world / "images", "--model", world / "clip.pt",
              "--classes", world / "classes.txt")
     rows = [r for r in rows_of(tmp_path / "predictions.csv") if r["class"]]
-    clip, preprocess = clip_load.load(str(world / "clip.pt"))
+    clip, preprocess = clip_model.load(str(world / "clip.pt"))
     head = prompts.zero_shot_head(clip, CLASSES, ev.data.DEFAULT_TEMPLATES)
     zero_shot = must.MUSTModel.from_clip(clip, head).eval()
     expected = probabilities(zero_shot, [world / "images" / r["path"] for r in rows], preprocess)
@@ -271,7 +273,7 @@ def test_toy_predictions_agree_with_the_student_accuracy(tiny_world, tmp_path):
     out = tmp_path / "run"
     evals = train.main(["--data", "toy", "--out-dir", str(out), "--num-workers", "0",
                         "--device", "cpu"])
-    toy.main(["images", "--out", str(tmp_path / "test")])
+    toy_experiments.main(["images", "--out", str(tmp_path / "test")])
     numbers = ev.main(["--classify", str(tmp_path / "test"), "--checkpoint",
                        str(out / "checkpoint.pt"), "--num-workers", "0", "--device", "cpu"])
     rows = rows_of(out / "predictions.csv")

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 import prompts
 from conftest import tiny_clip
-import tokenizer
+from util import tokenizer
 
 EXPECTED = {  # (classes, templates) as published
     "imagenet": (1000, 80), "sun397": (397, 2), "food101": (101, 1), "gtsrb": (43, 3),

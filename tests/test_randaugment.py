@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import data
-import randaugment
+from util import randaugment
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "randaugment_timm.npz")
 

@@ -20,10 +20,9 @@ import clip_model
 import data
 import must
 import prompts
-import toy
+from toy import world as toy
 import train
 from conftest import tiny_clip
-import clip_load
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 REMAKE = ("toy_clip.pt changed since the release fixtures were made: "
@@ -38,7 +37,7 @@ def release():
 
 @pytest.fixture(scope="module")
 def toy_state():
-    return clip_load.load(toy.WEIGHTS)[0].state_dict()
+    return clip_model.load(toy.WEIGHTS)[0].state_dict()
 
 
 def toy_must_model(toy_state, extra, logit_scale):
@@ -280,7 +279,7 @@ def _two_process_worker(rank, rendezvous, out):
     torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
                                          world_size=2)
     fx = torch.load(os.path.join(DATA, "release_steps.pt"), map_location="cpu", weights_only=True)
-    state = clip_load.load(toy.WEIGHTS)[0].state_dict()
+    state = clip_model.load(toy.WEIGHTS)[0].state_dict()
     results = {(mode, accum): release_steps_run(fx, state, mode, accum, rank, 2)
                for mode in ("batch", "running") for accum in (1, 2, 4)}
     if rank == 0:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import prompts
-import tokenizer
+from util import tokenizer
 
 REF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "ref_tokens.json")
 with open(REF) as _f:

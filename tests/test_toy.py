@@ -10,17 +10,18 @@ import pytest
 import torch
 from PIL import Image
 
+import clip_model
 import data
-import toy
-import clip_load
+from toy import world as toy
+from tools import toy_experiments
 import config
-import tokenizer
+from util import tokenizer
 
 # What the committed toy_clip.pt, the README's numbers and docs/toy.md's were made on. If an edit of
-# toy.py changes WORLD_DIGEST, those numbers are another world's: remeasure them, then update it.
-# RECIPE_DIGESTS maps each toy.RECIPE to what it names: after an edit of the source world or of
-# PRETRAIN, give toy.RECIPE a new value, rerun `python toy.py pretrain --out toy_clip.pt`, and add
-# the new pair.
+# toy/world.py changes WORLD_DIGEST, those numbers are another world's: remeasure them, then
+# update it. RECIPE_DIGESTS maps each toy.RECIPE to what it names: after an edit of the source
+# world or of PRETRAIN, give toy.RECIPE a new value, rerun
+# `python -m tools.toy_experiments pretrain --out toy/toy_clip.pt`, and add the new pair.
 WORLD_DIGEST = "a2327bb7b3887c8f0a0382311e9c49bc3735301333ba7edb37f084504cc474bd"
 RECIPE_DIGESTS = {"f273c18e9c": "ba2b7adf1a12d11b96b77a6732a59211c41464985dbe61befb91f393c8bc2ee8"}
 
@@ -143,34 +144,34 @@ def test_dataset_api(tiny_world):
     hp = config.hparams("toy", "anything")
     # a copy: train.py's overrides never reach the module
     assert hp == toy.HPARAMS and hp is not toy.HPARAMS
-    assert data.default_model("toy", None) == toy.WEIGHTS
+    assert data.default_model("toy") == toy.WEIGHTS
 
 
 def test_committed_weights():
     """toy_clip.pt is this RECIPE's tiny CLIP, a few MB, loads as it is, and keeps exactly the token
     rows toy texts use; rewriting its weights gives the file byte for byte, as
-    `python toy.py pretrain` writes it."""
+    `python -m tools.toy_experiments pretrain` writes it."""
     assert os.path.getsize(toy.WEIGHTS) < 5e6
     stored = torch.load(toy.WEIGHTS, map_location="cpu", weights_only=True)
     assert stored["recipe"] == toy.RECIPE, (
-        "toy_clip.pt is another recipe's: rerun python toy.py pretrain")
-    model, _ = clip_load.load(toy.WEIGHTS)
+        "toy_clip.pt is another recipe's: rerun python -m tools.toy_experiments pretrain")
+    model, _ = clip_model.load(toy.WEIGHTS)
     assert model.visual.input_resolution == toy.IMAGE_SIZE and model.context_length == 20
-    assert torch.equal(stored["token_embedding.ids"], toy.toy_token_ids(20))
+    assert torch.equal(stored["token_embedding.ids"], toy_experiments.toy_token_ids(20))
     buffer = io.BytesIO()
-    torch.save(toy.stored_state(model), buffer)
+    torch.save(toy_experiments.stored_state(model), buffer)
     with open(toy.WEIGHTS, "rb") as f:
         assert buffer.getvalue() == f.read()
 
 
 def test_pretrain_deterministic(tiny_world, tmp_path):
     torch.set_num_threads(1)
-    toy.main(["pretrain", "--out", str(tmp_path / "a.pt")])
-    toy.main(["pretrain", "--out", str(tmp_path / "b" / "b.pt")])
+    toy_experiments.main(["pretrain", "--out", str(tmp_path / "a.pt")])
+    toy_experiments.main(["pretrain", "--out", str(tmp_path / "b" / "b.pt")])
     # whatever the file's name
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b" / "b.pt").read_bytes()
     assert sorted(os.listdir(tmp_path)) == ["a.pt", "b"]  # no temporary file left behind
-    model, _ = clip_load.load(str(tmp_path / "a.pt"))
+    model, _ = clip_model.load(str(tmp_path / "a.pt"))
     assert model.visual.input_resolution == toy.IMAGE_SIZE and model.visual.transformer.layers == 1
     # the kept token rows are exactly those toy texts use:
     # every caption and prompt encodes as with all rows

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import toy
-import toy_experiments as experiments
+from toy import world as toy
+from tools import toy_experiments as experiments
 import train
 
 

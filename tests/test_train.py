@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-import clip_load
+from util import clip_load
 import config
 import must
-import runtime
+from util import runtime
 import train
 from conftest import save_clip, tiny_clip
 
@@ -705,7 +705,7 @@ def test_output_to_a_hung_up_terminal_cannot_stop_the_run(tmp_path):
     script = tmp_path / "hangup.py"
     script.write_text(f"""import os, pty, signal, sys
 sys.path.insert(0, {ROOT!r})
-import runtime
+from util import runtime
 if sys.argv[2] == "without-redirect":
     runtime._leave_closed_terminal = lambda: None
 master, terminal = pty.openpty()

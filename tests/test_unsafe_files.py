@@ -15,9 +15,10 @@ import pytest
 import torch
 from torch import Tensor
 
-import clip_load
+import clip_model
+from util import clip_load
 import eval as ev
-import runtime
+from util import runtime
 from test_train import argv, error_of, world  # noqa: F401  (world is a fixture)
 
 JIT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "ref_clip_jit.pt")
@@ -136,7 +137,7 @@ def test_clip_model_load_runs_nothing(kind, tmp_path):
     marker = tmp_path / "marker"
     path = CRAFTED[kind](tmp_path, marker)
     with pytest.raises(clip_load.UnsafeFileError) as e:
-        clip_load.load(path)
+        clip_model.load(path)
     message = _one_line(e.value)
     assert path in message and not os.path.exists(marker)
     if kind == "torch_save_reduce":
@@ -189,7 +190,7 @@ def test_unpublished_archive_is_refused_in_one_line(make, tmp_path, monkeypatch)
     calls = []
     monkeypatch.setattr(torch.jit, "load", lambda *a, **kw: calls.append(a))
     with pytest.raises(clip_load.UnsafeFileError) as e:
-        clip_load.load(path)
+        clip_model.load(path)
     _assert_unpublished_archive_message(_one_line(e.value), path)
     assert calls == []
 

@@ -34,8 +34,7 @@ from typing import NamedTuple, Optional
 import torch
 from torchvision import transforms
 
-from clip_model import ACTIVATIONS, architecture, build_model, clip_heads
-from runtime import load_error_detail
+from util.runtime import load_error_detail
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -44,6 +43,9 @@ INTERPOLATIONS = {"bicubic": transforms.InterpolationMode.BICUBIC,
 # How an image becomes the square input: its short side resized, then a center crop (OpenAI's);
 # or the whole image resized to the square (DFN's).
 RESIZE_MODES = ("shortest", "squash")
+# The MLP activations of the CLIPs this project reads, by the names open_clip and transformers use
+# (clip_model.ACTIVATIONS builds them).
+ACTIVATION_NAMES = ("quick_gelu", "gelu")
 
 
 class ClipSpec(NamedTuple):
@@ -118,8 +120,10 @@ _OPEN_CLIP = {
 }
 _HUB = "https://huggingface.co"
 _HUB_FILE = "open_clip_pytorch_model.bin"
-# Other files known by their SHA-256 -> spec; toy.py adds its committed tiny CLIP (register_file).
-_KNOWN_FILES = {}
+# Other files known by their SHA-256 -> spec: the toy world's committed toy/toy_clip.pt, which
+# predates the config note that its pretraining now writes (a QuickGELU CLIP fed OpenAI's
+# normalization).
+_KNOWN_FILES = {"4826d1516b4b3f4e239c0b66dd7aa07f53d2729142183a502919eece8d74987f": OPENAI_SPEC}
 
 
 def available_models():
@@ -162,17 +166,17 @@ def open_clip_spec(name):
     return OPENAI_SPEC._replace(activation=activation, **values)
 
 
-def load(name_or_path, device="cpu", download_root=None):
-    """Load a CLIP ViT by name (downloaded and checksummed), from a local file, or from a Hugging
-    Face CLIPModel folder; weights in fp32. -> (model in eval mode, preprocess transform), as
-    OpenAI's clip.load; model.spec says how it was trained to see images.
+def read(name_or_path, download_root=None):
+    """A CLIP ViT's state dict and ClipSpec, by name (downloaded and checksummed), from a local
+    file, or from a Hugging Face CLIPModel folder. -> (state dict, spec, path); clip_model.load
+    builds the model from them.
 
     The cache directory is `download_root`, else $CLIP_DOWNLOAD_ROOT, else ~/.cache/clip.
 
     A state dict may store an embedding table by the rows it uses: `<name>.ids` (K token ids),
     `<name>.rows` (K x width) and `<name>.vocab_size` (an int) stand for `<name>.weight` with
-    zeros in the rows not listed (toy.py's toy_clip.pt is stored so); string entries are notes
-    (such as toy.py's `recipe`), of which `open_clip_config` is read as the file's config.
+    zeros in the rows not listed (the toy world's toy_clip.pt is stored so); string entries are
+    notes (such as its `recipe`), of which `open_clip_config` is read as the file's config.
     """
     root = download_root or os.environ.get("CLIP_DOWNLOAD_ROOT",
                                            os.path.expanduser("~/.cache/clip"))
@@ -206,13 +210,77 @@ def load(name_or_path, device="cpu", download_root=None):
                              "QuickGELU) or image normalization, which a state dict cannot "
                              "store: put the open_clip_config.json it came with beside it, or "
                              f"load it by name (one of {available_models()})")
-        # fp32: fp16 weights are cast as they are copied.
-        model = build_model(sd, spec.activation, spec.vision_heads, spec.text_heads)
-    except (ValueError, RuntimeError) as e:  # named after the file, as errors in reading it are
-        raise type(e)(f"{path}: {e}") from None
-    model.spec = spec
-    model = model.to(device).eval()
-    return model, image_transform(model.visual.input_resolution, spec)
+    except ValueError as e:  # named after the file, as errors in reading it are
+        raise ValueError(f"{path}: {e}") from None
+    return sd, spec, path
+
+
+
+
+# ----------------------------------------------------------------------------------------------
+# What a state dict's shapes say
+
+def clip_heads(width):
+    """The head count of OpenAI's CLIPs, whose heads are 64 wide. A state dict does not store it:
+    a checkpoint with other heads says so (clip_load reads it into the ClipSpec)."""
+    return max(1, width // 64)
+
+
+def _count_blocks(state_dict, prefix):
+    return len({k[len(prefix):].split(".")[0] for k in state_dict
+                if k.startswith(prefix) and k.endswith(".attn.in_proj_weight")})
+
+
+def _mlp_width(state_dict, prefix):
+    """The MLP width of the blocks under `prefix`, read from the first one's weights (None: no
+    blocks); a block of another width is refused as a shape mismatch when the weights are loaded."""
+    first = state_dict.get(prefix + "0.mlp.c_fc.weight")
+    return None if first is None else first.shape[0]
+
+
+def key_examples(keys, n=2):
+    """The first n keys of a list, for one-line messages: 'a', 'b' or e.g. 'a', 'b' (of more)."""
+    return ("e.g. " if len(keys) > n else "") + ", ".join(f"'{k}'" for k in keys[:n])
+
+
+def vision_config(sd, prefix=""):
+    """The architecture of the image tower, read from a state dict whose keys start with
+    `prefix`."""
+    # Only ResNet keys make it a ResNet CLIP: any other state dict without a ViT's keys (a plain
+    # nn.Linear, a text model) is not a CLIP ViT, and the message names what it lacks and holds.
+    if any(k.startswith((prefix + "layer1.", prefix + "attnpool.")) for k in sd):
+        raise ValueError("ResNet CLIP checkpoints (RN50, RN101, ...) are not supported: MUST "
+                         "needs a ViT image tower, such as ViT-B/16's")
+    for key in ("conv1.weight", "positional_embedding", "class_embedding", "proj"):
+        if prefix + key not in sd:
+            raise ValueError(f"not a CLIP ViT checkpoint: missing key '{prefix + key}' (it holds "
+                             f"{len(sd)} tensor(s): {key_examples(list(sd)) or 'none'})")
+    width, _, patch, _ = sd[prefix + "conv1.weight"].shape
+    grid = round((sd[prefix + "positional_embedding"].shape[0] - 1) ** 0.5)
+    blocks = prefix + "transformer.resblocks."
+    return dict(input_resolution=patch * grid, patch_size=patch, width=width,
+                layers=_count_blocks(sd, blocks), output_dim=sd[prefix + "proj"].shape[1],
+                mlp_width=_mlp_width(sd, blocks))
+
+
+def architecture(state_dict):
+    """The CLIP(...) arguments that a state dict's shapes say (all but the activation and the head
+    counts), read from an OpenAI-format state dict; ValueError in one line when it is not a CLIP
+    ViT's."""
+    sd = state_dict
+    v = vision_config(sd, "visual.")  # first, so that a ResNet checkpoint gets its own message
+    for key in ("text_projection", "positional_embedding", "token_embedding.weight",
+                "ln_final.weight"):
+        if key not in sd:
+            raise ValueError(f"not a CLIP checkpoint: missing key '{key}'")
+    return dict(
+        embed_dim=sd["text_projection"].shape[1], image_resolution=v["input_resolution"],
+        vision_layers=v["layers"], vision_width=v["width"], vision_patch_size=v["patch_size"],
+        vision_mlp_width=v["mlp_width"], context_length=sd["positional_embedding"].shape[0],
+        vocab_size=sd["token_embedding.weight"].shape[0],
+        transformer_width=sd["ln_final.weight"].shape[0],
+        transformer_layers=_count_blocks(sd, "transformer.resblocks."),
+        transformer_mlp_width=_mlp_width(sd, "transformer.resblocks."))
 
 
 def _to_rgb(image):
@@ -653,7 +721,7 @@ def _hf_spec(config, shape, folder):
         heads.append(_stated(count, width))
         if tower.get("layer_norm_eps", "number", 1e-5) != 1e-5:
             tower.fail("layer_norm_eps", "is not CLIP's 1e-5")
-        activations.add(tower.choice("hidden_act", {a: a for a in ACTIVATIONS}, "quick_gelu"))
+        activations.add(tower.choice("hidden_act", {a: a for a in ACTIVATION_NAMES}, "quick_gelu"))
     if len(activations) != 1:
         raise ValueError(f"{folder}/config.json gives the towers different activations "
                          f"{sorted(activations)}")

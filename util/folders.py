@@ -2,8 +2,8 @@
 on-disk layouts, class folders matched to the published class names, and the text files of
 --classes and --templates. data.build_dataset is the entry point that reads with these.
 
-Every listing maps its own class names to the label order of prompts.DATASETS[...]["classes"] BY
-NAME, never by position. What a listing leaves out (links, non-files, duplicates, folders it
+Every listing maps its own class names to the label order of the dataset's class names BY NAME
+(or wnid), never by position. What a listing leaves out (links, non-files, duplicates, folders it
 cannot read) is appended to `ignored` as (path, reason), for the command lines to report.
 """
 import collections
@@ -20,7 +20,6 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets as tv_datasets
 
-import prompts
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")
 
@@ -53,17 +52,11 @@ def name_key(name):
     return "".join(c for c in folded if unicodedata.category(c)[0] in "LMN")
 
 
-# The wnids of the ImageNets, in label order. They are the classes' identities, because names
-# repeat there (two 'missile's).
-WNIDS = {"imagenet": prompts.IMAGENET_WNIDS, "imagenet-sketch": prompts.IMAGENET_WNIDS,
-         "imagenet-v2": prompts.IMAGENET_WNIDS, "imagenet-c": prompts.IMAGENET_WNIDS,
-         "imagenet-r": prompts.IMAGENET_R_WNIDS, "imagenet-a": prompts.IMAGENET_A_WNIDS}
-
-
-def map_class_names(dataset, names, classnames):
+def map_class_names(dataset, names, classnames, wnids=()):
     """Label (index into classnames) of each folder / torchvision class name.
 
-    ValueError lists the ones that match no class. A name matches a wnid of the dataset, a class
+    ValueError lists the ones that match no class. A name matches a wnid (wnids: the dataset's, in
+    label order), a class
     index (gtsrb, imagenet-v2), or a class name / known alias up to spelling (name_key). Names that
     two classes share (ImageNet's two 'missile's and 'sunglasses') only resolve through wnids.
     """
@@ -72,7 +65,7 @@ def map_class_names(dataset, names, classnames):
     by_key = {name_key(c): i for i, c in enumerate(classnames) if keys[name_key(c)] == 1}
     for alias, target in _ALIASES.get(dataset, {}).items():
         by_key[name_key(alias)] = by_key[name_key(target)]
-    by_wnid = {w: i for i, w in enumerate(WNIDS.get(dataset, []))}
+    by_wnid = {w: i for i, w in enumerate(wnids)}
     labels, unknown = [], []
     for name in names:
         if name in by_wnid:
@@ -245,8 +238,9 @@ def require_dir(path, what):
         raise FileNotFoundError(f"{what} {path!r} does not exist or is not a directory")
 
 
-def scan_class_folders(split_dir, dataset, classnames, ignored=None):
-    """Samples of an ImageFolder layout split_dir/<class>/**/<image>, labels mapped by name.
+def scan_class_folders(split_dir, dataset, classnames, ignored=None, wnids=()):
+    """Samples of an ImageFolder layout split_dir/<class>/**/<image>, labels mapped by name (or
+    wnid).
 
     Entries the listing leaves out are appended to `ignored` (see list_images).
     """
@@ -260,7 +254,7 @@ def scan_class_folders(split_dir, dataset, classnames, ignored=None):
         raise FileNotFoundError(f"no class folders in {split_dir!r}: "
                                 f"expected {split_dir}/<class name>/<images>")
     samples, seen, ignored = [], set(), [] if ignored is None else ignored
-    for folder, label in zip(folders, map_class_names(dataset, folders, classnames)):
+    for folder, label in zip(folders, map_class_names(dataset, folders, classnames, wnids)):
         samples += [(p, label) for p in list_images(os.path.join(split_dir, folder), seen, ignored)]
     if not samples:
         raise FileNotFoundError(f"no images ({'/'.join(IMG_EXTENSIONS)}) in the class folders of "

@@ -1,31 +1,36 @@
-"""Experiments on the toy world (toy.py): probes of what a tiny CLIP or a MUST checkpoint knows,
-the paper's ablation through train.py, and a picture of the world. What they measured is in
-docs/toy.md.
+"""Tools of the toy world (toy/world.py): its tiny CLIP's pretraining, probes of what a tiny CLIP
+or a MUST checkpoint knows, the paper's ablation through train.py, its test images as files, and a
+picture of the world. What they measured is in docs/toy.md.
 
-    # source and target examples of each class
-    python toy_experiments.py show --out toy_world.png
-    # zero-shot, kNN, linear probe, pseudo-labels
-    python toy_experiments.py probe [CHECKPOINT] [--which student]
-    # Tables 5 and 7: 12 runs of ~6 min on 2 cores
-    python toy_experiments.py ablation --seeds 0 1 2
+    python -m tools.toy_experiments pretrain --out toy/toy_clip.pt  # remake the tiny CLIP
+    python -m tools.toy_experiments show --out toy_world.png  # source and target examples
+    python -m tools.toy_experiments probe [CHECKPOINT] [--which student]  # zero-shot, kNN, ...
+    python -m tools.toy_experiments ablation --seeds 0 1 2  # Tables 5 and 7: 12 runs of ~6 min
+    python -m tools.toy_experiments images  # the test images, for eval.py --classify
 
 A driver: it imports train.py, and nothing on the training path imports it.
 """
 import argparse
+import hashlib
+import math
 import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
-import clip_load
+import clip_model
 import config
+import data
 import must
 import prompts
-import toy
+from toy import world as toy
 import train
-from runtime import fail, read_checkpoint
+from util import clip_load
+from util.runtime import fail, read_checkpoint, save_atomic
+from util.tokenizer import tokenize
 
 # ----------------------------------------------------------------------------------------------
 # Measurements: why adaptation helps (or not)
@@ -38,7 +43,7 @@ def load(path, which="teacher"):
     try:
         return must.load_checkpoint(read_checkpoint(path), which), True
     except ValueError:  # not a train.py checkpoint: a CLIP, or clip_load says what it is
-        clip, _ = clip_load.load(path)
+        clip, _ = clip_model.load(path)
     head = prompts.zero_shot_head(clip, toy.SHAPES, toy.TEMPLATES)
     return must.MUSTModel.from_clip(clip, head).eval(), False
 
@@ -192,9 +197,92 @@ def world_grid(per_class=2, seed=123, scale=3):
 # ----------------------------------------------------------------------------------------------
 # Command line
 
+# ----------------------------------------------------------------------------------------------
+# The tiny CLIP: pretraining on source image-caption pairs
+
+def pretrain(out_path):
+    """Contrastive pretraining (symmetric InfoNCE, learnable temperature) of a tiny CLIP.
+
+    It trains on freshly rendered source image-caption batches with the toy.PRETRAIN recipe, and
+    writes its stored_state() to out_path, with the note that says its activation and
+    normalization (a QuickGELU CLIP fed OpenAI's normalization), so that clip_load reads any file
+    it makes.
+
+    It is deterministic: batch s is drawn from seed [1000 + toy.PRETRAIN['seed'], s] (no overlap
+    with the splits). It uses AdamW, linear warmup, cosine decay, and CLIP's clamp of the
+    temperature at 100.
+    """
+    cfg = toy.PRETRAIN
+    steps, batch_size, seed = cfg["steps"], cfg["batch_size"], cfg["seed"]
+    torch.manual_seed(seed)
+    model = clip_model.CLIP(**cfg["model"])
+    decay = [p for n, p in model.named_parameters()
+             if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters()
+                if not (p.ndim >= 2 and "embedding" not in n)]
+    param_groups = [{"params": decay, "weight_decay": cfg["weight_decay"]},
+                    {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(param_groups, lr=cfg["lr"], betas=(0.9, 0.98), eps=1e-6)
+    view = data.strong_view(toy.IMAGE_SIZE, cfg["augment"])  # draws from torch's RNG: deterministic
+    bar = tqdm(range(steps), desc="pretrain tiny CLIP", mininterval=2)
+    for step in bar:
+        warmup_scale = min(1.0, (step + 1) / cfg["warmup"])
+        one_plus_cos = 1 + math.cos(math.pi * step / steps)
+        lr = cfg["lr"] * warmup_scale * 0.5 * one_plus_cos
+        for g in opt.param_groups:
+            g["lr"] = lr
+        a = toy.sample_attributes(batch_size, [1000 + seed, step])
+        source_images = toy.render(a, "source")
+        views = [np.asarray(view(Image.fromarray(x))) for x in source_images]
+        images = toy.to_tensor(np.stack(views))
+        captions = [toy.caption(a, i) for i in range(batch_size)]
+        tokens = tokenize(captions, context_length=model.context_length)
+        logits_per_image, logits_per_text = model(images, tokens)
+        target = torch.arange(len(images))
+        image_loss = F.cross_entropy(logits_per_image, target)
+        text_loss = F.cross_entropy(logits_per_text, target)
+        loss = (image_loss + text_loss) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))  # CLIP's clamp
+        bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{model.logit_scale.exp().item():.1f}",
+                        refresh=False)
+    note = clip_load.config_note(clip_load.OPENAI_SPEC)
+    save_atomic({**stored_state(model), "open_clip_config": note}, out_path)
+
+
+def toy_token_ids(context_length):
+    """Every token id a toy caption or prompt can contain (a few dozen of CLIP's 49,408)."""
+    sizes, colors = ([""] + [w + " " for w in ws] for ws in (toy.SIZES, toy.COLORS))
+    backgrounds = [""] + [f" on a {b} background" for b in toy.BACKGROUNDS]
+    texts = [t.format(f"{s}{c}{k}{b}")
+             for t in toy.CAPTION_TEMPLATES for s in sizes for c in colors for k in toy.SHAPES
+             for b in backgrounds]
+    texts += [t.format(k) for t in toy.TEMPLATES for k in toy.SHAPES]
+    return torch.unique(tokenize(texts, context_length=context_length, truncate=True))
+
+
+def stored_state(model):
+    """The tiny CLIP's state dict as toy_clip.pt stores it, which clip_model.load reads as it is.
+
+    The token embedding is stored by the rows toy texts use (`.ids`, `.rows`, `.vocab_size`),
+    because the other rows are most of the parameters and never get a gradient. toy.RECIPE is
+    stored as a note.
+    """
+    out = dict(model.state_dict())  # a plain dict, as the committed file
+    weight = out.pop("token_embedding.weight")
+    ids = toy_token_ids(model.context_length)
+    out.update({"token_embedding.ids": ids, "token_embedding.rows": weight[ids],
+                "token_embedding.vocab_size": weight.shape[0], "recipe": toy.RECIPE})
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description="The toy world's experiments: probes, the ablation, a picture.")
+        description="The toy world's tools: its tiny CLIP's pretraining, probes, the ablation, "
+                    "its test images as files, a picture.")
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("probe", help="zero-shot, kNN and linear-probe accuracy of a tiny CLIP or "
                                      "MUST checkpoint (and a MUST checkpoint's accuracy on masked "
@@ -214,6 +302,13 @@ def main(argv=None):
                    help="one run directory per row and seed (a finished run is reused, not "
                         "redone) and ablation.txt [out/toy_ablation]")
     c.add_argument("--num-workers", default="2", help="data loader processes per run [2]")
+    c = sub.add_parser("pretrain", help="pretrain the tiny CLIP from scratch (~7 min on 2 cores)")
+    c.add_argument("--out", default=os.path.join("out", "toy_clip.pt"),
+                   help="weights file; toy/toy_clip.pt replaces the committed one "
+                        "[out/toy_clip.pt]")
+    c = sub.add_parser("images", help="write the 2,000 test images as <class>/<index>.png")
+    c.add_argument("--out", default=os.path.join("out", "toy", "test-images"),
+                   help="folder [out/toy/test-images]")
     c = sub.add_parser("show", help="save a grid of source and target images")
     c.add_argument("--out", default="toy_world.png", help="PNG path [toy_world.png]")
     args = parser.parse_args(argv)
@@ -225,6 +320,13 @@ def main(argv=None):
             print(f"{k:24s} {value_text}")
     elif args.command == "ablation":
         ablation(args.seeds, args.out_dir, extra=["--num-workers", args.num_workers])
+    elif args.command == "pretrain":
+        pretrain(args.out)
+        with open(args.out, "rb") as f:
+            print(f"wrote {args.out}, sha256 {hashlib.sha256(f.read()).hexdigest()}")
+    elif args.command == "images":
+        toy.write_images("test", args.out)
+        print(f"wrote the test images to {args.out}/<class>/<index>.png")
     elif args.command == "show":
         world_grid().save(args.out, optimize=True)
         print(f"wrote {args.out}: top 2 rows source, bottom 2 rows the same scenes in the target "

@@ -1,11 +1,11 @@
 """Speed and memory of one MUST training step, and of the data pipeline that has to feed it.
 
     # one GPU, bf16 (auto), eager
-    python bench.py --model ViT-B/16 --batch 128
+    python -m tools.bench --model ViT-B/16 --batch 128
     # exact accumulation, torch.compile
-    python bench.py --model ViT-B/16 --batch 128 --accum 2 --compile
-    python bench.py --model ViT-S/16 --batch 16 --device cpu --amp fp32
-    python bench.py --pipeline --model ViT-B/16 --workers 8 --step-images-per-s 2500
+    python -m tools.bench --model ViT-B/16 --batch 128 --accum 2 --compile
+    python -m tools.bench --model ViT-S/16 --batch 16 --device cpu --amp fp32
+    python -m tools.bench --pipeline --model ViT-B/16 --workers 8 --step-images-per-s 2500
 
 Step mode times must.must_step, which is all of an optimizer step (the passes counted below, and
 AdamW over train.param_groups) but the data loader. The weights are random (architectures by name,
@@ -54,15 +54,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-import clip_load
+from util import clip_load
 import clip_model
 import config
 import data
-import folders
+from util import folders
 import must
-import runtime
+from util import runtime
 import train
-from runtime import add_machine_flags, autocast_for, fail, pick_device
+from util.runtime import add_machine_flags, autocast_for, fail, pick_device
 
 # The shapes (input px, patch, width, layers, embed_dim) of OpenAI's image towers, open_clip's
 # ViT-H/14 (in 16 heads of 80, HEADS; the others' are 64 wide), a DeiT-S-like one and a tiny one
@@ -115,7 +115,7 @@ def build_tower(args):
         what = f"{args.model} (random weights)"
     else:
         try:
-            visual, what = clip_load.load(args.model)[0].visual, args.model
+            visual, what = clip_model.load(args.model)[0].visual, args.model
         except (FileNotFoundError, ValueError, RuntimeError) as e:
             fail(str(e))
     dataset = "toy" if args.model == "tiny" else "imagenet"

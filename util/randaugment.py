@@ -8,7 +8,7 @@ import functools
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from clip_load import CLIP_MEAN
+from util.clip_load import CLIP_MEAN
 
 # RandAugment as the release runs it: timm 0.4.12's
 # rand_augment_transform('rand-m9-mstd0.5-inc1', hparams) with the hparams timm's create_transform

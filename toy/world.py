@@ -4,15 +4,12 @@ Its story is told in docs/toy.md. Images show one shape (the class) with a colou
 and background. The source domain draws flat filled shapes, captioned
 ("a photo of a small red triangle on a striped background"). A tiny CLIP (clip_model.py at small
 size, 32 px) is pretrained contrastively on source pairs, never on the target, and its weights are
-committed (toy_clip.pt; `python toy.py pretrain` remakes them, bit for bit on the CPU that made
-them). The target draws the same kind of scenes as cartoon close-ups with film grain. Its unlabeled
-train split is what MUST adapts on, its labeled test split what is reported, and its labeled val
-split (other images) what choices are made on. Everything is deterministic from a seed and
-rendered on the fly. Importing this module registers `--data toy` with data.py. Probes, the
-ablation and pictures of the world are in toy_experiments.py.
+committed (toy_clip.pt; `python -m tools.toy_experiments pretrain` remakes them, bit for bit on the
+CPU that made them). The target draws the same kind of scenes as cartoon close-ups with film grain.
+Its unlabeled train split is what MUST adapts on, its labeled test split what is reported, and its
+labeled val split (other images) what choices are made on. Everything is deterministic from a seed
+and rendered on the fly. data.py builds it for `--data toy`.
 """
-import argparse
-import hashlib
 import math
 import os
 
@@ -21,14 +18,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms.functional import normalize
-from tqdm import tqdm
 
-import clip_load
-import clip_model
-import data
-from clip_load import CLIP_MEAN, CLIP_STD
-from runtime import save_atomic
-from tokenizer import tokenize
+from util.clip_load import CLIP_MEAN, CLIP_STD
 
 SHAPES = ["circle", "square", "triangle", "diamond", "star",
           "cross", "ring", "heart", "crescent", "arrow"]
@@ -61,13 +52,9 @@ CHUNK = 1000  # images drawn per seed; rendering is vectorized over a chunk
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_clip.pt")
 # Names the tiny CLIP that the source world and PRETRAIN make. toy_clip.pt carries the RECIPE it
 # was made by. After editing the source images, the captions or PRETRAIN, give RECIPE a new value
-# (any string) and rerun `python toy.py pretrain --out toy_clip.pt`. tests/test_toy.py pins a
-# digest of what RECIPE covers, so a forgotten one fails there.
+# (any string) and rerun `python -m tools.toy_experiments pretrain --out toy/toy_clip.pt`.
+# tests/test_toy.py pins a digest of what RECIPE covers, so a forgotten one fails there.
 RECIPE = "f273c18e9c"
-# The committed toy_clip.pt predates the config note that pretrain now writes: it is known by its
-# SHA-256 instead, as OpenAI's files are (a QuickGELU CLIP fed OpenAI's normalization).
-WEIGHTS_SHA256 = "4826d1516b4b3f4e239c0b66dd7aa07f53d2729142183a502919eece8d74987f"
-clip_load.register_file(WEIGHTS_SHA256, clip_load.OPENAI_SPEC)
 
 
 # Renderer -------------------------------------------------------------------------------------
@@ -240,7 +227,7 @@ def render_split(split, n=None, start=0):
     return np.concatenate(images), np.concatenate(labels)
 
 
-# MUST's hyperparameters for the toy world (train.py reads them through data.hparams('toy', ...)),
+# MUST's hyperparameters for the toy world (train.py reads them through config.hparams('toy', ...)),
 # in the roles of the paper's Table 10. They are chosen for a ~6 min CPU run (measurements:
 # docs/toy.md).
 HPARAMS = dict(
@@ -280,84 +267,6 @@ def to_tensor(images):
     return normalize(x, CLIP_MEAN, CLIP_STD, inplace=True)
 
 
-def pretrain(out_path):
-    """Contrastive pretraining (symmetric InfoNCE, learnable temperature) of a tiny CLIP.
-
-    It trains on freshly rendered source image-caption batches with the PRETRAIN recipe, and writes
-    its stored_state() to out_path, with the note that says its activation and normalization
-    (a QuickGELU CLIP fed OpenAI's normalization), so that clip_load reads any file it makes.
-
-    It is deterministic: batch s is drawn from seed [1000 + PRETRAIN['seed'], s] (no overlap with
-    the splits). It uses AdamW, linear warmup, cosine decay, and CLIP's clamp of the temperature at
-    100.
-    """
-    cfg = PRETRAIN
-    steps, batch_size, seed = cfg["steps"], cfg["batch_size"], cfg["seed"]
-    torch.manual_seed(seed)
-    model = clip_model.CLIP(**cfg["model"])
-    decay = [p for n, p in model.named_parameters()
-             if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters()
-                if not (p.ndim >= 2 and "embedding" not in n)]
-    param_groups = [{"params": decay, "weight_decay": cfg["weight_decay"]},
-                    {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(param_groups, lr=cfg["lr"], betas=(0.9, 0.98), eps=1e-6)
-    view = data.strong_view(IMAGE_SIZE, cfg["augment"])  # draws from torch's RNG: deterministic
-    bar = tqdm(range(steps), desc="pretrain tiny CLIP", mininterval=2)
-    for step in bar:
-        warmup_scale = min(1.0, (step + 1) / cfg["warmup"])
-        one_plus_cos = 1 + math.cos(math.pi * step / steps)
-        lr = cfg["lr"] * warmup_scale * 0.5 * one_plus_cos
-        for g in opt.param_groups:
-            g["lr"] = lr
-        a = sample_attributes(batch_size, [1000 + seed, step])
-        source_images = render(a, "source")
-        views = [np.asarray(view(Image.fromarray(x))) for x in source_images]
-        images = to_tensor(np.stack(views))
-        captions = [caption(a, i) for i in range(batch_size)]
-        tokens = tokenize(captions, context_length=model.context_length)
-        logits_per_image, logits_per_text = model(images, tokens)
-        target = torch.arange(len(images))
-        image_loss = F.cross_entropy(logits_per_image, target)
-        text_loss = F.cross_entropy(logits_per_text, target)
-        loss = (image_loss + text_loss) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))  # CLIP's clamp
-        bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{model.logit_scale.exp().item():.1f}",
-                        refresh=False)
-    note = clip_load.config_note(clip_load.OPENAI_SPEC)
-    save_atomic({**stored_state(model), "open_clip_config": note}, out_path)
-
-
-def toy_token_ids(context_length):
-    """Every token id a toy caption or prompt can contain (a few dozen of CLIP's 49,408)."""
-    sizes, colors, backgrounds = [[""] + [w + " " for w in ws] for ws in (SIZES, COLORS)] + \
-        [[""] + [f" on a {b} background" for b in BACKGROUNDS]]
-    texts = [t.format(f"{s}{c}{k}{b}")
-             for t in CAPTION_TEMPLATES for s in sizes for c in colors for k in SHAPES
-             for b in backgrounds]
-    texts += [t.format(k) for t in TEMPLATES for k in SHAPES]
-    return torch.unique(tokenize(texts, context_length=context_length, truncate=True))
-
-
-def stored_state(model):
-    """The tiny CLIP's state dict as toy_clip.pt stores it, which clip_load.load reads as it is.
-
-    The token embedding is stored by the rows toy texts use (`.ids`, `.rows`, `.vocab_size`),
-    because the other rows are most of the parameters and never get a gradient. RECIPE is stored as
-    a note.
-    """
-    out = dict(model.state_dict())  # a plain dict, as the committed file
-    weight = out.pop("token_embedding.weight")
-    ids = toy_token_ids(model.context_length)
-    out.update({"token_embedding.ids": ids, "token_embedding.rows": weight[ids],
-                "token_embedding.vocab_size": weight.shape[0], "recipe": RECIPE})
-    return out
-
-
 # Dataset API for train.py / data.py (same contract as data.build_dataset) ---------------------
 
 class ToyDataset(torch.utils.data.Dataset):
@@ -389,9 +298,6 @@ def build_dataset(root, split, transform=None):
     return ToyDataset(*render_split(split), transform)
 
 
-data.register_dataset("toy", build_dataset, HPARAMS, lambda root: WEIGHTS)
-
-
 def write_images(split, folder):
     """A split's images as PNG files folder/<class>/<index>.png, for eval.py --classify: PNG is
     lossless, so each file reads back as the pixels the split's dataset gives."""
@@ -399,29 +305,3 @@ def write_images(split, folder):
     for i, (image, label) in enumerate(zip(images, labels)):
         os.makedirs(os.path.join(folder, SHAPES[label]), exist_ok=True)
         Image.fromarray(image).save(os.path.join(folder, SHAPES[label], f"{i:04d}.png"))
-
-
-def main(argv=None):
-    description = ("Pretrain the toy world's tiny CLIP from scratch (~7 min on 2 cores), or write "
-                   "its 2,000 test images as files. Probes, the ablation and pictures of the "
-                   "world: toy_experiments.py.")
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("command", choices=["pretrain", "images"])
-    parser.add_argument("--out",
-                        help="where to write: pretrain's weights (toy_clip.pt replaces the "
-                             "committed file) [out/toy_clip.pt]; the test images' folder "
-                             "[out/toy/test-images]")
-    args = parser.parse_args(argv)
-    if args.command == "images":
-        args.out = args.out or os.path.join("out", "toy", "test-images")
-        write_images("test", args.out)
-        print(f"wrote the test images to {args.out}/<class>/<index>.png")
-        return
-    args.out = args.out or os.path.join("out", "toy_clip.pt")
-    pretrain(args.out)
-    with open(args.out, "rb") as f:
-        print(f"wrote {args.out}, sha256 {hashlib.sha256(f.read()).hexdigest()}")
-
-
-if __name__ == "__main__":
-    main()

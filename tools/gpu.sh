@@ -5,17 +5,17 @@
 # ${OUT:-gpu-out}/<check>.txt). The checks, in order:
 #   1. tests/test_cuda.py: bf16 and fp16 steps, DDP over NCCL, pinned uint8 views normalized on
 #      the GPU, fused (flash) attention at ViT-B/16 and ViT-L/14 shapes;
-#   2. bench.py: ViT-B/16 at 128 per GPU (eager, then compiled), ViT-L/14's memory at 64 per GPU in
+#   2. tools/bench.py: ViT-B/16 at 128 per GPU (eager, then compiled), ViT-L/14's memory at 64 per GPU in
 #      bf16 and in fp16;
 #   3. torchrun on the toy world with one process per GPU (NCCL and the gloo side group from 2
 #      GPUs on), accumulation and loader workers; then the same with --compile, compared;
 #   4. SIGTERM to torchrun mid-run: a checkpoint within the shutdown timeout, then a resume;
 #   5. from 2 GPUs on, an error injected on rank 1 at step 3: the whole job ends within a bound;
-#   6. bench.py --pipeline with train.py's default workers: the cores per GPU the step needs;
+#   6. tools/bench.py --pipeline with train.py's default workers: the cores per GPU the step needs;
 #   7. when /data/imagenet and ViT-B/16's weights are there, 80 real steps, their images/s against
 #      the GPUs x bench's step rate.
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."  # the repository root
 out="$(realpath -m "${OUT:-gpu-out}")"
 rm -rf "$out" && mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -52,11 +52,11 @@ figure "- tests/test_cuda.py: $(tail -1 "$out/tests.txt" | sed 's/=//g; s/^ *//'
        "$(grep -h ' attention$' "$out/tests.txt" | paste -sd, | sed 's/,/, /g')"
 
 # 2. The step's speed and memory.
-check bench_b16 python bench.py --model ViT-B/16 --batch 128 --amp bf16 --steps 20 --warmup 5
-check bench_b16_compiled python bench.py --model ViT-B/16 --batch 128 --amp bf16 --steps 20 \
+check bench_b16 python -m tools.bench --model ViT-B/16 --batch 128 --amp bf16 --steps 20 --warmup 5
+check bench_b16_compiled python -m tools.bench --model ViT-B/16 --batch 128 --amp bf16 --steps 20 \
   --warmup 5 --compile
 for amp in bf16 fp16; do
-  check "bench_l14_$amp" python bench.py --model ViT-L/14 --batch 64 --amp "$amp" --steps 10 \
+  check "bench_l14_$amp" python -m tools.bench --model ViT-L/14 --batch 64 --amp "$amp" --steps 10 \
     --warmup 3
 done
 for run in b16 b16_compiled l14_bf16 l14_fp16; do
@@ -133,7 +133,7 @@ else
 fi
 
 # 6. The input pipeline: train.py's loader with its default workers per GPU, against the step.
-check pipeline env LOCAL_WORLD_SIZE="$procs" python bench.py --pipeline --model ViT-B/16 \
+check pipeline env LOCAL_WORLD_SIZE="$procs" python -m tools.bench --pipeline --model ViT-B/16 \
   --step-images-per-s "$step_rate"
 figure "- pipeline: $(grep ' workers ' "$out/pipeline.txt" | sed 's/  */ /g');" \
        "cores per GPU: $(field cores/GPU pipeline)"
