@@ -36,7 +36,7 @@ import figures
 from util import folders
 import must
 import prompts
-from util import runtime
+from util import checkpoint, runtime
 import train
 from conftest import save_clip, tiny_clip
 
@@ -155,7 +155,7 @@ def deadline(seconds):
 
 # (extra flags, exact fragment of the one-line error); "{tmp}", "{world}" and "{file}" (an existing
 # file) are filled in.
-# Stage "flags": refused by config.check_flags / the device check, before any model, data or lock:
+# Stage "flags": refused by train.preflight / the device check, before any model, data or lock:
 # the out-dir holds nothing. Stage "setup": refused after the model is read (mask geometry, batch vs
 # data): no log, no checkpoint.
 FLAG_ERRORS = [
@@ -230,7 +230,7 @@ FLAG_ERRORS = [
     ("setup", ["--mask-unit", "12"], "mask_unit 12 must be a multiple of the patch size 8"),
     ("setup", ["--mask-unit", "24"], "input size 32 must be a multiple of mask_unit 24"),
     ("setup", ["--global-batch", "16"], "8 training images are fewer than one global batch of 16"),
-    ("setup", ["--resume", "{tmp}/absent.pt"], "no checkpoint at {tmp}/absent.pt"),
+    ("flags", ["--resume", "{tmp}/absent.pt"], "no checkpoint at {tmp}/absent.pt"),
     pytest.param("setup", ["--amp", "fp16"], "--amp fp16 needs a GPU (use bf16 or fp32 on CPU)",
                  marks=pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU"),
                  id="amp-fp16-on-cpu"),
@@ -1220,7 +1220,7 @@ def test_checkpoint_size_estimate_is_close(world, tmp_path):
     real_start = train.start
 
     def start(r):
-        run["bytes"] = train.checkpoint_bytes(r)
+        run["bytes"] = checkpoint.checkpoint_bytes(r)
         return real_start(r)
     with pytest.MonkeyPatch.context() as m:
         m.setattr(train, "start", start)

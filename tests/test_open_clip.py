@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from util import clip_load
+from util import checkpoint, clip_load
 import clip_model
 import config
 import must
@@ -667,7 +667,7 @@ def test_a_checkpoint_that_recorded_four_spec_fields_still_resumes(images, tmp_p
     resumes and evaluates as it did, with OpenAI's heads."""
     four = ["quick_gelu", list(clip_load.CLIP_MEAN), list(clip_load.CLIP_STD), "bicubic"]
     assert runtime.fingerprint(clip_load.OPENAI_SPEC.identity()) == runtime.fingerprint(four)
-    assert config._OLDER["clip_spec"] == runtime.fingerprint(four)
+    assert checkpoint._OLDER["clip_spec"] == runtime.fingerprint(four)
     for other in ({"vision_heads": 16}, {"text_heads": 4}, {"resize_mode": "squash"}):
         spec = clip_load.OPENAI_SPEC._replace(**other)
         assert runtime.fingerprint(spec.identity()) != runtime.fingerprint(four)

@@ -17,7 +17,7 @@ from PIL import Image
 from util import clip_load
 import config
 import must
-from util import runtime
+from util import checkpoint, runtime
 import train
 from conftest import save_clip, tiny_clip
 
@@ -112,6 +112,23 @@ def test_layer_decay_and_cosine_lr_of_every_group():
     frozen = must.MUSTModel(tiny_clip().visual, torch.randn(32, 4), 100.0, freeze_classifier=True)
     assert all(p is not frozen.classifier.weight
                for g in train.param_groups(frozen, 0.05, 0.65) for p in g["params"])
+
+
+def test_util_imports_nothing_from_the_top_level():
+    """util/ (the checkpoints among its plumbing) takes what it needs from its callers."""
+    import ast
+    top = {name[:-3] for name in os.listdir(ROOT) if name.endswith(".py")}
+    assert {"train", "config", "must"} <= top
+    for name in os.listdir(os.path.join(ROOT, "util")):
+        if not name.endswith(".py"):
+            continue
+        with open(os.path.join(ROOT, "util", name), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+                    if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module and not node.level}
+        assert not imported & top, (name, imported & top)
 
 
 def test_help_names_the_paper_symbols(capsys):
@@ -552,7 +569,7 @@ def test_save_minutes_checkpoints_inside_an_epoch(world, tmp_path, monkeypatch, 
     checkpoint is written inside each epoch as soon as 30 minutes have passed since the last one
     (steps 2 and 5), besides each epoch's end and the final one that adds the last evaluation;
     with 0, only those."""
-    clock, steps, real_step, real_save = [0.0], [], must.must_step, train.save_atomic
+    clock, steps, real_step, real_save = [0.0], [], must.must_step, checkpoint.save_atomic
 
     def must_step(*args, **kwargs):
         clock[0] += 20 * 60
@@ -563,7 +580,7 @@ def test_save_minutes_checkpoints_inside_an_epoch(world, tmp_path, monkeypatch, 
         return real_save(obj, path, write)
     monkeypatch.setattr(time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(must, "must_step", must_step)
-    monkeypatch.setattr(train, "save_atomic", save_atomic)
+    monkeypatch.setattr(checkpoint, "save_atomic", save_atomic)
     train.main(argv(world, tmp_path / "out", "--save-minutes", str(minutes)))
     assert steps == written
 
