@@ -8,6 +8,7 @@ weight-deciding setting must default to the old behaviour: checkpoints without i
 with its default.
 """
 import argparse
+import dataclasses
 import math
 import os
 from collections import namedtuple
@@ -15,6 +16,7 @@ from collections import namedtuple
 import torch
 
 import data
+import must
 from toy import world as toy
 from util import folders
 from util.runtime import add_machine_flags, fail
@@ -172,6 +174,15 @@ SETTINGS = [
 RUN_DEFINING = tuple(s.name for s in SETTINGS if s.defines)
 # What a run has without the flag; Table 10's value where resolve_config fills one (args.table10).
 DEFAULTS = {s.name: s.default for s in SETTINGS}
+
+
+def method_hparams(args, patch_size, amp_dtype):
+    """must.Hparams from the run's settings: each field takes the setting of its name (use_reg is
+    not --no-reg, and so on), so that a new SETTINGS row reaches must.py by its name alone."""
+    values = {**vars(args), "patch_size": patch_size, "amp_dtype": amp_dtype}
+    values.update({f"use_{term}": not values[f"no_{term}"] for term in ("reg", "mim", "align")})
+    fields = dataclasses.fields(must.Hparams)
+    return must.Hparams(**{f.name: values[f.name] for f in fields if f.name in values})
 
 
 def run_defining(args):

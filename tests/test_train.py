@@ -837,3 +837,14 @@ def test_non_finite_loss_between_log_steps_is_caught_before_the_checkpoint(
     assert ("non-finite loss in optimizer step(s) 1-3; their updates are not saved; "
             "no checkpoint was written yet") in message
     assert not os.path.exists(os.path.join(out, train.CHECKPOINT))
+
+
+def test_method_hparams_take_each_setting_by_name():
+    """must.Hparams is filled from the flags of the same names, so a new setting reaches must.py
+    without an edit of train.py."""
+    args = config.parse_args(["--data", "toy", "--no-mim", "--align-k", "3",
+                              "--conf-threshold", "0.4", "--lambda-reg", "0.5",
+                              "--lambda-align", "0.25", "--global-batch", "64"])
+    hp = config.method_hparams(args, 8, torch.bfloat16)
+    assert hp == must.Hparams(0.4, 0.5, 0.25, 3, 8, 64, use_reg=True, use_mim=False,
+                              use_align=True, amp_dtype=torch.bfloat16)
