@@ -1,11 +1,13 @@
-"""Where eval.py's evaluation sets lie: ImageNet-C's corruption folders and the shifted ImageNets
-under --shift-root (docs/usage.md gives both layouts). Folder names only; no image is read."""
+"""Where eval.py's evaluation sets lie: ImageNet-C's corruption folders and the shifted
+ImageNets under --shift-root (docs/usage.md gives both layouts). Folder names only: no
+image is read."""
 import os
 import re
 
 from util.folders import name_key, require_dir
 
-ABSENT, IGNORED = "absent", "ignored"  # a part's reason when it has no folder, a folder's unused
+# The reason of a part that has no folder, and of a folder that holds no part.
+ABSENT, IGNORED = "absent", "ignored"
 
 
 def subfolders(path):
@@ -15,13 +17,13 @@ def subfolders(path):
 
 
 def corruption_folders(root, corruptions, severities):
-    """ImageNet-C's folders root/<corruption>/<severity> -> ([(part, path)], left_out), where
-    part is '<corruption>/<severity>' and left_out lists (part or folder, ABSENT, IGNORED or why
-    it cannot be listed)."""
+    """ImageNet-C's folders root/<corruption>/<severity> -> ([(part, path)], left_out):
+    part is '<corruption>/<severity>'; left_out lists (part or folder, why), why being
+    ABSENT, IGNORED or why a folder cannot be listed."""
     present = subfolders(root)
     wanted = {name_key(c) for c in corruptions}
-    left_out = [(name, IGNORED) for key, name in sorted(present.items(), key=lambda kv: kv[1])
-                if key not in wanted]
+    left_out = [(name, IGNORED) for name in sorted(present.values())
+                if name_key(name) not in wanted]
     parts = []
     for corruption in corruptions:
         folder = present.get(name_key(corruption))
@@ -45,14 +47,15 @@ def corruption_folders(root, corruptions, severities):
 
 
 def enter_single_subfolder(path):
-    """The folder below path while path holds just one folder that is no class folder, as in
-    ImageNet-Sketch/sketch/<wnid> and imagenetv2/<variant>/<index>."""
+    """The folder below path while path holds just one folder that is no class folder,
+    as in ImageNet-Sketch/sketch/<wnid> and imagenetv2/<variant>/<index>."""
     while True:
         entries = [e for e in os.scandir(path) if not e.name.startswith(".")]
         if len(entries) != 1 or not entries[0].is_dir():
             return path
         name = entries[0].name
-        if name.isdigit() or re.fullmatch(r"n\d{8}", name) or name in ("test", "val", "train"):
+        class_like = name.isdigit() or re.fullmatch(r"n\d{8}", name)
+        if class_like or name in ("test", "val", "train"):
             return path
         path = entries[0].path
 
@@ -61,7 +64,8 @@ SHIFT_KINDS = {"imagenetr": "imagenet-r", "imagenetrendition": "imagenet-r",
                "imageneta": "imagenet-a", "imagenetadversarial": "imagenet-a",
                "imagenetsketch": "imagenet-sketch", "sketch": "imagenet-sketch",
                "imagenet": "imagenet"}
-SHIFT_ORDER = ("imagenet", "imagenet-v2", "imagenet-r", "imagenet-a", "imagenet-sketch")  # Table 9
+# Table 9's order.
+SHIFT_ORDER = ("imagenet", "imagenet-v2", "imagenet-r", "imagenet-a", "imagenet-sketch")
 
 
 def shift_kind(folder):
@@ -71,8 +75,8 @@ def shift_kind(folder):
 
 
 def find_shift_sets(root):
-    """[(set name, kind, path)] of the shifted ImageNets under root, in Table 9's order. Several
-    ImageNetV2 variants are told apart by their folder names."""
+    """[(set name, kind, path)] of the shifted ImageNets under root, in Table 9's order.
+    Several ImageNetV2 variants are told apart by their folder names."""
     require_dir(root, "shift root")
     found = []
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
@@ -81,10 +85,11 @@ def find_shift_sets(root):
             found.append((kind, entry.name, enter_single_subfolder(entry.path)))
     if not found:
         names = sorted(e.name for e in os.scandir(root) if e.is_dir())
-        raise FileNotFoundError(f"no shifted ImageNet under {root!r} (folders: {names[:10]}); "
-                                "expected subfolders named imagenetv2-*, imagenet-r, imagenet-a, "
-                                "imagenet-sketch (or imagenet with val/)")
+        raise FileNotFoundError(
+            f"no shifted ImageNet under {root!r} (folders: {names[:10]}); expected "
+            "subfolders named imagenetv2-*, imagenet-r, imagenet-a, imagenet-sketch "
+            "(or imagenet with val/)")
     n_v2 = sum(kind == "imagenet-v2" for kind, _, _ in found)
     found.sort(key=lambda f: SHIFT_ORDER.index(f[0]))
-    return [(f"{kind} ({folder})" if kind == "imagenet-v2" and n_v2 > 1 else kind, kind, path)
-            for kind, folder, path in found]
+    return [(f"{kind} ({folder})" if kind == "imagenet-v2" and n_v2 > 1 else kind,
+             kind, path) for kind, folder, path in found]
