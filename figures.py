@@ -142,7 +142,7 @@ def readable_picks(ds, n, name):
     return picks, [items[i] for i in picks]
 
 
-def make_figures(args, run, sets, models, columns, visual, spec, prefix, device):
+def make_figures(args, run, sets, models, columns, spec, prefix, device):
     """PNG files of args.figures images of the first set that the most models score -> paths.
 
     <prefix>-attention.png shows the image | each model's GradCAM, captioned with its prediction.
@@ -173,6 +173,7 @@ def make_figures(args, run, sets, models, columns, visual, spec, prefix, device)
     paths = [f"{prefix}-attention.png"]
     compose_grid(rows, ["image (label)"] + [f"{n} GradCAM" for n in models], cell).save(paths[-1])
     if "student" in models:
+        visual = models["student"].visual
         mask_unit, mask_ratio = run.get("mask_unit"), run.get("mask_ratio")
         # A checkpoint without its config gets the run's Table 10 row.
         if mask_unit is None or mask_ratio is None:

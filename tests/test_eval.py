@@ -175,8 +175,12 @@ def test_every_shift_layout_maps_labels_right(world):
 def test_limit_keeps_evenly_spaced_images(world):
     ds = ev.build_set("imagenet-r", "imagenet-r", str(world["shift"] / "imagenet-r"),
                       data.test_transform(32))
-    tagged = ev._Tagged([ds.dataset, ds.dataset], limit=3)
-    assert len(tagged) == 6 and tagged.indices[0].tolist() == [0, 2, 5] and tagged[4][2] == 1
+    tagged = ev.shard([ds.dataset, ds.dataset], limit=3)
+    assert len(tagged) == 6 and tagged.dataset.datasets[0].indices == [0, 2, 5]
+    assert tagged[4][2] == 1
+    # Process 1 of 2 holds every other item of the whole, whichever set it is in.
+    second = ev.shard([ds.dataset, ds.dataset], limit=3, rank=1, world=2)
+    assert list(second.indices) == [1, 3, 5] and [item[2] for item in second] == [0, 1, 1]
 
 
 # --------------------------------------------------------------------------------------------------
