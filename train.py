@@ -31,7 +31,7 @@ import config
 import data
 import must
 import prompts
-from eval import (EvalSet, batch_bytes, check_scored, evaluate, report_listing,
+from eval import (EvalSet, batch_bytes, check_scored, evaluate, report_end, report_listing,
                   report_unreadable)
 from util import clip_load, folders
 from util.checkpoint import (CHECKPOINT, PREVIOUS, check_health, check_out_dir, check_resume,
@@ -290,48 +290,6 @@ def run_eval(run, at_stop=False):
         tqdm.write(f"epoch {epoch}: student {student[key]:.2f}%  teacher {teacher[key]:.2f}%  "
                    f"({student['images']} images)")
     return not any_process(run.stop.signum is not None)  # all processes agree
-
-
-def print_table(evals, dataset, mean_per_class, start_name):
-    """Zero-shot vs the MUST student and EMA teacher of the last evaluation, and the release's
-    best-on-test student. When evaluations scored different numbers of images, each row says
-    how many, and the best student is chosen among those that scored as many as the last."""
-    first, last = evals[0], evals[-1]
-    same = [e for e in evals[1:] or evals if e.get("images") == last.get("images")] or [last]
-    best = max(same, key=lambda e: e["student_acc"])
-    rows = [(start_name, first), ("MUST student", last), ("MUST teacher (EMA)", last),
-            ("best student", best)]
-    if len(evals) == 1:  # stopped before the first evaluation after training
-        rows = rows[:1]
-    # Older checkpoints' evaluations have no image count.
-    differ = len({e["images"] for e in evals if "images" in e}) > 1
-    print(f"\n{dataset}: {'mean per-class accuracy' if mean_per_class else 'top-1'} (%)")
-    for name, e in rows:
-        acc = e["teacher_acc"] if name == "MUST teacher (EMA)" else e["student_acc"]
-        when = e["epoch"]
-        if name == "best student":
-            when = f"{when} (chosen on test, as the release)"
-        count = f"   on {e.get('images')} images" if differ else ""
-        print(f"  {name:20} {acc:6.2f}   epoch {when}{count}")
-    if differ:
-        print("  warning: the evaluations scored different numbers of test images (see the "
-              "warnings above), so their accuracies are not comparable")
-
-
-def report_end(run, why):
-    """Rank 0's closing lines: unreadable images, a --max-steps stop, the results table."""
-    args = run.args
-    if run.reported:
-        print(f"skipped {len(run.reported)} unreadable training image(s) (named above); each "
-              f"was replaced by the next readable one")
-    if why == "max-steps":
-        print(f"stopped after step {run.step} of {run.total_steps} (--max-steps); to go on, "
-              f"rerun with a larger --max-steps or without it (it resumes from {run.ckpt_path})")
-    if run.evals:
-        start = "--init model" if args.init else "CLIP zero-shot"
-        print_table(run.evals, args.data, args.data in data.MEAN_PER_CLASS, start)
-    elif run.test_set is None:
-        print("not evaluated: --data folder without --eval-root")
 
 
 # ----------------------------------------------------------------------------------------------

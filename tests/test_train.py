@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from util import clip_load
 import config
+import eval as ev
 import must
-from util import checkpoint, runtime
 import train
 from conftest import save_clip, tiny_clip
+from util import checkpoint, clip_load, runtime
 
 # tiny models: one thread is several times faster than two on a shared 2-core machine,
 # and as deterministic
@@ -295,13 +295,13 @@ def test_table_marks_evaluations_of_different_image_counts(capsys):
              {"epoch": 1, "student_acc": 100.0, "teacher_acc": 100.0, "images": 2},
              {"epoch": 2, "student_acc": 75.0, "teacher_acc": 75.0, "images": 4},
              {"epoch": 3, "student_acc": 70.0, "teacher_acc": 72.0, "images": 4}]
-    train.print_table(evals, "folder", False, "CLIP zero-shot")
+    ev.print_table(evals, "folder", False, "CLIP zero-shot")
     lines = capsys.readouterr().out.splitlines()
     assert lines[2] == "  CLIP zero-shot        50.00   epoch 0   on 4 images"
     assert lines[5] == ("  best student          75.00   epoch 2 (chosen on test, as the release)"
                         "   on 4 images")
     assert lines[6].startswith("  warning: the evaluations scored different numbers of test images")
-    train.print_table([dict(e, images=4) for e in evals], "folder", False, "CLIP zero-shot")
+    ev.print_table([dict(e, images=4) for e in evals], "folder", False, "CLIP zero-shot")
     printed = capsys.readouterr().out
     assert "images" not in printed and "best student         100.00   epoch 1" in printed
 
