@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -348,23 +349,18 @@ def make_folder(flag, path, folder=None):
         fail(f"{flag} {path}{where} is not writable")
 
 
-def _weights_only_refusal(e):
-    """torch's own line in an error of torch.load(..., weights_only=True), such as 'Unsupported
-    operand 108' or 'Unsupported global: GLOBAL io.open was not an allowed global by default';
-    None for other errors."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    if not lines or not lines[0].startswith("Weights only load failed"):
-        return None
-    # torch's wording varies between versions; its specific line names the global or opcode refused
-    specific = [line.split("WeightsUnpickler error:")[-1].strip().split(". ")[0]
-                for line in lines if "GLOBAL" in line or "Unsupported" in line]
-    return specific[0][:200] if specific else lines[0][:200]
+def is_torchscript(path):
+    """Whether a file is a TorchScript archive, by torch.load's own test: a zip archive with a
+    <name>/constants.pkl record."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(n.count("/") == 1 and n.endswith("/constants.pkl") for n in archive.namelist())
 
 
 def _is_pickle(path):
-    """Whether a file is what torch.save writes (a zip archive) or a pickle (from protocol 2 on it
-    starts with the PROTO opcode, and every pickle ends with STOP): torch's safe reader refuses
-    random bytes as it refuses code, and only these can hold code."""
+    """Whether a file is what torch.save writes (a zip archive) or a pickle (PROTO first from
+    protocol 2 on, STOP last): only these can hold code."""
     if zipfile.is_zipfile(path):
         return True
     with open(path, "rb") as f:
@@ -374,19 +370,27 @@ def _is_pickle(path):
     return (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5) or last == b"."
 
 
+def _first_sentence(e):
+    text = str(e).strip()
+    return text.splitlines()[0].split(". ")[0][:200] if text else ""
+
+
 def load_error_detail(e, path):
-    """One line saying why torch.load(path, ..., weights_only=True) failed, without torch's advice
-    to load unsafely. A refused file is said to hold more than tensors only if it is a pickle."""
-    refusal = _weights_only_refusal(e)
-    if refusal is not None and ("GLOBAL" in refusal or _is_pickle(path)):
-        return ("refused: it holds more than the tensors and plain values that can be read without "
-                f"running code from the file ({refusal})")
-    if refusal is not None:
-        return f"it is truncated or not a checkpoint (torch.load: {refusal})"
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    if lines and "TorchScript" in lines[0] and "weights_only" in lines[0]:
+    """Why torch.load(path, weights_only=True) failed, in one clause and without torch's advice
+    to load the file unsafely: "refused: ..." where the file may hold code."""
+    if is_torchscript(path):
         return "refused: it is a TorchScript archive (a program), not a file of tensors"
-    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+    if isinstance(e, pickle.UnpicklingError):
+        # torch wraps the safe unpickler's own error in that advice.
+        reason = _first_sentence(e.__context__ or e)
+        if _is_pickle(path):  # random bytes stop the unpickler too
+            return ("refused: it holds more than the tensors and plain values that can be read "
+                    f"without running code from the file ({reason})")
+        reason = f"torch.load: {reason}"
+    else:
+        sentence = _first_sentence(e)
+        reason = f"{type(e).__name__}: {sentence}" if sentence else type(e).__name__
+    return f"it is truncated or not a checkpoint ({reason})"
 
 
 def read_checkpoint(path, what="MUST checkpoint"):
