@@ -73,7 +73,8 @@ def add_machine_flags(parser, workers=True, download_root=True, process_group=Fa
         g.add_argument("--download-root", help="where CLIPs are cached [~/.cache/clip]")
     if process_group:
         g.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT_MINUTES,
-                       help="minutes a collective may wait before the run counts as hung")
+                       help="minutes a collective may wait before the run counts as "
+                            "hung")
 
 
 def default_workers():
@@ -365,8 +366,8 @@ def load_error_detail(e, path):
         # torch wraps the safe unpickler's own error in that advice.
         reason = _first_sentence(e.__context__ or e)
         if _is_pickle(path):  # random bytes stop the unpickler too
-            return ("refused: it holds more than the tensors and plain values that can be "
-                    f"read without running code from the file ({reason})")
+            return ("refused: it holds more than the tensors and plain values that can "
+                    f"be read without running code from the file ({reason})")
         reason = f"torch.load: {reason}"
     else:
         sentence = _first_sentence(e)
