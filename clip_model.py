@@ -1,14 +1,11 @@
-"""CLIP (Radford et al., 2021) as MUST uses it: the network. A ViT image tower, a text
-transformer, and MUST's patch to the image tower (paper §3, Figure 2): a learnable [MSK] embedding,
+"""CLIP (Radford et al., 2021) as MUST uses it: a ViT image tower, a text transformer,
+and MUST's patch to the image tower (paper §3, Figure 2): a learnable [MSK] embedding,
 a LayerNorm over the patch outputs and a SimMIM linear decoder.
 
-Parameter names and shapes are those of OpenAI's checkpoints (open_clip keeps them), so a released
-state dict loads with strict matching, and build_model reads the architecture from the state dict.
-The activation is not in a state dict: OpenAI's CLIPs use QuickGELU, many open ones GELU, and
-whoever builds a CLIP says which (clip_load knows it for every checkpoint it reads). Nor is the
-head count: OpenAI's heads are 64 wide, ViT-H/14's 80; the builder says it where it differs.
-Tokens are batch-first, (B, L, C), throughout. Loading files is clip_load.py's; the tokenizer is
-tokenizer.py.
+Parameter names and shapes are OpenAI's, so released state dicts load with strict
+matching. A state dict holds neither the activation (QuickGELU for OpenAI's CLIPs,
+GELU for many open ones) nor the head counts: whoever builds a CLIP says them (clip_load
+reads them for every file). Tokens are batch-first, (B, L, C).
 """
 from collections import OrderedDict
 
@@ -16,15 +13,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from util.clip_load import (architecture, clip_heads, image_transform, key_examples, read,
-                            vision_config)
-from util.clip_load import available_models  # noqa: F401 -- OpenAI's API: with load below
+from util.clip_load import (architecture, clip_heads, image_transform, key_examples,
+                            read, vision_config)
+from util.clip_load import available_models  # noqa: F401 -- OpenAI's API, with load
 
 # Entries of OpenAI's TorchScript archives that are not parameters.
 _NON_PARAMETER_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
-# ----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # The transformer shared by both towers
 
 class QuickGELU(nn.Module):
@@ -39,13 +36,13 @@ ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": nn.GELU}
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with nn.MultiheadAttention's parameter names (in_proj_*,
-    out_proj)."""
+    """Multi-head self-attention with nn.MultiheadAttention's parameter names."""
 
     def __init__(self, width, heads):
         super().__init__()
         if heads < 1 or width % heads:
-            raise ValueError(f"a width of {width} does not split into {heads} attention heads")
+            raise ValueError(
+                f"a width of {width} does not split into {heads} attention heads")
         self.heads = heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
@@ -61,14 +58,15 @@ class Attention(nn.Module):
     def forward(self, x, causal=False):
         B, L, C = x.shape
         q, k, v = self.qkv(x)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # [B, heads, L, C / heads]
+        # shape = [B, heads, L, C / heads]
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return self.out_proj(out.transpose(1, 2).reshape(B, L, C))
 
 
 class ResidualAttentionBlock(nn.Module):
     def __init__(self, width, heads, activation, mlp_width=None):
         super().__init__()
-        mlp_width = mlp_width or 4 * width  # OpenAI's CLIPs; ViT-g/14 and bigG/14 have others
+        mlp_width = mlp_width or 4 * width  # OpenAI's; ViT-bigG/14's is another
         self.ln_1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
@@ -97,8 +95,8 @@ class Transformer(nn.Module):
         return x
 
     def init_weights(self):
-        # OpenAI's initialization: the residual projections shrink with depth, so that the
-        # variance of the residual stream stays bounded.
+        # OpenAI's: the residual projections shrink with depth, so that the variance of
+        # the residual stream stays bounded.
         attn_std = self.width ** -0.5
         proj_std = attn_std * (2 * self.layers) ** -0.5
         fc_std = (2 * self.width) ** -0.5
@@ -110,7 +108,7 @@ class Transformer(nn.Module):
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
 
 
-# ----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # The image tower, with MUST's patch
 
 class VisionTransformer(nn.Module):
@@ -121,23 +119,24 @@ class VisionTransformer(nn.Module):
         self.grid_size = input_resolution // patch_size
         self.width, self.output_dim = width, output_dim
         scale = width ** -0.5
-        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size,
+                               bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         positions = scale * torch.randn(self.grid_size ** 2 + 1, width)
         self.positional_embedding = nn.Parameter(positions)
         self.ln_pre = nn.LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads or clip_heads(width), activation,
-                                       mlp_width)
+        heads = heads or clip_heads(width)
+        self.transformer = Transformer(width, layers, heads, activation, mlp_width)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
     def tokens(self, x, mask=None):
-        """Patch embeddings, [MSK] where masked, [CLS] prepended, positions added, ln_pre.
+        """Patch embeddings, [MSK] where masked, [CLS] first, positions added, ln_pre.
         (B, 3, H, W) -> (B, 1 + N, width)"""
         x = self.conv1(x)  # shape = [B, width, grid, grid]
         x = x.flatten(2).transpose(1, 2)  # shape = [B, grid ** 2, width]
         if mask is not None:
-            # MUST: masked patches are replaced before the positions are added, so [MSK] still
+            # MUST: [MSK] replaces a patch before the positions are added, so it still
             # knows where it stands.
             x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
@@ -152,8 +151,8 @@ class VisionTransformer(nn.Module):
     # ---- MUST's patch (paper §3, Figure 2; the release's MUST heads) ----
 
     def add_must_heads(self):
-        """Create the [MSK] embedding, the patch LayerNorm and the SimMIM linear decoder (a 1x1
-        convolution and a PixelShuffle)."""
+        """Create the [MSK] embedding, the patch LayerNorm and the SimMIM linear decoder
+        (a 1x1 convolution and a PixelShuffle)."""
         p, ref = self.patch_size, self.conv1.weight
         like = dict(device=ref.device, dtype=ref.dtype)
         self.mask_token = nn.Parameter(torch.empty(self.width, **like))
@@ -169,12 +168,12 @@ class VisionTransformer(nn.Module):
         return hasattr(self, "mask_token")
 
     def forward_must(self, x, mask=None):
-        """One forward for the three MUST objectives. x: (B, 3, H, W); mask: (B, N) bool, True =
-        masked, or None.
+        """One forward for the three MUST objectives. x: (B, 3, H, W); mask: (B, N)
+        bool, True = masked, or None.
 
-        Returns v_cls (B, D) and v_patch (B, N, D), both L2-normalized in the joint embedding space
-        (the same `proj` for [CLS] and the patches, eq. 5), and recon (B, 3, H, W), the decoder's
-        prediction of the CLIP-normalized pixels of every patch (eq. 4).
+        Returns v_cls (B, D) and v_patch (B, N, D), L2-normalized in the joint embedding
+        space (one `proj` for [CLS] and the patches, eq. 5), and recon (B, 3, H, W), the
+        decoder's prediction of every patch's CLIP-normalized pixels (eq. 4).
         """
         z = self.transformer(self.tokens(x, mask))  # shape = [B, grid ** 2 + 1, width]
         v_cls = F.normalize(self.ln_post(z[:, 0]) @ self.proj, dim=-1)
@@ -182,35 +181,37 @@ class VisionTransformer(nn.Module):
         v_patch = F.normalize(patches @ self.proj, dim=-1)
         B, N, C = patches.shape
         grid = patches.transpose(1, 2).reshape(B, C, self.grid_size, self.grid_size)
-        recon = self.decoder(grid)  # [B, p * p * 3, grid, grid] -> [B, 3, grid * p, grid * p]
+        recon = self.decoder(grid)  # shape = [B, 3, grid * p, grid * p]
         return v_cls, v_patch, recon
 
 
-# ----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # CLIP: both towers
 
 class CLIP(nn.Module):
     def __init__(self, embed_dim, image_resolution, vision_layers, vision_width,
                  vision_patch_size, context_length, vocab_size, transformer_width,
                  transformer_layers, activation="quick_gelu", vision_heads=None,
-                 transformer_heads=None, vision_mlp_width=None, transformer_mlp_width=None):
+                 transformer_heads=None, vision_mlp_width=None,
+                 transformer_mlp_width=None):
         super().__init__()
         self.context_length = context_length
-        self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width,
-                                        vision_layers, embed_dim, activation, vision_heads,
-                                        vision_mlp_width)
-        heads = transformer_heads or clip_heads(transformer_width)
-        self.transformer = Transformer(transformer_width, transformer_layers, heads, activation,
+        self.visual = VisionTransformer(
+            image_resolution, vision_patch_size, vision_width, vision_layers, embed_dim,
+            activation, vision_heads, vision_mlp_width)
+        width = transformer_width
+        heads = transformer_heads or clip_heads(width)
+        self.transformer = Transformer(width, transformer_layers, heads, activation,
                                        transformer_mlp_width)
-        self.token_embedding = nn.Embedding(vocab_size, transformer_width)
-        self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
-        self.ln_final = nn.LayerNorm(transformer_width)
-        self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
+        self.ln_final = nn.LayerNorm(width)
+        self.text_projection = nn.Parameter(torch.empty(width, embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(1 / 0.07).log())
         self.init_weights()
 
     def init_weights(self):
-        """OpenAI's initialization, for CLIPs trained here (checkpoints overwrite all of it)."""
+        """OpenAI's initialization, for CLIPs trained here."""
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection, std=self.transformer.width ** -0.5)
@@ -221,12 +222,12 @@ class CLIP(nn.Module):
         return self.visual(image)
 
     def encode_text(self, text):
-        # Causal attention makes the positions after <|endoftext|> irrelevant, so callers may pass
-        # tokens with the padding trimmed.
+        # Causal attention makes the positions after <|endoftext|> irrelevant, so
+        # callers may trim the padding.
         x = self.token_embedding(text)  # shape = [B, L, width]
         x = x + self.positional_embedding[:text.shape[1]]
         x = self.ln_final(self.transformer(x, causal=True))
-        # The end-of-text token has the largest id, so argmax finds each text's last position.
+        # <|endoftext|> has the largest id, so argmax finds each text's last position.
         eot = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]
         return eot @ self.text_projection
 
@@ -237,11 +238,11 @@ class CLIP(nn.Module):
         return logits_per_image, logits_per_image.t()
 
 
-# ----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Building a CLIP from a state dict
 
 def _mismatch(module, state_dict):
-    """One line on how the keys of a state dict miss those of `module`, or None when they match."""
+    """One line on how a state dict's keys miss `module`'s, or None when they match."""
     expected = module.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -249,21 +250,24 @@ def _mismatch(module, state_dict):
                 if k in state_dict and state_dict[k].shape != expected[k].shape]
     if not (missing or unexpected or reshaped):
         return None
-    found = [f"{len(missing)} key(s) missing" + (f" ({key_examples(missing)})" if missing else ""),
-             f"{len(unexpected)} unexpected"
-             + (f" ({key_examples(unexpected)})" if unexpected else "")]
+    found = [f"{len(missing)} key(s) missing", f"{len(unexpected)} unexpected"]
+    if missing:
+        found[0] += f" ({key_examples(missing)})"
+    if unexpected:
+        found[1] += f" ({key_examples(unexpected)})"
     if reshaped:
         k = reshaped[0]
-        found.append(f"{len(reshaped)} of another shape ('{k}': {tuple(state_dict[k].shape)} in "
-                     f"the file, {tuple(expected[k].shape)} in the model)")
-    return (f"the state dict does not fit the {type(module).__name__} its tensors describe: "
-            + ", ".join(found))
+        in_file, in_model = tuple(state_dict[k].shape), tuple(expected[k].shape)
+        found.append(f"{len(reshaped)} of another shape ('{k}': {in_file} in the file, "
+                     f"{in_model} in the model)")
+    return (f"the state dict does not fit the {type(module).__name__} its tensors "
+            f"describe: {', '.join(found)}")
 
 
 def _load_strict(module, state_dict):
     if "mask_token" in {k.split(".")[-1] for k in state_dict}:
         (module.visual if isinstance(module, CLIP) else module).add_must_heads()
-    # Checked first: load_state_dict's own error lists every key, each on a line of its own.
+    # Checked first: load_state_dict's own error lists every key on a line of its own.
     mismatch = _mismatch(module, state_dict)
     if mismatch:
         raise RuntimeError(mismatch)
@@ -272,9 +276,9 @@ def _load_strict(module, state_dict):
 
 
 def build_model(state_dict, activation, vision_heads=None, transformer_heads=None):
-    """A CLIP whose architecture is read from an OpenAI-format state dict, loaded with strict key
-    matching. What the state dict cannot say: activation, "quick_gelu" or "gelu"; the head count of
-    each tower, None for OpenAI's 64-wide heads."""
+    """A CLIP built as an OpenAI-format state dict's shapes say, loaded with strict key
+    matching. The activation ("quick_gelu" or "gelu") and each tower's heads (None: 64
+    wide) are the caller's, because a state dict cannot say them."""
     sd = {k: v for k, v in state_dict.items() if k not in _NON_PARAMETER_KEYS}
     model = CLIP(**architecture(sd), activation=activation, vision_heads=vision_heads,
                  transformer_heads=transformer_heads)
@@ -282,21 +286,21 @@ def build_model(state_dict, activation, vision_heads=None, transformer_heads=Non
 
 
 def build_visual(state_dict, activation, heads=None):
-    """The image tower alone, from its state dict without the `visual.` prefix (as a MUST
-    checkpoint holds it), with `heads` attention heads (None: 64-wide ones)."""
-    tower = VisionTransformer(**vision_config(state_dict), activation=activation, heads=heads)
+    """The image tower alone, from its state dict without the `visual.` prefix (as a
+    MUST checkpoint holds it), with `heads` attention heads (None: 64-wide ones)."""
+    tower = VisionTransformer(**vision_config(state_dict), activation=activation,
+                              heads=heads)
     return _load_strict(tower, state_dict)
 
 
 def load(name_or_path, device="cpu", download_root=None):
-    """Load a CLIP ViT by name (downloaded and checksummed), from a local file, or from a Hugging
-    Face CLIPModel folder (clip_load.read); weights in fp32. -> (model in eval mode, preprocess
-    transform), as OpenAI's clip.load; model.spec says how it was trained to see images. The cache
-    directory is `download_root`, else $CLIP_DOWNLOAD_ROOT, else ~/.cache/clip."""
+    """(model in eval mode, preprocess transform) of a CLIP ViT by name, file or folder
+    (clip_load.read), as OpenAI's clip.load gives them; weights in fp32. model.spec says
+    how the CLIP was trained to see images."""
     sd, spec, path = read(name_or_path, download_root)
     try:  # fp32: fp16 weights are cast as they are copied
         model = build_model(sd, spec.activation, spec.vision_heads, spec.text_heads)
-    except (ValueError, RuntimeError) as e:  # named after the file, as errors in reading it are
+    except (ValueError, RuntimeError) as e:  # named after the file
         raise type(e)(f"{path}: {e}") from None
     model.spec = spec
     model = model.to(device).eval()

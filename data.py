@@ -37,14 +37,14 @@ from util.randaugment import RandAugment, fill_color
 # The views and the mask (§3: the teacher sees the weak view, the student the strong view with
 # masked patches)
 
-# CLIP's evaluation preprocessing: bicubic resize of the shorter side, center crop, normalize.
+# CLIP's evaluation preprocessing as its spec says: resize, center crop, normalize.
 test_transform = clip_load.image_transform
 
 
 class MaskGenerator:
     """SimMIM patch-aligned random masking (paper §3.2).
 
-    The image is cut into (input_size / mask_unit)² mask units of s×s px, exactly
+    The image is cut into (input_size / mask_unit)² mask units of mask_unit px, exactly
     ceil(mask_ratio × units) of them are masked, and each masked unit covers a full
     (mask_unit / patch_size)² block of ViT patches. __call__ -> BoolTensor (grid²,), True = masked.
     """

@@ -1,7 +1,6 @@
-"""The paper's figures for eval.py --figures, drawn with PIL only.
-
-Figure 3 is GradCAM of the last block's [CLS] attention, and Figure 4 masked image modeling
-triplets (original / masked / recovered).
+"""The paper's figures for eval.py --figures, drawn with PIL: Figure 3, GradCAM of the
+last block's [CLS] attention, and Figure 4, masked image modeling's original / masked /
+recovered triplets.
 """
 import re
 
@@ -24,8 +23,7 @@ def to_pil(image, spec=OPENAI_SPEC):
 
 
 def heat_overlay(image, cam, alpha=0.5):
-    """PIL image + (g,g) map in [0,1] -> the map upsampled bilinearly, in jet colors, blended over
-    the image."""
+    """A (g, g) map in [0, 1], upsampled, in jet colours, blended over a PIL image."""
     W, H = image.size
     up = F.interpolate(cam[None, None].float(), size=(H, W), mode="bilinear",
                        align_corners=False)[0, 0]
@@ -36,13 +34,10 @@ def heat_overlay(image, cam, alpha=0.5):
 
 
 def attention_cam(model, images, columns=None):
-    """GradCAM on the last block's self-attention (paper Figure 3).
-
-    It takes the gradient of the top-class logit w.r.t. the attention probabilities A (B,H,L,L),
-    and cam = mean over heads of relu(∂y/∂A ⊙ A), [CLS] row over the patches.
-
-    clip_model's Attention runs SDPA, which hides A, so the last block is recomputed here from its
-    weights. Returns (cam (B, g, g) min-max scaled to [0,1], predicted labels (B,), logits (B, K)).
+    """GradCAM on the last block's self-attention (paper Figure 3): with y the top-class
+    logit and A the attention probabilities (B, H, L, L), cam = mean over heads of
+    relu(∂y/∂A ⊙ A), [CLS] row over the patches. SDPA hides A, so the last block is
+    recomputed here. -> (cam (B, g, g) scaled to [0, 1], labels (B,), logits (B, K))
     """
     visual = model.visual
     *blocks, last = visual.transformer.resblocks
@@ -51,7 +46,8 @@ def attention_cam(model, images, columns=None):
         for block in blocks:
             x = block(x)
         q, k, v = last.attn.qkv(last.ln_1(x))  # (B, H, L, C/H) each
-        attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (B, H, L, L)
+        scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+        attn = scores.softmax(dim=-1)  # (B, H, L, L)
     attn.requires_grad_(True)
     with torch.enable_grad():
         out = (attn @ v).transpose(1, 2).flatten(2)  # (B, L, C)
@@ -61,8 +57,8 @@ def attention_cam(model, images, columns=None):
         if columns is not None:
             logits = logits[:, columns.to(logits.device)]
         pred = logits.argmax(dim=1)
-        # Images are independent, so the gradient of the summed top logits is each image's own
-        # gradient.
+        # Images are independent, so the gradient of the summed top logits is each
+        # image's own.
         top_logit_sum = logits.gather(1, pred[:, None]).sum()
         (grad,) = torch.autograd.grad(top_logit_sum, attn)
     # (B, N): the [CLS] row, patches only.
@@ -74,11 +70,9 @@ def attention_cam(model, images, columns=None):
 
 @torch.no_grad()
 def mim_triplets(model, images, masks):
-    """Figure 4: (original, masked, recovered) CLIP-normalized images.
-
-    recovered = visible pixels + the decoder's prediction on the masked patches (what L_mim trains,
-    eq. 4). masks (B, N) bool, True = masked.
-    """
+    """Figure 4: (original, masked, recovered) CLIP-normalized images, recovered being
+    the visible pixels and the decoder's prediction of the masked ones (L_mim, eq. 4).
+    masks: (B, N) bool, True = masked."""
     _, _, recon = model.visual.forward_must(images, masks)
     m = must.pixel_mask(masks, model.visual.patch_size).bool()  # (B,1,H,W)
     masked = images.masked_fill(m, 0)  # normalized 0: CLIP's mean color
@@ -87,10 +81,7 @@ def mim_triplets(model, images, masks):
 
 
 def compose_grid(rows, header, cell):
-    """rows: [[(PIL image, caption), ...], ...] -> one PNG-ready image.
-
-    Column titles are on top, captions under the images.
-    """
+    """rows [[(PIL image, caption), ...], ...] as one image, titles on top."""
     try:
         font = ImageFont.load_default(size=12)
     except TypeError:  # Pillow < 10.1
@@ -109,46 +100,49 @@ def compose_grid(rows, header, cell):
             # cell >= the input size, so the resize never shrinks.
             canvas.paste(img.resize((cell, cell), Image.NEAREST), (x, y))
             if caption:
-                draw.text((x, y + cell + 1), caption[:cell // 6], fill="black", font=font)
+                draw.text((x, y + cell + 1), caption[:cell // 6], fill="black",
+                          font=font)
     return canvas
 
 
 def evenly_spaced(indices, n):
-    """Up to n evenly spaced entries of the list indices, its first and last included."""
+    """Up to n evenly spaced entries of `indices`, the first and the last included."""
     at = np.linspace(0, len(indices) - 1, min(n, len(indices))).round().astype(int)
     return [indices[i] for i in np.unique(at)]
 
 
 def readable_picks(ds, n, name):
-    """Up to n evenly spaced readable images of ds -> (indices, items). A file found unreadable
-    (flagged in ds.bad by folders.ImageList, while scoring or here) is passed over and the picks are
-    spaced again over the others: a figure must not show the blank placeholder of a skipped file."""
+    """Up to n evenly spaced readable images of ds -> (indices, items). A file found
+    unreadable (ds.bad) is passed over and the picks spaced again: a figure must not
+    show a skipped file's blank placeholder."""
     bad = getattr(ds, "bad", None)  # datasets without it (the toy's) never fail
     known = 0 if bad is None else int(bad.count_nonzero())
     items = {}
     while True:
-        readable = range(len(ds)) if bad is None else torch.nonzero(bad == 0).flatten().tolist()
+        readable = (range(len(ds)) if bad is None
+                    else torch.nonzero(bad == 0).flatten().tolist())
         picks = evenly_spaced(readable, n)
         for i in picks:
             if i not in items:
                 items[i] = ds[i]
         if bad is None or not any(bad[i] for i in picks):
             break
-    if bad is not None and int(bad.count_nonzero()) > known:  # with --limit: files not scored
-        print(f"warning: figures: passed over {int(bad.count_nonzero()) - known} more unreadable "
-              f"image(s) of {name}")
+    if bad is not None and int(bad.count_nonzero()) > known:  # files --limit left out
+        more = int(bad.count_nonzero()) - known
+        print(f"warning: figures: passed over {more} more unreadable image(s) of "
+              f"{name}")
     if not picks:
-        print(f"warning: no figures: none of the {len(ds)} images of {name} can be read")
+        print(f"warning: no figures: none of the {len(ds)} images of {name} can be "
+              "read")
     return picks, [items[i] for i in picks]
 
 
 def make_figures(args, run, sets, models, columns, spec, prefix, device):
-    """PNG files of args.figures images of the first set that the most models score -> paths.
+    """The figures' PNG paths, for args.figures images of the set most models score.
 
-    <prefix>-attention.png shows the image | each model's GradCAM, captioned with its prediction.
-    For a MUST checkpoint, <prefix>-reconstruction.png shows original | masked | recovered of the
-    student, with masks as the checkpoint was trained (Table 10). spec: how the images were
-    normalized (clip_load.ClipSpec), to show them as they are.
+    <prefix>-attention.png shows each image and each model's GradCAM and prediction; for
+    a MUST checkpoint, <prefix>-reconstruction.png shows the student's triplets, masked
+    as the checkpoint was trained. spec: the images' normalization.
     """
     first = max(range(len(sets)),
                 key=lambda i: (sum((i, n) in columns for n in models), -i))
@@ -167,18 +161,19 @@ def make_figures(args, run, sets, models, columns, spec, prefix, device):
     for b in range(len(picks)):
         original = to_pil(images[b], spec)
         truth = names[labels[b]] if labels[b] >= 0 else ""
-        heat_cells = [(heat_overlay(original, cams[n][0][b].cpu()), names[int(cams[n][1][b])])
-                      for n in models]
+        heat_cells = [(heat_overlay(original, cams[n][0][b].cpu()),
+                       names[int(cams[n][1][b])]) for n in models]
         rows.append([(original, truth)] + heat_cells)
     paths = [f"{prefix}-attention.png"]
-    compose_grid(rows, ["image (label)"] + [f"{n} GradCAM" for n in models], cell).save(paths[-1])
+    titles = ["image (label)"] + [f"{n} GradCAM" for n in models]
+    compose_grid(rows, titles, cell).save(paths[-1])
     if "student" in models:
         visual = models["student"].visual
         mask_unit, mask_ratio = run.get("mask_unit"), run.get("mask_ratio")
         # A checkpoint without its config gets the run's Table 10 row.
         if mask_unit is None or mask_ratio is None:
-            hp = config.hparams(run.get("data") or "imagenet", run.get("model"), visual.patch_size,
-                              visual.input_resolution)
+            hp = config.hparams(run.get("data") or "imagenet", run.get("model"),
+                                visual.patch_size, visual.input_resolution)
             mask_unit, mask_ratio = hp["mask_unit"], hp["mask_ratio"]
         generator = config.mask_generator(visual, mask_unit, mask_ratio, masked=False)
         torch.manual_seed(args.seed)

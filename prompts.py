@@ -1,7 +1,6 @@
-"""
-Class names and prompt templates of the paper's datasets (published CLIP prompt data,
-prompts.json), and the zero-shot head: CLIP's text embeddings of the prompts turned into the weight
-of a linear classifier (Figure 1).
+"""The paper's class names and prompt templates (prompts.json: CLIP's published ones),
+and the zero-shot head: CLIP's text embeddings of the prompts as the weight of a linear
+classifier (Figure 1).
 """
 
 import json
@@ -22,53 +21,55 @@ with open(_PROMPTS_JSON, encoding="utf-8") as _f:
 DATASETS = {("ucf101" if name == "ucf101_frames" else name): d
             for name, d in _DATA["datasets"].items()}
 IMAGENET_WNIDS = _DATA["imagenet_wnids"]  # ImageNet-1k label order
-IMAGENET_R_WNIDS = _DATA["imagenet_r_wnids"]  # the 200-class subsets, in their label order
+IMAGENET_R_WNIDS = _DATA["imagenet_r_wnids"]  # the 200-class subsets, in label order
 IMAGENET_A_WNIDS = _DATA["imagenet_a_wnids"]
-# The wnids of the ImageNets, in label order. They are the classes' identities, because names
-# repeat there (two 'missile's).
+# The ImageNets' wnids in label order: the classes' identities, because names repeat
+# there (two 'missile's).
 WNIDS = {"imagenet": IMAGENET_WNIDS, "imagenet-sketch": IMAGENET_WNIDS,
          "imagenet-v2": IMAGENET_WNIDS, "imagenet-c": IMAGENET_WNIDS,
          "imagenet-r": IMAGENET_R_WNIDS, "imagenet-a": IMAGENET_A_WNIDS}
 
 
 def _cache_key(model, classnames, templates):
-    """A fingerprint of the text tower's weights and the prompts, so that a cached head is never
-    reused wrongly."""
-    text_tower = {k: v for k, v in model.state_dict().items() if not k.startswith("visual.")}
-    key = runtime.fingerprint([runtime.fingerprint(text_tower), list(classnames), list(templates)])
+    """A cached head's key: a fingerprint of the text weights and the prompts."""
+    text_tower = {k: v for k, v in model.state_dict().items()
+                  if not k.startswith("visual.")}
+    key = runtime.fingerprint(
+        [runtime.fingerprint(text_tower), list(classnames), list(templates)])
     return key[:32]
 
 
 def _read_cached_head(path, shape, device):
-    """The head cached at path if it is a float32 tensor of `shape`; else None, with a warning."""
+    """The head cached at path if it is a float32 tensor of `shape`, else None."""
     try:
         head = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         why = runtime.load_error_detail(e, path)
     else:
-        if torch.is_tensor(head) and head.dtype == torch.float32 and tuple(head.shape) == shape:
+        is_tensor = torch.is_tensor(head)
+        if is_tensor and head.dtype == torch.float32 and tuple(head.shape) == shape:
             return head
-        what = f"a {head.dtype} tensor of shape {tuple(head.shape)}" if torch.is_tensor(head) else (
-            f"a {type(head).__name__}")
+        what = (f"a {head.dtype} tensor of shape {tuple(head.shape)}" if is_tensor
+                else f"a {type(head).__name__}")
         why = f"it holds {what}, not a float32 tensor of shape {shape}"
-    print(f"warning: the cached zero-shot head {path} is unreadable ({why}); computing it again")
+    print(f"warning: the cached zero-shot head {path} is unreadable ({why}); "
+          "computing it again")
     return None
 
 
 @torch.inference_mode()
-def zero_shot_head(model, classnames, templates, device="cpu", batch_size=1000, cache_dir=None):
-    """Zero-shot classifier weight (embed_dim, K).
+def zero_shot_head(model, classnames, templates, device="cpu", batch_size=1000,
+                   cache_dir=None):
+    """The zero-shot classifier weight (embed_dim, K): per class, the mean of its
+    prompts' L2-normalized text embeddings, renormalized (CLIP's prompt ensemble).
 
-    For each class, every template's text embedding is L2-normalized, the embeddings are averaged
-    and the mean is renormalized (CLIP's prompt ensemble).
-
-    With cache_dir, the head is stored there under a key of the text weights and prompts, so a rerun
-    is instant. A cached head that cannot be read (truncated, damaged, of another shape) is computed
-    again.
+    With cache_dir, the head is kept there under a key of the text weights and prompts;
+    a cached head that cannot be read is computed again.
     """
     if cache_dir is not None:
         cache_dir = os.path.expanduser(cache_dir)
-        path = os.path.join(cache_dir, f"head-{_cache_key(model, classnames, templates)}.pt")
+        key = _cache_key(model, classnames, templates)
+        path = os.path.join(cache_dir, f"head-{key}.pt")
         if os.path.isfile(path):
             shape = (model.text_projection.shape[1], len(classnames))
             head = _read_cached_head(path, shape, device)
@@ -77,9 +78,11 @@ def zero_shot_head(model, classnames, templates, device="cpu", batch_size=1000, 
     texts = [t.format(c) for c in classnames for t in templates]  # class-major: (K*T,)
     features = []
     batch_starts = range(0, len(texts), batch_size)
-    for i in tqdm(batch_starts, desc="zero-shot head", disable=len(texts) <= batch_size):
+    quiet = len(texts) <= batch_size
+    for i in tqdm(batch_starts, desc="zero-shot head", disable=quiet):
         try:
-            tokens = tokenize(texts[i:i + batch_size], context_length=model.context_length)
+            tokens = tokenize(texts[i:i + batch_size],
+                              context_length=model.context_length)
         except ValueError as e:  # a prompt over the context: say what to change
             raise ValueError(f"{e}: shorten the class name or the template") from None
         # Drop the all-padding tail: (B, L<=77).
@@ -87,8 +90,9 @@ def zero_shot_head(model, classnames, templates, device="cpu", batch_size=1000, 
         tokens = tokens[:, :longest].to(device)
         # fp32, because the head decides labels.
         features.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
-    features = torch.cat(features).view(len(classnames), len(templates), -1)  # (K, T, D)
+    # shape = (K, T, D)
+    features = torch.cat(features).view(len(classnames), len(templates), -1)
     head = F.normalize(features.mean(dim=1), dim=-1).t().contiguous()  # (D, K)
-    if cache_dir is not None:  # as a checkpoint is: a kill or a full disk leaves no partial file
+    if cache_dir is not None:  # a kill or a full disk leaves no partial file
         runtime.save_atomic(head.cpu(), path)
     return head

@@ -63,7 +63,7 @@ def test_utilization_against_a_given_peak():
 
 
 def test_flop_formulas_worked_example_and_accumulation_cost():
-    """The docstring's ViT-B/16 numbers, and exact accumulation's one extra student forward:
+    """docs/usage.md's ViT-B/16 numbers, and exact accumulation's one extra student forward:
     ≈ +25%."""
     b16 = (*bench.SHAPES["ViT-B/16"], 1000)
     assert round(bench.vit_forward_flops(*b16) / 1e9, 1) == 35.1

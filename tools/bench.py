@@ -1,48 +1,14 @@
-"""Speed and memory of one MUST training step, and of the data pipeline that has to feed it.
+"""Speed and memory of one MUST training step, and of the data pipeline that feeds it.
 
-    # one GPU, bf16 (auto), eager
-    python -m tools.bench --model ViT-B/16 --batch 128
-    # exact accumulation, torch.compile
+    python -m tools.bench --model ViT-B/16 --batch 128  # one GPU, bf16, eager
     python -m tools.bench --model ViT-B/16 --batch 128 --accum 2 --compile
     python -m tools.bench --model ViT-S/16 --batch 16 --device cpu --amp fp32
-    python -m tools.bench --pipeline --model ViT-B/16 --workers 8 --step-images-per-s 2500
+    python -m tools.bench --pipeline --model ViT-B/16 --step-images-per-s 2500
 
-Step mode times must.must_step, which is all of an optimizer step (the passes counted below, and
-AdamW over train.param_groups) but the data loader. The weights are random (architectures by name,
-nothing is downloaded; --model PATH loads a CLIP checkpoint), the head a random (embed_dim, K)
-matrix, the inputs random tensors made once and kept on the device, the masks from
-data.MaskGenerator with Table 10's ImageNet settings (mask unit 32 px snapped for the model, ratio
-0.3; the toy world's for --model tiny), and τ = 0 makes every sample confident. It prints images/s,
-ms per step, achieved TFLOP/s from the analytic count below, utilization of a known peak (or
---peak-tflops), and peak memory (torch.cuda.max_memory_allocated on a GPU; on CPU the process's max
-RSS, Python and torch included).
-
-Pipeline mode (--pipeline) times data.TrainTransform (decode + weak view + the paper's strong view
-with RandAugment + mask, as uint8) on generated photo-sized JPEGs: on one core in this process,
-then through train.py's own loader with --workers processes for --seconds after their start-up
-(on a GPU with the copy and normalization of each batch). Its figure is images per CPU second of
-the workers and the process together, the whole cost of an image on a core, and from it the cores
-per GPU that a step speed (--step-images-per-s, or measured first) needs.
-
-FLOP count (vit_forward_flops, train_flops_per_image). A multiply-add is 2 FLOPs. Only matmuls and
-convolutions are counted: LayerNorm, softmax, GELU and the losses are O(T·C) or O(T²·heads) per
-image and AdamW O(parameters) per step, under 1% at ViT-B's width. One image of S px, patch P,
-N = (S/P)² patches, T = N + 1 tokens, width C, L blocks, embedding D, K classes:
-    patch embedding   P×P conv, stride P, 3 -> C channels, per patch 3P²·C:  2 · N · 3P² · C
-    each block        qkv T·C·3C + out proj T·C·C + MLP T·C·4C + T·4C·C:     2 · 12 · T · C²
-                      attention scores QKᵀ and their average AV, T²·C each:  2 · 2 · T² · C
-    head              [CLS] projection C·D + classifier D·K:                 2 · (C·D + D·K)
-    MUST heads        every patch token projected too (eq. 5), N·C·D, and the
-                      linear pixel decoder (1×1 conv C -> 3P²), N·C·3P²:     2 · N · C · (D + 3P²)
-so the teacher's forward costs F = 2·N·3P²·C + L·(24·T·C² + 4·T²·C) + 2·(C·D + D·K) and the
-student's masked forward F_s = F + 2·N·C·(D + 3P²). A backward costs twice its forward (gradients
-for both the input and the weight of every matmul), except that the images need no gradient, so
-the patch embedding's backward is its weight gradient alone. Per image of an optimizer step:
-    F + (3·F_s − 2·N·3P²·C) + [accum > 1] F_s   (the last is the no-grad student pass for eq. 3's p̄)
-ViT-B/16 at 224 px (N = 196, T = 197, C = 768, L = 12, D = 512, K = 1000): F = 35.1 GFLOP,
-F_s = 35.5, a step 141.4 GFLOP per image, and 176.9 (+25%: about 5 forwards' worth instead of 4)
-with exact accumulation. tests/test_bench.py checks both formulas against torch.utils.flop_counter
-on a real must.must_step of the tiny model.
+Step mode times must.must_step, all of an optimizer step but the loader, on random
+weights and inputs. Pipeline mode times data.TrainTransform on photo-sized JPEGs, on one
+core and through train.py's loader, and says how many cores per GPU a step speed needs.
+How it measures, and the FLOP count behind TFLOP/s, are in docs/usage.md.
 """
 import argparse
 import os
@@ -64,53 +30,56 @@ from util import runtime
 import train
 from util.runtime import add_machine_flags, autocast_for, fail, pick_device
 
-# The shapes (input px, patch, width, layers, embed_dim) of OpenAI's image towers, open_clip's
-# ViT-H/14 (in 16 heads of 80, HEADS; the others' are 64 wide), a DeiT-S-like one and a tiny one
-# for tests.
+# (input px, patch, width, layers, embed_dim) of OpenAI's image towers, open_clip's
+# ViT-H/14 (16 heads of 80: HEADS), a DeiT-S-like one and a tiny one for tests.
 SHAPES = {"tiny": (32, 8, 64, 2, 32), "ViT-S/16": (224, 16, 384, 12, 384),
           "ViT-B/32": (224, 32, 768, 12, 512), "ViT-B/16": (224, 16, 768, 12, 512),
-          "ViT-L/14": (224, 14, 1024, 24, 768), "ViT-L/14@336px": (336, 14, 1024, 24, 768),
+          "ViT-L/14": (224, 14, 1024, 24, 768),
+          "ViT-L/14@336px": (336, 14, 1024, 24, 768),
           "ViT-H/14": (224, 14, 1280, 32, 1024)}
 HEADS = {"ViT-H/14": 16}
-# Dense bf16 / fp16 tensor-core peaks in TFLOP/s, by substring of torch.cuda.get_device_name. They
-# are the SXM parts' peaks; an H100 PCIe peaks at 756, so pass --peak-tflops for it.
+# Dense bf16 / fp16 peaks in TFLOP/s by a part of the GPU's name: the SXM parts' (an
+# H100 PCIe's is 756, so give --peak-tflops for it).
 PEAK_TFLOPS = (("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 
 
-def vit_forward_flops(size, patch, width, layers, embed_dim, num_classes, must_heads=False):
-    """FLOPs of one image's forward through the image tower and the classifier (the module
-    docstring derives them). must_heads asks for the student's masked forward, which also projects
-    every patch token and runs the pixel decoder."""
+def vit_forward_flops(size, patch, width, layers, embed_dim, num_classes,
+                      must_heads=False):
+    """FLOPs of one image's forward through the image tower and the classifier, with
+    must_heads the student's (docs/usage.md derives them):
+    F = 2·N·3P²·C + L·(24·T·C² + 4·T²·C) + 2·(C·D + D·K) [+ 2·N·C·(D + 3P²)]."""
     n = (size // patch) ** 2
     t = n + 1
     flops = 2 * n * 3 * patch ** 2 * width  # patch embedding
     # The matmuls and the attention of each block.
     flops += layers * (2 * 12 * t * width ** 2 + 2 * 2 * t ** 2 * width)
-    flops += 2 * (width * embed_dim + embed_dim * num_classes)  # [CLS] projection + classifier
+    flops += 2 * (width * embed_dim + embed_dim * num_classes)  # projection, classifier
     if must_heads:
         flops += 2 * n * width * (embed_dim + 3 * patch ** 2)
     return flops
 
 
 def train_flops_per_image(size, patch, width, layers, embed_dim, num_classes, accum):
-    """-> (total, teacher forward, student forward + backward, extra no-grad student forward) per
-    image of a step."""
+    """-> (total, teacher forward, student forward + backward, no-grad student forward)
+    per image of a step: F + (3·F_s − 2·N·3P²·C) [+ F_s with accumulation]."""
     shape = (size, patch, width, layers, embed_dim, num_classes)
     teacher = vit_forward_flops(*shape)
     student = vit_forward_flops(*shape, must_heads=True)
     # The images need no gradient, so this part of the backward is never computed.
     images_grad = 2 * (size // patch) ** 2 * 3 * patch ** 2 * width
     extra = student if accum > 1 else 0
-    return teacher + 3 * student - images_grad + extra, teacher, 3 * student - images_grad, extra
+    student_step = 3 * student - images_grad
+    return teacher + student_step + extra, teacher, student_step, extra
 
 
 def build_tower(args):
-    """-> (VisionTransformer with random weights or a checkpoint's, description, Table 10's
-    ImageNet settings for it (the toy world's for --model tiny), its data.MaskGenerator)."""
+    """-> (VisionTransformer, its description, its Table 10 row, its MaskGenerator),
+    with ImageNet's settings (the toy world's for --model tiny)."""
     if args.model in SHAPES:
         torch.manual_seed(0)
-        visual = clip_model.VisionTransformer(*SHAPES[args.model], heads=HEADS.get(args.model))
-        # CLIP's init, because the constructor leaves the blocks' weights empty.
+        visual = clip_model.VisionTransformer(*SHAPES[args.model],
+                                              heads=HEADS.get(args.model))
+        # The constructor leaves the blocks' weights empty.
         visual.transformer.init_weights()
         what = f"{args.model} (random weights)"
     else:
@@ -126,19 +95,19 @@ def build_tower(args):
 
 
 def make_step(args, device):
-    """-> (a function that runs one exact MUST optimizer step, must.must_step, on fixed random
-    micro-batches; the student; the teacher; those micro-batches; the description; the autocast
-    dtype)."""
+    """-> (a function that runs one exact MUST step on fixed random micro-batches, the
+    student, the teacher, those micro-batches, the description, the autocast dtype)."""
     visual, what, hp, gen = build_tower(args)
     torch.manual_seed(0)
-    head = torch.nn.functional.normalize(torch.randn(visual.output_dim, args.classes), dim=0)
-    # Random unit vectors have cosines of std 1/√D: CLIP's s = 100 gives logits of std ≈ 5 from
-    # D ≈ 400 on, but at small D the softmax saturates and eq. 3's p̄ underflows to 0 (L_reg =
-    # inf); the FLOPs do not depend on s.
+    head = torch.randn(visual.output_dim, args.classes)
+    head = torch.nn.functional.normalize(head, dim=0)
+    # Random unit vectors have cosines of std 1/√D: at small D, s = 100 saturates the
+    # softmax and eq. 3's p̄ underflows to 0 (L_reg = inf); the FLOPs do not need s.
     scale = min(100.0, 5.0 * visual.output_dim ** 0.5)
     student = must.MUSTModel(visual, head, scale).to(device).train()
     teacher = must.make_teacher(student)
-    optimizer = train.make_optimizer(student, 0.05, 0.65, hp["base_lr"] * args.batch / 256, device)
+    lr = hp["base_lr"] * args.batch / 256
+    optimizer = train.make_optimizer(student, 0.05, 0.65, lr, device)
     amp_dtype, use_scaler = autocast_for(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     fairness = must.FairnessMean(args.classes)
@@ -149,16 +118,18 @@ def make_step(args, device):
 
     def images():
         return torch.randn(micro, 3, size, size, device=device)
-    parts = [((images(), images(), torch.stack([gen() for _ in range(micro)]).to(device)),
-              torch.full((micro,), -1, device=device)) for _ in range(args.accum)]
+    def masks():
+        return torch.stack([gen() for _ in range(micro)]).to(device)
+    parts = [((images(), images(), masks()), torch.full((micro,), -1, device=device))
+             for _ in range(args.accum)]
 
     # τ = 0 makes every sample confident, so that every term of eq. 6 is computed.
-    method = must.Hparams(0.0, hp["lambda_reg"], hp["lambda_align"], None, visual.patch_size,
-                          args.batch, amp_dtype=amp_dtype)
+    method = must.Hparams(0.0, hp["lambda_reg"], hp["lambda_align"], None,
+                          visual.patch_size, args.batch, amp_dtype=amp_dtype)
 
     def step():
-        must.must_step(student, teacher, student, optimizer, scaler, fairness, parts, method,
-                       ema_mu=0.999, new_epoch=False)
+        must.must_step(student, teacher, student, optimizer, scaler, fairness, parts,
+                       method, ema_mu=0.999, new_epoch=False)
     return step, student, teacher, parts, what, amp_dtype
 
 
@@ -166,7 +137,8 @@ def bench_step(args):
     """Warm-up steps, then timed steps. -> dict of results (also printed)."""
     device = pick_device(args.device)
     if args.batch % args.accum:
-        fail(f"--batch {args.batch} is not divisible into {args.accum} accumulation steps")
+        fail(f"--batch {args.batch} is not divisible into {args.accum} "
+             "accumulation steps")
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
@@ -175,14 +147,14 @@ def bench_step(args):
     v = student.visual
     size, patch, width = v.input_resolution, v.patch_size, v.width
     layers, embed_dim = len(v.transformer.resblocks), v.output_dim
-    flops = train_flops_per_image(size, patch, width, layers, embed_dim, args.classes, args.accum)
-    # The seconds of each step. The first --warmup steps pay for the allocator, kernel autotuning
-    # and compilation.
+    flops = train_flops_per_image(size, patch, width, layers, embed_dim, args.classes,
+                                  args.accum)
+    # The first --warmup steps pay for the allocator, kernel autotuning and compilation.
     wall, cpu = [], []
     for _ in range(args.warmup + args.steps):
         tic, cpu_tic = time.perf_counter(), time.process_time()
         step()
-        # The step never waits for the device, so the clock is read once the device is done.
+        # The step never waits for the device; the clock does.
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         wall.append(time.perf_counter() - tic)
@@ -190,50 +162,54 @@ def bench_step(args):
     warmup_s, times = sum(wall[:args.warmup]), wall[args.warmup:]
     seconds = sum(times) / len(times)
     if device.type == "cuda":
-        gpu, memory_kind = torch.cuda.get_device_name(device), "torch.cuda.max_memory_allocated"
+        gpu = torch.cuda.get_device_name(device)
+        memory_kind = "torch.cuda.max_memory_allocated"
         memory = torch.cuda.max_memory_allocated(device) / 2 ** 30
     else:
         gpu, memory_kind = None, "process max RSS"
-        memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
-    peak = args.peak_tflops or next((p for key, p in PEAK_TFLOPS if gpu and key in gpu), None)
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux's unit
+        memory = kib / 2 ** 20
+    known = [p for key, p in PEAK_TFLOPS if gpu and key in gpu]
+    peak = args.peak_tflops or (known[0] if known else None)
     tflops = flops[0] * args.batch / seconds / 1e12
-    res = {"images_per_s": args.batch / seconds, "ms_per_step": 1e3 * seconds, "tflops": tflops,
-           "utilization": tflops / peak if peak else None, "peak_memory_gib": memory,
-           "warmup_s": warmup_s, "gflop_per_image": flops[0] / 1e9,
+    res = {"images_per_s": args.batch / seconds, "ms_per_step": 1e3 * seconds,
+           "tflops": tflops, "utilization": tflops / peak if peak else None,
+           "peak_memory_gib": memory, "warmup_s": warmup_s,
+           "gflop_per_image": flops[0] / 1e9,
            "cpu_s_per_step": sum(cpu[args.warmup:]) / args.steps}
     where = f"{device} {gpu}" if gpu else f"{device}, {torch.get_num_threads()} threads"
     heads = v.transformer.resblocks[0].attn.heads
-    print(f"model          {what}: {size} px, patch {patch}, width {width}, {layers} layers, "
-          f"{heads} heads, embed {v.output_dim}, {args.classes} classes")
+    print(f"model          {what}: {size} px, patch {patch}, width {width}, {layers} "
+          f"layers, {heads} heads, embed {v.output_dim}, {args.classes} classes")
     precision = str(amp_dtype or "fp32").removeprefix("torch.")
     execution = "compiled" if args.compile else "eager"
-    print(f"step           batch {args.batch} = {args.accum} x {args.batch // args.accum}, amp "
-          f"{precision}, {execution}, {where}")
+    print(f"step           batch {args.batch} = {args.accum} x "
+          f"{args.batch // args.accum}, amp {precision}, {execution}, {where}")
     print("GFLOP/image    {:.4g} = teacher fwd {:.4g} + student fwd+bwd {:.4g} + "
           "no-grad student fwd {:.4g}".format(*(f / 1e9 for f in flops)))
     print(f"warm-up        {args.warmup} steps in {warmup_s:.1f} s")
     print(f"images/s       {res['images_per_s']:.4g}")
     print(f"ms/step        {res['ms_per_step']:.1f}   (mean of {args.steps}; "
           f"fastest {1e3 * min(times):.1f}, slowest {1e3 * max(times):.1f})")
-    # On a shared machine wall time includes other processes' turns; a process's own CPU time does
-    # not.
+    # On a shared machine wall time includes other processes' turns; CPU time does not.
     if not gpu:
         print(f"CPU s/step     {res['cpu_s_per_step']:.4g}   (this process's CPU time, "
               "all threads: other processes' turns are not in it)")
     print(f"TFLOP/s        {tflops:.4g}")
-    print("utilization    " + (f"{100 * res['utilization']:.1f}% of {peak:g} TFLOP/s" if peak else
-                              "n/a (unknown peak: give --peak-tflops)"))
+    utilization = (f"{100 * res['utilization']:.1f}% of {peak:g} TFLOP/s" if peak
+                   else "n/a (unknown peak: give --peak-tflops)")
+    print(f"utilization    {utilization}")
     print(f"peak memory    {memory:.2f} GiB ({memory_kind})")
     return res
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # the data pipeline
 
 def make_jpegs(folder, count, width, height, seed=0):
-    """`count` JPEGs (quality 90) of width × height px, each a random colour field on a coarse grid,
-    upsampled bicubic, plus fine noise, so the decoder meets smooth regions, edges and texture as in
-    a photo rather than the incompressible noise of uniform random pixels. -> their paths."""
+    """The paths of `count` JPEGs of width × height px: coarse random colour fields,
+    upsampled, with fine noise, so that the decoder meets a photo's smooth regions,
+    edges and texture, not the incompressible noise of random pixels."""
     rng = np.random.default_rng(seed)
     paths = []
     for i in range(count):
@@ -248,9 +224,8 @@ def make_jpegs(folder, count, width, height, seed=0):
 
 
 def bench_pipeline(args):
-    """The views' cost per image: the transform alone on one core in this process, then the loader
-    as train.py runs it (train.train_loader) with --workers processes, timed in its steady state,
-    and the cores a step needs."""
+    """The views' cost per image: the transform alone on one core, then train.py's
+    loader with --workers processes in its steady state, and the cores a step needs."""
     visual, what, hp, gen = build_tower(args)
     size = visual.input_resolution
     width, height = (int(v) for v in args.jpeg_size.lower().split("x"))
@@ -258,7 +233,8 @@ def bench_pipeline(args):
         paths = make_jpegs(folder, args.jpeg_count, width, height)
         kib = sum(os.path.getsize(p) for p in paths) / len(paths) / 1024
         samples = [(paths[i % len(paths)], -1) for i in range(args.images)]
-        dataset = folders.ImageList(samples, [], [], data.TrainTransform(size, gen, "paper"))
+        transform = data.TrainTransform(size, gen, "paper")
+        dataset = folders.ImageList(samples, [], [], transform)
         one_core = time_one_core(dataset)
         loader = time_loader(args, dataset) if args.workers else None
     print(f"pipeline       {what}: {size} px views, paper strong view (RandAugment), "
@@ -280,12 +256,13 @@ def bench_pipeline(args):
     cores = step / per_core
     print(f"cores/GPU      {cores:.3g} to feed {step:.4g} images/s "
           f"(at {per_core:.1f} images per CPU second)")
-    return {"one_core_images_per_s": one_core, "loader": loader, "step_images_per_s": step,
-            "images_per_core_s": per_core, "cores_per_gpu": cores, "jpeg_kib": kib}
+    return {"one_core_images_per_s": one_core, "loader": loader,
+            "step_images_per_s": step, "images_per_core_s": per_core,
+            "cores_per_gpu": cores, "jpeg_kib": kib}
 
 
 def time_one_core(dataset):
-    """Images per CPU second of the transform, on one thread in this process as in a worker."""
+    """Images per CPU second of the transform, on one thread as in a worker."""
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -298,10 +275,9 @@ def time_one_core(dataset):
 
 
 def time_loader(args, dataset):
-    """train.py's loader over the dataset, repeated, in its steady state: timed after the first
-    2 batches per worker (their start-up), for --seconds. On a GPU each batch is copied and
-    normalized as the trainer does (train.next_parts). The CPU time counted is the workers'
-    (from /proc) and this process's, so other processes' turns on a shared machine do not count.
+    """train.py's loader over the dataset, timed for --seconds after 2 batches per
+    worker (their start-up); on a GPU each batch is copied and normalized as in
+    training. CPU time is the workers' and this process's.
     -> {"per_s", "per_cpu_s", "images", "seconds", "warmup"}"""
     device = pick_device(args.device)
     repeats = torch.utils.data.ConcatDataset([dataset] * 1000)
@@ -319,7 +295,8 @@ def time_loader(args, dataset):
         (weak, strong, _), _ = next(batches)
         if device.type == "cuda":
             for views in (weak, strong):
-                data.normalize(views.to(device, non_blocking=True), clip_load.OPENAI_SPEC)
+                views = views.to(device, non_blocking=True)
+                data.normalize(views, clip_load.OPENAI_SPEC)
         images += len(weak)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -331,7 +308,7 @@ def time_loader(args, dataset):
 
 
 def cpu_seconds(pids):
-    """The user + system CPU seconds that processes have used so far (Linux's /proc)."""
+    """The user + system CPU seconds processes have used so far (Linux's /proc)."""
     ticks = 0
     for pid in pids:
         with open(f"/proc/{pid}/stat") as f:
@@ -340,23 +317,25 @@ def cpu_seconds(pids):
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="Speed and memory of the MUST training step (or, with --pipeline, of its data "
-                    "pipeline). See the docstring of bench.py.")
+        description="Speed and memory of the MUST training step (or, with --pipeline, "
+                    "of its data pipeline). How it measures: docs/usage.md.")
     p.add_argument("--model", default="ViT-B/16",
-                   help=f"{', '.join(SHAPES)} (random weights) or a CLIP checkpoint path "
-                        "(default: %(default)s)")
+                   help=f"{', '.join(SHAPES)} (random weights) or a CLIP checkpoint "
+                        "path (default: %(default)s)")
     p.add_argument("--classes", type=int, default=1000,
                    help="K, the classifier's classes (default: %(default)s)")
     p.add_argument("--batch", type=int, default=128,
                    help="images per optimizer step (default: %(default)s)")
     p.add_argument("--accum", type=int, default=1,
                    help="exact accumulation micro-batches (default: %(default)s)")
-    p.add_argument("--compile", action="store_true", help="torch.compile student and teacher")
-    p.add_argument("--steps", type=int, default=10, help="timed steps (default: %(default)s)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile student and teacher")
+    p.add_argument("--steps", type=int, default=10,
+                   help="timed steps (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=3,
                    help="untimed steps first (default: %(default)s)")
     p.add_argument("--threads", type=int, help="torch CPU threads [torch's default]")
@@ -367,11 +346,10 @@ def parse_args(argv=None):
     g.add_argument("--pipeline", action="store_true",
                    help="time data.TrainTransform instead of the step")
     g.add_argument("--workers", type=int, default=runtime.default_workers(),
-                   help="also time train.py's loader with this many worker processes; 0: the "
-                        "transform alone (default: train.py's --num-workers, %(default)s here)")
+                   help="loader worker processes to time, 0 for none (default: "
+                        "train.py's --num-workers, %(default)s here)")
     g.add_argument("--seconds", type=float, default=20.0,
-                   help="how long the loader is timed, after its start-up (default: "
-                        "%(default)s)")
+                   help="how long the loader is timed (default: %(default)s)")
     g.add_argument("--images", type=int, default=256,
                    help="images transformed on one core (default: %(default)s)")
     g.add_argument("--jpeg-count", type=int, default=16,
@@ -379,12 +357,13 @@ def parse_args(argv=None):
     g.add_argument("--jpeg-size", default="500x375",
                    help="their WxH, ImageNet's typical (default: %(default)s)")
     g.add_argument("--loader-batch", type=int, default=128,
-                   help="the loader's batch, a process's micro-batch (default: %(default)s, "
-                        "ViT-B/16's on 8 GPUs)")
+                   help="the loader's batch (default: %(default)s)")
     g.add_argument("--step-images-per-s", type=float,
                    help="the step speed to feed [measured first]")
     args = p.parse_args(argv)
-    for name in ("classes", "batch", "accum", "steps", "images", "jpeg_count", "loader_batch"):
+    counts = ("classes", "batch", "accum", "steps", "images", "jpeg_count",
+              "loader_batch")
+    for name in counts:
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1")
     if args.warmup < 0 or args.workers < 0:

@@ -1,19 +1,17 @@
 #!/usr/bin/env bash
-# The GPU smoke test: one script for the day a machine with 1 to 8 CUDA GPUs is lent. It stops at
-# the first check that fails, takes about 10 minutes, and writes its figures to
-# ${OUT:-gpu-out}/figures.md, ready to paste into the README (each command's whole output is in
-# ${OUT:-gpu-out}/<check>.txt). The checks, in order:
-#   1. tests/test_cuda.py: bf16 and fp16 steps, DDP over NCCL, pinned uint8 views normalized on
-#      the GPU, fused (flash) attention at ViT-B/16 and ViT-L/14 shapes;
-#   2. tools/bench.py: ViT-B/16 at 128 per GPU (eager, then compiled), ViT-L/14's memory at 64 per GPU in
-#      bf16 and in fp16;
-#   3. torchrun on the toy world with one process per GPU (NCCL and the gloo side group from 2
-#      GPUs on), accumulation and loader workers; then the same with --compile, compared;
-#   4. SIGTERM to torchrun mid-run: a checkpoint within the shutdown timeout, then a resume;
-#   5. from 2 GPUs on, an error injected on rank 1 at step 3: the whole job ends within a bound;
-#   6. tools/bench.py --pipeline with train.py's default workers: the cores per GPU the step needs;
-#   7. when /data/imagenet and ViT-B/16's weights are there, 80 real steps, their images/s against
-#      the GPUs x bench's step rate.
+# The GPU smoke test, for a machine with 1 to 8 CUDA GPUs: about 10 minutes, stopping at
+# the first check that fails. Its figures go to ${OUT:-gpu-out}/figures.md, each command's
+# output to ${OUT:-gpu-out}/<check>.txt. The checks:
+#   1. tests/test_cuda.py: bf16 and fp16 steps, DDP over NCCL, views normalized on the
+#      GPU, fused attention at ViT-B/16 and ViT-L/14 shapes;
+#   2. bench.py: ViT-B/16 at 128 per GPU, eager and compiled; ViT-L/14 at 64 per GPU in
+#      bf16 and fp16;
+#   3. torchrun on the toy world, one process per GPU, with accumulation and workers;
+#      then the same with --compile;
+#   4. SIGTERM to torchrun mid-run: a checkpoint in time, then a resume;
+#   5. from 2 GPUs on, an error injected on rank 1: the whole job ends soon after;
+#   6. bench.py --pipeline: the cores per GPU the step needs;
+#   7. with /data/imagenet and ViT-B/16's weights, 80 real steps against bench's rate.
 set -euo pipefail
 cd "$(dirname "$0")/.."  # the repository root
 out="$(realpath -m "${OUT:-gpu-out}")"
@@ -33,8 +31,10 @@ check() {  # check NAME COMMAND...: run it, its output to the screen and to NAME
   echo "== $name: passed in $((SECONDS - start)) s"
 }
 figure() { echo "$*" | tee -a "$figures"; }
-field() { grep "^$1" "$out/$2.txt" | tail -1 | sed "s|^$1 *||"; }  # a bench.py line's value
-logged() {  # logged OUT_DIR PYTHON_EXPRESSION over r, the last train record of OUT_DIR/log.jsonl
+# field NAME CHECK: the value of a bench.py line.
+field() { grep "^$1" "$out/$2.txt" | tail -1 | sed "s|^$1 *||"; }
+# logged OUT_DIR EXPRESSION: a Python expression of r, OUT_DIR's last train record.
+logged() {
   python -c "import json, sys; rs = [json.loads(l) for l in open('$1/log.jsonl')];
 r = [x for x in rs if x['type'] == 'train'][-1]; print($2)"
 }
@@ -66,7 +66,7 @@ for run in b16 b16_compiled l14_bf16 l14_fp16; do
 done
 step_rate=$(field images/s bench_b16)
 
-# 3. torchrun on the toy world: NCCL, the gloo side group, accumulation, workers; then compiled.
+# 3. torchrun on the toy world: NCCL, the gloo group, accumulation, workers; compiled.
 toy=(--data toy --global-batch $((16 * procs)) --accum-steps 2 --num-workers 2 --log-freq 1)
 check toy_ddp "${torchrun[@]}" train.py "${toy[@]}" --max-steps 8 --out-dir "$out/toy"
 check toy_compiled "${torchrun[@]}" train.py "${toy[@]}" --max-steps 8 --compile \
@@ -81,7 +81,7 @@ assert eager[0]["world_size"] == procs, eager[0]
 for records in (eager, compiled):
     assert [r["step"] for r in records if r["type"] == "train"] == list(range(1, 9))
     assert all(math.isfinite(r["loss"]) for r in records if r["type"] == "train")
-# bf16 steps of the same run: compiled kernels round differently, by far less than 2% at step 1.
+# Compiled kernels round differently, by far less than 2% at step 1.
 first = [next(r["loss"] for r in records if r["type"] == "train") for records in (eager, compiled)]
 assert abs(first[1] - first[0]) <= 0.02 * abs(first[0]), first
 print(f"toy: {procs} process(es), step-1 loss eager {first[0]:.5f}, compiled {first[1]:.5f}")
@@ -90,8 +90,8 @@ figure "- torchrun toy, $procs process(es), accumulation 2, 2 workers each: 8 st
        "--compile; $(logged "$out/toy" "f\"{r['images_per_s']:.0f} images/s eager\"")," \
        "$(logged "$out/toy_compiled" "f\"{r['images_per_s']:.0f} compiled\"")"
 
-# 4. SIGTERM to torchrun, which forwards it: the step in flight ends, the checkpoint is written
-#    within --shutdown-timeout, and the same command resumes.
+# 4. SIGTERM to torchrun, which forwards it: the checkpoint is written within
+#    --shutdown-timeout, and the same command resumes.
 echo "== sigterm"
 sig=(train.py "${toy[@]}" --max-steps 400 --out-dir "$out/sig")
 "${torchrun[@]}" "${sig[@]}" >"$out/sigterm.txt" 2>&1 &
@@ -132,7 +132,7 @@ else
   figure "- injected failure: not checked (one GPU: it needs two processes)"
 fi
 
-# 6. The input pipeline: train.py's loader with its default workers per GPU, against the step.
+# 6. train.py's loader with its default workers per GPU, against the step.
 check pipeline env LOCAL_WORLD_SIZE="$procs" python -m tools.bench --pipeline --model ViT-B/16 \
   --step-images-per-s "$step_rate"
 figure "- pipeline: $(grep ' workers ' "$out/pipeline.txt" | sed 's/  */ /g');" \

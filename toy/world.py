@@ -1,14 +1,12 @@
-"""The toy world: MUST end to end on a CPU, offline (`python train.py --data toy`).
+"""The toy world: MUST end to end on a CPU, offline (`python train.py --data toy`); its
+story is in docs/toy.md.
 
-Its story is told in docs/toy.md. Images show one shape (the class) with a colour, size, position
-and background. The source domain draws flat filled shapes, captioned
-("a photo of a small red triangle on a striped background"). A tiny CLIP (clip_model.py at small
-size, 32 px) is pretrained contrastively on source pairs, never on the target, and its weights are
-committed (toy_clip.pt; `python -m tools.toy_experiments pretrain` remakes them, bit for bit on the
-CPU that made them). The target draws the same kind of scenes as cartoon close-ups with film grain.
-Its unlabeled train split is what MUST adapts on, its labeled test split what is reported, and its
-labeled val split (other images) what choices are made on. Everything is deterministic from a seed
-and rendered on the fly. data.py builds it for `--data toy`.
+An image shows one shape (the class) with a colour, size, position and background. The
+source domain draws flat shapes with captions ("a photo of a small red triangle on a
+striped background"); a tiny CLIP is pretrained on them (toy_clip.pt, which
+`python -m tools.toy_experiments pretrain` remakes). The target draws the same scenes as
+cartoon close-ups with film grain: MUST adapts on its unlabeled train split, reports its
+test split and makes choices on its val split. Everything is rendered from seeds.
 """
 import math
 import os
@@ -25,19 +23,18 @@ SHAPES = ["circle", "square", "triangle", "diamond", "star",
           "cross", "ring", "heart", "crescent", "arrow"]
 # name -> RGB in [0, 1], the colours captions talk about
 COLORS = {
-    "red": (0.85, 0.12, 0.10), "green": (0.15, 0.65, 0.20), "blue": (0.12, 0.25, 0.85),
-    "yellow": (0.95, 0.85, 0.10), "purple": (0.55, 0.15, 0.70), "orange": (0.95, 0.50, 0.05),
+    "red": (0.85, 0.12, 0.10), "green": (0.15, 0.65, 0.20),
+    "blue": (0.12, 0.25, 0.85), "yellow": (0.95, 0.85, 0.10),
+    "purple": (0.55, 0.15, 0.70), "orange": (0.95, 0.50, 0.05),
     "white": (0.95, 0.95, 0.95), "black": (0.08, 0.08, 0.08),
 }
-# Shape radius as a fraction of the image side. Scenes are object-centric like ImageNet photos
-# (large, near the centre), so the paper's strong view (RandomResizedCrop 0.3-1, translations)
-# mostly keeps the object in frame.
+# Shape radius per image side. Scenes are object-centric, like ImageNet photos, so the
+# paper's strong view (crops of 0.3-1, translations) mostly keeps the object in frame.
 SIZES = {"small": 0.22, "medium": 0.29, "large": 0.36}
-TARGET_SIZE = "large"  # target photos are close-ups: a masked unit then hides less of the object
+TARGET_SIZE = "large"  # close-ups: a masked unit hides less of the object
 BACKGROUNDS = ["plain", "gradient", "striped", "dotted"]
 CAPTION_TEMPLATES = ["a photo of a {}", "a picture of a {}", "an image of a {}", "a {}"]
-# Zero-shot prompts (the toy world's "prompt engineering", as CLIP's ImageNet templates), phrased
-# like captions.
+# Zero-shot prompts, phrased like captions (as CLIP's ImageNet templates are).
 TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "a {}.",
              "a photo of a small {}.", "a photo of a large {}."]
 IMAGE_SIZE = 32
@@ -50,17 +47,17 @@ SPLIT_SEEDS = {"source": 0, "train": 1, "test": 2, "val": 3}
 CHUNK = 1000  # images drawn per seed; rendering is vectorized over a chunk
 # The tiny CLIP, 3.8 MB.
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_clip.pt")
-# Names the tiny CLIP that the source world and PRETRAIN make. toy_clip.pt carries the RECIPE it
-# was made by. After editing the source images, the captions or PRETRAIN, give RECIPE a new value
-# (any string) and rerun `python -m tools.toy_experiments pretrain --out toy/toy_clip.pt`.
-# tests/test_toy.py pins a digest of what RECIPE covers, so a forgotten one fails there.
+# Names the tiny CLIP that the source world and PRETRAIN make; toy_clip.pt carries it.
+# After editing the source images, the captions or PRETRAIN, give RECIPE a new value and
+# rerun `python -m tools.toy_experiments pretrain --out toy/toy_clip.pt`
+# (tests/test_toy.py fails otherwise).
 RECIPE = "f273c18e9c"
 
 
-# Renderer -------------------------------------------------------------------------------------
+# Renderer ------------------------------------------------------------------
 
 def _shape_mask(shape, u, v):
-    """Inside-test of a unit-size shape at local coordinates (u, v) (arrays, y grows downward)."""
+    """Whether (u, v), arrays with y down, lie inside a unit-size shape."""
     r = np.sqrt(u * u + v * v)
     if shape == "circle":
         return r < 0.95
@@ -74,7 +71,8 @@ def _shape_mask(shape, u, v):
         theta = np.arctan2(u, -v)
         return r < 0.45 + 0.55 * np.abs(np.cos(2.5 * theta)) ** 3
     if shape == "cross":
-        return ((np.abs(u) < 0.3) & (np.abs(v) < 0.95)) | ((np.abs(v) < 0.3) & (np.abs(u) < 0.95))
+        return (((np.abs(u) < 0.3) & (np.abs(v) < 0.95))
+                | ((np.abs(v) < 0.3) & (np.abs(u) < 0.95)))
     if shape == "ring":
         return (r < 0.95) & (r > 0.55)
     if shape == "heart":
@@ -90,38 +88,39 @@ def _shape_mask(shape, u, v):
 
 
 def sample_attributes(n, seed):
-    """Draw the latent attributes of n images; shape/colour/size/background are independent."""
+    """The latent attributes of n images, drawn independently."""
     rng = np.random.default_rng(seed)
     return {
         "label": rng.integers(0, len(SHAPES), n),
         "color": rng.integers(0, len(COLORS), n),
         "size": rng.integers(0, len(SIZES), n),
         "background": rng.integers(0, len(BACKGROUNDS), n),
-        "angle": rng.uniform(-0.35, 0.35, n),  # radians; small, so a square never becomes a diamond
+        "angle": rng.uniform(-0.35, 0.35, n),  # radians: a square stays no diamond
         "jitter": rng.uniform(-1, 1, (n, 2)),
         # Arrows point left or right, crescents open either way.
         "mirror": rng.uniform(0, 1, n) < 0.5,
-        "light": rng.uniform(0, 1, (n, 2)),  # exposure: contrast and brightness of the photo
-        "bg_rgb": rng.uniform(0, 1, (n, 2, 3)),  # two background colours (stripes, dots, gradient)
+        "light": rng.uniform(0, 1, (n, 2)),  # contrast and brightness
+        "bg_rgb": rng.uniform(0, 1, (n, 2, 3)),  # two background colours
         "bg_freq": rng.uniform(0.5, 1.5, n),
         "bg_phase": rng.uniform(0, 2 * math.pi, n),
         "noise_seed": rng.integers(0, 2 ** 31, n),
-        # captions, like web alt-texts, name only some attributes: keep size / colour / background?
+        # Captions, like alt-texts, name only some attributes: size, colour, background?
         "mention": rng.uniform(0, 1, (n, 3)) < 0.6,
         "caption_template": rng.integers(0, len(CAPTION_TEMPLATES), n),
     }
 
 
 def _backgrounds(a, yy, xx, res):
-    """Source backgrounds (n, res, res, 3): plain, gradient, striped, dotted (two muted colours)."""
+    """Source backgrounds (n, res, res, 3): plain, gradient, striped or dotted."""
     n = len(a["label"])
-    c = (0.35 + 0.3 * a["bg_rgb"]).astype(np.float32)  # muted, so the shape stays the salient thing
+    c = (0.35 + 0.3 * a["bg_rgb"]).astype(np.float32)  # muted: the shape stands out
     f = (a["bg_freq"] * 2 * math.pi * 6 / res).astype(np.float32)[:, None, None]
     ph = a["bg_phase"].astype(np.float32)[:, None, None]
     t = np.zeros((n, res, res), np.float32)  # 0 -> first colour, 1 -> second colour
-    patterns = [(1, lambda i: np.broadcast_to((xx + yy) / (2 * res), (len(i), res, res))),
-                (2, lambda i: np.sin(f[i] * (xx + 0.3 * yy) + ph[i]) > 0),
-                (3, lambda i: np.sin(f[i] * xx + ph[i]) * np.sin(f[i] * yy + ph[i]) > 0.5)]
+    patterns = [
+        (1, lambda i: np.broadcast_to((xx + yy) / (2 * res), (len(i), res, res))),
+        (2, lambda i: np.sin(f[i] * (xx + 0.3 * yy) + ph[i]) > 0),
+        (3, lambda i: np.sin(f[i] * xx + ph[i]) * np.sin(f[i] * yy + ph[i]) > 0.5)]
     for kind, pattern in patterns:
         i = np.nonzero(a["background"] == kind)[0]
         t[i] = pattern(i)
@@ -130,11 +129,8 @@ def _backgrounds(a, yy, xx, res):
 
 
 def render(a, domain, res=IMAGE_SIZE):
-    """Render attributes to uint8 images (n, res, res, 3): flat shapes on their backgrounds.
-
-    In the target domain they are close-ups (every object at TARGET_SIZE, whatever a["size"] says)
-    with a dark ink outline and film grain.
-    """
+    """uint8 images (n, res, res, 3) of attributes: flat shapes on their backgrounds,
+    or in the target domain close-ups (TARGET_SIZE) with an ink outline and grain."""
     if domain not in ("source", "target"):
         raise ValueError(f"unknown domain {domain!r}; expected 'source' or 'target'")
     n = len(a["label"])
@@ -145,14 +141,15 @@ def render(a, domain, res=IMAGE_SIZE):
     else:
         size = np.full(n, SIZES[TARGET_SIZE])
     size = (size * R).astype(np.float32)
-    # keep the whole shape inside the frame
+    # The whole shape stays inside the frame.
     margin = 0.8 * (R / 2 - size - 1)
     cx = (R / 2 + a["jitter"][:, 0] * margin).astype(np.float32)
     cy = (R / 2 + a["jitter"][:, 1] * margin).astype(np.float32)
     dx, dy = xx[None] - cx[:, None, None], yy[None] - cy[:, None, None]
     ang = a["angle"].astype(np.float32)
     ca, sa = np.cos(ang)[:, None, None], np.sin(ang)[:, None, None]
-    u = (ca * dx + sa * dy) / size[:, None, None] * np.where(a["mirror"], -1, 1)[:, None, None]
+    mirror = np.where(a["mirror"], -1, 1)[:, None, None]
+    u = (ca * dx + sa * dy) / size[:, None, None] * mirror
     v = (-sa * dx + ca * dy) / size[:, None, None]
     mask = np.zeros((n, R, R), bool)
     for k, shape in enumerate(SHAPES):
@@ -166,33 +163,32 @@ def render(a, domain, res=IMAGE_SIZE):
         img = _ink_and_grain(img, mask, a["noise_seed"], res)
     contrast = 0.5 + 0.8 * a["light"][:, 0, None, None, None]
     brightness = 0.4 * a["light"][:, 1, None, None, None] - 0.2
-    img = (img - 0.5) * contrast.astype(np.float32) + 0.5 + brightness.astype(np.float32)
-    img = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)).permute(0, 3, 1, 2)
+    img = ((img - 0.5) * contrast.astype(np.float32) + 0.5
+           + brightness.astype(np.float32))
+    img = np.ascontiguousarray(img, dtype=np.float32)
+    img = torch.from_numpy(img).permute(0, 3, 1, 2)
     img = F.avg_pool2d(img, RENDER_SCALE).permute(0, 2, 3, 1).numpy()
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
 def _ink_and_grain(img, mask, noise_seeds, res):
-    """The target style drawn over a source scene: a dark 1-px ink outline around the shape (a
-    cartoon) and film grain.
-
-    It hurts the tiny CLIP's text alignment more than its features, which is the gap self-training
-    can close (docs/toy.md).
-    """
-    # the outline: the shape minus its erosion by a (2w+1)-square, w = 1 px at the output resolution
-    outside = F.max_pool2d(torch.from_numpy(~mask).float()[:, None], 2 * RENDER_SCALE + 1, stride=1,
+    """The target style over a source scene: a 1-px ink outline and film grain. It hurts
+    the tiny CLIP's text alignment more than its features: a gap MUST closes."""
+    # The outline: the shape less its erosion by a (2w+1)-square, w = 1 output px.
+    background = torch.from_numpy(~mask).float()[:, None]
+    outside = F.max_pool2d(background, 2 * RENDER_SCALE + 1, stride=1,
                            padding=RENDER_SCALE)
     idx = np.nonzero(mask & (outside[:, 0].numpy() > 0.5))
     img[idx] = 0.1
-    grain = np.stack([np.random.default_rng(s).standard_normal((res, res, 3), np.float32)
-                      for s in noise_seeds])
+    grain = np.stack([
+        np.random.default_rng(s).standard_normal((res, res, 3), np.float32)
+        for s in noise_seeds])
     return img + 0.03 * grain.repeat(RENDER_SCALE, 1).repeat(RENDER_SCALE, 2)
 
 
 def caption(a, i):
-    """Source caption of image i, e.g. 'a photo of a small red triangle on a striped background'.
-
-    The shape is always named; size, colour and background each only sometimes."""
+    """Image i's source caption, e.g. 'a photo of a small red triangle on a striped
+    background': the shape always, size, colour and background sometimes."""
     size, color, bg = a["mention"][i]
     size_word = [list(SIZES)[a["size"][i]]] if size else []
     color_word = [list(COLORS)[a["color"][i]]] if color else []
@@ -206,14 +202,11 @@ def caption(a, i):
 
 
 def render_split(split, n=None, start=0):
-    """Images (n, 32, 32, 3) uint8 and labels of a split: 'source', or 'train', 'val', 'test'
-    (target).
-
-    Image i of a split is the same whatever n/start are, because attributes come from per-chunk
-    seeds.
-    """
+    """uint8 images (n, 32, 32, 3) and labels of a split: 'source', or the target's
+    'train', 'val', 'test'. Image i is the same for any n and start (chunk seeds)."""
     if split not in SPLIT_SIZES:
-        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_SIZES)}")
+        raise ValueError(
+            f"unknown split {split!r}; expected one of {sorted(SPLIT_SIZES)}")
     n = SPLIT_SIZES[split] - start if n is None else n
     domain = "source" if split == "source" else "target"
     images, labels = [], []
@@ -227,13 +220,12 @@ def render_split(split, n=None, start=0):
     return np.concatenate(images), np.concatenate(labels)
 
 
-# MUST's hyperparameters for the toy world (train.py reads them through config.hparams('toy', ...)),
-# in the roles of the paper's Table 10. They are chosen for a ~6 min CPU run (measurements:
-# docs/toy.md).
+# MUST's settings for the toy world, in Table 10's roles (config.hparams), chosen for a
+# ~6 min CPU run (docs/toy.md).
 HPARAMS = dict(
-    mask_unit=8,  # px = one 8 px patch: 16 units per 32 px image
-    mask_ratio=0.0625,  # 1 of the 16 units: on 16-token images each masked unit costs MUST accuracy
-    conf_threshold=0.9,  # lower lets through so many wrong pseudo-labels that self-training drifts
+    mask_unit=8,  # px: one patch, 16 units per image
+    mask_ratio=0.0625,  # 1 unit: on 16 tokens each masked unit costs accuracy
+    conf_threshold=0.9,  # lower passes so many wrong pseudo-labels that training drifts
     lambda_reg=1.0,
     lambda_align=0.2,
     ema_mu0=0.99,
@@ -247,34 +239,29 @@ HPARAMS = dict(
 )
 
 
-# Tiny CLIP pretraining on source image-caption pairs ------------------------------------------
+# Tiny CLIP pretraining on source image-caption pairs -----------------------
 
-PRETRAIN = dict(  # ~7.5 min on 2 CPU cores (0.8M-param image tower, 17 tokens per image)
+PRETRAIN = dict(  # ~7.5 min on 2 CPU cores (0.8M-param image tower, 17 tokens)
     model=dict(embed_dim=64, image_resolution=IMAGE_SIZE,
                vision_layers=4, vision_width=128, vision_patch_size=8,
-               context_length=20, vocab_size=49408, transformer_width=64, transformer_layers=2),
+               context_length=20, vocab_size=49408, transformer_width=64,
+               transformer_layers=2),
     steps=2000, batch_size=128, lr=1e-3, weight_decay=0.1, warmup=200, seed=0,
-    augment="light",  # data.strong_view applied to every source image, like a web CLIP's crops
+    augment="light",  # data.strong_view of every image, as a web CLIP's crops
 )
 
 
 def to_tensor(images):
-    """uint8 (n, H, W, 3) -> CLIP-normalized float (n, 3, H, W).
-
-    It is what clip_model's preprocess would give.
-    """
+    """uint8 (n, H, W, 3) -> CLIP-normalized float (n, 3, H, W), as preprocess gives."""
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255)
     return normalize(x, CLIP_MEAN, CLIP_STD, inplace=True)
 
 
-# Dataset API for train.py / data.py (same contract as data.build_dataset) ---------------------
+# The dataset, as data.build_dataset gives them -----------------------------
 
 class ToyDataset(torch.utils.data.Dataset):
-    """Rendered images of one split as PIL images through `transform`.
-
-    item = (transform(img), label). In the unlabeled 'train' split, train.py reads the labels only
-    to log the accuracy of the pseudo-labels.
-    """
+    """A split's rendered images as (transform(PIL image), label); train.py reads the
+    'train' split's labels only to log the pseudo-labels' accuracy."""
 
     classnames = SHAPES
     templates = TEMPLATES
@@ -291,16 +278,13 @@ class ToyDataset(torch.utils.data.Dataset):
 
 
 def build_dataset(root, split, transform=None):
-    """data.build_dataset's contract for the toy world.
-
-    It is the split, rendered in memory (root is not used).
-    """
+    """data.build_dataset for the toy world: the split, rendered (root is not used)."""
     return ToyDataset(*render_split(split), transform)
 
 
 def write_images(split, folder):
-    """A split's images as PNG files folder/<class>/<index>.png, for eval.py --classify: PNG is
-    lossless, so each file reads back as the pixels the split's dataset gives."""
+    """A split's images as lossless PNGs folder/<class>/<index>.png (eval.py
+    --classify reads back the dataset's pixels)."""
     images, labels = render_split(split)
     for i, (image, label) in enumerate(zip(images, labels)):
         os.makedirs(os.path.join(folder, SHAPES[label]), exist_ok=True)

@@ -1,24 +1,15 @@
-"""Loading CLIP, as OpenAI's `clip` package does, without ever running code from a file or guessing
-what a file does not say.
+"""Reading CLIP checkpoints, with OpenAI's names: available_models(), and read(), which
+clip_model.load builds the network from.
 
-    available_models() -> list of names
-    load(name_or_path, device="cpu", download_root=None) -> (model, preprocess)
+A state dict cannot say a CLIP's MLP activation, head counts or image preprocessing, and
+a wrong activation costs accuracy silently. So each file's ClipSpec comes from a known
+SHA-256 (OpenAI's archives), a table row (the open checkpoints below) or a config file
+(open_clip's, or a Hugging Face CLIPModel folder's), and a file that says none of this
+is refused.
 
-The model carries `model.spec`, a ClipSpec: what its tensors cannot store and MUST needs to use it
-right (the MLP activation, the head counts, how images are resized and normalized). It comes from
-a known checksum (OpenAI's archives), a table row (the named open checkpoints below), or a config
-file: open_clip's open_clip_config.json beside the weights, or the same JSON stored in the state
-dict as the string entry `open_clip_config`; a Hugging Face CLIPModel folder's config.json and
-preprocessor_config.json. A state dict that says none of this is refused: its activation may be
-GELU or QuickGELU, and a wrong one costs accuracy silently. Config files are read through one
-reader (_Fields), which refuses in one line any field the code cannot follow exactly.
-
-A name downloads its file, checked against a SHA-256: OpenAI's published ones, or the one the
-Hugging Face hub states for the file. A TorchScript archive is a program: torch.jit.load runs its
-code (a scripted __setstate__ can write any file). So only OpenAI's own archives, recognised by
-their published SHA-256, are opened with it, and any other archive is refused; every other file
-is read with torch.load(weights_only=True), or as safetensors. The network is clip_model.py's;
-the tokenizer is tokenizer.py.
+Loading never runs code from a file. A TorchScript archive is a program, so only
+OpenAI's own, known by their SHA-256, go through torch.jit.load; every other file is
+read with torch.load(weights_only=True) or as safetensors.
 """
 import hashlib
 import json
@@ -28,23 +19,21 @@ import re
 import urllib.error
 import urllib.request
 import warnings
-import zipfile
 from typing import NamedTuple, Optional
 
 import torch
 from torchvision import transforms
 
-from util.runtime import load_error_detail
+from util.runtime import is_torchscript, load_error_detail
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 INTERPOLATIONS = {"bicubic": transforms.InterpolationMode.BICUBIC,
                   "bilinear": transforms.InterpolationMode.BILINEAR}
-# How an image becomes the square input: its short side resized, then a center crop (OpenAI's);
-# or the whole image resized to the square (DFN's).
+# How an image becomes the square input: its short side resized, then a center crop
+# (OpenAI's), or the whole image resized to the square (DFN's).
 RESIZE_MODES = ("shortest", "squash")
-# The MLP activations of the CLIPs this project reads, by the names open_clip and transformers use
-# (clip_model.ACTIVATIONS builds them).
+# The MLP activations, by open_clip's and transformers' names (clip_model.ACTIVATIONS).
 ACTIVATION_NAMES = ("quick_gelu", "gelu")
 
 
@@ -55,79 +44,78 @@ class ClipSpec(NamedTuple):
     std: tuple
     interpolation: str  # how an image is resized: "bicubic" or "bilinear"
     resize_mode: str = "shortest"  # one of RESIZE_MODES
-    vision_heads: Optional[int] = None  # attention heads per tower; None: OpenAI's 64-wide heads
+    vision_heads: Optional[int] = None  # attention heads; None: OpenAI's 64-wide heads
     text_heads: Optional[int] = None
 
     def identity(self):
-        """The values a run's fingerprint covers: the first four alone while the others are their
-        defaults, so that checkpoints that recorded only those four still match."""
-        rest = list(self[4:])
-        return list(self[:4]) + ([] if rest == list(self._field_defaults.values()) else rest)
+        """The values a run's fingerprint covers: the last three only where they are not
+        their defaults, so that checkpoints that recorded four values still match."""
+        first, rest = list(self[:4]), list(self[4:])
+        return first if rest == list(self._field_defaults.values()) else first + rest
 
 
 OPENAI_SPEC = ClipSpec("quick_gelu", CLIP_MEAN, CLIP_STD, "bicubic")
 
-# OpenAI's published addresses; the second-to-last path segment is the file's SHA-256.
+# OpenAI's published files, by their SHA-256; the address holds it.
 _OPENAI = "https://openaipublic.azureedge.net/clip/models"
-_MODELS = {
-    "ViT-B/32": f"{_OPENAI}/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/"
-                "ViT-B-32.pt",
-    "ViT-B/16": f"{_OPENAI}/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/"
-                "ViT-B-16.pt",
-    "ViT-L/14": f"{_OPENAI}/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/"
-                "ViT-L-14.pt",
-    "ViT-L/14@336px": f"{_OPENAI}/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/"
-                      "ViT-L-14-336px.pt",
-}
+_MODELS = {name: f"{_OPENAI}/{sha}/{re.sub('[/@]', '-', name)}.pt" for name, sha in {
+    "ViT-B/32": "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
+    "ViT-B/16": "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f",
+    "ViT-L/14": "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836",
+    "ViT-L/14@336px":
+        "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02",
+}.items()}
 _INCEPTION = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 _H14 = dict(vision_heads=16)  # 1280 wide in heads of 80; bigG/14's 1664 in heads of 104
 _DFN = dict(_H14, resize_mode="squash")
-# Open checkpoints by open_clip's model name and pretrained tag, as its pretrained.py lists them:
-# (the Hugging Face hub repository that holds open_clip_pytorch_model.bin, the activation they were
-# trained with, their input px, their other ClipSpec values where they are not OpenAI's).
+# Open checkpoints by open_clip's model name and pretrained tag, as its pretrained.py
+# lists them: (the Hugging Face hub repository of open_clip_pytorch_model.bin, the
+# activation, the input px, the other ClipSpec values where they are not OpenAI's).
 _OPEN_CLIP = {
-    "ViT-B-32/laion2b_s34b_b79k": ("laion/CLIP-ViT-B-32-laion2B-s34B-b79K", "gelu", 224, {}),
-    "ViT-B-32/datacomp_xl_s13b_b90k": ("laion/CLIP-ViT-B-32-DataComp.XL-s13B-b90K", "gelu", 224,
-                                       {}),
-    "ViT-B-32/metaclip_400m": ("timm/vit_base_patch32_clip_224.metaclip_400m", "quick_gelu", 224,
-                               {}),
-    "ViT-B-32/metaclip_fullcc": ("timm/vit_base_patch32_clip_224.metaclip_2pt5b", "quick_gelu",
-                                 224, {}),
-    "ViT-B-16/laion2b_s34b_b88k": ("laion/CLIP-ViT-B-16-laion2B-s34B-b88K", "gelu", 224, {}),
-    "ViT-B-16/datacomp_xl_s13b_b90k": ("laion/CLIP-ViT-B-16-DataComp.XL-s13B-b90K", "gelu", 224,
-                                       {}),
+    "ViT-B-32/laion2b_s34b_b79k":
+        ("laion/CLIP-ViT-B-32-laion2B-s34B-b79K", "gelu", 224, {}),
+    "ViT-B-32/datacomp_xl_s13b_b90k":
+        ("laion/CLIP-ViT-B-32-DataComp.XL-s13B-b90K", "gelu", 224, {}),
+    "ViT-B-32/metaclip_400m":
+        ("timm/vit_base_patch32_clip_224.metaclip_400m", "quick_gelu", 224, {}),
+    "ViT-B-32/metaclip_fullcc":
+        ("timm/vit_base_patch32_clip_224.metaclip_2pt5b", "quick_gelu", 224, {}),
+    "ViT-B-16/laion2b_s34b_b88k":
+        ("laion/CLIP-ViT-B-16-laion2B-s34B-b88K", "gelu", 224, {}),
+    "ViT-B-16/datacomp_xl_s13b_b90k":
+        ("laion/CLIP-ViT-B-16-DataComp.XL-s13B-b90K", "gelu", 224, {}),
     "ViT-B-16/dfn2b": ("apple/DFN2B-CLIP-ViT-B-16", "quick_gelu", 224, {}),
-    "ViT-B-16/metaclip_400m": ("timm/vit_base_patch16_clip_224.metaclip_400m", "quick_gelu", 224,
-                               {}),
-    "ViT-B-16/metaclip_fullcc": ("timm/vit_base_patch16_clip_224.metaclip_2pt5b", "quick_gelu",
-                                 224, {}),
-    "ViT-L-14/laion2b_s32b_b82k": ("laion/CLIP-ViT-L-14-laion2B-s32B-b82K", "gelu", 224,
-                                   _INCEPTION),
-    "ViT-L-14/datacomp_xl_s13b_b90k": ("laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K", "gelu", 224,
-                                       {}),
+    "ViT-B-16/metaclip_400m":
+        ("timm/vit_base_patch16_clip_224.metaclip_400m", "quick_gelu", 224, {}),
+    "ViT-B-16/metaclip_fullcc":
+        ("timm/vit_base_patch16_clip_224.metaclip_2pt5b", "quick_gelu", 224, {}),
+    "ViT-L-14/laion2b_s32b_b82k":
+        ("laion/CLIP-ViT-L-14-laion2B-s32B-b82K", "gelu", 224, _INCEPTION),
+    "ViT-L-14/datacomp_xl_s13b_b90k":
+        ("laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K", "gelu", 224, {}),
     "ViT-L-14/dfn2b": ("apple/DFN2B-CLIP-ViT-L-14", "quick_gelu", 224, {}),
-    "ViT-L-14/metaclip_400m": ("timm/vit_large_patch14_clip_224.metaclip_400m", "quick_gelu", 224,
-                               {}),
-    "ViT-L-14/metaclip_fullcc": ("timm/vit_large_patch14_clip_224.metaclip_2pt5b", "quick_gelu",
-                                 224, {}),
-    "ViT-H-14/laion2b_s32b_b79k": ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "gelu", 224, _H14),
+    "ViT-L-14/metaclip_400m":
+        ("timm/vit_large_patch14_clip_224.metaclip_400m", "quick_gelu", 224, {}),
+    "ViT-L-14/metaclip_fullcc":
+        ("timm/vit_large_patch14_clip_224.metaclip_2pt5b", "quick_gelu", 224, {}),
+    "ViT-H-14/laion2b_s32b_b79k":
+        ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "gelu", 224, _H14),
     "ViT-H-14/dfn5b": ("apple/DFN5B-CLIP-ViT-H-14", "quick_gelu", 224, _DFN),
     "ViT-H-14-378/dfn5b": ("apple/DFN5B-CLIP-ViT-H-14-378", "quick_gelu", 378, _DFN),
-    "ViT-H-14/metaclip_fullcc": ("timm/vit_huge_patch14_clip_224.metaclip_2pt5b", "quick_gelu",
-                                 224, _H14),
-    "ViT-bigG-14/laion2b_s39b_b160k": ("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", "gelu", 224,
-                                       _H14),
+    "ViT-H-14/metaclip_fullcc":
+        ("timm/vit_huge_patch14_clip_224.metaclip_2pt5b", "quick_gelu", 224, _H14),
+    "ViT-bigG-14/laion2b_s39b_b160k":
+        ("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", "gelu", 224, _H14),
 }
 _HUB = "https://huggingface.co"
 _HUB_FILE = "open_clip_pytorch_model.bin"
-# Other files known by their SHA-256 -> spec: the toy world's committed toy/toy_clip.pt, which
-# predates the config note that its pretraining now writes (a QuickGELU CLIP fed OpenAI's
-# normalization).
-_KNOWN_FILES = {"4826d1516b4b3f4e239c0b66dd7aa07f53d2729142183a502919eece8d74987f": OPENAI_SPEC}
+# Other files known by their SHA-256: the committed toy/toy_clip.pt, which has no note.
+_KNOWN_FILES = {
+    "4826d1516b4b3f4e239c0b66dd7aa07f53d2729142183a502919eece8d74987f": OPENAI_SPEC}
 
 
 def available_models():
-    """OpenAI's names (ViT-B/16, ...) and the open checkpoints' (ViT-B-16/dfn2b, ...)."""
+    """OpenAI's names (ViT-B/16, ...), then the open checkpoints' (ViT-B-16/dfn2b)."""
     return list(_MODELS) + list(_OPEN_CLIP)
 
 
@@ -137,15 +125,16 @@ def register_file(sha256, spec):
 
 
 def config_note(spec, model=None):
-    """open_clip's config JSON for `spec`, which a state dict may carry as its `open_clip_config`
-    string entry to say what its tensors cannot (this project's own CLIP files do). open_clip
-    states the image tower's heads by their width, so a spec with other heads than OpenAI's needs
-    the CLIP `model` too."""
+    """open_clip's config JSON for `spec`, which a state dict may carry as its
+    `open_clip_config` entry. Other image heads than OpenAI's need the CLIP `model`,
+    because open_clip states them by their width."""
     model_cfg = {"quick_gelu": spec.activation == "quick_gelu"}
     if spec.vision_heads:
         if model is None:
-            raise ValueError("config_note needs the CLIP to state its image tower's heads")
-        model_cfg["vision_cfg"] = {"head_width": model.visual.width // spec.vision_heads}
+            raise ValueError(
+                "config_note needs the CLIP to state its image tower's heads")
+        head_width = model.visual.width // spec.vision_heads
+        model_cfg["vision_cfg"] = {"head_width": head_width}
     if spec.text_heads:
         model_cfg["text_cfg"] = {"heads": spec.text_heads}
     preprocess = {"mean": list(spec.mean), "std": list(spec.std),
@@ -155,11 +144,6 @@ def config_note(spec, model=None):
     return json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess})
 
 
-def _openai_sha256s():
-    """The SHA-256s of OpenAI's published files, which their addresses carry."""
-    return {url.split("/")[-2] for url in _MODELS.values()}
-
-
 def open_clip_spec(name):
     """The ClipSpec of a named open checkpoint (its table row)."""
     _, activation, _, values = _OPEN_CLIP[name]
@@ -167,23 +151,18 @@ def open_clip_spec(name):
 
 
 def read(name_or_path, download_root=None):
-    """A CLIP ViT's state dict and ClipSpec, by name (downloaded and checksummed), from a local
-    file, or from a Hugging Face CLIPModel folder. -> (state dict, spec, path); clip_model.load
-    builds the model from them.
+    """(state dict, ClipSpec, path) of a CLIP ViT: by name (downloaded and checked), a
+    file, or a Hugging Face CLIPModel folder. Downloads go to `download_root`, else
+    $CLIP_DOWNLOAD_ROOT, else ~/.cache/clip, where the `clip` package keeps them.
 
-    The cache directory is `download_root`, else $CLIP_DOWNLOAD_ROOT, else ~/.cache/clip.
-
-    A state dict may store an embedding table by the rows it uses: `<name>.ids` (K token ids),
-    `<name>.rows` (K x width) and `<name>.vocab_size` (an int) stand for `<name>.weight` with
-    zeros in the rows not listed (the toy world's toy_clip.pt is stored so); string entries are
-    notes (such as its `recipe`), of which `open_clip_config` is read as the file's config.
+    A state dict may store an embedding by the rows it uses: `<name>.ids` (K token ids),
+    `<name>.rows` (K x width) and `<name>.vocab_size` stand for `<name>.weight`, zero
+    elsewhere. Its string entries are notes; `open_clip_config` is read as its config.
     """
     root = download_root or os.environ.get("CLIP_DOWNLOAD_ROOT",
                                            os.path.expanduser("~/.cache/clip"))
     path = os.path.expanduser(name_or_path)
     if name_or_path in _MODELS:
-        # OpenAI's cache location by default, so that weights the `clip` package already
-        # downloaded are reused.
         sd, spec = _read_file(_download(_MODELS[name_or_path], root))
     elif name_or_path in _OPEN_CLIP:
         path = _download_from_hub(_OPEN_CLIP[name_or_path][0], _HUB_FILE, root)
@@ -194,35 +173,30 @@ def read(name_or_path, download_root=None):
     elif os.path.isfile(path):
         sd, spec = _read_file(path)
     elif _looks_like_path(name_or_path):
-        raise FileNotFoundError(f"no checkpoint file at {name_or_path}; pass an existing file or "
-                                f"one of {available_models()}")
+        raise FileNotFoundError(f"no checkpoint file at {name_or_path}; pass an "
+                                f"existing file or one of {available_models()}")
     else:
         raise ValueError(f"unknown model '{name_or_path}'; available models are "
                          f"{available_models()}, or pass the path of a checkpoint file")
-    try:
-        shape = architecture(sd)  # a CLIP ViT's tensors, or one line that says what is missing
-        size = shape["image_resolution"]
-        if name_or_path in _OPEN_CLIP and size != _OPEN_CLIP[name_or_path][2]:
-            raise ValueError(f"its input is {size} px, not the {_OPEN_CLIP[name_or_path][2]} px "
-                             f"of {name_or_path}: it is another model's file")
-        if spec is None:
-            raise ValueError("it holds a CLIP's weights but not its activation (GELU or "
-                             "QuickGELU) or image normalization, which a state dict cannot "
-                             "store: put the open_clip_config.json it came with beside it, or "
-                             f"load it by name (one of {available_models()})")
-    except ValueError as e:  # named after the file, as errors in reading it are
-        raise ValueError(f"{path}: {e}") from None
+    size = _shape(sd, path)["image_resolution"]
+    if name_or_path in _OPEN_CLIP and size != _OPEN_CLIP[name_or_path][2]:
+        raise ValueError(f"{path}: its input is {size} px, not the "
+                         f"{_OPEN_CLIP[name_or_path][2]} px of {name_or_path}: it is "
+                         "another model's file")
+    if spec is None:
+        raise ValueError(f"{path}: it holds a CLIP's weights but not its activation "
+                         "(GELU or QuickGELU) or image normalization, which a state "
+                         "dict cannot store: put the open_clip_config.json it came "
+                         "with beside it, or load it by name (one of "
+                         f"{available_models()})")
     return sd, spec, path
 
 
-
-
-# ----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # What a state dict's shapes say
 
 def clip_heads(width):
-    """The head count of OpenAI's CLIPs, whose heads are 64 wide. A state dict does not store it:
-    a checkpoint with other heads says so (clip_load reads it into the ClipSpec)."""
+    """The head count of OpenAI's CLIPs, whose heads are 64 wide."""
     return max(1, width // 64)
 
 
@@ -232,55 +206,64 @@ def _count_blocks(state_dict, prefix):
 
 
 def _mlp_width(state_dict, prefix):
-    """The MLP width of the blocks under `prefix`, read from the first one's weights (None: no
-    blocks); a block of another width is refused as a shape mismatch when the weights are loaded."""
+    """The first block's MLP width (None: no blocks); loading checks the others."""
     first = state_dict.get(prefix + "0.mlp.c_fc.weight")
     return None if first is None else first.shape[0]
 
 
 def key_examples(keys, n=2):
-    """The first n keys of a list, for one-line messages: 'a', 'b' or e.g. 'a', 'b' (of more)."""
+    """The first n keys, for one-line messages: 'a', 'b' or e.g. 'a', 'b' (of more)."""
     return ("e.g. " if len(keys) > n else "") + ", ".join(f"'{k}'" for k in keys[:n])
 
 
 def vision_config(sd, prefix=""):
-    """The architecture of the image tower, read from a state dict whose keys start with
-    `prefix`."""
-    # Only ResNet keys make it a ResNet CLIP: any other state dict without a ViT's keys (a plain
-    # nn.Linear, a text model) is not a CLIP ViT, and the message names what it lacks and holds.
+    """The image tower's architecture, from a state dict with keys after `prefix`."""
+    # Only ResNet keys make it a ResNet CLIP; any other file is named by what it lacks.
     if any(k.startswith((prefix + "layer1.", prefix + "attnpool.")) for k in sd):
-        raise ValueError("ResNet CLIP checkpoints (RN50, RN101, ...) are not supported: MUST "
-                         "needs a ViT image tower, such as ViT-B/16's")
+        raise ValueError("ResNet CLIP checkpoints (RN50, RN101, ...) are not "
+                         "supported: MUST needs a ViT image tower, such as ViT-B/16's")
     for key in ("conv1.weight", "positional_embedding", "class_embedding", "proj"):
         if prefix + key not in sd:
-            raise ValueError(f"not a CLIP ViT checkpoint: missing key '{prefix + key}' (it holds "
-                             f"{len(sd)} tensor(s): {key_examples(list(sd)) or 'none'})")
+            raise ValueError(f"not a CLIP ViT checkpoint: missing key '{prefix + key}' "
+                             f"(it holds {len(sd)} tensor(s): "
+                             f"{key_examples(list(sd)) or 'none'})")
     width, _, patch, _ = sd[prefix + "conv1.weight"].shape
     grid = round((sd[prefix + "positional_embedding"].shape[0] - 1) ** 0.5)
     blocks = prefix + "transformer.resblocks."
     return dict(input_resolution=patch * grid, patch_size=patch, width=width,
-                layers=_count_blocks(sd, blocks), output_dim=sd[prefix + "proj"].shape[1],
+                layers=_count_blocks(sd, blocks),
+                output_dim=sd[prefix + "proj"].shape[1],
                 mlp_width=_mlp_width(sd, blocks))
 
 
 def architecture(state_dict):
-    """The CLIP(...) arguments that a state dict's shapes say (all but the activation and the head
-    counts), read from an OpenAI-format state dict; ValueError in one line when it is not a CLIP
-    ViT's."""
+    """The CLIP(...) arguments an OpenAI-format state dict's shapes say (all but the
+    activation and the heads); ValueError in one line when it is not a CLIP ViT's."""
     sd = state_dict
-    v = vision_config(sd, "visual.")  # first, so that a ResNet checkpoint gets its own message
+    v = vision_config(sd, "visual.")  # first, so that a ResNet gets its own message
     for key in ("text_projection", "positional_embedding", "token_embedding.weight",
                 "ln_final.weight"):
         if key not in sd:
             raise ValueError(f"not a CLIP checkpoint: missing key '{key}'")
+    blocks = "transformer.resblocks."
     return dict(
-        embed_dim=sd["text_projection"].shape[1], image_resolution=v["input_resolution"],
-        vision_layers=v["layers"], vision_width=v["width"], vision_patch_size=v["patch_size"],
-        vision_mlp_width=v["mlp_width"], context_length=sd["positional_embedding"].shape[0],
+        embed_dim=sd["text_projection"].shape[1],
+        image_resolution=v["input_resolution"],
+        vision_layers=v["layers"], vision_width=v["width"],
+        vision_patch_size=v["patch_size"], vision_mlp_width=v["mlp_width"],
+        context_length=sd["positional_embedding"].shape[0],
         vocab_size=sd["token_embedding.weight"].shape[0],
         transformer_width=sd["ln_final.weight"].shape[0],
-        transformer_layers=_count_blocks(sd, "transformer.resblocks."),
-        transformer_mlp_width=_mlp_width(sd, "transformer.resblocks."))
+        transformer_layers=_count_blocks(sd, blocks),
+        transformer_mlp_width=_mlp_width(sd, blocks))
+
+
+def _shape(sd, path):
+    """architecture(sd), its error named after the file."""
+    try:
+        return architecture(sd)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def _to_rgb(image):
@@ -288,9 +271,8 @@ def _to_rgb(image):
 
 
 def image_transform(n_px, spec=OPENAI_SPEC):
-    """CLIP's test-time preprocessing: resize (of the short side, or of the whole image to the
-    square), center crop, normalization, as the checkpoint's spec says. Picklable, so that data
-    loader workers started with spawn can use it."""
+    """CLIP's test-time preprocessing as the spec says: resize, center crop, normalize.
+    Picklable, for loader workers started with spawn."""
     size = n_px if spec.resize_mode == "shortest" else (n_px, n_px)
     return transforms.Compose([
         transforms.Resize(size, interpolation=INTERPOLATIONS[spec.interpolation]),
@@ -307,12 +289,11 @@ def _looks_like_path(s):
     return os.path.splitext(s)[1] != "" or s.startswith((".", "/", "~")) or has_folder
 
 
-# ----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Downloads
 
 def _sha256(file):
-    """SHA-256 of a file given by its path, or open in binary mode (then read from where it
-    stands)."""
+    """SHA-256 of a file, by path or open in binary mode (read from where it stands)."""
     if isinstance(file, (str, os.PathLike)):
         with open(file, "rb") as f:
             return _sha256(f)
@@ -323,57 +304,58 @@ def _sha256(file):
 
 
 def _download(url, root, expected=None, target=None):
-    """Download `url` into `root` (as `target`) with torch.hub, which checks the SHA-256 (OpenAI's
-    addresses carry it) and gives the file its final name only once that has passed, so that a
-    killed or corrupt download never leaves a file that looks complete."""
+    """`url` downloaded into `root` (as `target`), checked against its SHA-256. The
+    file gets its name only once the check has passed: a killed download leaves none."""
     os.makedirs(root, exist_ok=True)
     expected = expected or url.split("/")[-2]
     target = target or os.path.join(root, os.path.basename(url))
     if os.path.isfile(target):
         if _sha256(target) != expected:
-            raise RuntimeError(f"{target} does not match its published SHA-256 {expected}: the "
-                               "file is corrupt; delete it and run again to download it anew")
+            raise RuntimeError(f"{target} does not match its published SHA-256 "
+                               f"{expected}: the file is corrupt; delete it and run "
+                               "again to download it anew")
         return target
     try:
         torch.hub.download_url_to_file(url, target, hash_prefix=expected)
     except urllib.error.URLError as e:
-        raise RuntimeError(f"could not download {url} ({e.reason}). Without internet, copy the "
-                           f"file to {target} or pass a local checkpoint path") from None
-    except RuntimeError as e:  # torch.hub's checksum mismatch, which names both SHA-256s
-        raise RuntimeError(f"downloaded {url} but its SHA-256 is not the published one ({e}); "
-                           f"nothing was saved to {root}. Run again; if it repeats, download the "
-                           "file yourself and pass its path to load()") from None
+        raise RuntimeError(f"could not download {url} ({e.reason}). Without internet, "
+                           f"copy the file to {target} or pass a local checkpoint "
+                           "path") from None
+    except RuntimeError as e:  # torch.hub's checksum mismatch: it names both SHA-256s
+        raise RuntimeError(f"downloaded {url} but its SHA-256 is not the published one "
+                           f"({e}); nothing was saved to {root}. Run again; if it "
+                           "repeats, download the file yourself and pass its path to "
+                           "load()") from None
     return target
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args):
-        return None  # the hub's own answer holds the checksum; the storage it points to does not
+        return None  # the hub's answer holds the checksum, not the storage's
 
 
 def hub_sha256(url):
-    """The SHA-256 that the Hugging Face hub states for a file it stores with git LFS: the
-    X-Linked-Etag header of its answer to a HEAD request, before the redirect to the storage."""
+    """The SHA-256 the Hugging Face hub states for a git LFS file: the X-Linked-Etag
+    of its answer to a HEAD request."""
     request = urllib.request.Request(url, method="HEAD")
     try:
         answer = urllib.request.build_opener(_NoRedirect).open(request, timeout=60)
     except urllib.error.HTTPError as e:  # the redirect itself, not followed
         answer = e
     except urllib.error.URLError as e:
-        raise RuntimeError(f"could not reach {url} ({e.reason}). Without internet, download the "
-                           "file elsewhere and pass its path") from None
+        raise RuntimeError(f"could not reach {url} ({e.reason}). Without internet, "
+                           "download the file elsewhere and pass its path") from None
     etag = answer.headers.get("X-Linked-Etag") or answer.headers.get("ETag") or ""
     sha = etag.removeprefix("W/").strip('"')
     if not re.fullmatch(r"[0-9a-f]{64}", sha):
-        raise RuntimeError(f"{url} states no SHA-256 for the file (HTTP {answer.status}); "
-                           "download it yourself and pass its path")
+        raise RuntimeError(f"{url} states no SHA-256 for the file (HTTP "
+                           f"{answer.status}); download it yourself and pass its path")
     return sha
 
 
 def _download_from_hub(repo, filename, root):
-    """The hub's file in the cache, ROOT/<repo>/<filename>, checked against the SHA-256 the hub
-    states; its checksum is kept beside it (<filename>.sha256), so that a cached file is checked
-    again without the network."""
+    """The hub's file, cached as ROOT/<repo>/<filename> with its SHA-256 beside it,
+    so that the cached file is checked again without the network."""
     folder = os.path.join(root, *repo.split("/"))
     target = os.path.join(folder, filename)
     stated = target + ".sha256"
@@ -389,34 +371,35 @@ def _download_from_hub(repo, filename, root):
     return target
 
 
-# ----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # What a file says about itself
 
 def _read_file(path):
-    """(state dict, ClipSpec or None) of a checkpoint file. A TorchScript archive is read only when
-    its SHA-256 is one of OpenAI's, so it is OpenAI's CLIP; any other file says its spec by its own
-    `open_clip_config` note or an open_clip_config.json beside it (both must say the same), or by
-    its SHA-256 if it is a known file (hashed last: an open checkpoint can be gigabytes)."""
+    """(state dict, ClipSpec or None) of a checkpoint file. The spec is OpenAI's for
+    one of its archives, else what the file's `open_clip_config` note or an
+    open_clip_config.json beside it says (both must agree), else that of a known
+    SHA-256 (hashed last: an open checkpoint can be gigabytes)."""
     sd, notes = _read_state_dict(path)
-    if _is_torchscript(path):
+    if is_torchscript(path):
         return sd, OPENAI_SPEC
     said = []  # (where, the spec it gives)
     if "open_clip_config" in notes:
         where = f"{path}'s open_clip_config note"
-        said.append((where, _open_clip_spec(_Fields.parse(notes["open_clip_config"], where), sd,
-                                            path)))
-    beside = os.path.join(os.path.dirname(os.path.abspath(path)), "open_clip_config.json")
+        config = _Fields.parse(notes["open_clip_config"], where)
+        said.append((where, _open_clip_spec(config, sd, path)))
+    folder = os.path.dirname(os.path.abspath(path))
+    beside = os.path.join(folder, "open_clip_config.json")
     if os.path.isfile(beside):
         said.append((beside, _open_clip_spec(_Fields.read(beside), sd, path)))
     if len(said) == 2 and said[0][1] != said[1][1]:
         (note, ours), (_, theirs) = said
         differ = [f"{field} {a!r} vs {b!r}"
                   for field, a, b in zip(ClipSpec._fields, ours, theirs) if a != b]
-        raise ValueError(f"{note} and {beside} disagree ({'; '.join(differ)}): correct or remove "
-                         "the wrong one")
+        raise ValueError(f"{note} and {beside} disagree ({'; '.join(differ)}): correct "
+                         "or remove the wrong one")
     if said:
         return sd, said[0][1]
-    return sd, _KNOWN_FILES.get(_sha256(path))  # None: the file does not say (load refuses it)
+    return sd, _KNOWN_FILES.get(_sha256(path))
 
 
 def _finite(x):
@@ -427,19 +410,25 @@ def _whole(x):
     return isinstance(x, int) and not isinstance(x, bool) and x >= 1
 
 
+def _rgb(x):
+    return isinstance(x, list) and len(x) == 3 and all(map(_finite, x))
+
+
+def _side(x):
+    square = isinstance(x, list) and len(x) == 2 and x[0] == x[1]
+    return _whole(x) or (square and _whole(x[0]))
+
+
 # The JSON types the config readers take: (the test, what a refusal says it must be).
 _KINDS = {
     "object": (lambda v: isinstance(v, dict), "a JSON object"),
     "flag": (lambda v: isinstance(v, bool), "true or false"),
     "count": (_whole, "a whole number of at least 1"),
-    "side": (lambda v: _whole(v) or (isinstance(v, list) and len(v) == 2 and v[0] == v[1]
-                                     and _whole(v[0])), "a square's side in px, or [side, side]"),
+    "side": (_side, "a square's side in px, or [side, side]"),
     "number": (_finite, "a finite number"),
     "text": (lambda v: isinstance(v, str), "a string"),
-    "rgb": (lambda v: isinstance(v, list) and len(v) == 3 and all(map(_finite, v)),
-            "a list of 3 finite numbers"),
-    "rgb>0": (lambda v: isinstance(v, list) and len(v) == 3 and all(map(_finite, v))
-              and min(v) > 0, "a list of 3 positive finite numbers"),
+    "rgb": (_rgb, "a list of 3 finite numbers"),
+    "rgb>0": (lambda v: _rgb(v) and min(v) > 0, "a list of 3 positive finite numbers"),
 }
 
 
@@ -450,16 +439,16 @@ def _shown(value):
 
 
 class _Fields:
-    """A config file's JSON object, or a section of it, read field by field. Every field the
-    readers below take goes through its methods, which refuse a field of another JSON type or
-    value in one line that names the file and the field. A null field counts as absent."""
+    """A config file's JSON object, or a section of it, read field by field. A field
+    of another type or value is refused in one line that names the file and the
+    field; a null field counts as absent."""
 
     def __init__(self, values, where, prefix=""):
         self.values, self.where, self.prefix = values, where, prefix
 
     @classmethod
     def read(cls, path):
-        """A UTF-8 JSON file's object; one line when it cannot be read or is not one."""
+        """A UTF-8 JSON file's object."""
         try:
             with open(path, "rb") as f:
                 text = f.read().decode("utf-8")
@@ -487,7 +476,7 @@ class _Fields:
         raise ValueError(f"{self.where}: {self.prefix}{key} {why}")
 
     def get(self, key, kind, default=None):
-        """The field, which must be of `kind` (one of _KINDS); `default` when it is absent."""
+        """The field, of `kind` (one of _KINDS); `default` when it is absent."""
         value = self.values.get(key)
         if value is None:
             return default
@@ -501,17 +490,18 @@ class _Fields:
         return _Fields(self.get(key, "object", {}), self.where, f"{self.prefix}{key}.")
 
     def choice(self, key, choices, default):
-        """choices[the field], which must be one of choices' keys; choices[default] when absent."""
+        """choices[the field, or `default` when it is absent]."""
         value = self.values.get(key)
         if value is None:
             value = default
         if type(value) not in (str, int) or value not in choices:
-            self.fail(key, f"is {_shown(value)}, not one of {', '.join(map(_shown, choices))}")
+            listed = ", ".join(map(_shown, choices))
+            self.fail(key, f"is {_shown(value)}, not one of {listed}")
         return choices[value]
 
     def matches(self, key, kind, weights, default=None):
-        """A field of geometry, which must be the weights' own (`default`: the format's value
-        for a file that leaves it out, None: no check then)."""
+        """A geometry field, which must be the weights' own (`default`: the format's
+        value where the file leaves it out; None: no check then)."""
         value = self.get(key, kind, default)
         if isinstance(value, list):  # a "side" given as [height, width]
             value = value[0]
@@ -520,132 +510,127 @@ class _Fields:
         return value
 
     def only(self, built, other, what):
-        """Refuse a key that is neither in `other` (keys read or without effect) nor at a value in
-        `built` (key -> the values the code builds, the format's default first)."""
+        """Refuse a key that is neither in `other` (read, or without effect) nor at a
+        value in `built` (key -> the values built here, the format's default first)."""
         for key, value in self.values.items():
             if value is not None and key in built and not any(
                     value == v and type(value) is type(v) for v in built[key]):
                 default = built[key][0]
                 has = f"no {key}" if default is None else f"{key} {_shown(default)}"
-                self.fail(key, f"{_shown(value)} is not supported (the CLIP built here has {has})")
+                why = f"(the CLIP built here has {has})"
+                self.fail(key, f"{_shown(value)} is not supported {why}")
             if key not in built and key not in other:
                 self.fail(key, f"is not one of open_clip's {what} keys")
 
 
-def _shape(sd, path):
-    """clip_model.architecture(sd), named after the file when it is not a CLIP's."""
-    try:
-        return architecture(sd)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
-
-
 def _stated(heads, width):
-    """A tower's head count as ClipSpec holds it: None for OpenAI's 64-wide heads."""
+    """A head count as ClipSpec holds it: None for OpenAI's 64-wide heads."""
     return None if heads == clip_heads(width) else heads
 
 
-# open_clip's config keys (open-clip-torch 3.3.0 and its main branch), in three kinds. A key that
-# changes what a tower computes is taken only at the values clip_model builds (open_clip's default
-# first); keys read or without effect on the features (training, outputs, the settings of towers
-# refused anyway) are taken as they are; any other key is refused.
-_BLOCK_BUILT = {"ls_init_value": (None,), "final_ln_after_pool": (False,),
-                "act_kwargs": (None, {}), "norm_kwargs": (None, {}),
-                "block_type": (None, "default"), "qk_norm": (False,),
-                "scaled_cosine_attn": (False,), "scale_heads": (False,),
-                "scale_attn_inner": (False,), "scale_attn": (False,), "scale_fc": (False,)}
-_VISION_BUILT = dict(_BLOCK_BUILT, timm_model_name=(None, ""), attentional_pool=(False,),
-                     no_ln_pre=(False,), pos_embed_type=("learnable",), pool_type=("tok",),
-                     image_seq_len=(None,))
-_VISION_OTHER = {"layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size",
-                 "patch_dropout", "attn_pooler_queries", "attn_pooler_heads", "output_tokens",
-                 "timm_model_pretrained", "timm_pool", "timm_proj", "timm_proj_bias", "timm_drop",
-                 "timm_drop_path", "timm_model_kwargs"}
-_TEXT_BUILT = dict(_BLOCK_BUILT, text_arch=("clip",), hf_model_name=(None, ""),
-                   variable_text=(False,), hf_tokenizer_name=(None, ""), tokenizer_mode=(None,),
-                   tokenizer_kwargs=(None, {}), tokenizer_type=("",), embed_cls=(False,),
-                   pad_id=(0,), bos_id=(None,), no_causal_mask=(False,), pool_type=("argmax",),
-                   proj_type=("linear",), proj_bias=(False,))
-_TEXT_OTHER = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "eos_id",
-               "output_tokens", "tiktoken_name", "hf_model_pretrained", "hf_proj_type",
-               "hf_pooler_type", "hf_model_config", "attention_mode", "pos_embed",
-               "rope_temperature", "mlp_type", "norm_type", "norm_eps", "attn_gated", "pre_norm",
-               "norm_placement", "zero_init_residual", "reg_tokens", "value_residual",
-               "attention_bias", "mlp_bias", "gate_bias"}  # the last 15: text_arch "modern"'s
-_MODEL_BUILT = {"custom_text": (False,), "multimodal_cfg": (None,), "init_logit_bias": (None,),
-                "nonscalar_logit_scale": (False,)}
+# open_clip's config keys (open-clip-torch 3.3.0 and its main branch). A key that
+# changes what a tower computes is taken only at the values built here (open_clip's
+# default first); keys read, or without effect on the features, are taken as they are.
+# Any other key is refused.
+_BLOCK_BUILT = dict(
+    ls_init_value=(None,), final_ln_after_pool=(False,), act_kwargs=(None, {}),
+    norm_kwargs=(None, {}), block_type=(None, "default"), qk_norm=(False,),
+    scaled_cosine_attn=(False,), scale_heads=(False,), scale_attn_inner=(False,),
+    scale_attn=(False,), scale_fc=(False,))
+_VISION_BUILT = dict(
+    _BLOCK_BUILT, timm_model_name=(None, ""), attentional_pool=(False,),
+    no_ln_pre=(False,), pos_embed_type=("learnable",), pool_type=("tok",),
+    image_seq_len=(None,))
+_VISION_OTHER = {
+    "layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size",
+    "patch_dropout", "attn_pooler_queries", "attn_pooler_heads", "output_tokens",
+    "timm_model_pretrained", "timm_pool", "timm_proj", "timm_proj_bias", "timm_drop",
+    "timm_drop_path", "timm_model_kwargs"}
+_TEXT_BUILT = dict(
+    _BLOCK_BUILT, text_arch=("clip",), hf_model_name=(None, ""), variable_text=(False,),
+    hf_tokenizer_name=(None, ""), tokenizer_mode=(None,), tokenizer_kwargs=(None, {}),
+    tokenizer_type=("",), embed_cls=(False,), pad_id=(0,), bos_id=(None,),
+    no_causal_mask=(False,), pool_type=("argmax",), proj_type=("linear",),
+    proj_bias=(False,))
+_TEXT_OTHER = {
+    "context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "eos_id",
+    "output_tokens", "tiktoken_name", "hf_model_pretrained", "hf_proj_type",
+    "hf_pooler_type", "hf_model_config",
+    # text_arch "modern"'s:
+    "attention_mode", "pos_embed", "rope_temperature", "mlp_type", "norm_type",
+    "norm_eps", "attn_gated", "pre_norm", "norm_placement", "zero_init_residual",
+    "reg_tokens", "value_residual", "attention_bias", "mlp_bias", "gate_bias"}
+_MODEL_BUILT = dict(custom_text=(False,), multimodal_cfg=(None,),
+                    init_logit_bias=(None,), nonscalar_logit_scale=(False,))
 _MODEL_OTHER = {"embed_dim", "quick_gelu", "vision_cfg", "text_cfg", "init_logit_scale",
                 "cast_dtype", "output_dict"}
 
 
+# open_clip's tower sections: (their key tables, their class, their geometry keys ->
+# architecture()'s names, "mlp" for the MLP width that mlp_ratio gives).
+_OPEN_CLIP_TOWERS = {
+    "vision_cfg": (_VISION_BUILT, _VISION_OTHER, "CLIPVisionCfg", dict(
+        image_size="image_resolution", patch_size="vision_patch_size",
+        width="vision_width", layers="vision_layers", mlp="vision_mlp_width")),
+    "text_cfg": (_TEXT_BUILT, _TEXT_OTHER, "CLIPTextCfg", dict(
+        context_length="context_length", vocab_size="vocab_size",
+        width="transformer_width", layers="transformer_layers",
+        mlp="transformer_mlp_width")),
+}
+
+
 def _open_clip_spec(config, sd, path):
-    """The ClipSpec an open_clip config (a _Fields) gives for the weights `sd` of the file `path`,
-    with open_clip's own defaults for what it leaves out (GELU, OpenAI's normalization, bicubic,
-    the short side); the geometry it states must be the weights'."""
+    """The ClipSpec an open_clip config (_Fields) gives the weights `sd` of file `path`,
+    open_clip's defaults for what it leaves out; its geometry must be the weights'."""
     shape = _shape(sd, path)
     model, pre = config.section("model_cfg"), config.section("preprocess_cfg")
     model.only(_MODEL_BUILT, _MODEL_OTHER, "model_cfg")
     model.matches("embed_dim", "count", shape["embed_dim"])
     activation = "quick_gelu" if model.get("quick_gelu", "flag", False) else "gelu"
-    vision_heads = _open_clip_vision(model.section("vision_cfg"), shape)
-    # open_clip's CLIPTextCfg has 8 heads where it gives none; a config without a text_cfg (this
-    # project's notes) says nothing of the text tower.
-    text_heads = _open_clip_text(model.section("text_cfg"), shape,
-                                 8 if "text_cfg" in model else None)
-    pre.matches("size", "side", shape["image_resolution"])
-    pre.choice("mode", {"RGB": "RGB"}, "RGB")
-    return ClipSpec(activation, tuple(map(float, pre.get("mean", "rgb", CLIP_MEAN))),
-                    tuple(map(float, pre.get("std", "rgb>0", CLIP_STD))),
-                    pre.choice("interpolation", {k: k for k in INTERPOLATIONS}, "bicubic"),
-                    pre.choice("resize_mode", {k: k for k in RESIZE_MODES}, "shortest"),
-                    vision_heads, text_heads)
-
-
-def _open_clip_vision(vision, shape):
-    """The image tower's head count (as ClipSpec holds it) from open_clip's vision_cfg: width //
-    head_width, OpenAI's 64-wide heads where it gives no head_width."""
-    vision.only(_VISION_BUILT, _VISION_OTHER, "CLIPVisionCfg")
-    width = shape["vision_width"]
-    for key, weights in (("image_size", shape["image_resolution"]),
-                         ("patch_size", shape["vision_patch_size"]), ("width", width),
-                         ("layers", shape["vision_layers"])):
-        vision.matches(key, "side" if key == "image_size" else "count", weights)
-    _check_mlp(vision, width, shape["vision_mlp_width"])
+    vision, width = _open_clip_tower(model, "vision_cfg", shape)
+    vision_heads = None
     head_width = vision.get("head_width", "count")
-    if head_width is None:
-        return None
-    heads = width // head_width
-    if heads < 1 or width % heads:
-        vision.fail("head_width", f"{head_width} does not divide the width {width} into heads")
-    return _stated(heads, width)
-
-
-def _open_clip_text(text, shape, default_heads):
-    """The text tower's head count (as ClipSpec holds it) from open_clip's text_cfg: its heads,
-    else `default_heads`, else OpenAI's 64-wide heads."""
-    text.only(_TEXT_BUILT, _TEXT_OTHER, "CLIPTextCfg")
-    width = shape["transformer_width"]
-    for key, weights in (("context_length", shape["context_length"]),
-                         ("vocab_size", shape["vocab_size"]), ("width", width),
-                         ("layers", shape["transformer_layers"])):
-        text.matches(key, "count", weights)
-    _check_mlp(text, width, shape["transformer_mlp_width"])
+    if head_width is not None:
+        heads = width // head_width
+        if heads < 1 or width % heads:
+            why = f"{head_width} does not divide the width {width} into heads"
+            vision.fail("head_width", why)
+        vision_heads = _stated(heads, width)
+    # CLIPTextCfg has 8 heads; a note without a text_cfg says nothing of the text tower.
+    default_heads = 8 if "text_cfg" in model else None
+    text, width = _open_clip_tower(model, "text_cfg", shape)
     heads = text.get("heads", "count", default_heads)
     if heads is not None and width % heads:
         text.fail("heads", f"{heads} does not divide the width {width}")
-    return None if heads is None else _stated(heads, width)
+    text_heads = None if heads is None else _stated(heads, width)
+    pre.matches("size", "side", shape["image_resolution"])
+    pre.choice("mode", {"RGB": "RGB"}, "RGB")
+    mean = tuple(map(float, pre.get("mean", "rgb", CLIP_MEAN)))
+    std = tuple(map(float, pre.get("std", "rgb>0", CLIP_STD)))
+    resize = pre.choice("interpolation", {k: k for k in INTERPOLATIONS}, "bicubic")
+    mode = pre.choice("resize_mode", {k: k for k in RESIZE_MODES}, "shortest")
+    return ClipSpec(activation, mean, std, resize, mode, vision_heads, text_heads)
 
 
-def _check_mlp(tower, width, weights):
-    """open_clip's MLP width is int(width * mlp_ratio); where a config gives the ratio, the
-    weights' must be it (the model is built with the weights' own)."""
+def _open_clip_tower(model, section, shape):
+    """A tower section of model_cfg, its geometry checked against the weights' `shape`.
+    -> (its _Fields, its width)"""
+    built, other, what, names = _OPEN_CLIP_TOWERS[section]
+    tower = model.section(section)
+    tower.only(built, other, what)
+    for key, name in names.items():
+        if key != "mlp":
+            tower.matches(key, "side" if key == "image_size" else "count", shape[name])
+    # open_clip's MLP width is int(width * mlp_ratio).
+    width, mlp = shape[names["width"]], shape[names["mlp"]]
     ratio = tower.get("mlp_ratio", "number")
-    if ratio is not None and weights is not None and int(width * ratio) != weights:
-        tower.fail("mlp_ratio", f"{ratio} gives MLPs {int(width * ratio)} wide, the weights' are "
-                                f"{weights}")
+    if ratio is not None and mlp is not None and int(width * ratio) != mlp:
+        why = f"{ratio} gives MLPs {int(width * ratio)} wide, the weights' are {mlp}"
+        tower.fail("mlp_ratio", why)
+    return tower, width
 
 
-# ----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # A Hugging Face transformers CLIPModel folder
 
 _HF_NAMES = [  # (transformers' name, OpenAI's), for the parts of a name that differ
@@ -655,7 +640,8 @@ _HF_NAMES = [  # (transformers' name, OpenAI's), for the parts of a name that di
     ("text_model.final_layer_norm.", "ln_final."),
     ("vision_model.embeddings.class_embedding", "visual.class_embedding"),
     ("vision_model.embeddings.patch_embedding.", "visual.conv1."),
-    ("vision_model.embeddings.position_embedding.weight", "visual.positional_embedding"),
+    ("vision_model.embeddings.position_embedding.weight",
+     "visual.positional_embedding"),
     ("vision_model.pre_layrnorm.", "visual.ln_pre."),  # sic
     ("vision_model.encoder.layers.", "visual.transformer.resblocks."),
     ("vision_model.post_layernorm.", "visual.ln_post."),
@@ -663,89 +649,95 @@ _HF_NAMES = [  # (transformers' name, OpenAI's), for the parts of a name that di
     (".layer_norm1.", ".ln_1."), (".layer_norm2.", ".ln_2."),
     (".mlp.fc1.", ".mlp.c_fc."), (".mlp.fc2.", ".mlp.c_proj."),
 ]
-# transformers' CLIPVisionConfig and CLIPTextConfig defaults, which a config.json may leave out.
-_HF_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                  num_attention_heads=12, image_size=224, patch_size=32)
-_HF_TEXT = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
-                num_attention_heads=8, max_position_embeddings=77, vocab_size=49408)
+# config.json's tower sections: (transformers' defaults, key -> architecture()'s name).
+_HF_TOWERS = {
+    "vision_config": (
+        dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+             num_attention_heads=12, image_size=224, patch_size=32),
+        dict(hidden_size="vision_width", intermediate_size="vision_mlp_width",
+             num_hidden_layers="vision_layers", image_size="image_resolution",
+             patch_size="vision_patch_size")),
+    "text_config": (
+        dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+             num_attention_heads=8, max_position_embeddings=77, vocab_size=49408),
+        dict(hidden_size="transformer_width", intermediate_size="transformer_mlp_width",
+             num_hidden_layers="transformer_layers",
+             max_position_embeddings="context_length", vocab_size="vocab_size")),
+}
 
 
 def _read_folder(folder):
-    """(state dict in OpenAI's names, ClipSpec) of a transformers CLIPModel folder (config.json,
-    model.safetensors or pytorch_model.bin, preprocessor_config.json if any), or of a folder
-    holding an open_clip file and its open_clip_config.json."""
+    """(state dict in OpenAI's names, ClipSpec) of a transformers CLIPModel folder,
+    or of a folder that holds an open_clip file and its open_clip_config.json."""
     for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
         if os.path.isfile(os.path.join(folder, name)):
             return _read_file(os.path.join(folder, name))
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{folder} holds neither a transformers CLIPModel (config.json) "
-                                "nor an open_clip checkpoint (open_clip_pytorch_model.bin)")
+        raise FileNotFoundError(f"{folder} holds neither a transformers CLIPModel "
+                                "(config.json) nor an open_clip checkpoint "
+                                "(open_clip_pytorch_model.bin)")
     config = _Fields.read(config_path)
     if config.get("model_type", "text") != "clip":
-        raise ValueError(f"{config_path} is a {config.values.get('model_type')!r} model, not a "
-                         "CLIP (model_type 'clip')")
-    weights = [os.path.join(folder, n) for n in ("model.safetensors", "pytorch_model.bin")]
-    weights = [w for w in weights if os.path.isfile(w)]
+        raise ValueError(f"{config_path} is a {config.values.get('model_type')!r} "
+                         "model, not a CLIP (model_type 'clip')")
+    weights = [os.path.join(folder, name)
+               for name in ("model.safetensors", "pytorch_model.bin")
+               if os.path.isfile(os.path.join(folder, name))]
     if not weights:
-        raise FileNotFoundError(f"{folder} has no model.safetensors or pytorch_model.bin")
+        raise FileNotFoundError(f"{folder} has no model.safetensors or "
+                                "pytorch_model.bin")
     sd = _from_transformers(_read_state_dict(weights[0])[0], weights[0])
     return sd, _hf_spec(config, _shape(sd, weights[0]), folder)
 
 
 def _hf_spec(config, shape, folder):
-    """The ClipSpec of a transformers CLIP: the activation and head counts from config.json (whose
-    geometry must be the weights' `shape`), the preprocessing from preprocessor_config.json; what
-    a file leaves out is transformers' default."""
+    """A transformers CLIP's ClipSpec: the activation and heads from config.json (whose
+    geometry must be the weights' `shape`), the preprocessing from
+    preprocessor_config.json, transformers' defaults for what a file leaves out."""
     config.matches("projection_dim", "count", shape["embed_dim"], 512)
-    towers = {"vision_config": (_HF_VISION, dict(
-                  hidden_size=shape["vision_width"], intermediate_size=shape["vision_mlp_width"],
-                  num_hidden_layers=shape["vision_layers"], image_size=shape["image_resolution"],
-                  patch_size=shape["vision_patch_size"])),
-              "text_config": (_HF_TEXT, dict(
-                  hidden_size=shape["transformer_width"],
-                  intermediate_size=shape["transformer_mlp_width"],
-                  num_hidden_layers=shape["transformer_layers"],
-                  max_position_embeddings=shape["context_length"],
-                  vocab_size=shape["vocab_size"]))}
     heads, activations = [], set()
-    for name, (defaults, weights) in towers.items():
-        tower = config.section(name)
-        for key, value in weights.items():
-            if value is not None:  # a tower without blocks has no MLP width
-                tower.matches(key, "count", value, defaults[key])
-        width = weights["hidden_size"]
-        count = tower.get("num_attention_heads", "count", defaults["num_attention_heads"])
+    for section, (defaults, names) in _HF_TOWERS.items():
+        tower = config.section(section)
+        for key, name in names.items():
+            if shape[name] is not None:  # a tower without blocks has no MLP width
+                tower.matches(key, "count", shape[name], defaults[key])
+        width = shape[names["hidden_size"]]
+        key = "num_attention_heads"
+        count = tower.get(key, "count", defaults[key])
         if width % count:
-            tower.fail("num_attention_heads", f"{count} does not divide the width {width}")
+            tower.fail(key, f"{count} does not divide the width {width}")
         heads.append(_stated(count, width))
         if tower.get("layer_norm_eps", "number", 1e-5) != 1e-5:
             tower.fail("layer_norm_eps", "is not CLIP's 1e-5")
-        activations.add(tower.choice("hidden_act", {a: a for a in ACTIVATION_NAMES}, "quick_gelu"))
+        choices = {a: a for a in ACTIVATION_NAMES}
+        activations.add(tower.choice("hidden_act", choices, "quick_gelu"))
     if len(activations) != 1:
         raise ValueError(f"{folder}/config.json gives the towers different activations "
                          f"{sorted(activations)}")
-    return ClipSpec(activations.pop(), **_hf_preprocessing(folder, shape["image_resolution"]),
-                    vision_heads=heads[0], text_heads=heads[1])
+    preprocessing = _hf_preprocessing(folder, shape["image_resolution"])
+    return ClipSpec(activations.pop(), **preprocessing, vision_heads=heads[0],
+                    text_heads=heads[1])
 
 
 def _hf_preprocessing(folder, size):
-    """The ClipSpec's preprocessing values from a transformers folder's preprocessor_config.json,
-    with CLIPImageProcessor's defaults for what it leaves out: a resize of the short side (of the
-    whole image, where the size is a height and a width) and a center crop to 224 px, which must be
-    the weights' input px; pixels / 255; OpenAI's normalization unless do_normalize is false
-    (then none: mean 0, std 1). A folder without the file is prepared at the weights' px."""
+    """The ClipSpec's preprocessing from preprocessor_config.json, with
+    CLIPImageProcessor's defaults: resize (the short side, or to a height and width),
+    center crop to 224 px (the weights' input px), pixels / 255, OpenAI's normalization
+    unless do_normalize is false. Without the file, the weights' px are used."""
     path = os.path.join(folder, "preprocessor_config.json")
     pre = _Fields.read(path) if os.path.isfile(path) else _Fields({}, path)
     for key in ("do_resize", "do_center_crop", "do_rescale", "do_convert_rgb"):
         if not pre.get(key, "flag", True):
-            pre.fail(key, "is false: only CLIP's preprocessing, which does it, is supported")
+            why = "is false: only CLIP's preprocessing, which does it, is supported"
+            pre.fail(key, why)
     if abs(pre.get("rescale_factor", "number", 1 / 255) * 255 - 1) > 1e-6:
         pre.fail("rescale_factor", "is not 1/255")
     side = 224 if os.path.isfile(path) else size  # where the file gives no size
     resize = pre.values.get("size")
     squash = isinstance(resize, dict) and "shortest_edge" not in resize
-    _check_side(pre, "size", size, side, ("height", "width") if squash else ("shortest_edge",))
+    keys = ("height", "width") if squash else ("shortest_edge",)
+    _check_side(pre, "size", size, side, keys)
     _check_side(pre, "crop_size", size, side, ("height", "width"))
     normalize = pre.get("do_normalize", "flag", True)
     mean = pre.get("image_mean", "rgb", CLIP_MEAN) if normalize else (0, 0, 0)
@@ -756,8 +748,8 @@ def _hf_preprocessing(folder, size):
 
 
 def _check_side(pre, key, size, side, names):
-    """A preprocessor_config.json size: a number (older files) or an object of `names`, each of
-    which must be the weights' input px `size` (`side` where the file leaves it out)."""
+    """A preprocessor_config.json size, a number or an object of `names`: each must be
+    the weights' input px `size` (`side` where the file leaves it out)."""
     if isinstance(pre.values.get(key), dict):
         for name in names:
             pre.section(key).matches(name, "count", size, side)
@@ -766,14 +758,15 @@ def _check_side(pre, key, size, side, names):
 
 
 def _from_transformers(sd, where):
-    """A transformers CLIPModel state dict in OpenAI's names: the q/k/v projections fused into
-    in_proj, the projections transposed, position_ids buffers left out."""
+    """A transformers CLIPModel state dict in OpenAI's names: q/k/v fused into in_proj,
+    the projections transposed, position_ids left out."""
     out = {}
     for name, tensor in sd.items():
         if name.endswith("position_ids"):
             continue
         if name in ("visual_projection.weight", "text_projection.weight"):
-            out["visual.proj" if name.startswith("visual") else "text_projection"] = tensor.t()
+            ours = "visual.proj" if name.startswith("visual") else "text_projection"
+            out[ours] = tensor.t()
             continue
         for theirs, ours in _HF_NAMES:
             name = name.replace(theirs, ours)
@@ -782,73 +775,69 @@ def _from_transformers(sd, where):
         for kind in ("weight", "bias"):
             parts = [f"{prefix}.self_attn.{p}_proj.{kind}" for p in "qkv"]
             if not all(p in out for p in parts):
-                raise ValueError(f"{where}: {prefix} lacks one of its q, k, v projections")
-            out[f"{prefix}.attn.in_proj_{kind}"] = torch.cat([out.pop(p) for p in parts])
+                raise ValueError(
+                    f"{where}: {prefix} lacks one of its q, k, v projections")
+            fused = torch.cat([out.pop(p) for p in parts])
+            out[f"{prefix}.attn.in_proj_{kind}"] = fused
     return out
 
 
-# ----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Reading checkpoints without running code from them
 
 class UnsafeFileError(ValueError):
     """A checkpoint that could only be read by running code from it."""
 
 
-def _is_torchscript(path):
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:  # torch.load's own test: a <name>/constants.pkl record
-        return any(n.count("/") == 1 and n.endswith("/constants.pkl") for n in archive.namelist())
-
-
 def _read_torchscript(path):
-    """The state dict of one of OpenAI's published archives, through torch.jit.load; any other
-    is refused."""
+    """The state dict of one of OpenAI's published archives; any other is refused."""
     with open(path, "rb") as f:
-        if _sha256(f) not in _openai_sha256s():
+        if _sha256(f) not in {url.split("/")[-2] for url in _MODELS.values()}:
+            convert = ("python -c \"import torch; from util import clip_load; "
+                       f"sd = torch.jit.load({path!r}).state_dict(); "
+                       "sd['open_clip_config'] = "
+                       "clip_load.config_note(clip_load.OPENAI_SPEC); "
+                       "torch.save(sd, 'clip.pt')\"")
             raise UnsafeFileError(
-                f"{path} is a TorchScript archive (a program) that is not one of OpenAI's "
-                "published files; loading never runs code from a file. If you trust the file, "
-                "convert it once (to a state dict that says it is OpenAI's format) with: python -c "
-                "\"import torch, clip_load; sd = torch.jit.load("
-                f"{path!r}).state_dict(); sd['open_clip_config'] = "
-                "clip_load.config_note(clip_load.OPENAI_SPEC); torch.save(sd, 'clip.pt')\" and "
-                "pass clip.pt")
-        f.seek(0)  # the bytes just hashed are the bytes loaded, even if the path is replaced
-        with warnings.catch_warnings():  # torch >= 2.9 deprecates TorchScript, OpenAI's format
+                f"{path} is a TorchScript archive (a program) that is not one of "
+                "OpenAI's published files; loading never runs code from a file. If you "
+                "trust the file, convert it once (to a state dict that says it is "
+                f"OpenAI's format) with: {convert} and pass clip.pt")
+        f.seek(0)  # the bytes hashed are the bytes loaded, even if the path is replaced
+        with warnings.catch_warnings():  # torch >= 2.9 deprecates TorchScript
             warnings.simplefilter("ignore", FutureWarning)
             return torch.jit.load(f, map_location="cpu").state_dict()
 
 
 def _read_safetensors(path):
-    """A safetensors file's tensors. The package is needed for such files only, so it is imported
-    here, not made a dependency of every run."""
+    """A safetensors file's tensors; the package is needed for such files only."""
     try:
         from safetensors.torch import load_file
     except ImportError:
-        raise RuntimeError(f"{path} is a safetensors file; reading it needs the safetensors "
-                           "package: pip install safetensors") from None
+        raise RuntimeError(f"{path} is a safetensors file; reading it needs the "
+                           "safetensors package: pip install safetensors") from None
     try:
         return load_file(path, device="cpu")
-    except Exception as e:  # the package's own errors: a damaged header, a truncated file
-        raise RuntimeError(f"could not read {path}: it is truncated or not a safetensors file "
-                           f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    except Exception as e:  # the package's own: a damaged header, a truncated file
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        raise RuntimeError(f"could not read {path}: it is truncated or not a "
+                           f"safetensors file ({why})") from None
 
 
 def _expand_sparse_rows(sd):
-    """Turn each `<name>.ids` + `<name>.rows` + `<name>.vocab_size` into `<name>.weight` (the other
-    rows zero)."""
+    """Each `<name>.ids`, `.rows` and `.vocab_size` as `<name>.weight`."""
     for name in [k.removesuffix(".ids") for k in sd if k.endswith(".ids")]:
         ids, rows, vocab_size = (sd.pop(f"{name}.{part}", None)
                                  for part in ("ids", "rows", "vocab_size"))
-        ok = (torch.is_tensor(ids) and torch.is_tensor(rows) and isinstance(vocab_size, int)
-              and ids.ndim == 1 and not ids.is_floating_point() and rows.ndim == 2
+        ok = (torch.is_tensor(ids) and torch.is_tensor(rows)
+              and isinstance(vocab_size, int) and ids.ndim == 1
+              and not ids.is_floating_point() and rows.ndim == 2
               and len(ids) == len(rows)
               and (len(ids) == 0 or 0 <= ids.min() <= ids.max() < vocab_size))
         if not ok:
-            raise ValueError(f"'{name}.ids/.rows/.vocab_size' do not describe rows of a table: "
-                             "expected token ids (K,) below vocab_size, rows (K, width) and an "
-                             "int vocab_size")
+            raise ValueError(f"'{name}.ids/.rows/.vocab_size' do not describe rows of "
+                             "a table: expected token ids (K,) below vocab_size, rows "
+                             "(K, width) and an int vocab_size")
         weight = rows.new_zeros(vocab_size, rows.shape[1])
         weight[ids] = rows
         sd[f"{name}.weight"] = weight
@@ -856,29 +845,26 @@ def _expand_sparse_rows(sd):
 
 
 def _read_state_dict(path):
-    """(tensors, string notes) of a TorchScript archive (OpenAI's release format), a safetensors
-    file or a file saved with torch.save. Nothing in the file is run (see the docstring at the
-    top)."""
+    """(tensors, string notes) of OpenAI's TorchScript archive, a safetensors file or a
+    file that torch.save wrote."""
     if path.endswith(".safetensors"):
         return _read_safetensors(path), {}
-    try:
-        if _is_torchscript(path):
-            sd = _read_torchscript(path)
-        else:
+    if is_torchscript(path):
+        sd = _read_torchscript(path)
+    else:
+        try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
-    except UnsafeFileError:
-        raise
-    except Exception as e:
-        detail = load_error_detail(e, path)
-        if detail.startswith("refused"):
-            raise UnsafeFileError(f"could not read {path}: {detail}") from None
-        if not detail.startswith("it is truncated"):
-            detail = f"it is truncated or not a checkpoint ({detail})"
-        raise RuntimeError(f"could not read {path}: {detail}. If it was downloaded, delete it "
-                           "and download it again") from None
-    notes = {k: v for k, v in sd.items() if isinstance(v, str)} if isinstance(sd, dict) else {}
+        except Exception as e:
+            detail = load_error_detail(e, path)
+            if detail.startswith("refused"):
+                raise UnsafeFileError(f"could not read {path}: {detail}") from None
+            raise RuntimeError(f"could not read {path}: {detail}. If it was "
+                               "downloaded, delete it and download it again") from None
+    notes = {}
     if isinstance(sd, dict):
-        sd = _expand_sparse_rows({k: v for k, v in sd.items() if not isinstance(v, str)})
+        notes = {k: v for k, v in sd.items() if isinstance(v, str)}
+        sd = _expand_sparse_rows({k: v for k, v in sd.items() if k not in notes})
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise ValueError(f"{path} is not a CLIP state dict (expected a dict of tensors)")
+        raise ValueError(
+            f"{path} is not a CLIP state dict (expected a dict of tensors)")
     return sd, notes

@@ -20,7 +20,8 @@ from util.clip_load import CLIP_MEAN
 # fixtures written by timm itself).
 
 _MAX_MAGNITUDE = 10.0
-# Pixels a geometric op uncovers get the mean color.
+
+
 def fill_color(mean):
     """The colour that pixels a geometric op uncovers get: the normalization's mean in 0-255, as
     the release's img_mean."""

@@ -1,9 +1,7 @@
-"""Run plumbing shared by train.py and eval.py: one-line errors, device and precision, the process
-group, RNG state, content fingerprints, a data order that survives resumes, atomic checkpoint
-writes, the out-dir lock and graceful stops on SIGTERM / SIGINT / SIGHUP.
-
-Nothing here knows about MUST; it is what any long multi-process PyTorch run needs to be safe to
-kill.
+"""What any long multi-process PyTorch run needs to be safe to kill, shared by train.py
+and eval.py: one-line errors, device and precision, the process groups, RNG state, a
+data order that survives resumes, atomic writes, fingerprints, the out-dir lock and
+graceful stops. Nothing here knows about MUST.
 """
 import contextlib
 import datetime
@@ -13,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -38,8 +37,8 @@ def fail(message):
 # device, precision, processes
 
 def pick_device(flag):
-    """--device (cuda, cuda:N, cpu, ...) or the best available; an unavailable device is a
-    one-line error."""
+    """--device (cuda, cuda:N, cpu, ...) or the best available; an unavailable device
+    is a one-line error."""
     try:
         device = torch.device(flag or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
@@ -53,43 +52,34 @@ def pick_device(flag):
     return device
 
 
-# How long a collective may wait (--dist-timeout). torch's 10 minutes for NCCL can be less than
-# rank 0's lone work on slow storage or network; a failed process ends the run without waiting for
-# it (end_distributed), so a longer one only delays noticing a real hang.
+# --dist-timeout: torch's 10 minutes for NCCL can be less than rank 0's lone work, and a
+# failed process ends the run at once anyway (end_distributed).
 DIST_TIMEOUT_MINUTES = 60.0
 
 
 def add_machine_flags(parser, workers=True, download_root=True, process_group=False):
-    """The flags of where and how a command computes, as train.py, eval.py and bench.py share them:
-    --device and --amp (pick_device, autocast_for), --num-workers and --download-root, and, for a
-    command that runs under torchrun, --dist-timeout (setup_distributed)."""
+    """The flags of where and how a command computes, shared by train.py, eval.py and
+    bench.py (docs/usage.md says why their defaults are what they are)."""
     g = parser.add_argument_group("machine")
     g.add_argument("--device", help="cuda, cuda:N or cpu [cuda if available]")
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="mixed precision: auto = bf16 on GPUs that support it, fp32 on CPU; fp16 "
-                        "adds a GradScaler in training (default: auto)")
+                   help="mixed precision; auto is bf16 where the GPU has it, else fp32 "
+                        "(default: auto)")
     if workers:
         g.add_argument("--num-workers", type=int, default=default_workers(),
-                       help="data loader processes per process; a ViT-B/16 step at 2,500 "
-                            "images/s needs about 20 cores' worth per GPU (bench.py --pipeline) "
-                            "[the cores this process may use, shared by torchrun's processes on "
-                            "this node, less one for the process itself]")
+                       help="data loader processes per process [this process's cores, "
+                            "less one]")
     if download_root:
-        g.add_argument("--download-root", help="where CLIP checkpoints are cached [~/.cache/clip]")
+        g.add_argument("--download-root", help="where CLIPs are cached [~/.cache/clip]")
     if process_group:
         g.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT_MINUTES,
-                       help="minutes a process waits in a collective before the run counts as "
-                            "hung: the others wait while rank 0 works alone (a cold download of "
-                            "ViT-L/14, encoding ImageNet's 80,000 prompts, writing a checkpoint "
-                            "of several GB), and torch's 10 minutes for NCCL can be too short on "
-                            "slow network or storage; a failing process ends the run at once "
-                            "regardless")
+                       help="minutes a collective may wait before the run counts as "
+                            "hung")
 
 
 def default_workers():
-    """Loader workers per process: the cores this process may use (its CPU affinity), divided
-    among the LOCAL_WORLD_SIZE processes torchrun starts on this node, less one core for the
-    process itself (at least one worker)."""
+    """Loader workers per process: the cores this process may use, shared by torchrun's
+    processes on this node, less one for the process itself (at least one)."""
     cores = len(os.sched_getaffinity(0))
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     return max(1, cores // processes - 1)
@@ -105,9 +95,9 @@ def autocast_for(amp, device):
 
 
 def setup_distributed(device_flag, timeout_minutes=DIST_TIMEOUT_MINUTES):
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is one process. The default
-    process group and the hosts' gloo group (_host_group) both wait up to timeout_minutes in a
-    collective. -> (rank, world, device)"""
+    """(rank, world, device) from torchrun's RANK, WORLD_SIZE and LOCAL_RANK (one
+    process without them), with the process groups made to wait up to
+    timeout_minutes."""
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -127,16 +117,16 @@ def is_distributed():
 
 
 def barrier():
-    """Wait for every process, on the hosts: the waits are for rank 0's files (rank_zero_first,
-    checkpoints), not for GPU work, and a host wait ends with an error as soon as a process dies,
-    where one in an NCCL barrier would block until the timeout."""
+    """Wait for every process, on the hosts: the waits are for rank 0's files, and a
+    host wait fails as soon as a process dies, where an NCCL barrier would wait out
+    the timeout."""
     if is_distributed():
         dist.barrier(group=_host_group())
 
 
 def all_reduce(tensor, device, op=None):
-    """Sum (or op) a tensor over processes, through `device` (NCCL only reduces GPU tensors);
-    returns it."""
+    """A tensor summed (or op) over processes, through `device`: NCCL reduces GPU
+    tensors."""
     if not is_distributed():
         return tensor
     t = tensor.to(device)
@@ -145,9 +135,9 @@ def all_reduce(tensor, device, op=None):
 
 
 def any_process(*flags):
-    """Whether each flag holds on any process: a bool for one flag, a tuple of bools for several,
-    agreed in one all-reduce. It is agreed on the hosts (through a gloo group when the default one
-    is NCCL), so it costs no wait for the GPU's queue and can be asked every step."""
+    """Whether each flag holds on any process (a bool, or a tuple for several),
+    agreed in one all-reduce on the hosts: it never waits for the GPU, so it can be
+    asked every step."""
     if is_distributed():
         t = torch.tensor([float(flag) for flag in flags])
         dist.all_reduce(t, group=_host_group())
@@ -156,13 +146,13 @@ def any_process(*flags):
     return agreed[0] if len(agreed) == 1 else agreed
 
 
-_host_groups = {}  # the default process group -> the group its processes agree through on the hosts
+_host_groups = {}  # the default process group -> its group on the hosts
 
 
 def _host_group(timeout=None):
-    """A gloo group over the default group when that is NCCL, else the default group itself. It is
-    made once: by setup_distributed with the run's timeout, or at the first call (every process
-    makes that call at the same point) with torch's default for process groups made elsewhere."""
+    """A gloo group over the default group when that is NCCL, else the default group.
+    It is made once, by setup_distributed or else at the first call, which every
+    process makes."""
     world = dist.group.WORLD
     if world not in _host_groups:
         nccl = dist.get_backend(world) == "nccl"
@@ -170,25 +160,22 @@ def _host_group(timeout=None):
     return _host_groups[world]
 
 
-# The words of gloo's error when the process at the other end of a connection is gone; every
-# process meets one in its next host-side collective (any_process each step, barrier).
+# The words of gloo's error when the process at the other end of a connection is gone.
 _PEER_GONE = ("closed by peer", "reset by peer", "socket closed")
 
 
 def peer_failed(error):
-    """Whether an exception is a collective's report that another process of the run has died
-    (its own error is in its output), rather than an error of this process."""
+    """Whether an error is a collective's report that another process died (which prints
+    its own error), rather than this process's."""
     return (is_distributed() and isinstance(error, RuntimeError)
             and any(words in str(error).lower() for words in _PEER_GONE))
 
 
 def end_distributed(failed):
-    """This process's end of the run's process groups. After a success or a stop with its
-    checkpoint, every process is here at the same point and the groups are destroyed. After a
-    failure they are aborted (every group, the default one too): destroying an NCCL group waits
-    for collectives that the others, blocked or gone, never complete, and the abort closes the
-    connections at once, so that a process waiting on this one gets an error (peer_failed) now,
-    not when the timeout ends. torch documents the abort for NCCL; it closes gloo's too."""
+    """This process's end of the process groups: destroyed after a success or a stop,
+    which every process reaches together; aborted after a failure, because destroying
+    would wait for collectives the others never complete, and the abort gives them an
+    error now."""
     if not is_distributed():
         return
     if failed:
@@ -212,7 +199,7 @@ def rng_state():
     name, keys, *rest = np.random.get_state()
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [name, keys.tolist(), *rest],  # torch.load(weights_only=True) reads no ndarray
+            "numpy": [name, keys.tolist(), *rest],  # weights_only reads no ndarray
             "python": random.getstate()}
 
 
@@ -220,17 +207,15 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    # The key table is a list, or a tensor in earlier checkpoints.
     np.random.set_state(state["numpy"])
-    version, internal, gauss = state["python"]  # a tuple; a list in checkpoints of earlier versions
+    version, internal, gauss = state["python"]  # random.setstate wants tuples
     random.setstate((version, tuple(internal), gauss))
 
 
 def shared_memory_problem(workers, batch_bytes, folder="/dev/shm"):
-    """Why `workers` loader processes per process cannot hand over batches of batch_bytes, or
-    None. They pass them through shared memory, up to two batches each in flight; a container's
-    default 64 MiB there ends the run with a bus error at its first batch. Every process that
-    torchrun starts on this node needs as much."""
+    """Why `workers` loader processes per process cannot pass batches of batch_bytes
+    through shared memory (two each in flight), or None: a container's default 64 MiB
+    ends a run with a bus error at its first batch."""
     if not workers or not os.path.isdir(folder):
         return None
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
@@ -245,8 +230,7 @@ def shared_memory_problem(workers, batch_bytes, folder="/dev/shm"):
 
 
 def size_text(n):
-    """A number of bytes in the largest binary unit it holds one of: '512 B', '9.5 KiB',
-    '768 MiB', '1.2 GiB'."""
+    """Bytes in the largest binary unit they fill: '512 B', '9.5 KiB', '1.2 GiB'."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024:
             break
@@ -260,12 +244,11 @@ def size_text(n):
 # data order: the same samples and random views at every split and after a resume
 
 class SeededViews(Dataset):
-    """Draws each training image's random views and mask from a seed of (seed, epoch, index) alone,
-    so the global batch of a step is the same whatever the number of processes or workers, and a
-    resumed run sees exactly the views of an uninterrupted one (as long as the augmentations draw
-    from torch's RNG only, as data.py's do). Its items are keyed (epoch, index), as
-    ResumableSampler yields them: the epoch travels with each index, so that persistent loader
-    workers, which keep their own copy of this object, draw each epoch's views."""
+    """Each training image's random views and mask, drawn from torch's RNG seeded by
+    (seed, epoch, index) alone: a step's global batch is the same for any number of
+    processes or workers, and a resumed run sees the views of an uninterrupted one.
+    Items are keyed (epoch, index), so that persistent workers, which keep their own
+    copy, see the epoch."""
 
     def __init__(self, dataset, seed):
         self.dataset, self.seed = dataset, seed
@@ -283,10 +266,10 @@ class SeededViews(Dataset):
 
 
 class ResumableSampler(DistributedSampler):
-    """DistributedSampler (shuffled, drop_last) that can start inside an epoch, skipping `start`
-    samples of this rank's share, and yields (epoch, index) keys (SeededViews). With drop_last,
-    step k of every rank covers global positions [k·B, (k+1)·B) of the epoch's permutation, so
-    the union over ranks is the one-process batch."""
+    """DistributedSampler (shuffled, drop_last) that can start `start` samples into
+    this rank's share of an epoch, and yields (epoch, index) keys (SeededViews). Step
+    k of the ranks together covers positions [k·B, (k+1)·B) of the permutation: one
+    process's batch."""
 
     start = 0
 
@@ -301,10 +284,9 @@ class ResumableSampler(DistributedSampler):
 # files
 
 def save_atomic(obj, path, write=None):
-    """write(obj, binary file) (torch.save by default) to path.tmp, fsync, rename, so that a kill or
-    a full disk leaves the previous file intact and no partial temp file behind. A failed write is
-    a one-line error that says why. torch.save into a file object names the archive inside
-    'archive' (after the file, for a path), so the bytes depend only on obj."""
+    """write(obj, binary file) (torch.save by default) to path.tmp, fsync, rename: a
+    kill or a full disk leaves the previous file intact and no temp file. A failed
+    write is one line."""
     tmp = path + ".tmp"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
@@ -314,7 +296,7 @@ def save_atomic(obj, path, write=None):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        # A kill (KeyboardInterrupt) is caught too, so that no partial temp file is left behind.
+        # A kill (KeyboardInterrupt) too, so that no partial temp file is left behind.
         with contextlib.suppress(OSError):
             os.remove(tmp)
         # torch's zip writer reports a short write as a RuntimeError.
@@ -323,7 +305,7 @@ def save_atomic(obj, path, write=None):
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
         if getattr(e, "errno", None) == errno.ENOSPC:
             reason = "the disk is full"
-        elif free < (64 << 20):  # torch's zip writer reports a short write without an errno
+        elif free < (64 << 20):  # torch's zip writer gives a short write no errno
             reason = f"the disk is full: {size_text(free)} free"
         else:
             reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
@@ -336,8 +318,8 @@ def save_atomic(obj, path, write=None):
 
 
 def make_folder(flag, path, folder=None):
-    """Create `folder` (path itself by default), where a flag's output goes, before any work: a
-    path that cannot hold the output is a one-line error now, not after a run."""
+    """Create `folder` (path itself by default), where a flag's output goes, before any
+    work: a path that cannot hold it is one line now, not after a run."""
     folder = folder or path
     where = "" if path == folder else f": its folder {folder}"
     try:
@@ -348,23 +330,19 @@ def make_folder(flag, path, folder=None):
         fail(f"{flag} {path}{where} is not writable")
 
 
-def _weights_only_refusal(e):
-    """torch's own line in an error of torch.load(..., weights_only=True), such as 'Unsupported
-    operand 108' or 'Unsupported global: GLOBAL io.open was not an allowed global by default';
-    None for other errors."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    if not lines or not lines[0].startswith("Weights only load failed"):
-        return None
-    # torch's wording varies between versions; its specific line names the global or opcode refused
-    specific = [line.split("WeightsUnpickler error:")[-1].strip().split(". ")[0]
-                for line in lines if "GLOBAL" in line or "Unsupported" in line]
-    return specific[0][:200] if specific else lines[0][:200]
+def is_torchscript(path):
+    """Whether a file is a TorchScript archive, by torch.load's own test: a zip archive
+    with a <name>/constants.pkl record."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    return any(n.count("/") == 1 and n.endswith("/constants.pkl") for n in names)
 
 
 def _is_pickle(path):
-    """Whether a file is what torch.save writes (a zip archive) or a pickle (from protocol 2 on it
-    starts with the PROTO opcode, and every pickle ends with STOP): torch's safe reader refuses
-    random bytes as it refuses code, and only these can hold code."""
+    """Whether a file is what torch.save writes (a zip archive) or a pickle (PROTO first
+    from protocol 2 on, STOP last): only these can hold code."""
     if zipfile.is_zipfile(path):
         return True
     with open(path, "rb") as f:
@@ -374,24 +352,32 @@ def _is_pickle(path):
     return (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5) or last == b"."
 
 
+def _first_sentence(e):
+    text = str(e).strip()
+    return text.splitlines()[0].split(". ")[0][:200] if text else ""
+
+
 def load_error_detail(e, path):
-    """One line saying why torch.load(path, ..., weights_only=True) failed, without torch's advice
-    to load unsafely. A refused file is said to hold more than tensors only if it is a pickle."""
-    refusal = _weights_only_refusal(e)
-    if refusal is not None and ("GLOBAL" in refusal or _is_pickle(path)):
-        return ("refused: it holds more than the tensors and plain values that can be read without "
-                f"running code from the file ({refusal})")
-    if refusal is not None:
-        return f"it is truncated or not a checkpoint (torch.load: {refusal})"
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    if lines and "TorchScript" in lines[0] and "weights_only" in lines[0]:
+    """Why torch.load(path, weights_only=True) failed, in one clause without torch's
+    advice to load the file unsafely; "refused: ..." where the file may hold code."""
+    if is_torchscript(path):
         return "refused: it is a TorchScript archive (a program), not a file of tensors"
-    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+    if isinstance(e, pickle.UnpicklingError):
+        # torch wraps the safe unpickler's own error in that advice.
+        reason = _first_sentence(e.__context__ or e)
+        if _is_pickle(path):  # random bytes stop the unpickler too
+            return ("refused: it holds more than the tensors and plain values that can "
+                    f"be read without running code from the file ({reason})")
+        reason = f"torch.load: {reason}"
+    else:
+        sentence = _first_sentence(e)
+        reason = f"{type(e).__name__}: {sentence}" if sentence else type(e).__name__
+    return f"it is truncated or not a checkpoint ({reason})"
 
 
 def read_checkpoint(path, what="MUST checkpoint"):
-    """A train.py checkpoint as a dict, read without running code from it (tensors are mapped,
-    not read, until used); ValueError with one line that says what the file is otherwise."""
+    """A train.py checkpoint as a dict, read without running code (its tensors
+    mapped, not read); otherwise ValueError, one line that says what the file is."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated, not a checkpoint, unsafe to load
@@ -400,7 +386,7 @@ def read_checkpoint(path, what="MUST checkpoint"):
         isinstance(ckpt.get(part), dict) for part in ("student", "teacher"))
     if holds_both_models:
         return ckpt
-    if isinstance(ckpt, dict) and "text_projection" in ckpt:  # a CLIP has a text tower, MUST none
+    if isinstance(ckpt, dict) and "text_projection" in ckpt:  # a CLIP's text tower
         raise ValueError(f"{path} holds a CLIP's weights, not a checkpoint written by train.py: "
                          f"give it as --model {path}")
     if isinstance(ckpt, dict) and ckpt:
@@ -414,8 +400,8 @@ def read_checkpoint(path, what="MUST checkpoint"):
 
 
 def not_a_clip(path, error, hint):
-    """The line for a --model that the CLIP loader refused with `error`: for a checkpoint that
-    train.py wrote, that it is one, and `hint` (where it goes instead)."""
+    """The line for a --model that the CLIP loader refused with `error`; for a train.py
+    checkpoint, that it is one and `hint`, where it goes instead."""
     with contextlib.suppress(ValueError):
         read_checkpoint(path)
         return f"{path} is a MUST checkpoint written by train.py, not a CLIP: {hint}"
@@ -423,8 +409,8 @@ def not_a_clip(path, error, hint):
 
 
 def fingerprint(value):
-    """SHA-256 of a state dict's tensors (names, dtypes, shapes, bytes), or of a list of strings or
-    of such lists (in order)."""
+    """SHA-256 of a state dict's tensors (names, dtypes, shapes, bytes), or of a list of
+    strings or of such lists."""
     h = hashlib.sha256()
     if isinstance(value, dict):
         for name in sorted(value):
@@ -437,9 +423,9 @@ def fingerprint(value):
 
 
 class RunLock:
-    """One run per out-dir: an flock on OUT/run.lock, held for the run's life and released by the
-    kernel when the process dies. The file names its holder; a file left non-empty by a process
-    that died without releasing it is a stale lock, taken over with a message."""
+    """One run per out-dir: an flock on OUT/run.lock, which the kernel releases when
+    the process dies. The file names its holder; one left by a dead process is taken
+    over."""
 
     def __init__(self, out_dir):
         self.path = os.path.join(out_dir, "run.lock")
@@ -470,11 +456,10 @@ class RunLock:
 # graceful stop
 
 class StopRequest:
-    """SIGTERM (schedulers, torchrun), SIGINT (Ctrl-C) and SIGHUP (a closed terminal or ssh session)
-    ask the run to stop after the step in flight; the trainer checkpoints and exits. A second SIGINT
-    aborts at once. With at_once (a command with nothing to save), the first one ends it at once:
-    one line, exit 128 + signal, later ones ignored while it unwinds (and ends its loader workers,
-    end_workers). Use it as a context manager; the previous handlers are restored on exit."""
+    """SIGTERM (schedulers, torchrun), SIGINT (Ctrl-C) and SIGHUP (a closed terminal)
+    ask the run to stop after the step in flight, with a checkpoint; a second SIGINT
+    aborts. With at_once (nothing to save) the first ends the command: one line, exit
+    128 + signal. A context manager; the previous handlers come back on exit."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -487,7 +472,7 @@ class StopRequest:
         if signum == signal.SIGHUP:
             _leave_closed_terminal()
         if self.at_once:
-            if self.signum is None:  # a later one would cut short the ending of the workers
+            if self.signum is None:  # a later one would cut short ending the workers
                 self.signum = signum
                 with contextlib.suppress(OSError):
                     print(f"\nstopped by {signal.Signals(signum).name}", file=sys.stderr,
@@ -505,7 +490,8 @@ class StopRequest:
 
     def __enter__(self):
         if threading.current_thread() is not threading.main_thread():
-            # Only the main thread may install handlers; a caller thread keeps the defaults.
+            # Only the main thread may install handlers; a caller thread keeps the
+            # defaults.
             return self
         for s in self.SIGNALS:
             self._previous[s] = signal.signal(s, self._handle)
@@ -517,10 +503,9 @@ class StopRequest:
 
 
 def _leave_closed_terminal():
-    """After a hangup the terminal is gone, and every write to it fails (EIO). Stdout and stderr
-    that were that terminal now go to /dev/null, so that printing cannot stop the run before its
-    checkpoint. A terminal is a character device (os.isatty no longer says so once it is hung up);
-    files and pipes are left as they are, and log.jsonl keeps the record either way."""
+    """Stdout and stderr that were a hung-up terminal (a character device) go to
+    /dev/null: every write there fails, and a print must not stop the run before its
+    checkpoint."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     for fd in (1, 2):
         with contextlib.suppress(OSError):
@@ -530,10 +515,8 @@ def _leave_closed_terminal():
 
 
 def end_workers(loader):
-    """Stop the worker processes of a DataLoader (its persistent ones) or of one of its iterators,
-    if it started them. They ignore SIGTERM (ignore_stop_signals), so the interpreter's exit cannot
-    stop them: when an error or a signal ends the command while they are alive, the exit would
-    otherwise wait for them forever."""
+    """Stop the workers of a DataLoader or of one of its iterators. They ignore SIGTERM
+    (ignore_stop_signals), so an exit while they live would wait for them forever."""
     workers = getattr(loader, "_iterator", loader)
     if hasattr(workers, "_shutdown_workers"):
         workers._shutdown_workers()
@@ -541,12 +524,10 @@ def end_workers(loader):
 
 @contextlib.contextmanager
 def dead_workers_found_by_waits():
-    """Run a block in which the death of a DataLoader worker (killed for lack of memory) is found
-    by the wait for one of its batches, which raises it (within 5 s), and not by torch's SIGCHLD
-    handler, which raises it wherever the main thread is: in the middle of an optimizer step, of
-    a checkpoint's write, or of ending the other workers. torch sets that handler once per
-    process, with a loader's first workers: it is set now, so that it can be off inside and back
-    after (in the main thread only, where handlers are)."""
+    """A block in which a loader worker's death is raised by the wait for its batch,
+    not by torch's SIGCHLD handler, which would raise it in the middle of an
+    optimizer step or a checkpoint's write. torch sets that handler with a loader's
+    first workers: it is set here, so that it stays off inside and comes back after."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -559,16 +540,14 @@ def dead_workers_found_by_waits():
 
 
 def loader_worker_died(error):
-    """Whether an error from a DataLoader's iterator says that one of its workers died: torch's
-    own words, or the connection that passed a batch, reset by the dying worker before torch's
-    check could see it dead (which, on a GPU, ends the thread that pins batches)."""
+    """Whether a DataLoader iterator's error says that a worker died: torch's words,
+    or the connection that passed a batch, reset by the dying worker."""
     words = ("DataLoader worker (pid", "Pin memory thread exited unexpectedly")
     return isinstance(error, ConnectionError) or any(w in str(error) for w in words)
 
 
 def ignore_stop_signals(_worker_id=None):
-    """DataLoader worker_init_fn. The main process decides when to stop, so workers must survive
-    the signal that reaches the whole process group (Ctrl-C) until the step in flight has its
-    batches."""
+    """DataLoader worker_init_fn: workers outlive Ctrl-C, which reaches the whole
+    process group, until the step in flight has its batches."""
     for s in StopRequest.SIGNALS:
         signal.signal(s, signal.SIG_IGN)

@@ -14,26 +14,24 @@ import ftfy
 import regex
 import torch
 
-_BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")
+_BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                         "bpe_simple_vocab_16e6.txt.gz")
 _BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
 
 
 def tokenize(texts, context_length=77, truncate=False):
     """Token ids of each text between <|startoftext|> and <|endoftext|>, zero-padded:
-    LongTensor (N, context_length).
-
-    A text longer than the context is an error unless truncate=True, which cuts it and keeps
-    <|endoftext|> last.
-    """
+    LongTensor (N, context_length). A longer text is an error, or with truncate=True cut
+    short, <|endoftext|> kept last."""
     tok = _tokenizer()
     texts = [texts] if isinstance(texts, str) else list(texts)
     result = torch.zeros(len(texts), context_length, dtype=torch.long)
     for i, text in enumerate(texts):
         ids = [tok.sot, *tok.encode(text), tok.eot]
         if len(ids) > context_length:
-            if not truncate:  # the text, and the count to get it under (truncate=True cuts it)
-                raise ValueError(f"the text {text[:80]!r}... is {len(ids)} tokens; CLIP reads "
-                                 f"{context_length} at most")
+            if not truncate:
+                raise ValueError(f"the text {text[:80]!r}... is {len(ids)} tokens; "
+                                 f"CLIP reads {context_length} at most")
             ids = ids[:context_length - 1] + [tok.eot]
         result[i, :len(ids)] = torch.tensor(ids)
     return result
@@ -45,15 +43,14 @@ def _tokenizer():
 
 
 def _byte_alphabet():
-    """Bytes -> printable unicode characters, in the order that fixes the first 256 vocabulary ids.
-
-    Printable latin-1 bytes stand for themselves; every other byte is moved to code point 256 + n,
-    so that the BPE never sees whitespace or control characters.
-    """
+    """Byte -> a printable character, in the order of the first 256 vocabulary ids:
+    printable latin-1 bytes stand for themselves, the others move to code point 256 + n,
+    so that the BPE never sees whitespace or control characters."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
                  *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in printable]
-    return {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(others)}
+    moved = {b: chr(256 + n) for n, b in enumerate(others)}
+    return {b: chr(b) for b in printable} | moved
 
 
 _TOKEN_PATTERN = regex.compile(
@@ -65,12 +62,13 @@ _TOKEN_PATTERN = regex.compile(
 class _Tokenizer:
     def __init__(self, bpe_path=_BPE_PATH):
         if not os.path.isfile(bpe_path):
-            raise FileNotFoundError(f"the BPE merges file {bpe_path} is missing; it ships with "
-                                    "this repository (restore it with git checkout)")
+            raise FileNotFoundError(f"the BPE merges file {bpe_path} is missing; it "
+                                    "ships with this repository (restore it with git "
+                                    "checkout)")
         with open(bpe_path, "rb") as f:
             if hashlib.sha256(f.read()).hexdigest() != _BPE_SHA256:
-                raise RuntimeError(f"{bpe_path} does not match its SHA-256 {_BPE_SHA256}; restore "
-                                   "it with git checkout")
+                raise RuntimeError(f"{bpe_path} does not match its SHA-256 "
+                                   f"{_BPE_SHA256}; restore it with git checkout")
         with gzip.open(bpe_path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
         # The 48,894 merges after the header line.
@@ -83,10 +81,11 @@ class _Tokenizer:
         self.ranks = {merge: i for i, merge in enumerate(merges)}
         self.cache = {"<|startoftext|>": ("<|startoftext|>",),
                       "<|endoftext|>": ("<|endoftext|>",)}
-        self.sot, self.eot = self.encoder["<|startoftext|>"], self.encoder["<|endoftext|>"]
+        self.sot = self.encoder["<|startoftext|>"]
+        self.eot = self.encoder["<|endoftext|>"]
 
     def bpe(self, token):
-        """Greedily merge the lowest-ranked adjacent pair until no known merge is left."""
+        """Merge the lowest-ranked adjacent pair until no known merge is left."""
         if token in self.cache:
             return self.cache[token]
         word = (*token[:-1], token[-1] + "</w>")
@@ -96,7 +95,7 @@ class _Tokenizer:
             if best not in self.ranks:
                 break
             merged = []
-            for piece in word:  # a merged piece is longer than best[0]: never merged again here
+            for piece in word:  # a merged piece is longer than best[0]: merged once
                 if merged and (merged[-1], piece) == best:
                     merged[-1] += piece
                 else:
