@@ -909,9 +909,9 @@ def _init_then_other_model(world, tmp, ck):
 # (id, mutate(world, tmp, checkpoint path) -> extra flags, fragment; "{ck}" is the checkpoint,
 # "{init}" the --init file)
 CHECKPOINT_REFUSALS = [
-    ("truncated", _truncate, "cannot read resume checkpoint {ck} ("),
-    ("empty-file", _write_file(b""), "cannot read resume checkpoint {ck} ("),
-    ("text-file", _write_file(b"step 1, trust me\n"), "cannot read resume checkpoint {ck} ("),
+    ("truncated", _truncate, "cannot read resume checkpoint {ck}: "),
+    ("empty-file", _write_file(b""), "cannot read resume checkpoint {ck}: "),
+    ("text-file", _write_file(b"step 1, trust me\n"), "cannot read resume checkpoint {ck}: "),
     ("a-list", _resave(lambda c: [1, 2]),
      "{ck} is not a MUST checkpoint written by train.py: "
      "it does not hold both 'student' and 'teacher' weights (it holds a list)"),
@@ -951,7 +951,7 @@ CHECKPOINT_REFUSALS = [
     ("student-missing-a-tensor", _resave(_student_without_proj),
      "resume checkpoint {ck} does not fit this run ("),
     ("resume-a-directory", _flags("--resume", "{tmp}"), "no checkpoint at {tmp}"),
-    ("init-truncated", _init_from(_truncate), "cannot read --init checkpoint {init} ("),
+    ("init-truncated", _init_from(_truncate), "cannot read --init checkpoint {init}: "),
     ("init-clip-state-dict", _init_from(_clip_state_dict),
      "{init} holds a CLIP's weights, not a checkpoint"),
     ("init-other-model", _init_then_other_model,
@@ -1039,7 +1039,7 @@ def test_the_checkpoint_before_a_missing_or_unreadable_one_is_resumed(world, tmp
     shutil.copy(ck, prev)
     _truncate(world, tmp_path, ck)
     message = train_error(_ckpt_argv(world, tmp_path, out))
-    assert message.startswith(f"error: cannot read resume checkpoint {ck} (")
+    assert message.startswith(f"error: cannot read resume checkpoint {ck}: ")
     assert message.endswith(f"; the checkpoint before it, {prev} (step 1), can be read: move {ck} "
                             f"away and rerun the same command to resume from it"), message
     os.rename(ck, tmp_path / "truncated.pt")

@@ -381,7 +381,7 @@ def read_checkpoint(path, what="MUST checkpoint"):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated, not a checkpoint, unsafe to load
-        raise ValueError(f"cannot read {what} {path} ({load_error_detail(e, path)})") from None
+        raise ValueError(f"cannot read {what} {path}: {load_error_detail(e, path)}") from None
     holds_both_models = isinstance(ckpt, dict) and all(
         isinstance(ckpt.get(part), dict) for part in ("student", "teacher"))
     if holds_both_models:
