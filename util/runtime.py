@@ -67,8 +67,8 @@ def add_machine_flags(parser, workers=True, download_root=True, process_group=Fa
                         "(default: auto)")
     if workers:
         g.add_argument("--num-workers", type=int, default=default_workers(),
-                       help="data loader processes per process [this process's cores, "
-                            "less one]")
+                       help="data loader processes per process [its cores less one; 0 "
+                            "without a GPU on 2 cores or fewer]")
     if download_root:
         g.add_argument("--download-root", help="where CLIPs are cached [~/.cache/clip]")
     if process_group:
@@ -79,10 +79,12 @@ def add_machine_flags(parser, workers=True, download_root=True, process_group=Fa
 
 def default_workers():
     """Loader workers per process: the cores this process may use, shared by torchrun's
-    processes on this node, less one for the process itself (at least one)."""
-    cores = len(os.sched_getaffinity(0))
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return max(1, cores // processes - 1)
+    processes on this node, less one for the process itself (at least one). Without a GPU
+    and with 2 cores or fewer, none: the step's threads use those cores (docs/usage.md)."""
+    cores = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if cores <= 2 and not torch.cuda.is_available():
+        return 0
+    return max(1, cores - 1)
 
 
 def autocast_for(amp, device):
