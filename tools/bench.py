@@ -133,12 +133,20 @@ def make_step(args, device):
     return step, student, teacher, parts, what, amp_dtype
 
 
+def peak_memory(device):
+    """(the GPU's name or None, what the figure is, the peak memory in GiB)."""
+    if device.type == "cuda":
+        memory = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        return torch.cuda.get_device_name(device), "torch.cuda.max_memory_allocated", memory
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux's unit
+    return None, "process max RSS", kib / 2 ** 20
+
+
 def bench_step(args):
     """Warm-up steps, then timed steps. -> dict of results (also printed)."""
     device = pick_device(args.device)
     if args.batch % args.accum:
-        fail(f"--batch {args.batch} is not divisible into {args.accum} "
-             "accumulation steps")
+        fail(f"--batch {args.batch} is not divisible into {args.accum} accumulation steps")
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
@@ -161,14 +169,7 @@ def bench_step(args):
         cpu.append(time.process_time() - cpu_tic)  # this process's, all threads
     warmup_s, times = sum(wall[:args.warmup]), wall[args.warmup:]
     seconds = sum(times) / len(times)
-    if device.type == "cuda":
-        gpu = torch.cuda.get_device_name(device)
-        memory_kind = "torch.cuda.max_memory_allocated"
-        memory = torch.cuda.max_memory_allocated(device) / 2 ** 30
-    else:
-        gpu, memory_kind = None, "process max RSS"
-        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux's unit
-        memory = kib / 2 ** 20
+    gpu, memory_kind, memory = peak_memory(device)
     known = [p for key, p in PEAK_TFLOPS if gpu and key in gpu]
     peak = args.peak_tflops or (known[0] if known else None)
     tflops = flops[0] * args.batch / seconds / 1e12
