@@ -1228,14 +1228,19 @@ def test_checkpoint_size_estimate_is_close(world, tmp_path):
     assert os.path.getsize(out / train.CHECKPOINT) == pytest.approx(run["bytes"], rel=0.05)
 
 
-def test_out_dir_removed_during_a_run_is_one_line(world, tmp_path, monkeypatch):
-    out = tmp_path / "out"
+def remove_after_the_first_step(out, monkeypatch):
+    """The out-dir is deleted at the end of the run's first step."""
     real = must.ema_update
 
     def remove_out_dir(*a, **k):
         real(*a, **k)
         shutil.rmtree(out)
     monkeypatch.setattr(must, "ema_update", remove_out_dir)
+
+
+def test_out_dir_removed_during_a_run_is_one_line(world, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    remove_after_the_first_step(out, monkeypatch)
     assert (f"cannot append to {out / 'log.jsonl'} (No such file or directory); "
             f"was --out-dir {out} removed?"
             in train_error(argv(world, world / "good", out)))
@@ -1245,12 +1250,7 @@ def test_out_dir_removed_before_a_checkpoint_is_one_line(world, tmp_path, monkey
     """Removed when a checkpoint comes before the next log line: it is not made anew (without its
     lock or config record)."""
     out = tmp_path / "out"
-    real = must.ema_update
-
-    def remove_out_dir(*a, **k):
-        real(*a, **k)
-        shutil.rmtree(out)
-    monkeypatch.setattr(must, "ema_update", remove_out_dir)
+    remove_after_the_first_step(out, monkeypatch)
     message = train_error(argv(world, world / "good", out, "--log-freq", "100", "--save-freq", "1"))
     assert message == (f"error: --out-dir {out} was removed during the run: nothing more is "
                        f"written (step 1 is not saved)")

@@ -119,11 +119,6 @@ def available_models():
     return list(_MODELS) + list(_OPEN_CLIP)
 
 
-def register_file(sha256, spec):
-    """Let a file with this SHA-256 load with `spec`, as OpenAI's archives do."""
-    _KNOWN_FILES[sha256] = spec
-
-
 def config_note(spec, model=None):
     """open_clip's config JSON for `spec`, which a state dict may carry as its
     `open_clip_config` entry. Other image heads than OpenAI's need the CLIP `model`,
